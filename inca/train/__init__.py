@@ -1,0 +1,1 @@
+"""Training loops: InCA banks on activations, and end-to-end methods through the backbone."""
