@@ -3,3 +3,9 @@
 
 class InCAError(ValueError):
     """A bad input or state the user can fix; its message is one line: what is wrong and how to fix it."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (or its type), to embed in a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -1,0 +1,335 @@
+"""A frozen timm Vision Transformer: weights, preprocessing and intermediate-token extraction.
+
+Everything downstream (cache, adapters, probes) sees the backbone only through :class:`Backbone`:
+``extract(images, layers)`` returns each requested block's tokens ``[B, T, D]`` with the prefix
+(CLS / register) tokens first, exactly as timm's ``forward_intermediates`` computes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from .errors import InCAError, first_line
+
+_logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+RANDOM_INIT_SEED = 0
+
+
+def parse_model_kwargs(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Parse timm-style ``k=v`` pairs (``img_size=32 patch_size=8``); values are YAML scalars or lists."""
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InCAError(f"--model-kwargs expects key=value pairs, got {item!r} (e.g. img_size=32)")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return kwargs
+
+
+def resolve_layers(spec: str | int | list[int], num_blocks: int) -> list[int]:
+    """Turn a layer spec into sorted, unique, non-negative block indices.
+
+    Specs: ``all``, ``-1``, ``0,5,11``, ``last:4`` (the last four blocks); negative indices count from the
+    end as in Python. Out-of-range indices are an error that names the valid range.
+    """
+    if isinstance(spec, int):
+        items: list[int] = [spec]
+    elif isinstance(spec, (list, tuple)):
+        items = [int(i) for i in spec]
+    else:
+        text = str(spec).strip().lower()
+        if text == "all":
+            return list(range(num_blocks))
+        if text.startswith("last:"):
+            count = _parse_int(text[5:], spec)
+            if not 1 <= count <= num_blocks:
+                raise InCAError(
+                    f"layer spec {spec!r}: the backbone has {num_blocks} blocks, use last:1..last:{num_blocks}"
+                )
+            return list(range(num_blocks - count, num_blocks))
+        items = [_parse_int(part, spec) for part in text.split(",") if part.strip()]
+        if not items:
+            raise InCAError(f"layer spec {spec!r} is empty: use all, -1, 0,5,11 or last:K")
+    out = set()
+    for index in items:
+        if not -num_blocks <= index < num_blocks:
+            raise InCAError(
+                f"layer {index} is out of range: the backbone has {num_blocks} blocks, "
+                f"valid indices are 0..{num_blocks - 1} (or -{num_blocks}..-1)"
+            )
+        out.add(index % num_blocks)
+    return sorted(out)
+
+
+def _parse_int(text: str, spec: Any) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise InCAError(f"layer spec {spec!r} is not valid: use all, -1, 0,5,11 or last:K") from None
+
+
+@dataclass
+class Backbone:
+    """A frozen timm ViT with the preprocessing of the model actually built."""
+
+    model: nn.Module
+    name: str
+    weights: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_config: dict[str, Any] = field(default_factory=dict)
+    weights_hash: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def width(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.model.blocks[0].attn.num_heads)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.model.patch_embed.grid_size)
+
+    @property
+    def num_tokens(self) -> int:
+        height, width = self.grid_size
+        return self.num_prefix_tokens + height * width
+
+    @property
+    def token_layout(self) -> dict[str, Any]:
+        """Where each kind of token sits in ``[prefix..., patches...]``; recorded in cache manifests."""
+        num_cls = 1 if getattr(self.model, "cls_token", None) is not None else 0
+        return {
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "cls_token": num_cls == 1,
+            "num_register_tokens": self.num_prefix_tokens - num_cls,
+            "grid_size": list(self.grid_size),
+            "num_tokens": self.num_tokens,
+        }
+
+    @property
+    def transform(self):
+        return create_transform(**self.data_config, is_training=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies everything that determines the activations: architecture, weights, preprocessing."""
+        return _digest(
+            {
+                "name": self.name,
+                "model_kwargs": self.model_kwargs,
+                "weights_hash": self.weights_hash,
+                "preprocessing": self.preprocessing,
+            }
+        )
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(self.data_config.items())}
+
+    def describe(self) -> dict[str, Any]:
+        """What a manifest or report records about the backbone."""
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "weights_hash": self.weights_hash,
+            "model_kwargs": self.model_kwargs,
+            "preprocessing": self.preprocessing,
+            "num_blocks": self.num_blocks,
+            "width": self.width,
+            "num_heads": self.num_heads,
+            "token_layout": self.token_layout,
+            "fingerprint": self.fingerprint,
+        }
+
+    def to(self, device: str | torch.device) -> Backbone:
+        self.model.to(device)
+        return self
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on accelerators, nothing on CPU (CPU activations stay exact fp32)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def extract(self, images: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Each requested block's output tokens ``[B, T, D]``, prefix tokens first; one forward pass.
+
+        Keys are non-negative block indices (``-1`` comes back as ``num_blocks - 1``).
+        """
+        layers = resolve_layers(list(layers), self.num_blocks)
+        images = images.to(self.device, non_blocking=True)
+        with torch.inference_mode(), self.autocast():
+            outputs = self.model.forward_intermediates(
+                images,
+                indices=layers,
+                output_fmt="NLC",
+                intermediates_only=True,
+                return_prefix_tokens=True,
+                stop_early=True,
+            )
+        tokens = {}
+        for layer, out in zip(layers, outputs, strict=True):
+            if isinstance(out, tuple):
+                spatial, prefix = out
+                out = torch.cat([prefix, spatial], dim=1)
+            tokens[layer] = out
+        return tokens
+
+
+def create_backbone(
+    name: str,
+    weights: str = "pretrained",
+    model_kwargs: list[str] | dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Build a frozen timm ViT. ``weights`` is ``pretrained``, ``random`` or a local weights file."""
+    kwargs = parse_model_kwargs(model_kwargs)
+    _check_model_name(name)
+    model = _create_model(name, weights, kwargs)
+    if not all(hasattr(model, attr) for attr in ("forward_intermediates", "blocks", "num_prefix_tokens")):
+        raise InCAError(
+            f"backbone {name!r} is not a ViT-family transformer (no token blocks); "
+            "choose a timm ViT such as vit_base_patch16_224, deit_small_patch16_224 or eva02_base_patch14_224"
+        )
+    model.eval().requires_grad_(False)
+    data_config = resolve_data_config(model=model)
+    data_config["input_size"] = (3, *(int(s) for s in model.patch_embed.img_size))
+    backbone = Backbone(
+        model=model,
+        name=name,
+        weights=weights if weights in ("pretrained", "random") else str(Path(weights).resolve()),
+        model_kwargs=kwargs,
+        data_config=data_config,
+        weights_hash=state_dict_hash(model),
+    )
+    _logger.info(
+        "backbone %s (%s weights): %d blocks, width %d, %d tokens, input %s",
+        name, weights, backbone.num_blocks, backbone.width, backbone.num_tokens, data_config["input_size"],
+    )
+    return backbone.to(device)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InCAError(f"--device {device} was asked for but CUDA is not available: use --device cpu or auto")
+    return torch.device(device)
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """A content hash of the weights, so caches built from other weights are never reused."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    arch = name.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit*')"
+    raise InCAError(f"unknown backbone {name!r}{hint}")
+
+
+def _create_model(name: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:
+    kwargs = {"num_classes": 0, **kwargs}
+    try:
+        if weights == "pretrained":
+            return _create_pretrained(name, kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)  # random weights are a fixed function of the name and kwargs
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise InCAError(f"backbone {name!r} rejected --model-kwargs {kwargs}: {exc}") from None
+    if weights != "random":
+        _load_weights_file(model, name, weights)
+    return model
+
+
+def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    if not timm.is_model_pretrained(name) and not any(
+        timm.is_model_pretrained(tagged) for tagged in timm.list_pretrained(name + ".*")
+    ):
+        raise InCAError(f"timm has no pretrained weights for {name!r}: use --weights random or --weights PATH")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except TypeError:
+        raise
+    except Exception as exc:  # network and hub errors of many kinds
+        raise InCAError(
+            f"pretrained weights for {name!r} could not be fetched ({type(exc).__name__}): "
+            "use --weights random, --weights PATH (.safetensors/.pth/.npz), "
+            "or fill the Hugging Face cache (HF_HOME) on a connected machine"
+        ) from None
+
+
+def _load_weights_file(model: nn.Module, name: str, path: str) -> None:
+    """Load a local checkpoint without executing pickles (safetensors or ``weights_only`` torch.load)."""
+    file = Path(path)
+    if file.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise InCAError(
+            f"--weights {path!r} is neither pretrained, random nor a weights file "
+            f"({', '.join(WEIGHT_SUFFIXES)})"
+        )
+    if not file.is_file():
+        raise InCAError(f"weights file {path!r} does not exist")
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    try:
+        result = timm.models.load_checkpoint(
+            model, os.fspath(file), strict=False, filter_fn=filter_fn, weights_only=True
+        )
+    except Exception as exc:
+        raise InCAError(f"cannot load weights {path!r} into {name!r}: {first_line(exc, 200)}") from None
+    if result is not None:
+        missing = [k for k in result.missing_keys if not k.startswith("head")]
+        unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]
+        if missing or unexpected:
+            raise InCAError(
+                f"weights {path!r} do not fit {name!r} with these --model-kwargs: "
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )

@@ -1,0 +1,157 @@
+"""What a task is: class names and train / val / test splits of (image, label), with stable identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from ..errors import InCAError, first_line
+
+SPLITS = ("train", "val", "test")
+VAL_FRACTION = 0.1
+TEST_FRACTION = 0.2
+
+
+class ImageSource(Protocol):
+    """Random access to the images of a dataset, by row."""
+
+    def load(self, row: int) -> Image.Image: ...
+
+    def describe(self, row: int) -> str:
+        """Where row ``row`` comes from (a file path, a dataset row), for error messages."""
+        ...
+
+
+@dataclass
+class ArraySource:
+    """Images held in memory as uint8 ``[N, H, W]`` or ``[N, H, W, C]``: built-in and procedural tasks."""
+
+    images: np.ndarray
+    name: str
+
+    def load(self, row: int) -> Image.Image:
+        return Image.fromarray(self.images[row])
+
+    def describe(self, row: int) -> str:
+        return f"{self.name} row {row}"
+
+
+@dataclass
+class Split:
+    """The rows of one split: which rows of ``source`` and their integer labels."""
+
+    source: Any
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, index: int) -> Image.Image:
+        """The RGB image of the split's ``index``-th row (grayscale, palette and RGBA are converted)."""
+        row = int(self.rows[index])
+        try:
+            image = self.source.load(row)
+            return image if image.mode == "RGB" else image.convert("RGB")
+        except Exception as exc:
+            raise InCAError(
+                f"cannot read image {self.source.describe(row)} ({first_line(exc)}): remove or replace it"
+            ) from None
+
+    def subset(self, positions: np.ndarray) -> Split:
+        return Split(self.source, self.rows[positions], self.labels[positions])
+
+
+@dataclass
+class Task:
+    """A classification task: its spec string, class names and splits."""
+
+    spec: str
+    classes: list[str]
+    splits: dict[str, Split]
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [name for name in SPLITS if name not in self.splits]
+        if missing:
+            raise InCAError(f"task {self.spec}: no {'/'.join(missing)} split could be formed")
+        for name in SPLITS:
+            split = self.splits[name]
+            if len(split) == 0:
+                raise InCAError(f"task {self.spec}: the {name} split is empty; add images or use another dataset")
+            bad = (split.labels < 0) | (split.labels >= len(self.classes))
+            if bad.any():
+                raise InCAError(
+                    f"task {self.spec}: {name} label {int(split.labels[bad][0])} is out of range "
+                    f"for {len(self.classes)} classes; fix the labels or the class list"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def slug(self) -> str:
+        """A filesystem-safe name for directories."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.spec).strip("_")[:60] or "task"
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the data: spec, source identity, class names, and exactly which rows form each split."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps({"spec": self.spec, "identity": self.identity, "classes": self.classes},
+                                 sort_keys=True, default=str).encode())
+        for name in SPLITS:
+            digest.update(name.encode())
+            digest.update(self.splits[name].rows.tobytes())
+            digest.update(self.splits[name].labels.tobytes())
+        return digest.hexdigest()[:16]
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(self.splits[name]) for name in SPLITS}
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "classes": self.classes, "sizes": self.sizes(), "fingerprint": self.fingerprint}
+
+
+def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministically split positions into (kept, carved), stratified by class when every class allows it."""
+    positions = np.arange(len(labels))
+    counts = np.bincount(labels) if len(labels) else np.array([])
+    stratify = labels if len(counts) and counts[counts > 0].min() >= 2 else None
+    n_carved = max(1, round(fraction * len(labels)))
+    if stratify is not None and n_carved < len(np.unique(labels)):
+        stratify = None
+    if len(labels) < 2:
+        return positions, positions[:0]
+    kept, carved = train_test_split(positions, test_size=n_carved, random_state=seed, stratify=stratify)
+    return np.sort(kept), np.sort(carved)
+
+
+def make_splits(
+    available: dict[str, Split], seed: int, val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION
+) -> dict[str, Split]:
+    """Complete ``available`` to train/val/test: test carved from train when absent, then val from train."""
+    splits = dict(available)
+    if "train" not in splits:
+        raise InCAError("the dataset has no train split")
+    if "test" not in splits:
+        kept, carved = carve(splits["train"].labels, test_fraction, seed)
+        splits["test"] = splits["train"].subset(carved)
+        splits["train"] = splits["train"].subset(kept)
+    if "val" not in splits:
+        kept, carved = carve(splits["train"].labels, val_fraction, seed + 1)
+        splits["val"] = splits["train"].subset(carved)
+        splits["train"] = splits["train"].subset(kept)
+    return splits

@@ -1,0 +1,111 @@
+"""``tv:NAME`` tasks: torchvision datasets under ``--data-root`` (never downloaded unless asked)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InCAError, first_line
+from .base import Split, Task, make_splits
+
+# Candidate values of a ``split=`` argument for each of our splits, in order of preference.
+SPLIT_ARGUMENTS = {"train": ("train", "trainval", "balanced"), "val": ("val", "valid"), "test": ("test",)}
+LABEL_ATTRIBUTES = ("targets", "_labels", "labels", "y")
+
+
+@dataclass
+class TorchvisionSource:
+    dataset: Any
+    name: str
+
+    def load(self, row: int) -> Image.Image:
+        image = self.dataset[row][0]
+        return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+    def describe(self, row: int) -> str:
+        return f"{self.name} row {row}"
+
+
+def load_torchvision_task(
+    spec: str, name: str, data_root: str | None, download: bool = False, seed: int = 0
+) -> Task:
+    import torchvision.datasets as tvd
+
+    if not data_root:
+        raise InCAError(f"task {spec} needs --data-root DIR (where torchvision keeps the dataset files)")
+    lookup = {n.lower(): n for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
+    if name.lower() not in lookup:
+        raise InCAError(f"task {spec}: torchvision has no dataset {name!r} (e.g. tv:CIFAR10, tv:DTD, tv:Flowers102)")
+    cls = getattr(tvd, lookup[name.lower()])
+    params = inspect.signature(cls.__init__).parameters
+    datasets: dict[str, Any] = {}
+    if "train" in params:
+        datasets = {
+            split: _construct(spec, cls, data_root, download, train=split == "train") for split in ("train", "test")
+        }
+    elif "split" in params:
+        for split, candidates in SPLIT_ARGUMENTS.items():
+            dataset = _first_split(spec, cls, data_root, download, candidates)
+            if dataset is not None:
+                datasets[split] = dataset
+        if "train" not in datasets:
+            raise InCAError(f"task {spec}: found no train split under {data_root}; check the dataset files")
+    else:
+        datasets = {"train": _construct(spec, cls, data_root, download)}
+    classes = _classes(datasets["train"])
+    available = {
+        split: Split(TorchvisionSource(dataset, f"{spec}[{split}]"), np.arange(len(dataset)), _targets(dataset))
+        for split, dataset in datasets.items()
+    }
+    if not classes:
+        count = int(max(s.labels.max() for s in available.values())) + 1
+        classes = [str(i) for i in range(count)]
+    identity = {"dataset": cls.__name__, "root": os.path.abspath(data_root),
+                "sizes": {split: len(d) for split, d in datasets.items()}}
+    return Task(spec, classes, make_splits(available, seed=seed), identity)
+
+
+def _construct(spec: str, cls: type, root: str, download: bool, **kwargs: Any) -> Any:
+    try:
+        return cls(root=root, download=download, **kwargs)
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        raise _files_missing(spec, root, exc) from None
+
+
+def _files_missing(spec: str, root: str, exc: BaseException) -> InCAError:
+    return InCAError(
+        f"task {spec}: dataset files not found under {root} ({first_line(exc)}); put them there or pass --download"
+    )
+
+
+def _first_split(spec: str, cls: type, root: str, download: bool, candidates: tuple[str, ...]) -> Any | None:
+    for candidate in candidates:
+        try:
+            return _construct(spec, cls, root, download, split=candidate)
+        except InCAError:
+            raise
+        except ValueError:  # the dataset has no split of that name
+            continue
+    return None
+
+
+def _targets(dataset: Any) -> np.ndarray:
+    """Labels without decoding images where the dataset exposes them; else read each sample."""
+    for attribute in LABEL_ATTRIBUTES:
+        values = getattr(dataset, attribute, None)
+        if values is not None and len(values) == len(dataset):
+            return np.asarray(values, dtype=np.int64)
+    samples = getattr(dataset, "_samples", None)
+    if samples is not None:
+        return np.asarray([label for _, label in samples], dtype=np.int64)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def _classes(dataset: Any) -> list[str]:
+    classes = getattr(dataset, "classes", None)
+    return [str(c) for c in classes] if classes is not None else []

@@ -1,0 +1,243 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inca.errors import InCAError
+from inca.tasks import SPLITS, image_loader, load_task, parse_task_list, sequential_batches
+from inca.tasks.builtin import SYNTH_TASKS
+
+
+def _check_task(task, num_classes):
+    assert task.num_classes == num_classes == len(task.classes)
+    for split in SPLITS:
+        data = task.splits[split]
+        assert len(data) > 0
+        assert data.labels.min() >= 0 and data.labels.max() < num_classes
+        assert data.image(0).mode == "RGB"
+    rows = [set(task.splits[s].rows.tolist()) for s in SPLITS]
+    if task.splits["train"].source is task.splits["test"].source:
+        assert not (rows[0] & rows[1]) and not (rows[0] & rows[2]) and not (rows[1] & rows[2])
+
+
+def test_digits():
+    task = load_task("digits")
+    _check_task(task, 10)
+    assert sum(task.sizes().values()) == 1797
+    assert load_task("digits").fingerprint == task.fingerprint
+    assert load_task("digits", seed=1).fingerprint != task.fingerprint
+
+
+@pytest.mark.parametrize("kind", sorted(SYNTH_TASKS))
+def test_synth_tasks_are_deterministic_and_balanced(kind):
+    task = load_task(f"synth-{kind}")
+    _check_task(task, len(SYNTH_TASKS[kind][0]))
+    again = load_task(f"synth-{kind}")
+    assert np.array_equal(task.splits["train"].source.images, again.splits["train"].source.images)
+    assert task.fingerprint == again.fingerprint
+    other = load_task(f"synth-{kind}", seed=1)
+    assert not np.array_equal(task.splits["test"].source.images, other.splits["test"].source.images)
+    counts = np.bincount(task.splits["train"].labels)
+    assert counts.max() - counts.min() <= 1
+
+
+def test_synth_count_draws_that_many_dots():
+    from scipy import ndimage
+
+    task = load_task("synth-count")
+    test = task.splits["test"]
+    for index in range(40):
+        image = np.asarray(test.image(index)).astype(float)
+        foreground = image.min(axis=2) >= 140  # dots are bright in every channel, background is dark
+        _, found = ndimage.label(foreground)
+        assert found == test.labels[index] + 1
+
+
+def _write_image(path, mode="RGB", size=(12, 10), value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = {"L": value, "RGB": (value, 255 - value, 7), "RGBA": (value, 255 - value, 7, 128)}[mode]
+    Image.new(mode, size, color=colour).save(path)
+
+
+def test_folder_class_layout(tmp_path):
+    for c, cls in enumerate(["cat", "dog"]):
+        for i in range(15):
+            _write_image(tmp_path / cls / f"{i}.png", mode=["RGB", "L", "RGBA"][i % 3], value=10 * c + i)
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    task = load_task(f"folder:{tmp_path}")
+    _check_task(task, 2)
+    assert task.classes == ["cat", "dog"]
+    assert sum(task.sizes().values()) == 30
+
+
+def test_folder_split_layout(tmp_path):
+    for split, count in [("train", 6), ("val", 2), ("test", 3)]:
+        for cls in ["a", "b", "c"]:
+            for i in range(count):
+                _write_image(tmp_path / split / cls / f"{i}.jpg")
+    task = load_task(f"folder:{tmp_path}")
+    _check_task(task, 3)
+    assert task.sizes() == {"train": 18, "val": 6, "test": 9}
+    assert "/val/" in task.splits["val"].source.describe(int(task.splits["val"].rows[0]))
+
+
+def test_folder_without_val_carves_it(tmp_path):
+    for split, count in [("train", 10), ("test", 2)]:
+        for cls in ["a", "b"]:
+            for i in range(count):
+                _write_image(tmp_path / split / cls / f"{i}.png")
+    task = load_task(f"folder:{tmp_path}")
+    assert task.sizes() == {"train": 18, "val": 2, "test": 4}
+
+
+def test_folder_identity_changes_with_files(tmp_path):
+    for cls in ["a", "b"]:
+        for i in range(5):
+            _write_image(tmp_path / cls / f"{i}.png")
+    before = load_task(f"folder:{tmp_path}").fingerprint
+    _write_image(tmp_path / "a" / "0.png", size=(20, 20))
+    assert load_task(f"folder:{tmp_path}").fingerprint != before
+
+
+def test_corrupt_image_names_the_file(tmp_path, tiny_backbone):
+    for cls in ["a", "b"]:
+        for i in range(5):
+            _write_image(tmp_path / cls / f"{i}.png")
+    bad = tmp_path / "b" / "3.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    task = load_task(f"folder:{tmp_path}")
+    with pytest.raises(InCAError, match="3.png") as info:
+        for split in SPLITS:
+            data = task.splits[split]
+            for _ in image_loader(data, tiny_backbone.transform, sequential_batches(0, len(data), 4), num_workers=2):
+                pass
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [("missing", "not a directory"), ("empty", "no class folders"), ("empty_class", "no valid file"),
+     ("unknown_val_class", "classes \\['z'\\] that train does not have")],
+)
+def test_bad_folders(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout == "empty":
+        root.mkdir()
+    elif layout == "empty_class":
+        _write_image(root / "a" / "0.png")
+        (root / "b").mkdir()
+    elif layout == "unknown_val_class":
+        for cls in ["a", "b"]:
+            _write_image(root / "train" / cls / "0.png")
+        _write_image(root / "val" / "z" / "0.png")
+    with pytest.raises(InCAError, match=message):
+        load_task(f"folder:{root}")
+
+
+def _hf_dataset(n, labels=None):
+    import datasets
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y", "z"])})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+    return datasets.Dataset.from_dict({"img": images, "label": labels or [i % 3 for i in range(n)]}, features=features)
+
+
+def test_hf_from_disk_dataset_dict(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict({"train": _hf_dataset(30), "test": _hf_dataset(9)})
+    ds.save_to_disk(tmp_path / "ds")
+    task = load_task(f"hf:{tmp_path / 'ds'}")
+    _check_task(task, 3)
+    assert task.classes == ["x", "y", "z"]
+    assert task.sizes() == {"train": 27, "val": 3, "test": 9}
+    expected = np.asarray(ds["test"][2]["img"].convert("RGB"))
+    assert np.array_equal(np.asarray(task.splits["test"].image(2)), expected)
+
+
+def test_hf_single_dataset_and_string_labels(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(40)],
+         "label": ["dog" if i % 2 else "cat" for i in range(40)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")}),
+    )
+    ds.save_to_disk(tmp_path / "single")
+    task = load_task(f"hf:{tmp_path / 'single'}")
+    _check_task(task, 2)
+    assert task.classes == ["cat", "dog"]
+    assert sum(task.sizes().values()) == 40
+
+
+def test_hf_labels_out_of_range(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict({"train": _hf_dataset(6), "test": _hf_dataset(3, labels=[-1, -1, -1])})
+    ds.save_to_disk(tmp_path / "unlabelled")
+    with pytest.raises(InCAError, match="test label -1 is out of range"):
+        load_task(f"hf:{tmp_path / 'unlabelled'}")
+
+
+def test_hf_offline_unknown_dataset():
+    with pytest.raises(InCAError, match="local HF cache") as info:
+        load_task("hf:nobody/no-such-dataset-xyz")
+    assert "\n" not in str(info.value)
+
+
+def _write_mnist(root, split_prefix, n, seed):
+    import struct
+
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    images = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    (raw / f"{split_prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+    (raw / f"{split_prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return images, labels
+
+
+def test_torchvision_mnist_fixture(tmp_path):
+    train_images, _ = _write_mnist(tmp_path, "train", 50, 0)
+    _, test_labels = _write_mnist(tmp_path, "t10k", 20, 1)
+    task = load_task("tv:MNIST", data_root=str(tmp_path))
+    _check_task(task, 10)
+    assert task.sizes() == {"train": 45, "val": 5, "test": 20}
+    assert np.array_equal(task.splits["test"].labels, test_labels)
+    row = int(task.splits["train"].rows[0])
+    assert np.array_equal(np.asarray(task.splits["train"].image(0))[..., 0], train_images[row])
+
+
+@pytest.mark.parametrize(
+    ("spec", "root", "message"),
+    [("tv:MNIST", None, "needs --data-root"), ("tv:MNIST", "EMPTY", "not found under.*--download"),
+     ("tv:NoSuchSet", "EMPTY", "torchvision has no dataset")],
+)
+def test_torchvision_errors(tmp_path, spec, root, message):
+    with pytest.raises(InCAError, match=message):
+        load_task(spec, data_root=str(tmp_path) if root else None)
+
+
+@pytest.mark.parametrize("spec", ["digitz", "synth-nothing", "hf:", "imagenet"])
+def test_unknown_specs(spec):
+    with pytest.raises(InCAError, match="unknown task spec"):
+        load_task(spec)
+
+
+def test_task_lists():
+    assert parse_task_list("digits, synth-count") == ["digits", "synth-count"]
+    assert parse_task_list(["a,b", "c"]) == ["a", "b", "c"]
+    with pytest.raises(InCAError, match="no tasks"):
+        parse_task_list("")
+
+
+def test_image_loader_batches(tiny_backbone):
+    task = load_task("digits")
+    data = task.splits["val"]
+    batches = [np.array([0, 3, 5]), np.array([7])]
+    loaded = list(image_loader(data, tiny_backbone.transform, batches))
+    assert [b[0].shape for b in loaded] == [torch.Size([3, 3, 32, 32]), torch.Size([1, 3, 32, 32])]
+    assert loaded[0][1].tolist() == data.labels[[0, 3, 5]].tolist()
