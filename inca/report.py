@@ -1,0 +1,103 @@
+"""Reports: Markdown tables and PNG plots (JSON goes through :mod:`inca.io`'s atomic writes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .io import atomic_write  # noqa: E402
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: floats rounded, None as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), rule, *map(line, cells)]) + "\n"
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
+    """Write a PNG atomically and free the figure."""
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_lines(
+    path: str | os.PathLike,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    marks: dict[str, float] | None = None,
+    logy: bool = False,
+) -> None:
+    """One line per series (x, y); ``marks`` highlights one x per series (e.g. the best layer)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, (x, y) in series.items():
+        (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
+        if marks and label in marks:
+            best = list(x).index(marks[label])
+            ax.plot([x[best]], [y[best]], marker="*", markersize=12, color=line.get_color())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_scatter(
+    path: str | os.PathLike, points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str
+) -> None:
+    """Labelled points, x on a log scale (e.g. accuracy against trainable parameters)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y], s=40)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_heatmap(
+    path: str | os.PathLike, values: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, xlabel: str
+) -> None:
+    """A rows x cols grid with each cell's value written in it (e.g. tasks x layers accuracy)."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(cols) + 2.5), max(2.5, 0.45 * len(rows) + 1.5)))
+    image = ax.imshow(values, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(cols)), labels=list(cols))
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    save_figure(fig, path)
+
