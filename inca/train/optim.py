@@ -1,0 +1,132 @@
+"""Optimisation for adapter banks: AdamW with a learning rate and weight decay per stacked row, and a
+cosine learning-rate schedule with linear warm-up."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw
+from torch.torch_version import TorchVersion
+
+from inca.errors import InCAError
+
+__all__ = ["BatchedAdamW", "cosine_schedule"]
+
+_FUSED_CPU = TorchVersion(torch.__version__) >= "2.4"  # torch's fused AdamW kernel runs on CPU from 2.4
+
+
+def _fused(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and _FUSED_CPU)
+
+
+class BatchedAdamW:
+    """AdamW over parameters stacked along dim 0, row ``e`` of every tensor belonging to one adapter.
+
+    ``torch.optim.AdamW`` takes one learning rate per parameter group, a bank needs one per row. Each
+    step hands torch's own AdamW kernel (fused where the device has one, foreach otherwise) the rows as
+    views, one call per distinct (lr, weight decay), so a row is updated exactly as torch's AdamW would
+    update that adapter alone; the state (``exp_avg``, ``exp_avg_sq``, ``step``) is kept per row. Rows
+    marked ``frozen`` are left out of the call: their parameters and state are untouched and their
+    gradients zeroed.
+
+    Each group is a dict with ``params`` (tensors ``[E, ...]``, one E per group), ``lr`` and
+    ``weight_decay`` (E floats), and optionally ``adapters`` (E ids that ``frozen`` is indexed by;
+    default ``0..E-1``).
+    """
+
+    def __init__(
+        self, groups: Sequence[Mapping[str, Any]], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        self.betas, self.eps = betas, eps
+        self.groups = []
+        for g in groups:
+            params = list(g["params"])
+            rows = params[0].shape[0]
+            if any(p.shape[0] != rows for p in params) or len(g["lr"]) != rows or len(g["weight_decay"]) != rows:
+                raise InCAError(f"a BatchedAdamW group needs {rows} rows in every tensor, lr and weight_decay")
+            self.groups.append(
+                {
+                    "params": params,
+                    "lr": [float(x) for x in g["lr"]],
+                    "weight_decay": [float(x) for x in g["weight_decay"]],
+                    "adapters": list(g.get("adapters", range(rows))),
+                    "exp_avg": [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params],
+                    "exp_avg_sq": [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params],
+                    "step": [torch.zeros(rows, dtype=torch.float32, device=p.device) for p in params],
+                }
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients, or zero them in place: keeping the buffers of large stacks avoids
+        re-faulting fresh memory on every step."""
+        for g in self.groups:
+            for p in g["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self, lr_scale: float = 1.0, frozen: Sequence[bool] | Tensor | None = None) -> None:
+        """One update with learning rates ``lr * lr_scale``; ``frozen[adapter_id]`` rows are skipped."""
+        frozen = frozen.tolist() if isinstance(frozen, Tensor) else frozen
+        for g in self.groups:
+            live = [i for i, p in enumerate(g["params"]) if p.grad is not None]
+            if not live:
+                continue
+            device = g["params"][live[0]].device
+            skip = {r for r, a in enumerate(g["adapters"]) if frozen is not None and frozen[a]}
+            if skip:
+                index = torch.tensor(sorted(skip), device=device)
+                for i in live:
+                    g["params"][i].grad.index_fill_(0, index, 0.0)
+            buckets: dict[tuple[float, float], list[int]] = {}
+            for r, key in enumerate(zip(g["lr"], g["weight_decay"])):
+                if r not in skip:
+                    buckets.setdefault(key, []).append(r)
+            tensors = [(g["params"][i], g["exp_avg"][i], g["exp_avg_sq"][i], g["step"][i]) for i in live]
+            rows_of = [[t.unbind(0) for t in (p, p.grad, m, v, s)] for p, m, v, s in tensors]
+            fused = _fused(device)
+            for (lr, wd), rows in buckets.items():
+                params, grads, exp_avgs, exp_avg_sqs, steps = (
+                    [views[k][r] for views in rows_of for r in rows] for k in range(5)
+                )
+                adamw(
+                    params, grads, exp_avgs, exp_avg_sqs, [], steps,
+                    foreach=not fused, fused=fused, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1],
+                    lr=lr * lr_scale, weight_decay=wd, eps=self.eps, maximize=False,
+                )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat ``{"<group>.<param>.<exp_avg|exp_avg_sq|step>": tensor}``: safetensors-ready."""
+        return {
+            f"{gi}.{pi}.{key}": g[key][pi]
+            for gi, g in enumerate(self.groups)
+            for pi in range(len(g["params"]))
+            for key in ("exp_avg", "exp_avg_sq", "step")
+        }
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        own = self.state_dict()
+        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+            raise InCAError("optimizer state does not match these parameters; it was saved for another bank")
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Learning-rate multiplier of update ``step`` (0-based): linear warm-up from ``1/warmup_steps`` to 1,
+    then a cosine from 1 down to ``min_ratio`` at ``total_steps``. (No zero-lr first step: it would be
+    a wasted update.)"""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
