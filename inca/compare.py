@@ -1,0 +1,326 @@
+"""The comparison harness: methods x tasks on one backbone, with the same splits, batches and seed for all.
+
+For each (task, method) it records test accuracy (at the epoch with the best validation accuracy), that
+validation accuracy, trainable parameters (count and % of the backbone's), wall seconds, peak memory, steps
+and the per-step training loss, then rewrites ``compare.json`` (atomically), ``compare.md``,
+``compare_accuracy_vs_params.png`` and ``compare_loss.png``. A rerun into the same directory skips every
+pair already in ``compare.json`` with the same task data and hyper-parameters, so an interrupted comparison
+loses at most the pair that was running.
+
+Peak memory (:class:`PeakMemory`) is each method's own footprint, measured from a reset just before it:
+on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated at the start; on CPU the growth of the
+process's peak resident set (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with
+freed heap returned to the OS by ``malloc_trim`` first, so memory a previous method freed is not reused
+unseen). Methods train their own copy of the backbone, which that growth includes; a method that runs on the
+shared live backbone (``inca``) gets the backbone's weight bytes added, so both count the weights once.
+Image-decoding worker processes (file-backed tasks) are not included on CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from inca.adapters.common import set_trainable
+from inca.backbone import Backbone
+from inca.errors import InCAError, first_line
+from inca.io import atomic_write_json, atomic_write_text, read_json
+from inca.report import fmt, markdown_table, plot_scatter, save_figure
+from inca.tasks import SPLITS, Task, load_task
+from inca.train.e2e import FitConfig, ImageBatches, TensorBatches, fit, trainable_copy
+from inca.train.methods import METHODS, RunSettings, run_method
+
+__all__ = [
+    "ACCURACY_PLOT",
+    "LOSS_PLOT",
+    "REPORT_FILE",
+    "RESULTS_FILE",
+    "PeakMemory",
+    "render_markdown",
+    "run_comparison",
+    "write_reports",
+]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "compare.json"
+REPORT_FILE = "compare.md"
+ACCURACY_PLOT = "compare_accuracy_vs_params.png"
+LOSS_PLOT = "compare_loss.png"
+FORMAT_VERSION = 1
+MEMORY_KINDS = {
+    "cuda": "CUDA max allocated during the method, over what was allocated at its start",
+    "cpu": "growth of peak RSS during the method (Linux VmHWM reset before it)",
+}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Peak memory growth of a ``with`` block on ``device`` (see the module docstring), in ``peak_bytes``.
+
+    ``peak_bytes`` is None on a CPU where the peak RSS cannot be reset (not Linux).
+    """
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.peak_bytes: int | None = None
+        self._start: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: give freed heap back to the OS
+        if trim is not None:
+            trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self._start = _status_bytes("VmRSS")
+        except OSError as exc:
+            logger.warning("peak RSS cannot be reset here (%s); CPU peak memory is not measured", first_line(exc))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._start is None:
+            return
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self.peak_bytes = max(0, _status_bytes("VmHWM") - self._start)
+
+
+def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
+    """One unmeasured fine-tuning step and evaluation on one batch, so one-time lazy allocations (kernel
+    and primitive caches, thread pools, cuBLAS workspaces) are not charged to whichever method runs first."""
+    images = ImageBatches(task, backbone, settings.num_workers)
+    batch = next(iter(images.loader("train", [np.arange(min(settings.batch_size, images.num_rows("train")))])))
+    data = TensorBatches({split: batch[0] for split in SPLITS}, {split: batch[1] for split in SPLITS})
+    with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
+        model = trainable_copy(backbone, task.num_classes)
+    set_trainable(model, model.parameters())
+    fit(model, data, FitConfig(epochs=1, batch_size=settings.batch_size, progress=False, desc="warm-up"))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _run_config(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
+    """What must match for results to share a comparison (tasks and methods may grow across reruns)."""
+    return {
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "backbone_fingerprint": backbone.fingerprint,
+        "device": backbone.device.type,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+    }
+
+
+def _open_results(path: Path, config: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
+    fresh = {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "backbone": backbone.describe(),
+        "backbone_params": sum(p.numel() for p in backbone.model.parameters()),
+        "memory": MEMORY_KINDS[PeakMemory(backbone.device).kind],
+        "results": [],
+    }
+    if not path.is_file():
+        return fresh
+    try:
+        saved = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise InCAError(f"{path} is unreadable ({first_line(exc)}); move it away or choose another --out") from None
+    if not isinstance(saved, dict) or saved.get("format_version") != FORMAT_VERSION:
+        raise InCAError(f"{path} is not a comparison of this inca version; move it away or choose another --out")
+    if saved["config"] != config:
+        differ = sorted(k for k in config if saved["config"].get(k) != config[k])
+        raise InCAError(f"{path} holds a comparison with other settings (differs in {', '.join(differ)}); "
+                        f"choose another --out or rerun with the same settings")
+    return saved
+
+
+def run_comparison(
+    backbone: Backbone,
+    task_specs: Sequence[str],
+    methods: Mapping[str, Mapping[str, Any]],
+    settings: RunSettings,
+    out_dir: str | os.PathLike,
+    load: Callable[[str], Task] = load_task,
+) -> dict[str, Any]:
+    """Run every method (name -> full hyper-parameters, see :func:`inca.train.methods.resolve_methods`) on
+    every task (loaded once by ``load`` and shared), writing results and reports after each pair.
+
+    Returns the content of ``compare.json``. Pairs already there (same task data, method, hyper-parameters)
+    are skipped; a ``compare.json`` made with another backbone, device, epochs, batch size or seed is an error.
+    """
+    out = Path(out_dir)
+    config = json.loads(json.dumps(_run_config(backbone, settings)))
+    summary = _open_results(out / RESULTS_FILE, config, backbone)
+    backbone_bytes = _parameter_bytes(backbone.model)
+    warm = False
+    for spec in task_specs:
+        task = load(spec)
+        for name, hparams in methods.items():
+            hparams = json.loads(json.dumps(dict(hparams)))
+            key = _digest({"task": task.fingerprint, "method": name, "hparams": hparams})
+            if any(r["key"] == key for r in summary["results"]):
+                logger.info("%s on %s: already in %s, skipped", name, task.spec, RESULTS_FILE)
+                continue
+            if not warm:
+                _warm_up(backbone, task, settings)
+                warm = True
+            logger.info("%s on %s: training", name, task.spec)
+            with PeakMemory(backbone.device) as memory:
+                start = time.perf_counter()
+                metrics = run_method(name, backbone, task, hparams, settings, out / "runs" / task.slug / name)
+                seconds = time.perf_counter() - start
+            peak = memory.peak_bytes
+            if peak is not None and METHODS[name].shares_backbone:
+                peak += backbone_bytes
+            record = {
+                "task": task.spec,
+                "method": name,
+                "test_acc": metrics["test_acc"],
+                "val_acc": metrics["val_acc"],
+                "best_epoch": metrics.get("best_epoch"),
+                "trainable_params": metrics["trainable_params"],
+                "trainable_pct": 100.0 * metrics["trainable_params"] / summary["backbone_params"],
+                "seconds": seconds,
+                "peak_memory_mb": None if peak is None else peak / 2**20,
+                "steps": metrics["steps"],
+                "hparams": hparams,
+                "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
+                "key": key,
+            }
+            record.update({k: v for k, v in metrics.items() if k not in record})
+            _store(summary["results"], record)
+            atomic_write_json(out / RESULTS_FILE, summary)
+            write_reports(out, summary)
+            logger.info("%s on %s: test accuracy %.4f (val %.4f), %d trainable parameters, %.1f s", name,
+                        task.spec, record["test_acc"], record["val_acc"], record["trainable_params"], seconds)
+    write_reports(out, summary)
+    return summary
+
+
+def _store(results: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    """Replace the same (task, method) in place (hyper-parameters changed), else append."""
+    for i, old in enumerate(results):
+        if (old["task"], old["method"]) == (record["task"], record["method"]):
+            results[i] = record
+            return
+    results.append(record)
+
+
+def _by_task(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    tasks: dict[str, list[dict[str, Any]]] = {}
+    for record in results:
+        tasks.setdefault(record["task"], []).append(record)
+    return tasks
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """``compare.md``: the settings, one table per task, the hyper-parameters each method ran with."""
+    config = summary["config"]
+    lines = [
+        f"# Comparison on {config['backbone']} ({config['weights']} weights)",
+        "",
+        f"{config['epochs']} epochs, batch size {config['batch_size']}, seed {config['seed']}, device "
+        f"{config['device']}. Test accuracy is measured once, at the epoch with the best validation accuracy. "
+        f"Trainable parameters include the classification head; % is of the backbone's "
+        f"{summary['backbone_params']:,} parameters. Peak memory: {summary['memory']}, plus the backbone's "
+        f"weights for methods that run on the shared backbone (inca).",
+    ]
+    headers = ["method", "test acc", "val acc", "best epoch", "trainable params", "% of backbone", "seconds",
+               "peak memory (MB)", "steps"]
+    hparams: dict[str, dict[str, Any]] = {}
+    for task, records in _by_task(summary["results"]).items():
+        info = records[0]["task_info"]
+        sizes = ", ".join(f"{split} {n}" for split, n in info["sizes"].items())
+        rows = [
+            [r["method"], r["test_acc"], r["val_acc"], r.get("best_epoch"), f"{r['trainable_params']:,}",
+             r["trainable_pct"], r["seconds"], r["peak_memory_mb"], r["steps"]]
+            for r in records
+        ]  # fmt: skip
+        lines += ["", f"## {task} ({info['classes']} classes; {sizes})", "", markdown_table(headers, rows).rstrip()]
+        cached = [r["method"] for r in records if r.get("activations") == "cache"]
+        if cached:
+            lines += ["", f"{', '.join(cached)} read an activation store: its seconds include building it only if "
+                          "no earlier run had built it."]
+        hparams.update({r["method"]: r["hparams"] for r in records})
+    lines += ["", "## Hyper-parameters", ""]
+    lines += [f"- `{m}`: " + ", ".join(f"{k}={fmt(v)}" for k, v in hp.items()) for m, hp in hparams.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_losses(path: Path, summary: Mapping[str, Any]) -> None:
+    tasks = _by_task(summary["results"])
+    fig = Figure(figsize=(7.5, 3.4 * len(tasks)))
+    for ax, (task, records) in zip(fig.subplots(len(tasks), 1, squeeze=False)[:, 0], tasks.items()):
+        for r in records:
+            curve = r.get("loss_curve")
+            if curve:  # one point per step, or per epoch (inca): spread over the run's steps
+                x = [(i + 1) * r["steps"] / len(curve) for i in range(len(curve))]
+                ax.plot(x, curve, linewidth=1, marker="o" if len(curve) < 30 else None, markersize=3,
+                        label=r["method"])
+        ax.set_title(f"training loss per step: {task}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def write_reports(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> str:
+    """Write ``compare.md`` and both plots from ``summary`` (``compare.json``'s content); return the Markdown."""
+    out = Path(out_dir)
+    text = render_markdown(summary)
+    atomic_write_text(out / REPORT_FILE, text)
+    if summary["results"]:
+        per_method: dict[str, list[dict[str, Any]]] = {}
+        for r in summary["results"]:
+            per_method.setdefault(r["method"], []).append(r)
+        n_tasks = len(_by_task(summary["results"]))
+        points = {
+            m: (sum(r["trainable_params"] for r in rs) / len(rs), sum(r["test_acc"] for r in rs) / len(rs))
+            for m, rs in per_method.items()
+        }
+        title = "test accuracy vs trainable parameters" + (f" (mean over {n_tasks} tasks)" if n_tasks > 1 else "")
+        plot_scatter(out / ACCURACY_PLOT, points, "trainable parameters (log scale)", "test accuracy", title)
+        _plot_losses(out / LOSS_PLOT, summary)
+    return text

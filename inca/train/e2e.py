@@ -1,0 +1,245 @@
+"""End-to-end training through the backbone: the one loop every comparison method trains with.
+
+Full fine-tuning, LoRA, LoRA-GA, Compacter and the linear probe differ only in which model they hand
+:func:`fit` and which of its parameters require grad; the loop (AdamW with timm's weight-decay groups,
+cosine schedule with linear warm-up, bf16 autocast on CUDA, per-step loss, validation every epoch,
+best-by-validation state evaluated once on test) is shared, so their numbers are comparable.
+
+Batch order comes from :func:`inca.train.bank.epoch_batches` (a permutation seeded by ``(seed, epoch)``),
+the same order an InCA bank sees, so every method visits the same batches for a given seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from inca.backbone import Backbone
+from inca.errors import InCAError
+from inca.tasks import Task, image_loader, sequential_batches
+from inca.train.bank import epoch_batches
+from inca.train.optim import cosine_schedule
+
+__all__ = [
+    "Batches",
+    "FitConfig",
+    "FitResult",
+    "ImageBatches",
+    "TensorBatches",
+    "autocast",
+    "batch_loss",
+    "evaluate",
+    "fit",
+    "pooled_features",
+    "trainable_copy",
+]
+
+logger = logging.getLogger(__name__)
+
+POOLS = {"cls": "token", "mean": "avg"}  # linear-probe pooling -> timm's global_pool
+
+
+class Batches(Protocol):
+    """Labelled inputs of a task's splits, served for index arrays (images, or precomputed features)."""
+
+    def num_rows(self, split: str) -> int: ...
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[Tensor, Tensor]]:
+        """Yield ``(inputs, labels)`` CPU tensors for each index array of ``batches``, in order."""
+        ...
+
+
+class ImageBatches:
+    """A task's images through the backbone's eval preprocessing (no augmentation: the same pixels every
+    method and epoch sees)."""
+
+    def __init__(self, task: Task, backbone: Backbone, num_workers: int | None = None) -> None:
+        self.task = task
+        self.transform = backbone.transform
+        self.num_workers = num_workers
+        self.pin_memory = backbone.device.type == "cuda"
+
+    def num_rows(self, split: str) -> int:
+        return len(self.task.splits[split])
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        return image_loader(self.task.splits[split], self.transform, batches, self.num_workers, self.pin_memory)
+
+
+class TensorBatches:
+    """Inputs held in memory per split (e.g. pooled backbone features for a linear probe)."""
+
+    def __init__(self, inputs: dict[str, Tensor], labels: dict[str, Tensor]) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def num_rows(self, split: str) -> int:
+        return len(self.labels[split])
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in batches:
+            index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            yield self.inputs[split][index], self.labels[split][index]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Optimisation of one end-to-end run. ``warmup_ratio`` of all steps warm up linearly, then cosine to 0."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    seed: int = 0
+    progress: bool = True
+    desc: str = "train"
+
+
+@dataclass
+class FitResult:
+    """Accuracies at the best validation epoch (1-based ``best_epoch``); the loss of every step."""
+
+    test_acc: float
+    val_acc: float
+    best_epoch: int
+    val_curve: list[float]
+    loss_curve: list[float]
+    steps: int
+    diverged_at_step: int | None = None
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; exact fp32 elsewhere (as the backbone's extraction)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def batch_loss(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device) -> Tensor:
+    """Mean cross-entropy of one ``(inputs, labels)`` batch (also LoRA-GA's gradient-estimate loss)."""
+    inputs, labels = batch
+    with autocast(device):
+        logits = model(inputs.to(device, non_blocking=True))
+    return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
+
+
+def trainable_copy(backbone: Backbone, num_classes: int, pool: str | None = None) -> nn.Module:
+    """A deep copy of the frozen backbone's timm model with a new ``num_classes`` head, all frozen.
+
+    The head is drawn from torch's global RNG (seed it for reproducibility). ``pool`` (``cls`` or
+    ``mean`` of the patch tokens) changes timm's ``global_pool``; by default the model's own is kept.
+    """
+    model = copy.deepcopy(backbone.model)
+    if pool is None:
+        model.reset_classifier(num_classes)
+    else:
+        if pool not in POOLS:
+            raise InCAError(f"pooling {pool!r} is unknown; use one of {', '.join(POOLS)}")
+        if pool == "cls" and getattr(model, "cls_token", None) is None:
+            raise InCAError(f"backbone {backbone.name!r} has no class token; pool the tokens with pool=mean")
+        model.reset_classifier(num_classes, global_pool=POOLS[pool])
+    return model.to(backbone.device).requires_grad_(False)
+
+
+@torch.inference_mode()
+def pooled_features(model: nn.Module, data: Batches, batch_size: int, splits: Iterable[str]) -> TensorBatches:
+    """Each split's pre-logit features (timm's ``forward_head(pre_logits=True)``: pooled and normed), fp32 CPU."""
+    device = next(model.parameters()).device
+    model.eval()
+    inputs, labels = {}, {}
+    for split in splits:
+        feats, ys = [], []
+        for images, y in data.loader(split, sequential_batches(0, data.num_rows(split), batch_size)):
+            with autocast(device):
+                tokens = model.forward_features(images.to(device, non_blocking=True))
+                feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())
+            ys.append(y)
+        inputs[split], labels[split] = torch.cat(feats), torch.cat(ys)
+    return TensorBatches(inputs, labels)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Batches, split: str, batch_size: int) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (eval mode, autocast as in training)."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct, n = torch.zeros((), dtype=torch.long, device=device), data.num_rows(split)
+    for inputs, labels in data.loader(split, sequential_batches(0, n, batch_size)):
+        with autocast(device):
+            logits = model(inputs.to(device, non_blocking=True))
+        correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()
+    return correct.item() / n
+
+
+def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """A CPU copy of the parameters being trained: the best-epoch checkpoint, kept in memory."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
+    """Train the parameters of ``model`` that require grad on ``train``; validate each epoch; test the best.
+
+    The validation-best trainable state is restored before the single test evaluation (selection never
+    sees test). A non-finite loss stops training (the step is not applied) and is reported as
+    ``diverged_at_step``; the epoch's validation still runs, so the best finite state is kept.
+    """
+    if config.epochs < 1 or config.batch_size < 1:
+        raise InCAError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be positive")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InCAError(f"{config.desc}: nothing to train (no parameter requires grad)")
+    device = params[0].device
+    no_decay = getattr(model, "no_weight_decay", lambda: ())()
+    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type in ("cuda", "cpu"))
+    n = data.num_rows("train")
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(total, round(config.warmup_ratio * total))
+    )
+    losses: list[Tensor] = []
+    val_curve: list[float] = []
+    best_acc, best_epoch, best_state, diverged_at = -1.0, 0, None, None
+    bar = tqdm(total=total, desc=config.desc, unit="step", disable=None if config.progress else True)
+    for epoch in range(config.epochs):
+        model.train()
+        for batch in data.loader("train", epoch_batches(n, config.batch_size, config.seed, epoch)):
+            loss = batch_loss(model, batch, device)
+            if not torch.isfinite(loss):
+                diverged_at = len(losses)
+                logger.warning("%s: loss is %s at step %d; training stops (lower the learning rate)",
+                               config.desc, loss.item(), diverged_at)
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.detach())
+            bar.update()
+        val_acc = evaluate(model, data, "val", config.batch_size)
+        val_curve.append(val_acc)
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_state = val_acc, epoch + 1, _trainable_state(model)
+        bar.set_postfix(loss=f"{losses[-1].item():.4f}" if losses else "-", val_acc=f"{val_acc:.4f}")
+        logger.debug("%s epoch %d/%d: val accuracy %.4f", config.desc, epoch + 1, config.epochs, val_acc)
+        if diverged_at is not None:
+            break
+    bar.close()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in best_state:
+                p.copy_(best_state[name])
+    test_acc = evaluate(model, data, "test", config.batch_size)
+    loss_curve = torch.stack(losses).float().cpu().tolist() if losses else []
+    return FitResult(test_acc, best_acc, best_epoch, val_curve, loss_curve, len(losses), diverged_at)
