@@ -6,7 +6,13 @@ import sys
 
 from . import cli
 
-COMMANDS = {"cache": cli.cache_main}
+COMMANDS = {
+    "cache": cli.cache_main,
+    "compare": cli.compare_main,
+    "predict": cli.predict_main,
+    "probe": cli.probe_main,
+    "train": cli.train_main,
+}
 
 
 def main() -> int:

@@ -26,7 +26,10 @@ def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is noise
     try:
+        if getattr(args, "recipe", None):
+            args = _with_recipe(parser, argv, args)
         return main(args)
     except InCAError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -107,3 +110,205 @@ def _cache(args: argparse.Namespace) -> int:
 
 def cache_main(argv: Sequence[str] | None = None) -> int:
     return _run(_cache, cache_parser(), argv)
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="inca-compare",
+        description="Compare InCA, LoRA, LoRA-GA, Compacter, Compacter++, full fine-tuning and linear probing "
+                    "on the same backbone, splits, batches and seed; writes compare.json/.md and two plots.",
+    )
+    _add_backbone_args(parser, required=False)
+    _add_task_args(parser)
+    parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
+    parser.add_argument("--methods", help="comma-separated, default all: inca,lora,lora-ga,compacter,compacter++,"
+                                          "full,linear")
+    parser.add_argument("--method-args", nargs="*", action="extend", default=[], metavar="METHOD.KEY=VALUE",
+                        help="override a method's default hyper-parameter, e.g. lora.rank=4 linear.pool=mean "
+                             "(repeatable; later values win, flags over the recipe's)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs for every method (default 10)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size for every method (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of heads, adapters and batch order (default 0)")
+    parser.add_argument("--out", default="compare", help="output directory; a rerun skips finished pairs")
+    parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                 args: argparse.Namespace) -> argparse.Namespace:
+    """Recipe values become the parser's defaults, so flags given on the command line override them."""
+    from .recipe import load_recipe
+
+    valid = {action.dest for action in parser._actions if action.dest not in ("help", "recipe")}
+    recipe = load_recipe(args.recipe, valid)
+    if isinstance(recipe.get("method_args"), dict):  # {lora: {rank: 4}}: flags extend the list after it
+        recipe["method_args"] = [recipe["method_args"]]
+    parser.set_defaults(**recipe)
+    return parser.parse_args(argv)
+
+
+def _suite(args: argparse.Namespace):
+    """The task specs and the loaded backbone of a multi-task command (flags or recipe)."""
+    from .tasks import parse_task_list
+
+    specs = parse_task_list(args.tasks or [])
+    if not args.backbone:
+        raise InCAError("--backbone is required (on the command line or as backbone: in the --recipe)")
+    return specs, _backbone(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import REPORT_FILE, render_markdown, run_comparison
+    from .train.methods import METHODS, RunSettings, resolve_methods
+
+    methods = resolve_methods(args.methods or list(METHODS), args.method_args)
+    specs, backbone = _suite(args)
+    settings = RunSettings(args.epochs, args.batch_size, args.seed, args.num_workers)
+    summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec))
+    print(render_markdown(summary), end="")
+    print(f"\nwritten to {args.out}/ ({REPORT_FILE}, compare.json, compare_accuracy_vs_params.png, compare_loss.png)")
+    return 0
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_compare, compare_parser(), argv)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="inca-train",
+        description="Train grids of InCA adapters in parallel on frozen-backbone activations, task after task.",
+    )
+    _add_backbone_args(parser, required=False)
+    _add_task_args(parser)
+    parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
+    parser.add_argument("--layers", default="all",
+                        help="all | -1 | 0,5,11 | last:K | best:K with --probe-report (default: all)")
+    parser.add_argument("--probe-report", help="probe.json written by inca-probe, for --layers best:K")
+    grid = parser.add_argument_group("adapter grid (comma-separated or repeated values; the cross product is trained)")
+    grid.add_argument("--lr", nargs="+", default=["1e-3"], help="learning rates (default 1e-3)")
+    grid.add_argument("--weight-decay", nargs="+", default=["1e-4"], help="weight decays (default 1e-4)")
+    grid.add_argument("--queries", nargs="+", default=["1"], help="learned queries per adapter (default 1)")
+    grid.add_argument("--heads", nargs="+", default=[], help="attention heads (default: the backbone's)")
+    grid.add_argument("--mlp-ratio", nargs="+", default=["0"], help="adapter MLP ratio, 0 = none (default 0)")
+    grid.add_argument("--adapter-seeds", nargs="+", default=["0"], help="adapter init seeds (default 0)")
+    run = parser.add_argument_group("training")
+    run.add_argument("--epochs", type=int, default=10)
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--warmup-ratio", type=float, default=0.1)
+    run.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
+    run.add_argument("--cache", default="auto", choices=["auto", "always", "never"],
+                     help="auto: reuse or build a store when it pays off, else stream live activations")
+    run.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
+    run.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
+    run.add_argument("--cache-max-gb", type=float, default=64.0, help="largest store --cache auto builds")
+    parser.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results of another configuration in --out (a rerun of the same one resumes)")
+    parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .probe import layers_from_report
+    from .recipe import as_list
+    from .train.runner import InCAOptions, render_results, run_suite
+
+    options = InCAOptions(
+        lr=[float(v) for v in as_list(args.lr)],
+        weight_decay=[float(v) for v in as_list(args.weight_decay)],
+        queries=[int(v) for v in as_list(args.queries)],
+        heads=[int(v) for v in as_list(args.heads)],
+        mlp_ratio=[float(v) for v in as_list(args.mlp_ratio)],
+        adapter_seeds=[int(v) for v in as_list(args.adapter_seeds)],
+        epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, seed=args.seed,
+        cache=args.cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, cache_max_gb=args.cache_max_gb,
+        num_workers=args.num_workers,
+    )
+    specs, backbone = _suite(args)
+    layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report)
+    results = run_suite(backbone, specs, layers_for, str(args.layers), options, args.out,
+                        load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
+    print(render_results(results).split("\n## ")[0], end="")
+    print(f"\nwritten to {args.out}/ (results.json, results.md, <task>/adapter/)")
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_train, train_parser(), argv)
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="inca-predict", description="Classify images with an adapter saved by inca-train.")
+    parser.add_argument("--adapter", required=True, help="an adapter directory (OUT/<task>/adapter)")
+    parser.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    parser.add_argument("--weights", help="backbone weights if not the recorded ones (must be identical)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .backbone import resolve_device
+    from .predict import load_predictor
+
+    predictor = load_predictor(args.adapter, args.weights, resolve_device(args.device))
+    for prediction in predictor.predict(args.images, args.top_k, args.batch_size):
+        ranked = ", ".join(f"{label} ({p:.3f})" for label, p in zip(prediction.labels, prediction.probabilities))
+        print(f"{prediction.path}\t{ranked}")
+    return 0
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_predict, predict_parser(), argv)
+
+
+def probe_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="inca-probe", description="Which layers hold the most useful representations for a task?")
+    _add_backbone_args(parser, required=False)
+    _add_task_args(parser)
+    parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
+    parser.add_argument("--probes", default="linear,knn,inca", help="some of linear,knn,inca (default: all)")
+    parser.add_argument("--layers", default="all", help="all | -1 | 0,5,11 | last:K (default: all)")
+    parser.add_argument("--pool", default="cls,mean", help="pooling for linear and knn: cls, mean (default both)")
+    parser.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
+    parser.add_argument("--linear-c", default="0.01,0.1,1,10", help="C grid of the linear probe, tuned on val")
+    parser.add_argument("--inca-epochs", type=int, default=5, help="epochs of the InCA probe (default 5)")
+    parser.add_argument("--inca-lr", type=float, default=3e-3, help="learning rate of the InCA probe")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-budget-gb", type=float, default=8.0,
+                        help="keep streamed tokens in memory up to this size so later InCA epochs skip the backbone")
+    parser.add_argument("--cache-dir", help="read a matching activation store from here when one exists")
+    parser.add_argument("--out", default="runs/probe", help="output directory (default runs/probe)")
+    parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .probe import REPORT_JSON, ProbeOptions, run_probe_suite, summary_lines
+    from .recipe import as_list
+
+    options = ProbeOptions(
+        probes=[str(p) for p in as_list(args.probes)], pools=[str(p) for p in as_list(args.pool)], k=args.k,
+        temperature=args.temperature, linear_c=[float(c) for c in as_list(args.linear_c)], inca_lr=args.inca_lr,
+        inca_epochs=args.inca_epochs, batch_size=args.batch_size, seed=args.seed,
+        memory_budget_gb=args.memory_budget_gb, cache_dir=args.cache_dir, num_workers=args.num_workers,
+    )
+    specs, backbone = _suite(args)
+    report = run_probe_suite(backbone, specs, str(args.layers), options, args.out,
+                             load_task=lambda spec: _load_task(args, spec))
+    print("\n".join(summary_lines(report)))
+    print(f"\nwritten to {args.out}/ ({REPORT_JSON}, probe.md, PNG plots); "
+          f"train on the best layers with: inca-train --layers best:K --probe-report {args.out}/{REPORT_JSON}")
+    return 0
+
+
+def probe_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_probe, probe_parser(), argv)

@@ -42,29 +42,37 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+Series = dict[str, tuple[Sequence[float], Sequence[float]]]
+
+
 def plot_lines(
     path: str | os.PathLike,
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    panels: dict[str, Series],
     xlabel: str,
     ylabel: str,
     title: str,
-    marks: dict[str, float] | None = None,
-    logy: bool = False,
+    marks: dict[str, dict[str, float]] | None = None,
 ) -> None:
-    """One line per series (x, y); ``marks`` highlights one x per series (e.g. the best layer)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, (x, y) in series.items():
-        (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
-        if marks and label in marks:
-            best = list(x).index(marks[label])
-            ax.plot([x[best]], [y[best]], marker="*", markersize=12, color=line.get_color())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    """One subplot per panel (e.g. per task), one line per series (x, y) in it; ``marks[panel][series]``
+    highlights one x of a series with a star (e.g. the best layer)."""
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, (panel, series) in zip(axes.flat, panels.items()):
+        for label, (x, y) in series.items():
+            (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
+            mark = (marks or {}).get(panel, {}).get(label)
+            if mark is not None:
+                best = list(x).index(mark)
+                ax.plot([x[best]], [y[best]], marker="*", markersize=13, color=line.get_color())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 

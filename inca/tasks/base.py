@@ -104,7 +104,7 @@ class Task:
     @property
     def slug(self) -> str:
         """A filesystem-safe name for directories."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.spec).strip("_")[:60] or "task"
+        return slugify(self.spec)
 
     @property
     def fingerprint(self) -> str:
@@ -123,6 +123,11 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "classes": self.classes, "sizes": self.sizes(), "fingerprint": self.fingerprint}
+
+
+def slugify(spec: str) -> str:
+    """A filesystem-safe form of a task spec (``hf:org/name`` -> ``hf_org_name``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")[:60] or "task"
 
 
 def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

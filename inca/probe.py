@@ -1,0 +1,373 @@
+"""Layer probing: which blocks of a frozen backbone hold the most useful representations for a task.
+
+One backbone pass per batch feeds every layer's probes: a :class:`ProbeSource` wraps the activation
+source and, the first time it serves a split's rows, records what the probes need: pooled features
+(CLS token, mean of patch tokens) for the linear and kNN probes, and, within a memory budget, the tokens
+themselves so that further InCA epochs cost no backbone pass. Probes:
+
+- ``linear``: scikit-learn logistic regression on standardised pooled features, C tuned on val;
+- ``knn``: faiss cosine-similarity search, k neighbours, temperature-weighted vote;
+- ``inca``: an :class:`~inca.adapters.inca.InCABank` with one adapter per layer, trained together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from joblib import Parallel, delayed
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from .activations import CachedSource, LiveSource
+from .adapters.inca import AdapterSpec, InCABank
+from .backbone import Backbone, resolve_layers
+from .cache import find_cache
+from .errors import InCAError
+from .io import atomic_write_json, atomic_write_text, read_json
+from .report import markdown_table, plot_heatmap, plot_lines
+from .tasks import SPLITS, Task
+from .train.bank import evaluate_bank, train_bank
+
+_logger = logging.getLogger(__name__)
+
+PROBES = ("linear", "knn", "inca")
+POOLS = ("cls", "mean")
+LINEAR_C_GRID = (0.01, 0.1, 1.0, 10.0)
+REPORT_JSON, REPORT_MD, REPORT_PNG, HEATMAP_PNG = "probe.json", "probe.md", "probe.png", "probe_heatmap.png"
+
+
+@dataclass
+class ProbeOptions:
+    probes: list[str] = field(default_factory=lambda: list(PROBES))
+    pools: list[str] = field(default_factory=lambda: list(POOLS))
+    k: int = 20
+    temperature: float = 0.07
+    linear_c: list[float] = field(default_factory=lambda: list(LINEAR_C_GRID))
+    inca_lr: float = 3e-3
+    inca_epochs: int = 5
+    batch_size: int = 32
+    seed: int = 0
+    memory_budget_gb: float = 8.0
+    cache_dir: str | None = None
+    num_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.probes) - set(PROBES)) + sorted(set(self.pools) - set(POOLS))
+        if unknown:
+            raise InCAError(
+                f"unknown probe or pool {unknown}: probes are {', '.join(PROBES)}, pools {', '.join(POOLS)}"
+            )
+        if not self.probes:
+            raise InCAError(f"no probes given: use --probes with some of {', '.join(PROBES)}")
+        if self.k < 1 or self.temperature <= 0 or self.inca_epochs < 1 or self.batch_size < 1:
+            raise InCAError("--k, --temperature, --inca-epochs and --batch-size must be positive")
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix: int) -> torch.Tensor:
+    """``[B, T, D] -> [B, D]``: the CLS token (the first prefix token), or the mean of the patch tokens."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, num_prefix:].mean(1)
+
+
+class ProbeSource:
+    """An activation source that records pooled features (and, within budget, tokens) as it serves rows."""
+
+    def __init__(self, source: CachedSource | LiveSource, pools: Sequence[str], num_prefix: int, keep_tokens: bool):
+        self.source = source
+        self.layers = source.layers
+        self.pools = list(pools)
+        self.num_prefix = num_prefix
+        self.keep_tokens = keep_tokens
+        self._pooled: dict[str, dict[tuple[int, str], np.ndarray]] = {}
+        self._tokens: dict[str, dict[int, torch.Tensor]] = {}
+        self._seen: dict[str, np.ndarray] = {}
+
+    def num_rows(self, split: str) -> int:
+        return self.source.num_rows(split)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.source.labels(split)
+
+    def _complete(self, split: str) -> bool:
+        return split in self._seen and bool(self._seen[split].all())
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor]]:
+        labels = self.labels(split)
+        if self.keep_tokens and self._complete(split):
+            tokens = self._tokens[split]
+            for rows in batches:
+                index = torch.from_numpy(rows)
+                yield {layer: t[index] for layer, t in tokens.items()}, torch.from_numpy(labels[rows])
+            return
+        for rows, (features, batch_labels) in zip(batches, self.source.loader(split, batches)):
+            self._record(split, rows, features)
+            yield features, batch_labels
+
+    def _record(self, split: str, rows: np.ndarray, features: dict[int, torch.Tensor]) -> None:
+        n = self.num_rows(split)
+        if split not in self._seen:
+            self._seen[split] = np.zeros(n, dtype=bool)
+            self._pooled[split] = {}
+            self._tokens[split] = {}
+        for layer, tokens in features.items():
+            for pool in self.pools:
+                key = (layer, pool)
+                if key not in self._pooled[split]:
+                    self._pooled[split][key] = np.zeros((n, tokens.shape[-1]), dtype=np.float32)
+                self._pooled[split][key][rows] = pool_tokens(tokens.float(), pool, self.num_prefix).cpu().numpy()
+            if self.keep_tokens:
+                if layer not in self._tokens[split]:
+                    self._tokens[split][layer] = torch.empty((n, *tokens.shape[1:]), dtype=torch.float16)
+                self._tokens[split][layer][torch.from_numpy(rows)] = tokens.to("cpu", torch.float16)
+        self._seen[split][rows] = True
+
+    def pooled(self, split: str, layer: int, pool: str) -> np.ndarray:
+        """``[N, D]`` pooled features of every row of ``split`` (one pass over the rows not seen yet)."""
+        if not self._complete(split):
+            missing = np.flatnonzero(~self._seen[split]) if split in self._seen else np.arange(self.num_rows(split))
+            batches = [missing[i : i + 256] for i in range(0, len(missing), 256)]
+            for _ in self.loader(split, batches):
+                pass
+        return self._pooled[split][(layer, pool)]
+
+
+def linear_probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray, test: np.ndarray,
+                 y_test: np.ndarray, c_grid: Sequence[float], seed: int = 0) -> dict[str, float]:
+    """Logistic regression on standardised features; C chosen on val, reported on test."""
+    scaler = StandardScaler().fit(train)
+    train, val, test = scaler.transform(train), scaler.transform(val), scaler.transform(test)
+    best: tuple[float, float, LogisticRegression] | None = None
+    for c in c_grid:
+        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(train, y_train)
+        accuracy = float((model.predict(val) == y_val).mean())
+        if best is None or accuracy > best[0]:
+            best = (accuracy, c, model)
+    accuracy, c, model = best
+    return {"val": accuracy, "test": float((model.predict(test) == y_test).mean()), "C": c}
+
+
+def knn_predict(train: np.ndarray, y_train: np.ndarray, queries: np.ndarray, num_classes: int, k: int,
+                temperature: float) -> np.ndarray:
+    """Cosine-similarity kNN with a temperature-weighted vote (weights ``exp(sim / T)``), via faiss."""
+    train = np.ascontiguousarray(train, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    faiss.normalize_L2(train)
+    faiss.normalize_L2(queries)
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(train)
+    k = min(k, len(train))
+    similarity, neighbours = index.search(queries, k)
+    weights = np.exp((similarity - similarity[:, :1]) / temperature)  # shifted by the row max: same argmax
+    votes = np.zeros((len(queries), num_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(queries)), k), y_train[neighbours].ravel()), weights.ravel())
+    return votes.argmax(1)
+
+
+def probe_task(
+    backbone: Backbone, task: Task, layers: list[int], options: ProbeOptions
+) -> dict[str, Any]:
+    """Every requested probe on every layer of ``task``; returns per probe/pool/layer val and test accuracy."""
+    start = time.perf_counter()
+    pools = [p for p in options.pools if p != "cls" or backbone.token_layout["cls_token"]]
+    if len(pools) < len(options.pools):
+        _logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
+    source = _activation_source(backbone, task, layers, options)
+    keep = isinstance(source, LiveSource) and _token_bytes(backbone, task, layers) <= options.memory_budget_gb * 1e9
+    probe_source = ProbeSource(source, pools, backbone.num_prefix_tokens, keep_tokens=keep)
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    if "inca" in options.probes:
+        results["inca"] = _inca_probe(backbone, task, layers, probe_source, options)
+    pooled_probes = [p for p in options.probes if p != "inca"]
+    if pooled_probes:
+        features = {split: {(layer, pool): probe_source.pooled(split, layer, pool) for layer in layers
+                            for pool in pools} for split in SPLITS}
+        labels = {split: task.splits[split].labels for split in SPLITS}
+        for probe in pooled_probes:
+            for pool in pools:
+                fit = _fit_linear if probe == "linear" else _fit_knn
+                scores = fit(features, labels, layers, pool, task.num_classes, options)
+                results[f"{probe}/{pool}"] = dict(zip(layers, scores))
+    forward_calls = source.forward_calls if isinstance(source, LiveSource) else 0
+    return {
+        "task": task.spec,
+        "classes": task.classes,
+        "sizes": task.sizes(),
+        "layers": layers,
+        "activations": "cache" if isinstance(source, CachedSource) else "live",
+        "backbone_forward_calls": forward_calls,
+        "results": {key: {str(layer): value for layer, value in by_layer.items()} for key, by_layer in results.items()},
+        "best_layers": {key: rank_layers(by_layer) for key, by_layer in results.items()},
+        "ranking": rank_layers(results["inca"]) if "inca" in results else _mean_ranking(results),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def rank_layers(by_layer: dict[int, dict[str, float]]) -> list[int]:
+    """Layers by validation accuracy, best first (ties: the shallower layer, cheaper to reach)."""
+    return sorted(by_layer, key=lambda layer: (-by_layer[layer]["val"], layer))
+
+
+def _mean_ranking(results: dict[str, dict[int, dict[str, float]]]) -> list[int]:
+    layers = next(iter(results.values())).keys()
+    mean = {layer: {"val": float(np.mean([r[layer]["val"] for r in results.values()]))} for layer in layers}
+    return rank_layers(mean)
+
+
+def _activation_source(backbone: Backbone, task: Task, layers: list[int], options: ProbeOptions):
+    found = find_cache(options.cache_dir, backbone, task, layers)
+    if found is not None:
+        _logger.info("%s: probing from the activation store %s", task.spec, found.path)
+        return CachedSource(found, layers)
+    return LiveSource(backbone, task, layers, options.num_workers)
+
+
+def _token_bytes(backbone: Backbone, task: Task, layers: list[int]) -> int:
+    return sum(task.sizes().values()) * len(layers) * backbone.num_tokens * backbone.width * 2
+
+
+def _inca_probe(backbone: Backbone, task: Task, layers: list[int], source: ProbeSource,
+                options: ProbeOptions) -> dict[int, dict[str, float]]:
+    specs = [AdapterSpec(layer=layer, num_heads=backbone.num_heads, lr=options.inca_lr, seed=options.seed)
+             for layer in layers]
+    bank = InCABank(specs, backbone.width, task.num_classes)
+    train_bank(bank, source, epochs=options.inca_epochs, batch_size=options.batch_size, device=backbone.device,
+               seed=options.seed)
+    val = evaluate_bank(bank, source, "val", options.batch_size)
+    test = evaluate_bank(bank, source, "test", options.batch_size)
+    return {layer: {"val": float(val[i]), "test": float(test[i])} for i, layer in enumerate(layers)}
+
+
+def _fit_linear(features, labels, layers, pool, num_classes, options) -> list[dict[str, float]]:
+    jobs = (
+        delayed(linear_probe)(features["train"][(layer, pool)], labels["train"], features["val"][(layer, pool)],
+                              labels["val"], features["test"][(layer, pool)], labels["test"], options.linear_c,
+                              options.seed)
+        for layer in layers
+    )
+    # Small BLAS calls in many threads: one BLAS thread each (oversubscription made fits ~100x slower).
+    with threadpool_limits(1):
+        return Parallel(n_jobs=min(len(layers), os.cpu_count() or 1), prefer="threads")(jobs)
+
+
+def _fit_knn(features, labels, layers, pool, num_classes, options) -> list[dict[str, float]]:
+    scores = []
+    for layer in layers:
+        train = features["train"][(layer, pool)]
+        accuracy = {
+            split: float((knn_predict(train, labels["train"], features[split][(layer, pool)], num_classes,
+                                      options.k, options.temperature) == labels[split]).mean())
+            for split in ("val", "test")
+        }
+        scores.append(accuracy)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# Suites, reports, and the bridge to inca-train
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_probe_suite(
+    backbone: Backbone,
+    task_specs: Sequence[str],
+    layers_spec: str,
+    options: ProbeOptions,
+    out: str | os.PathLike,
+    load_task: Callable[[str], Task],
+) -> dict[str, Any]:
+    """Probe each task; the report files are rewritten atomically after each task."""
+    out = Path(out)
+    layers = resolve_layers(layers_spec, backbone.num_blocks)
+    report: dict[str, Any] = {"backbone": backbone.describe(), "probes": options.probes, "tasks": {}}
+    for spec in task_specs:
+        report["tasks"][spec] = probe_task(backbone, load_task(spec), layers, options)
+        write_probe_report(out, report)
+    return report
+
+
+def write_probe_report(out: Path, report: dict[str, Any]) -> None:
+    atomic_write_json(out / REPORT_JSON, report)
+    atomic_write_text(out / REPORT_MD, render_probe_report(report))
+    tasks = report["tasks"]
+    panels = {
+        spec: {key: ([int(k) for k in by_layer], [v["test"] for v in by_layer.values()])
+               for key, by_layer in result["results"].items()}
+        for spec, result in tasks.items()
+    }
+    marks = {spec: {key: ranked[0] for key, ranked in result["best_layers"].items()} for spec, result in tasks.items()}
+    plot_lines(out / REPORT_PNG, panels, xlabel="block index (depth)", ylabel="test accuracy",
+               title=f"Layer probes of {report['backbone']['name']} (star: best layer on val)", marks=marks)
+    if len(tasks) > 1 and all("inca" in r["results"] for r in tasks.values()):
+        layers = next(iter(tasks.values()))["layers"]
+        grid = np.array([[r["results"]["inca"][str(layer)]["test"] for layer in layers] for r in tasks.values()])
+        plot_heatmap(out / HEATMAP_PNG, grid, list(tasks), [str(layer) for layer in layers],
+                     title=f"InCA probe test accuracy, {report['backbone']['name']}", xlabel="block index")
+
+
+def render_probe_report(report: dict[str, Any]) -> str:
+    """Per task, a layers x probes table of val / test accuracy; the best layer of each probe in bold."""
+    lines = [f"# Layer probing: {report['backbone']['name']} ({report['backbone']['weights']} weights)\n"]
+    for spec, result in report["tasks"].items():
+        keys = list(result["results"])
+        lines.append(f"\n## {spec}\n")
+        rows = []
+        for layer in result["layers"]:
+            row: list[Any] = [layer]
+            for key in keys:
+                score = result["results"][key][str(layer)]
+                cell = f"{score['val']:.3f} / {score['test']:.3f}"
+                row.append(f"**{cell}**" if result["best_layers"][key][0] == layer else cell)
+            rows.append(row)
+        lines.append(markdown_table(["layer", *[f"{k} (val / test)" for k in keys]], rows))
+        lines.append(f"\nbest layers (for `inca-train --layers best:K`): {result['ranking'][:8]}\n")
+    return "\n".join(lines)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """One line per task and probe: the best layer and its accuracy."""
+    lines = []
+    for spec, result in report["tasks"].items():
+        for key, ranked in result["best_layers"].items():
+            score = result["results"][key][str(ranked[0])]
+            lines.append(
+                f"{spec}: {key:<12} best layer {ranked[0]:>3}  val {score['val']:.3f}  test {score['test']:.3f}"
+            )
+    return lines
+
+
+def layers_from_report(spec: str, num_blocks: int, report: str | None) -> Callable[[Task], list[int]]:
+    """Layers to train per task: a plain layer spec, or ``best:K``, the K best-ranked layers that an
+    ``inca-probe`` report found for that task."""
+    if not spec.strip().lower().startswith("best:"):
+        layers = resolve_layers(spec, num_blocks)
+        return lambda task: layers
+    try:
+        count = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise InCAError(f"--layers {spec!r}: use best:K with K a positive integer") from None
+    if count < 1:
+        raise InCAError(f"--layers {spec!r}: K must be at least 1")
+    if not report:
+        raise InCAError(f"--layers {spec} needs --probe-report OUT/probe.json (written by inca-probe)")
+    if not Path(report).is_file():
+        raise InCAError(f"probe report {report} does not exist; run inca-probe first")
+    tasks = read_json(report).get("tasks", {})
+
+    def best_layers(task: Task) -> list[int]:
+        if task.spec not in tasks:
+            raise InCAError(f"probe report {report} has no task {task.spec!r} (it has {', '.join(tasks) or 'none'})")
+        ranking = [int(layer) for layer in tasks[task.spec]["ranking"]]
+        chosen = resolve_layers(ranking[:count], num_blocks)
+        _logger.info("%s: training on the %d best probed layers %s", task.spec, len(chosen), chosen)
+        return chosen
+
+    return best_layers

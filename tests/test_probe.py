@@ -1,0 +1,130 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from inca.cli import probe_main, train_main
+from inca.errors import InCAError
+from inca.probe import ProbeOptions, knn_predict, layers_from_report, probe_task
+from inca.tasks import SPLITS, image_loader, load_task, sequential_batches
+
+from .conftest import TINY_ARGS
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_task("digits")
+
+
+def _timm_features(backbone, split, layer):
+    """Independent of the probe code: timm's forward_intermediates, CLS token and mean of patches."""
+    cls, mean = [], []
+    for images, _ in image_loader(split, backbone.transform, sequential_batches(0, len(split), 100)):
+        with torch.no_grad():
+            spatial, prefix = backbone.model.forward_intermediates(
+                images, indices=[layer], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+            )[0]
+        cls.append(prefix[:, 0])
+        mean.append(spatial.mean(1))
+    return torch.cat(cls).numpy(), torch.cat(mean).numpy()
+
+
+def test_linear_probe_equals_direct_sklearn_fit(tiny_backbone, digits):
+    result = probe_task(tiny_backbone, digits, [1, 3], ProbeOptions(probes=["linear"]))
+    for layer in (1, 3):
+        features = {s: _timm_features(tiny_backbone, digits.splits[s], layer) for s in SPLITS}
+        for p, pool in enumerate(("cls", "mean")):
+            reported = result["results"][f"linear/{pool}"][str(layer)]
+            scaler = StandardScaler().fit(features["train"][p])
+            with threadpool_limits(1):  # small problems: many BLAS threads only contend
+                model = LogisticRegression(C=reported["C"], max_iter=2000).fit(
+                    scaler.transform(features["train"][p]), digits.splits["train"].labels)
+            for split in ("val", "test"):
+                predicted = model.predict(scaler.transform(features[split][p]))
+                accuracy = (predicted == digits.splits[split].labels).mean()
+                assert abs(accuracy - reported[split]) <= 1 / len(predicted) + 1e-9, (layer, pool, split)
+
+
+def test_knn_equals_brute_force():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(300, 16)).astype(np.float32)
+    labels = rng.integers(0, 5, 300)
+    train[:, 0] += labels
+    queries = rng.normal(size=(80, 16)).astype(np.float32)
+    queries[:, 0] += rng.integers(0, 5, 80)
+    got = knn_predict(train, labels, queries, 5, k=20, temperature=0.07)
+    a = train / np.linalg.norm(train, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    similarity = q @ a.T
+    neighbours = np.argsort(-similarity, axis=1)[:, :20]
+    votes = np.zeros((80, 5))
+    for i in range(80):
+        for j in neighbours[i]:
+            votes[i, labels[j]] += np.exp(similarity[i, j] / 0.07)
+    assert np.array_equal(got, votes.argmax(1))
+
+
+def test_one_backbone_pass_feeds_every_layer(tiny_backbone, digits):
+    options = ProbeOptions(probes=["linear", "knn", "inca"], inca_epochs=2, linear_c=[1.0])
+    one = probe_task(tiny_backbone, digits, [3], options)["backbone_forward_calls"]
+    every = probe_task(tiny_backbone, digits, [0, 1, 2, 3], options)["backbone_forward_calls"]
+    assert one == every
+    # Train, val and test each once: the second InCA epoch reads the tokens kept in memory.
+    assert one == sum(-(-n // options.batch_size) for n in digits.sizes().values())
+
+
+def test_streaming_epochs_without_memory(tiny_backbone, digits):
+    options = ProbeOptions(probes=["inca"], inca_epochs=2, memory_budget_gb=0)
+    calls = probe_task(tiny_backbone, digits, [0, 3], options)["backbone_forward_calls"]
+    train_batches = -(-digits.sizes()["train"] // options.batch_size)
+    assert calls == sum(-(-n // options.batch_size) for n in digits.sizes().values()) + train_batches
+
+
+def test_probe_cli_report(tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert probe_main([*TINY_ARGS, "--tasks", "digits,synth-colour", "--out", str(out), "--linear-c", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "digits: inca" in printed and "best layer" in printed
+    report = json.loads((out / "probe.json").read_text())
+    digits_result = report["tasks"]["digits"]
+    assert set(digits_result["results"]) == {"inca", "linear/cls", "linear/mean", "knn/cls", "knn/mean"}
+    for key, by_layer in digits_result["results"].items():
+        best = digits_result["best_layers"][key][0]
+        assert by_layer[str(best)]["val"] == max(v["val"] for v in by_layer.values())
+        assert by_layer[str(best)]["test"] > 0.3, key  # chance is 0.1
+    assert "**" in (out / "probe.md").read_text()
+    for png in ("probe.png", "probe_heatmap.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run = tmp_path / "run"
+    assert train_main([*TINY_ARGS, "--tasks", "digits", "--layers", "best:2", "--probe-report",
+                       str(out / "probe.json"), "--epochs", "1", "--out", str(run)]) == 0
+    trained = json.loads((run / "results.json").read_text())["tasks"]["digits"]["layers"]
+    assert trained == sorted(digits_result["ranking"][:2])
+
+
+def test_best_layers_need_the_task_in_the_report(tmp_path):
+    report = tmp_path / "probe.json"
+    report.write_text(json.dumps({"tasks": {"digits": {"ranking": [3, 1, 0, 2]}}}))
+    assert layers_from_report("best:2", 4, str(report))(load_task("digits")) == [1, 3]
+    with pytest.raises(InCAError, match="has no task 'synth-colour'"):
+        layers_from_report("best:2", 4, str(report))(load_task("synth-colour"))
+    with pytest.raises(InCAError, match="does not exist"):
+        layers_from_report("best:2", 4, str(tmp_path / "none.json"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--probes", "svm"], "unknown probe or pool \\['svm'\\]"), (["--pool", "max"], "unknown probe or pool"),
+     (["--k", "0"], "must be positive")],
+)
+def test_probe_bad_input(tmp_path, capsys, args, message):
+    import re
+
+    assert probe_main([*TINY_ARGS, "--tasks", "digits", "--out", str(tmp_path), *args]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("inca-probe: error:") and re.search(message, last)
