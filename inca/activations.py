@@ -44,6 +44,8 @@ class LiveSource:
     """Activations computed on the fly: one backbone pass per batch feeds every layer.
 
     ``round_to`` rounds activations to a storage dtype (e.g. float16) so that results match a cache.
+    The tensors are inference-mode tensors, not copied: read them (adapters standardise them first),
+    never modify them in place or save them for backward.
     """
 
     def __init__(
@@ -73,6 +75,6 @@ class LiveSource:
         for images, labels in loader:
             features = self.backbone.extract(images, self.layers)
             self.forward_calls += 1
-            # Copies leave inference mode, so adapters can save them for backward.
-            features = {k: v.to(self.round_to or v.dtype, copy=True) for k, v in features.items()}
+            if self.round_to is not None:
+                features = {k: v.to(self.round_to) for k, v in features.items()}
             yield features, labels
