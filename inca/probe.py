@@ -318,7 +318,7 @@ def render_probe_report(report: dict[str, Any]) -> str:
     lines = [f"# Layer probing: {report['backbone']['name']} ({report['backbone']['weights']} weights)\n"]
     for spec, result in report["tasks"].items():
         keys = list(result["results"])
-        lines.append(f"\n## {spec}\n")
+        lines.append(f"## {spec}\n")
         rows = []
         for layer in result["layers"]:
             row: list[Any] = [layer]

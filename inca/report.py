@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .io import atomic_write  # noqa: E402
 
@@ -65,6 +66,7 @@ def plot_lines(
             if mark is not None:
                 best = list(x).index(mark)
                 ax.plot([x[best]], [y[best]], marker="*", markersize=13, color=line.get_color())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(panel, fontsize=10)

@@ -267,7 +267,7 @@ def render_results(results: dict[str, Any]) -> str:
         ["task", "best layer", "lr", "queries", "val acc", "test acc", "params", "% backbone", "adapters",
          "activations", "seconds"], rows))
     for spec, r in results["tasks"].items():
-        lines.append(f"\n## {spec}\n")
+        lines.append(f"## {spec}\n")
         lines.append(markdown_table(
             ["layer", "lr", "wd", "queries", "heads", "mlp", "seed", "val acc", "test acc", "diverged"],
             [[a["layer"], a["lr"], a["weight_decay"], a["num_queries"], a["num_heads"], a["mlp_ratio"], a["seed"],
