@@ -9,11 +9,14 @@ from collections.abc import Callable, Sequence
 
 from .errors import InCAError
 
-_logger = logging.getLogger("inca")
-
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (exit 2) instead of usage + error."""
+    """argparse that reports a usage error in one line (exit 2) instead of usage + error; every command
+    takes ``-v``."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -39,9 +42,9 @@ def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
         return 130
 
 
-def _add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", required=required, help="timm model name, optionally with a pretrained tag")
+    group.add_argument("--backbone", help="timm model name, optionally with a pretrained tag")
     group.add_argument("--weights", default="pretrained",
                        help="pretrained | random | PATH (.safetensors, .pth, .npz); default: pretrained")
     group.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
@@ -55,6 +58,17 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--download", action="store_true", help="allow torchvision to download tv: datasets")
     group.add_argument("--split-seed", type=int, default=0, help="seed of the val/test carving (default 0)")
     group.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: auto)")
+
+
+def _suite_parser(prog: str, description: str, out: str, out_help: str) -> argparse.ArgumentParser:
+    """A multi-task command: backbone and data flags, ``--tasks``, ``--out`` and a ``--recipe`` of them all."""
+    parser = _Parser(prog=prog, description=description)
+    _add_backbone_args(parser)
+    _add_task_args(parser)
+    parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
+    parser.add_argument("--out", default=out, help=out_help)
+    parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
+    return parser
 
 
 def _backbone(args: argparse.Namespace):
@@ -71,7 +85,7 @@ def _load_task(args: argparse.Namespace, spec: str):
 
 def cache_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="inca-cache", description="Build, resume or verify an on-disk activation store.")
-    _add_backbone_args(parser, required=False)
+    _add_backbone_args(parser)
     _add_task_args(parser)
     parser.add_argument("--task", "--tasks", dest="tasks", help="task spec(s), comma-separated")
     parser.add_argument("--layers", default="all", help="all | -1 | 0,5,11 | last:K (default: all)")
@@ -81,7 +95,6 @@ def cache_parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit-seconds", type=float, default=10.0,
                         help="how often written rows are made durable for resume (default 10)")
     parser.add_argument("--verify", metavar="DIR", help="re-check a finished store instead of building")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -113,14 +126,12 @@ def cache_main(argv: Sequence[str] | None = None) -> int:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="inca-compare",
-        description="Compare InCA, LoRA, LoRA-GA, Compacter, Compacter++, full fine-tuning and linear probing "
-                    "on the same backbone, splits, batches and seed; writes compare.json/.md and two plots.",
+    parser = _suite_parser(
+        "inca-compare",
+        "Compare InCA, LoRA, LoRA-GA, Compacter, Compacter++, full fine-tuning and linear probing "
+        "on the same backbone, splits, batches and seed; writes compare.json/.md and two plots.",
+        out="compare", out_help="output directory; a rerun skips finished pairs",
     )
-    _add_backbone_args(parser, required=False)
-    _add_task_args(parser)
-    parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
     parser.add_argument("--methods", help="comma-separated, default all: inca,lora,lora-ga,compacter,compacter++,"
                                           "full,linear")
     parser.add_argument("--method-args", nargs="*", action="extend", default=[], metavar="METHOD.KEY=VALUE",
@@ -129,9 +140,6 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=10, help="epochs for every method (default 10)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for every method (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of heads, adapters and batch order (default 0)")
-    parser.add_argument("--out", default="compare", help="output directory; a rerun skips finished pairs")
-    parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -176,13 +184,11 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="inca-train",
-        description="Train grids of InCA adapters in parallel on frozen-backbone activations, task after task.",
+    parser = _suite_parser(
+        "inca-train",
+        "Train grids of InCA adapters in parallel on frozen-backbone activations, task after task.",
+        out="runs/train", out_help="output directory (default runs/train)",
     )
-    _add_backbone_args(parser, required=False)
-    _add_task_args(parser)
-    parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
     parser.add_argument("--layers", default="all",
                         help="all | -1 | 0,5,11 | last:K | best:K with --probe-report (default: all)")
     parser.add_argument("--probe-report", help="probe.json written by inca-probe, for --layers best:K")
@@ -203,11 +209,8 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
     run.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
     run.add_argument("--cache-max-gb", type=float, default=64.0, help="largest store --cache auto builds")
-    parser.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results of another configuration in --out (a rerun of the same one resumes)")
-    parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -248,7 +251,6 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -268,10 +270,10 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
 
 def probe_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="inca-probe", description="Which layers hold the most useful representations for a task?")
-    _add_backbone_args(parser, required=False)
-    _add_task_args(parser)
-    parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
+    parser = _suite_parser(
+        "inca-probe", "Which layers hold the most useful representations for a task?",
+        out="runs/probe", out_help="output directory (default runs/probe)",
+    )
     parser.add_argument("--probes", default="linear,knn,inca", help="some of linear,knn,inca (default: all)")
     parser.add_argument("--layers", default="all", help="all | -1 | 0,5,11 | last:K (default: all)")
     parser.add_argument("--pool", default="cls,mean", help="pooling for linear and knn: cls, mean (default both)")
@@ -285,9 +287,6 @@ def probe_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-budget-gb", type=float, default=8.0,
                         help="keep streamed tokens in memory up to this size so later InCA epochs skip the backbone")
     parser.add_argument("--cache-dir", help="read a matching activation store from here when one exists")
-    parser.add_argument("--out", default="runs/probe", help="output directory (default runs/probe)")
-    parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
