@@ -23,15 +23,12 @@ class CachedSource:
         self.cache = cache
         self.layers = sorted(layers) if layers is not None else cache.layers
         cache.check(layers=self.layers)
-        self._labels = {}
 
     def num_rows(self, split: str) -> int:
         return self.cache.num_rows(split)
 
     def labels(self, split: str) -> np.ndarray:
-        if split not in self._labels:
-            self._labels[split] = self.cache.labels(split)
-        return self._labels[split]
+        return self.cache.labels(split)
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor]]:
         labels = self.labels(split)

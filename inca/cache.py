@@ -39,14 +39,23 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 
 
-def default_cache_dir() -> Path:
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$INCA_CACHE``, else ``~/.cache/inca``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
     return Path(os.environ.get("INCA_CACHE", Path.home() / ".cache" / "inca")).expanduser()
 
 
 def store_path(cache_dir: str | os.PathLike | None, backbone: Backbone, task: Task) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = cache_root(cache_dir)
     backbone_slug = backbone.name.replace("/", "_")
     return root / f"{backbone_slug}-{backbone.fingerprint}" / f"{task.slug}-{task.fingerprint}"
+
+
+def store_bytes(backbone: Backbone, task: Task, layers: list[int], dtype: str = "float16") -> int:
+    """Size of the activations of ``layers`` for all of ``task``: rows x tokens x width x layers x bytes."""
+    item = np.dtype(DTYPES[dtype][0]).itemsize
+    return sum(task.sizes().values()) * backbone.num_tokens * backbone.width * len(layers) * item
 
 
 def layer_file(path: Path, split: str, layer: int) -> Path:
@@ -70,6 +79,7 @@ class ActivationCache:
         if not self.manifest.get("complete"):
             raise InCAError(f"{self.path} is an unfinished build: rerun the same inca-cache command to resume it")
         self._arrays: dict[tuple[str, int], np.ndarray] = {}
+        self._labels: dict[str, np.ndarray] = {}
 
     @property
     def layers(self) -> list[int]:
@@ -103,7 +113,9 @@ class ActivationCache:
         return int(self.manifest["shapes"][split][0])
 
     def labels(self, split: str) -> np.ndarray:
-        return np.load(self.path / split / "labels.npy")
+        if split not in self._labels:
+            self._labels[split] = np.load(self.path / split / "labels.npy")
+        return self._labels[split]
 
     def layer(self, split: str, layer: int) -> np.ndarray:
         """The ``[N, T, D]`` memmap of one layer (bfloat16 stores come back as uint16 bit patterns)."""

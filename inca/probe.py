@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from .activations import CachedSource, LiveSource
 from .adapters.inca import AdapterSpec, InCABank
 from .backbone import Backbone, resolve_layers
-from .cache import find_cache
+from .cache import find_cache, store_bytes
 from .errors import InCAError
 from .io import atomic_write_json, atomic_write_text, read_json
 from .report import markdown_table, plot_heatmap, plot_lines
@@ -102,14 +102,16 @@ class ProbeSource:
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor]]:
         labels = self.labels(split)
-        if self.keep_tokens and self._complete(split):
+        complete = self._complete(split)
+        if self.keep_tokens and complete:
             tokens = self._tokens[split]
             for rows in batches:
                 index = torch.from_numpy(rows)
                 yield {layer: t[index] for layer, t in tokens.items()}, torch.from_numpy(labels[rows])
             return
         for rows, (features, batch_labels) in zip(batches, self.source.loader(split, batches)):
-            self._record(split, rows, features)
+            if not complete:  # later streamed epochs would record the same values again
+                self._record(split, rows, features)
             yield features, batch_labels
 
     def _record(self, split: str, rows: np.ndarray, features: dict[int, torch.Tensor]) -> None:
@@ -181,12 +183,14 @@ def probe_task(
     if len(pools) < len(options.pools):
         _logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
     source = _activation_source(backbone, task, layers, options)
-    keep = isinstance(source, LiveSource) and _token_bytes(backbone, task, layers) <= options.memory_budget_gb * 1e9
-    probe_source = ProbeSource(source, pools, backbone.num_prefix_tokens, keep_tokens=keep)
+    # Tokens are kept as float16, exactly the size of a float16 store of these layers.
+    keep = isinstance(source, LiveSource) and store_bytes(backbone, task, layers) <= options.memory_budget_gb * 1e9
+    pooled_probes = [p for p in options.probes if p != "inca"]
+    recorded_pools = pools if pooled_probes else []
+    probe_source = ProbeSource(source, recorded_pools, backbone.num_prefix_tokens, keep_tokens=keep)
     results: dict[str, dict[int, dict[str, float]]] = {}
     if "inca" in options.probes:
         results["inca"] = _inca_probe(backbone, task, layers, probe_source, options)
-    pooled_probes = [p for p in options.probes if p != "inca"]
     if pooled_probes:
         features = {split: {(layer, pool): probe_source.pooled(split, layer, pool) for layer in layers
                             for pool in pools} for split in SPLITS}
@@ -228,10 +232,6 @@ def _activation_source(backbone: Backbone, task: Task, layers: list[int], option
         _logger.info("%s: probing from the activation store %s", task.spec, found.path)
         return CachedSource(found, layers)
     return LiveSource(backbone, task, layers, options.num_workers)
-
-
-def _token_bytes(backbone: Backbone, task: Task, layers: list[int]) -> int:
-    return sum(task.sizes().values()) * len(layers) * backbone.num_tokens * backbone.width * 2
 
 
 def _inca_probe(backbone: Backbone, task: Task, layers: list[int], source: ProbeSource,

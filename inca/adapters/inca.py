@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from inca.errors import InCAError
+from inca.errors import InCAError, first_line
 from inca.io import atomic_write, atomic_write_json, read_json
 
 __all__ = [
@@ -578,6 +578,6 @@ def load_adapter(directory: str | os.PathLike) -> tuple[InCA, dict[str, Any]]:
         adapter.load_state_dict(load_file(directory / ADAPTER_WEIGHTS))
     except RuntimeError as e:
         raise InCAError(
-            f"{directory / ADAPTER_WEIGHTS} does not match {ADAPTER_CONFIG}: {str(e).splitlines()[0]}"
+            f"{directory / ADAPTER_WEIGHTS} does not match {ADAPTER_CONFIG}: {first_line(e)}"
         ) from e
     return adapter, metadata

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from ..errors import InCAError
+from ..errors import InCAError, first_line
 from .base import Split, Task, make_splits
 
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -56,7 +56,7 @@ def load_folder_task(spec: str, path: str, seed: int = 0) -> Task:
         try:
             samples = make_dataset(os.fspath(directory), class_to_idx, IMG_EXTENSIONS, allow_empty=split != "train")
         except FileNotFoundError as exc:
-            raise InCAError(f"task {spec}: {str(exc).splitlines()[0]} (in {directory})") from None
+            raise InCAError(f"task {spec}: {first_line(exc)} (in {directory})") from None
         start = len(paths)
         paths.extend(p for p, _ in samples)
         available[split] = Split(None, np.arange(start, len(paths)), [label for _, label in samples])

@@ -22,7 +22,7 @@ import torch
 from ..activations import CachedSource, LiveSource
 from ..adapters.inca import AdapterSpec, InCABank, save_adapter
 from ..backbone import Backbone
-from ..cache import DTYPES, build_cache, find_cache
+from ..cache import build_cache, cache_root, find_cache, store_bytes
 from ..errors import InCAError
 from ..io import atomic_write_json, atomic_write_text, read_json
 from ..report import markdown_table
@@ -81,43 +81,33 @@ class InCAOptions:
         ]
 
 
-def cache_bytes(backbone: Backbone, task: Task, layers: list[int], dtype: str = "float16") -> int:
-    """Size of a store of ``layers`` for ``task``: rows x tokens x width x layers x bytes."""
-    item = DTYPES[dtype][0]().itemsize
-    return sum(task.sizes().values()) * backbone.num_tokens * backbone.width * len(layers) * item
-
-
 def activation_source(
     backbone: Backbone, task: Task, layers: list[int], options: InCAOptions
 ) -> CachedSource | LiveSource:
     """A store when one exists or is worth building (``--cache auto``: several epochs, fits the budget
     and the disk), else activations streamed from the live backbone."""
-    if options.cache != "never":
-        found = find_cache(options.cache_dir, backbone, task, layers)
-        if found is not None:
-            _logger.info("%s: reading activations from %s", task.spec, found.path)
-            return CachedSource(found, layers)
+    if options.cache == "never":
+        return LiveSource(backbone, task, layers, options.num_workers)
+    found = find_cache(options.cache_dir, backbone, task, layers)
+    if found is not None:
+        _logger.info("%s: reading activations from %s", task.spec, found.path)
+        return CachedSource(found, layers)
     if options.cache == "auto":
-        size = cache_bytes(backbone, task, layers, options.cache_dtype)
-        reason = _why_not_cache(size, options)
+        reason = _why_not_cache(store_bytes(backbone, task, layers, options.cache_dtype), options)
         if reason:
             _logger.info("%s: streaming live activations (%s)", task.spec, reason)
             return LiveSource(backbone, task, layers, options.num_workers)
-    if options.cache == "never":
-        return LiveSource(backbone, task, layers, options.num_workers)
     cache = build_cache(backbone, task, layers, options.cache_dir, dtype=options.cache_dtype,
                         num_workers=options.num_workers)
     return CachedSource(cache, layers)
 
 
 def _why_not_cache(size: int, options: InCAOptions) -> str | None:
-    from ..cache import default_cache_dir
-
     if options.epochs == 1:
         return "one epoch: a store would be read only once"
     if size > options.cache_max_gb * 1e9:
         return f"a store would take {size / 1e9:.1f} GB > --cache-max-gb {options.cache_max_gb:g}"
-    root = Path(options.cache_dir).expanduser() if options.cache_dir else default_cache_dir()
+    root = cache_root(options.cache_dir)
     probe = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
     if size > 0.5 * free:
