@@ -9,9 +9,9 @@ import timm
 
 import inca.tasks
 from inca.cli import compare_main, compare_parser
+from inca.methods import METHODS, methods_help
 from inca.recipe import load_recipe
 from inca.tasks import SPLITS, Task
-from inca.train.methods import METHODS
 
 from .conftest import TINY_ARGS, TINY_KWARGS
 
@@ -51,6 +51,7 @@ def backbone_params() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_compare_runs_every_method_writes_reports_and_resumes(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert compare(out, "--methods", ",".join(ALL), method_args=("lora.rank=4", "linear.pool=mean")) == 0
@@ -94,6 +95,7 @@ def one_line_error(capsys, code: int, *words: str) -> None:
         assert word in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, words",
     [
@@ -109,6 +111,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, words):
     assert not (tmp_path / "out" / "compare.json").exists()
 
 
+@pytest.mark.slow
 def test_recipe_with_unknown_key_and_mismatched_out_dir(tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("backbone: vit_tiny_patch16_224\nepoch: 3\n")
@@ -119,6 +122,7 @@ def test_recipe_with_unknown_key_and_mismatched_out_dir(tmp_path, capsys):
     one_line_error(capsys, compare(out, "--methods", "linear", "--seed", "1"), "differs in seed")
 
 
+@pytest.mark.slow
 def test_recipe_values_are_defaults_and_flags_override(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -141,3 +145,8 @@ def test_demo_recipe_has_only_valid_keys():
     valid = {a.dest for a in parser._actions if a.dest not in ("help", "recipe")}
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "compare-demo.yaml", valid)
     assert set(recipe["methods"]) == set(METHODS)
+
+
+def test_help_lists_every_registered_method():
+    text = compare_parser().format_help()
+    assert methods_help(78) in text and "--export-peft" in text

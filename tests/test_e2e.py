@@ -1,4 +1,4 @@
-"""End-to-end training loop and method registry: what each method trains, selection on val, determinism."""
+"""The end-to-end training loop through the registry: what each method trains, selection on val, determinism."""
 
 import numpy as np
 import pytest
@@ -7,9 +7,9 @@ import torch
 import inca.train.e2e as e2e
 from inca.adapters.lora import lora_layers
 from inca.errors import InCAError
+from inca.methods import RunSettings, train_e2e
 from inca.tasks import SPLITS, Task, load_task
 from inca.train.e2e import FitConfig, TensorBatches, fit, trainable_copy
-from inca.train.methods import DEFAULTS, RunSettings, parse_method_args, resolve_methods, train_e2e
 
 SETTINGS = RunSettings(epochs=1, batch_size=16, seed=3, progress=False)
 SIZES = {"train": 96, "val": 32, "test": 32}
@@ -31,7 +31,7 @@ def initial_model(backbone, task: Task, seed: int, pool: str | None = None) -> t
 
 def test_full_fine_tuning_changes_every_parameter(tiny_backbone, small_task):
     start = initial_model(tiny_backbone, small_task, SETTINGS.seed)
-    model, result = train_e2e("full", tiny_backbone, small_task, DEFAULTS["full"], SETTINGS)
+    model, result = train_e2e("full", tiny_backbone, small_task, {}, SETTINGS)
     before = dict(start.named_parameters())
     unchanged = [name for name, p in model.named_parameters() if torch.equal(p, before[name])]
     assert unchanged == []
@@ -43,8 +43,7 @@ def test_full_fine_tuning_changes_every_parameter(tiny_backbone, small_task):
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_linear_probe_changes_only_the_head(tiny_backbone, small_task, pool):
     start = initial_model(tiny_backbone, small_task, SETTINGS.seed, pool)
-    hparams = {**DEFAULTS["linear"], "pool": pool}
-    model, result = train_e2e("linear", tiny_backbone, small_task, hparams, SETTINGS)
+    model, result = train_e2e("linear", tiny_backbone, small_task, {"pool": pool}, SETTINGS)
     before = dict(start.named_parameters())
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {"head.weight", "head.bias"}
@@ -56,17 +55,17 @@ def test_linear_probe_changes_only_the_head(tiny_backbone, small_task, pool):
 
 
 def test_same_seed_same_result_other_seed_differs(tiny_backbone, small_task):
-    runs = [train_e2e("lora", tiny_backbone, small_task, DEFAULTS["lora"], SETTINGS) for _ in range(2)]
+    runs = [train_e2e("lora", tiny_backbone, small_task, {}, SETTINGS) for _ in range(2)]
     (model_a, a), (model_b, b) = runs
     assert a.loss_curve == b.loss_curve and a.test_acc == b.test_acc and a.val_curve == b.val_curve
     for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(p, q), name
-    _, c = train_e2e("lora", tiny_backbone, small_task, DEFAULTS["lora"], RunSettings(1, 16, seed=4, progress=False))
+    _, c = train_e2e("lora", tiny_backbone, small_task, {}, RunSettings(1, 16, seed=4, progress=False))
     assert c.loss_curve != a.loss_curve
 
 
 def test_lora_ga_initialises_from_the_gradient(tiny_backbone, small_task):
-    model, result = train_e2e("lora-ga", tiny_backbone, small_task, {**DEFAULTS["lora-ga"], "rank": 2}, SETTINGS)
+    model, result = train_e2e("lora-ga", tiny_backbone, small_task, {"rank": 2}, SETTINGS)
     layers = lora_layers(model)
     assert layers and all(layer.shifted and layer.rslora for layer in layers.values())
     assert np.isfinite(result.loss_curve).all()
@@ -93,26 +92,6 @@ def test_best_epoch_is_chosen_on_val_and_test_is_evaluated_once(monkeypatch):
     assert result.test_acc == 0.25 and result.steps == 8
 
 
-def test_method_args_are_typed_and_checked():
-    methods = resolve_methods("lora,linear", ["lora.rank=4", "lora.lr=1e-3", "linear.pool=mean"])
-    assert list(methods) == ["lora", "linear"]
-    assert methods["lora"]["rank"] == 4 and methods["lora"]["lr"] == 1e-3 and methods["linear"]["pool"] == "mean"
-    assert methods["lora"]["alpha"] == DEFAULTS["lora"]["alpha"]
-    assert parse_method_args({"compacter": {"reduction": 16}}) == {"compacter": {"reduction": 16}}
-    for bad, word in [
-        (["lora.rnk=4"], "rnk"),
-        (["nope.rank=4"], "nope"),
-        (["lora.rank=four"], "lora.rank"),
-        (["lora.rank=2.5"], "lora.rank"),
-        (["lorarank=4"], "method.key=value"),
-        (["lora.rank"], "method.key=value"),
-    ]:
-        with pytest.raises(InCAError, match=word):
-            parse_method_args(bad)
-    with pytest.raises(InCAError, match="unknown method 'loar'.*did you mean lora"):
-        resolve_methods("loar")
-
-
 def test_bad_pool_is_an_error(tiny_backbone, small_task):
     with pytest.raises(InCAError, match="pooling 'max'"):
-        train_e2e("linear", tiny_backbone, small_task, {**DEFAULTS["linear"], "pool": "max"}, SETTINGS)
+        train_e2e("linear", tiny_backbone, small_task, {"pool": "max"}, SETTINGS)

@@ -5,7 +5,7 @@ rank and alpha, and the head trainable; a step is forward + cross-entropy + back
 interleaved (inca, PEFT, inca, ...) so drifting CPU clocks hit both equally, and the median is reported.
 The two trajectories are also compared, so a fast-but-wrong implementation would show up.
 
-Target (DESIGN.md): inca / PEFT <= 1.0x. Needs the optional ``bench`` extra (peft).
+Target: inca / PEFT <= 1.0x. Needs the optional ``bench`` extra (peft).
 
     python tools/bench_lora.py --model vit_small_patch16_224 --batch 8 --steps 10
 """

@@ -1,6 +1,6 @@
-"""Benchmark: how many steps LoRA-GA takes to reach LoRA's final training loss (DESIGN.md target <= 0.5x).
+"""Benchmark: how many steps LoRA-GA takes to reach LoRA's final training loss (target <= 0.5x).
 
-Both methods train through the comparison's own loop (:func:`inca.train.methods.train_e2e`) on the same
+Both methods train through the comparison's own loop (:func:`inca.methods.train_e2e`) on the same
 task, backbone, batches, epochs and schedule (cosine with the same linear warm-up), each with its paper's
 configuration (LoRA: r 8, alpha 8; LoRA-GA: r 8, alpha 16, rsLoRA, ArB2r, stable scale, gamma 16, 8 batches
 for the gradient) and its own learning rate, tuned on a small grid by the lowest final training loss.
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from inca.backbone import create_backbone, resolve_device
+from inca.methods import RunSettings, get_method, train_e2e
 from inca.recipe import as_list
 from inca.tasks import load_task
-from inca.train.methods import DEFAULTS, RunSettings, train_e2e
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,7 +60,7 @@ def tune(name: str, lrs: list[float], backbone, task, args) -> tuple[float, np.n
     settings = RunSettings(args.epochs, args.batch_size, args.seed, progress=False)
     curves, finals = {}, {}
     for lr in lrs:
-        hparams = {**DEFAULTS[name], "lr": lr, "warmup_ratio": args.warmup_ratio}
+        hparams = {"lr": lr, "warmup_ratio": args.warmup_ratio}  # the rest: the method's defaults
         _, result = train_e2e(name, backbone, task, hparams, settings)
         curve = smoothed(result.loss_curve, args.window)
         finals[lr] = float(curve[-1]) if result.diverged_at_step is None else float("inf")
@@ -96,7 +96,7 @@ def main() -> None:
         if lr in (min(grid), max(grid)):
             print(f"warning: {name}'s best lr {lr:g} is at the edge of its grid; widen the grid")
     print(f"LoRA    (best lr {lora_lr:g}): final loss {target:.4f} after {len(lora)} steps")
-    init = DEFAULTS["lora-ga"]["init_batches"]
+    init = get_method("lora-ga").defaults()["init_batches"]
     if reached.size:
         steps = int(reached[0]) + 1
         ratio = steps / len(lora)

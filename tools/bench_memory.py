@@ -7,7 +7,7 @@ on CUDA the max allocated memory during the method over what was allocated at it
 of the process's peak RSS. Methods that train their own copy of the backbone count that copy; InCA, which
 reads the shared live backbone, is charged the backbone's weights, so every method counts the weights once.
 
-It also measures DESIGN.md's target "peak memory, 20 InCA adapters on live backbone vs full fine-tuning
+It also measures the target "peak memory, 20 InCA adapters on live backbone vs full fine-tuning
 <= 25%": the ``inca`` method runs one bank of ``--adapters`` adapters (layers x learning rates) on
 activations streamed from the live backbone (no cache).
 
@@ -24,8 +24,8 @@ import torch
 
 from inca.backbone import create_backbone, resolve_device
 from inca.compare import run_comparison
+from inca.methods import METHODS, RunSettings, resolve_methods
 from inca.tasks.base import ArraySource, Split, Task
-from inca.train.methods import METHODS, RunSettings, resolve_methods
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,8 +1,8 @@
-"""Plumbing shared by the end-to-end methods (LoRA, LoRA-GA, Compacter).
+"""Plumbing shared by the methods' adapters (LoRA, LoRA-GA, Compacter, full fine-tuning, linear probe).
 
 One regex semantic for choosing layers, one way to say which parameters train, one parameter count, and
-one small on-disk adapter format (``adapter.safetensors`` + ``adapter_config.json``) so every method saves
-only what it trained and refuses to load onto something it was not made for.
+one small on-disk adapter format (``adapter.safetensors`` + ``adapter_config.json``, see :func:`save_adapter`)
+so every method saves only what it trained and refuses to load onto something it was not made for.
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ with the ``n x n x n`` rule tensor ``A`` one parameter shared by every LPHM laye
 code builds the transposed ``[in, out]`` matrix ``sum_i A_i (x) W_i`` and computes ``x @ W``, i.e. uses
 ``A_i^T`` in this layout; with a learned, randomly initialised ``A`` the two are the same family.)
 
-Initialisation: ``A ~ N(0, std=1e-4)`` (DESIGN.md's "N(0, 1e-4)" read as a standard deviation, as the
-authors' ``phm_init_range=0.0001`` is), ``s_i``, ``t_i`` Xavier-uniform per ``i`` (the authors use gain
-sqrt(2); DESIGN.md says plain Xavier-uniform, which is used), biases 0, so the adapted model starts within
-~1e-4 of the backbone. Trainable: adapters, the rule tensor, LayerNorms (``train_norms``) and the head.
+Initialisation: ``A ~ N(0, std=1e-4)`` (the authors' ``phm_c_init: normal``, ``phm_init_range: 0.0001`` in
+rabeehk/compacter, seq2seq/configs/compacter.json), ``s_i``, ``t_i`` Xavier-uniform per ``i`` (``glorot-uniform``
+there; the authors' code scales it by a gain of sqrt(2), plain Xavier-uniform is used here), biases 0, so the
+adapted model starts within ~1e-4 of the backbone. Trainable: adapters, the rule tensor, LayerNorms
+(``train_norms``) and the head.
 """
 
 from __future__ import annotations
@@ -214,14 +215,20 @@ def save_compacter(model: nn.Module, directory: str | os.PathLike) -> None:
         "rank": adapter.down.rank,
         "reduction": adapter.reduction,
         "plus": not any(name.endswith("attn") for name in wrapped),
+        "train_norms": any(p.requires_grad for p in _norm_parameters(model)),
         "wrapped": list(wrapped),
     }
     save_adapter(directory, config, named_tensors(model, _saved_parameters(model)))
 
 
-def load_compacter(model: nn.Module, directory: str | os.PathLike, train_norms: bool = True) -> list[str]:
-    """Apply the saved Compacter to a fresh ``model`` (the backbone it was trained on); load its weights."""
+def load_compacter(model: nn.Module, directory: str | os.PathLike, train_norms: bool | None = None) -> list[str]:
+    """Apply the saved Compacter to a fresh ``model`` (the backbone it was trained on); load its weights.
+
+    ``train_norms`` (default: as saved) says whether the LayerNorms require grad afterwards.
+    """
     config, tensors = read_adapter(directory, "compacter")
+    if train_norms is None:
+        train_norms = config.get("train_norms", True)
     names = apply_compacter(model, config["phm_dim"], config["rank"], config["reduction"], config["plus"],
                             train_norms)
     if names != config["wrapped"]:

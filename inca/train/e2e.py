@@ -11,7 +11,6 @@ the same order an InCA bank sees, so every method visits the same batches for a 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from inca.backbone import Backbone
+from inca.devices import autocast
 from inca.errors import InCAError
 from inca.tasks import Task, image_loader, sequential_batches
 from inca.train.bank import epoch_batches
@@ -38,7 +38,6 @@ __all__ = [
     "FitResult",
     "ImageBatches",
     "TensorBatches",
-    "autocast",
     "batch_loss",
     "evaluate",
     "fit",
@@ -118,11 +117,6 @@ class FitResult:
     loss_curve: list[float]
     steps: int
     diverged_at_step: int | None = None
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; exact fp32 elsewhere (as the backbone's extraction)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def batch_loss(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device) -> Tensor:

@@ -1,0 +1,168 @@
+"""What every method's hyper-parameters are made of: typed dataclass fields that say what they do and where
+their default comes from, checked and coerced from the command line or a recipe by their declared type.
+
+A method declares its hyper-parameters once, as a frozen dataclass of :func:`hparam` fields (the defaults,
+the ``--help`` text and the sources all live there); ``inca-compare --method-args lora.rank=4`` and a recipe's
+``method_args: {lora: {rank: 4}}`` are coerced to the field's type (``bool``, ``int``, ``float``, ``str``,
+``list[...]`` of those) with a one-line :class:`~inca.errors.InCAError` when they do not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from inca.errors import InCAError
+from inca.train.bank import epoch_batches
+
+if TYPE_CHECKING:
+    import torch
+
+    from inca.train.e2e import Batches
+
+__all__ = ["ApplyContext", "MethodConfig", "RunSettings", "TrainConfig", "hparam"]
+
+
+def hparam(default: Any = dataclasses.MISSING, *, help: str = "", source: str = "") -> Any:
+    """A hyper-parameter field: its ``default``, what it does (``help``) and where the default comes from
+    (``source``: a paper's section or the authors' repository and file, or "ours").
+
+    A subclass that only changes the default may leave ``help`` empty: it is inherited from the base field.
+    A list default is copied for every instance.
+    """
+    metadata = {"help": help, "source": source}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=functools.partial(list, default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Base of every method's hyper-parameters (a frozen, keyword-only dataclass of :func:`hparam` fields)."""
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        """The hyper-parameters by name, in declaration order."""
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def field_help(cls, name: str) -> str:
+        """What ``name`` does: its own help, else that of the nearest base class declaring it."""
+        for klass in cls.__mro__:
+            own = getattr(klass, "__dataclass_fields__", {}).get(name)
+            if own is not None and own.metadata.get("help"):
+                return own.metadata["help"]
+        return ""
+
+    @classmethod
+    def coerce(cls, where: str, key: str, value: Any) -> Any:
+        """``value`` as field ``key``'s type (YAML reads ``1e-3`` as a string, ``3`` as an int); ``where``
+        names the method in the error."""
+        field = cls.fields()[key]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        return _coerce(value, typing.get_type_hints(cls)[key], f"{where}.{key}", default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every hyper-parameter, JSON-ready (what ``compare.json`` records and hashes)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(MethodConfig):
+    """Hyper-parameters of a method trained by the shared end-to-end loop (:func:`inca.train.e2e.fit`):
+    AdamW with timm's weight-decay groups, cosine schedule after a linear warm-up."""
+
+    lr: float = hparam(help="peak learning rate of AdamW")
+    weight_decay: float = hparam(
+        0.01, help="AdamW weight decay (not on biases, norms and tokens: timm's groups)",
+        source="ours: one value for every end-to-end method",
+    )  # fmt: skip
+    warmup_ratio: float = hparam(
+        0.1, help="fraction of all steps that warm the learning rate up linearly, before the cosine decay",
+        source="ours: one value for every end-to-end method",
+    )  # fmt: skip
+
+    @property
+    def head_pool(self) -> str | None:
+        """Pooling of the new head's input (``cls`` | ``mean``); None keeps the backbone's own."""
+        return None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every method of a comparison shares: epochs, batch size (train and eval) and seed; and whether
+    LoRA-type runs also write a PEFT adapter (``export_peft``)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 0
+    num_workers: int | None = None
+    progress: bool = True
+    export_peft: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InCAError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be positive")
+
+
+@dataclass(frozen=True)
+class ApplyContext:
+    """What a method's ``apply`` may need beyond its config (LoRA-GA: the first training batches)."""
+
+    data: Batches
+    batch_size: int
+    seed: int
+    device: torch.device
+
+    def train_batches(self, count: int) -> Iterator:
+        """The first ``count`` batches of epoch 1, in the order training will see them."""
+        order = epoch_batches(self.data.num_rows("train"), self.batch_size, self.seed, 0)
+        return iter(self.data.loader("train", order[:count]))
+
+
+def type_name(tp: Any) -> str:
+    """``int``, ``list of float``, ``str or None``: a field type in words, for help and errors."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return f"list of {type_name(args[0])}"
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join("None" if a is type(None) else type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, default: Any) -> Any:
+    bad = InCAError(f"{where} expects a {type_name(tp)} like {default!r}, got {value!r}")
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:  # a grid: one value or several
+        try:
+            return [_coerce(v, args[0], where, default) for v in (value if isinstance(value, list) else [value])]
+        except InCAError:
+            raise bad from None
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:  # X | None
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where, default)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)  # layers: [0, 5] -> "0,5"
+    raise TypeError(f"{where}: hyper-parameters of type {type_name(tp)} are not supported")

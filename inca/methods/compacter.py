@@ -1,0 +1,55 @@
+"""``compacter`` and ``compacter++``: Compacter adapters (Mahabadi et al., 2021) in every block, trained with
+the LayerNorms and the head. The two differ only in ``plus`` (adapters after the MLP only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from inca.adapters.compacter import apply_compacter, load_compacter, save_compacter
+from inca.methods.base import ApplyContext, TrainConfig, hparam
+from inca.methods.registry import register_method
+
+PAPER = "Mahabadi et al. 2021, Section 4"
+CONFIG = "rabeehk/compacter, seq2seq/configs/compacter.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompacterConfig(TrainConfig):
+    """Compacter's hyper-parameters, as the paper's GLUE experiments and the authors' configs set them."""
+
+    lr: float = hparam(3e-3, source=f"{PAPER} (3e-3 for every adapter method); {CONFIG} (learning_rate: 3e-3)")
+    phm_dim: int = hparam(4, help="n, the number of Kronecker products (divides the width and the bottleneck)",
+                          source=f"{PAPER}; {CONFIG} (hypercomplex_division: 4)")
+    rank: int = hparam(1, help="rank of each factorised B_i = s_i t_i^T", source=f"{PAPER} (LPHM rank 1)")
+    reduction: int = hparam(32, help="bottleneck = width // reduction",
+                            source=f"{PAPER}; {CONFIG} (task_reduction_factor: 32)")
+    train_norms: bool = hparam(True, help="train the LayerNorms too",
+                               source=f"{PAPER}; {CONFIG} (unfreeze_layer_norms: true)")
+    plus: bool = hparam(False, help="adapters after the MLP only (Compacter++) instead of after attention and MLP",
+                        source=f"{PAPER} (Compacter)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompacterPlusConfig(CompacterConfig):
+    """Compacter++: Compacter with adapters after the MLP only."""
+
+    plus: bool = hparam(True, source=f"{PAPER} (Compacter++); rabeehk/compacter, seq2seq/configs/compacter++.json "
+                                 "(add_adapter_in_self_attention: false)")
+
+
+def apply(model: nn.Module, config: CompacterConfig, context: ApplyContext) -> None:
+    """Wrap the blocks' sub-layers with adapters sharing one rule tensor; adapters, norms and head train."""
+    apply_compacter(model, config.phm_dim, config.rank, config.reduction, config.plus, config.train_norms)
+
+
+register_method(
+    "compacter", CompacterConfig, "Compacter (Mahabadi et al., 2021): bottleneck adapters of low-rank "
+    "hypercomplex (LPHM) layers after each block's attention and MLP", apply=apply, save=save_compacter,
+    load=load_compacter,
+)  # fmt: skip
+register_method(
+    "compacter++", CompacterPlusConfig, "Compacter++ (Mahabadi et al., 2021): Compacter after each block's MLP "
+    "only", apply=apply, save=save_compacter, load=load_compacter,
+)  # fmt: skip

@@ -1,0 +1,43 @@
+"""``full``: full fine-tuning, every backbone parameter and the new head."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch import nn
+
+from inca.adapters.common import load_tensors, named_tensors, read_adapter, save_adapter, set_trainable
+from inca.methods.base import ApplyContext, TrainConfig, hparam
+from inca.methods.registry import register_method
+
+
+@dataclass(frozen=True, kw_only=True)
+class FullConfig(TrainConfig):
+    """Full fine-tuning's hyper-parameters."""
+
+    lr: float = hparam(1e-4, source="Wang et al. 2024 (LoRA-GA) fine-tune T5-base fully at 1e-4: Outsider565/LoRA-GA, "
+                                    "conf/model/t5base.yaml (learning_rate: 1e-4)")
+
+
+def apply(model: nn.Module, config: FullConfig, context: ApplyContext) -> None:
+    """Everything trains."""
+    set_trainable(model, model.parameters())
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Every parameter (backbone and head); buffers are not trained and come from the backbone on load."""
+    save_adapter(directory, {"method": "full"}, named_tensors(model, model.parameters()))
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Load a saved full fine-tuning onto a copy of its backbone with the same ``num_classes`` head."""
+    _, tensors = read_adapter(directory, "full")
+    load_tensors(model, tensors, named_tensors(model, model.parameters()))
+    set_trainable(model, model.parameters())
+
+
+register_method(
+    "full", FullConfig, "full fine-tuning: every parameter of the backbone and the head trains",
+    apply=apply, save=save, load=load,
+)  # fmt: skip

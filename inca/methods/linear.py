@@ -1,0 +1,65 @@
+"""``linear``: a linear probe, the new head trained on pooled features of the frozen backbone (computed once)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch import nn
+
+from inca.adapters.common import (
+    head_parameters,
+    load_tensors,
+    named_tensors,
+    read_adapter,
+    save_adapter,
+    set_trainable,
+)
+from inca.methods.base import ApplyContext, TrainConfig, hparam
+from inca.methods.registry import register_method
+
+OURS = "ours: no paper's setting applies to this probe"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearConfig(TrainConfig):
+    """The linear probe's hyper-parameters, and which pooled features its head reads."""
+
+    lr: float = hparam(1e-3, source=OURS)
+    weight_decay: float = hparam(0.0, source=OURS)
+    pool: str = hparam("cls", help="the head's input: the class token (cls) or the mean of the patch tokens (mean)",
+                       source=OURS)
+
+    @property
+    def head_pool(self) -> str | None:
+        return self.pool
+
+
+def apply(model: nn.Module, config: LinearConfig, context: ApplyContext) -> None:
+    """Only the head trains."""
+    set_trainable(model, head_parameters(model))
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> None:
+    """The head and the pooling it reads (timm's ``global_pool``)."""
+    pool = getattr(model, "global_pool", None)
+    config = {"method": "linear", "global_pool": pool if isinstance(pool, str) else None}
+    save_adapter(directory, config, named_tensors(model, head_parameters(model)))
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Load a saved probe onto a copy of its backbone with a ``num_classes`` head (its pooling is restored)."""
+    config, tensors = read_adapter(directory, "linear")
+    pool = config["global_pool"]
+    if pool is not None and getattr(model, "global_pool", None) != pool:
+        reference = next(model.parameters())
+        model.reset_classifier(model.num_classes, global_pool=pool)
+        model.get_classifier().to(reference.device, reference.dtype)
+    load_tensors(model, tensors, named_tensors(model, head_parameters(model)))
+    set_trainable(model, head_parameters(model))
+
+
+register_method(
+    "linear", LinearConfig, "linear probe: only a new head, trained on the frozen backbone's pooled features "
+    "(computed once)", apply=apply, save=save, load=load, features_only=True,
+)  # fmt: skip

@@ -1,0 +1,199 @@
+"""The registry of comparison methods: one :func:`register_method` call per method module.
+
+A method is a config class (its hyper-parameters, see :mod:`inca.methods.base`) plus either the three
+functions of an end-to-end method, trained by the shared loop of :mod:`inca.methods.run`:
+
+* ``apply(model, config, context)``: decide what a fresh trainable copy of the backbone trains (add the
+  method's modules, set ``requires_grad``);
+* ``save(model, directory)`` / ``load(model, directory)``: the method's adapter in the one on-disk format of
+  :func:`inca.adapters.common.save_adapter`, loaded onto a fresh copy of the same backbone;
+
+or its own ``run`` (``inca``: a bank of adapters on the live frozen backbone).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import textwrap
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from inca.errors import InCAError
+from inca.methods.base import ApplyContext, MethodConfig, type_name
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "get_method",
+    "methods_help",
+    "parse_method_args",
+    "register_method",
+    "resolve_methods",
+]
+
+ApplyFn = Callable[["nn.Module", MethodConfig, ApplyContext], None]
+FileFn = Callable[["nn.Module", "str | os.PathLike"], Any]
+RunFn = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One comparison method (see the module docstring for ``apply``/``save``/``load``/``run``).
+
+    ``features_only`` trains the head on pooled features computed once instead of through the backbone;
+    ``shares_backbone`` marks a method that runs on the live frozen backbone instead of its own copy (its
+    memory footprint includes the backbone's weights); ``export`` writes a trained model in another
+    library's format (LoRA types: a PEFT adapter, see :func:`inca.adapters.lora.export_peft`).
+    """
+
+    name: str
+    config: type[MethodConfig]
+    summary: str
+    apply: ApplyFn | None = None
+    save: FileFn | None = None
+    load: FileFn | None = None
+    run: RunFn | None = None
+    features_only: bool = False
+    shares_backbone: bool = False
+    export: FileFn | None = None
+
+    def make_config(self, values: MethodConfig | Mapping[str, Any] | None = None) -> MethodConfig:
+        """The method's config from a config, or from (some of) its hyper-parameters, checked and typed."""
+        if isinstance(values, self.config):
+            return values
+        items = dict(values or {})
+        for key in items:
+            _check_key(self, key)
+        return self.config(**{key: self.config.coerce(self.name, key, value) for key, value in items.items()})
+
+    def defaults(self) -> dict[str, Any]:
+        """Every hyper-parameter at its default, JSON-ready."""
+        return self.config().to_dict()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    name: str,
+    config: type[MethodConfig],
+    summary: str,
+    *,
+    apply: ApplyFn | None = None,
+    save: FileFn | None = None,
+    load: FileFn | None = None,
+    run: RunFn | None = None,
+    features_only: bool = False,
+    shares_backbone: bool = False,
+    export: FileFn | None = None,
+) -> Method:
+    """Add a method to :data:`METHODS` (``--methods`` order is registration order) and return it.
+
+    An end-to-end method gives ``apply``, ``save`` and ``load``; any other gives its own
+    ``run(method, backbone, task, config, settings, work_dir) -> metrics``. Every hyper-parameter needs a
+    default, a help text and a source (checked here, so a method missing one fails at import).
+    """
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is registered twice")
+    if run is None and None in (apply, save, load):
+        raise ValueError(f"method {name!r} needs apply, save and load (end-to-end) or its own run")
+    try:
+        config()
+    except TypeError as exc:
+        raise ValueError(f"method {name!r}: every hyper-parameter of {config.__name__} needs a default") from exc
+    for key, field in config.fields().items():
+        if not config.field_help(key) or not field.metadata.get("source"):
+            raise ValueError(f"method {name!r}: hyper-parameter {key!r} needs help and source metadata")
+    method = Method(name, config, summary, apply, save, load, run, features_only, shares_backbone, export)
+    METHODS[name] = method
+    return method
+
+
+def _unknown(kind: str, name: str, valid: Sequence[str]) -> InCAError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return InCAError(f"unknown {kind} {name!r}{hint}; choose from {', '.join(valid)}")
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; an unknown name is a one-line error with the closest match."""
+    if name not in METHODS:
+        raise _unknown("method", name, list(METHODS))
+    return METHODS[name]
+
+
+def _check_key(method: Method, key: str) -> None:
+    keys = list(method.config.fields())
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise InCAError(f"method {method.name!r} has no hyper-parameter {key!r}{hint}; its keys: {', '.join(keys)}")
+
+
+def parse_method_args(
+    items: Sequence[str | Mapping[str, Any]] | Mapping[str, Any] | None,
+) -> dict[str, dict[str, Any]]:
+    """``["lora.rank=4", "linear.pool=mean"]`` and/or a recipe's ``{lora: {rank: 4}}`` -> checked, typed
+    overrides per method; later items win. Values are YAML scalars; an unknown method or key is an error."""
+    pairs: list[tuple[str, Any, str]] = []
+    for item in [items] if isinstance(items, Mapping) else items or []:
+        if isinstance(item, Mapping):
+            for method, keys in item.items():
+                if not isinstance(keys, Mapping):
+                    raise InCAError(f"method_args.{method} must map hyper-parameters to values, e.g. {{rank: 4}}")
+                pairs += [(f"{method}.{key}", value, f"{method}.{key}") for key, value in keys.items()]
+            continue
+        target, sep, value = str(item).partition("=")
+        if not sep:
+            raise InCAError(f"--method-args expects method.key=value, got {item!r} (e.g. lora.rank=4)")
+        pairs.append((target.strip(), yaml.safe_load(value), str(item)))
+    overrides: dict[str, dict[str, Any]] = {}
+    for target, value, item in pairs:
+        name, dot, key = target.rpartition(".")
+        if not dot or not name or not key:
+            raise InCAError(f"--method-args expects method.key=value, got {item!r} (e.g. lora.rank=4)")
+        method = get_method(name)
+        _check_key(method, key)
+        overrides.setdefault(name, {})[key] = method.config.coerce(name, key, value)
+    return overrides
+
+
+def resolve_methods(
+    names: str | Sequence[str], method_args: Sequence[str | Mapping[str, Any]] | Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The chosen methods, in order, each with its full hyper-parameters (defaults + overrides), JSON-ready.
+
+    Checks names, override keys, types and values up front, before anything trains.
+    """
+    items = [names] if isinstance(names, str) else list(names)
+    chosen = list(dict.fromkeys(part.strip() for item in items for part in str(item).split(",") if part.strip()))
+    if not chosen:
+        raise InCAError(f"no methods given: pass --methods, e.g. --methods {','.join(METHODS)}")
+    methods = [get_method(name) for name in chosen]
+    overrides = parse_method_args(method_args)
+    return {m.name: m.make_config(overrides.get(m.name)).to_dict() for m in methods}
+
+
+def methods_help(width: int = 78) -> str:
+    """Every registered method with its hyper-parameters, types, defaults and sources (``--help``'s epilog)."""
+    lines = ["methods and their hyper-parameters (override with --method-args METHOD.KEY=VALUE):"]
+    for method in METHODS.values():
+        lines.append("")
+        lines += textwrap.wrap(f"{method.name}: {method.summary}", width, initial_indent="  ",
+                               subsequent_indent="    ")
+        fields, hints = method.config.fields(), typing.get_type_hints(method.config)
+        for key, value in method.defaults().items():
+            shown = value if isinstance(value, str) and value else repr(value)  # as typed in --method-args
+            text = (f"{key}={shown} ({type_name(hints[key])}): {method.config.field_help(key)} "
+                    f"[{fields[key].metadata['source']}]")
+            lines += textwrap.wrap(text, width, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+

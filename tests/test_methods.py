@@ -1,0 +1,242 @@
+"""The method registry's contract, for every registered method: what ``apply`` trains, what init promises,
+save/load round trips in the one adapter format, and typed ``--method-args`` with one-line errors."""
+
+import json
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from inca.adapters.common import CONFIG_FILE, WEIGHTS_FILE, count_parameters, head_parameters, set_trainable
+from inca.errors import InCAError
+from inca.methods import (
+    METHODS,
+    MethodConfig,
+    RunSettings,
+    TrainConfig,
+    build_model,
+    get_method,
+    hparam,
+    methods_help,
+    parse_method_args,
+    register_method,
+    resolve_methods,
+)
+from inca.tasks import SPLITS
+from inca.train.e2e import TensorBatches, trainable_copy
+
+CLASSES = 4
+SETTINGS = RunSettings(epochs=1, batch_size=8, seed=5, progress=False)
+E2E = [name for name, method in METHODS.items() if method.apply is not None]
+# Small enough for the tiny ViT (width 192: Compacter's default bottleneck 192 // 32 = 6 is no multiple of 4).
+OVERRIDES = {
+    "compacter": {"reduction": 16},
+    "compacter++": {"reduction": 16},
+    "lora-ga": {"rank": 2, "init_batches": 2},
+}
+CASES = [(name, OVERRIDES.get(name, {})) for name in E2E] + [("linear", {"pool": "mean"})]
+NORMS = r"(blocks\.\d+\.norm[12]|norm)\.(weight|bias)"
+HEAD = r"head\.(weight|bias)"
+TRAINS = {  # what each built-in method trains after apply (with its default config)
+    "lora": rf"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.lora_[AB]|{HEAD}",
+    "lora-ga": rf"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.lora_[AB]|{HEAD}",
+    "compacter": rf"blocks\.\d+\.(attn|mlp)\.adapter\..+|{NORMS}|{HEAD}",
+    "compacter++": rf"blocks\.\d+\.mlp\.adapter\..+|{NORMS}|{HEAD}",
+    "full": r".+",
+    "linear": HEAD,
+}
+KEEPS_OUTPUT = {  # the largest relative change of the pooled features at init each method promises
+    "lora": 0.0,  # B = 0
+    "lora-ga": 1e-4,  # the base weight absorbs s * B0 A0 (fp32 rounding)
+    "compacter": 1e-3,  # the rule tensor starts at N(0, 1e-4)
+    "compacter++": 1e-3,
+    "full": 0.0,
+    "linear": 0.0,
+}
+
+
+def case_id(case):
+    name, overrides = case
+    return "-".join([name, *(f"{k}={v}" for k, v in overrides.items() if name not in OVERRIDES)])
+
+
+@pytest.fixture(scope="module")
+def data() -> TensorBatches:
+    """Random images and labels, enough rows for LoRA-GA's gradient batches."""
+    g = torch.Generator().manual_seed(0)
+    return TensorBatches(
+        {split: torch.randn(16, 3, 32, 32, generator=g) for split in SPLITS},
+        {split: torch.randint(0, CLASSES, (16,), generator=g) for split in SPLITS},
+    )
+
+
+def build(backbone, name: str, overrides: dict, data: TensorBatches, seed: int = SETTINGS.seed) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, backbone, CLASSES, overrides, data, SETTINGS).eval()
+
+
+def images(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def trainable(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", E2E)
+def test_apply_trains_only_the_adapter_and_the_head(tiny_backbone, data, name):
+    model = build(tiny_backbone, name, OVERRIDES.get(name, {}), data)
+    assert name in TRAINS, f"declare in TRAINS what {name} trains"
+    expected = {n for n, _ in model.named_parameters() if re.fullmatch(TRAINS[name], n)}
+    assert trainable(model) == expected
+    count, backbone = count_parameters(model), count_parameters(tiny_backbone.model)
+    assert count.trainable >= count.total - backbone.total  # at least what the method adds trains
+    assert all(p.requires_grad for p in head_parameters(model))
+
+
+@pytest.mark.parametrize("name", E2E)
+def test_init_keeps_the_backbone_features(tiny_backbone, data, name):
+    model = build(tiny_backbone, name, OVERRIDES.get(name, {}), data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SETTINGS.seed)
+        reference = trainable_copy(tiny_backbone, CLASSES, pool=get_method(name).make_config().head_pool).eval()
+    x = images()
+    expected, actual = features(reference, x), features(model, x)
+    assert name in KEEPS_OUTPUT, f"declare in KEEPS_OUTPUT what {name} promises at init"
+    tolerance = KEEPS_OUTPUT[name]
+    if tolerance == 0.0:
+        assert torch.equal(actual, expected)
+    else:
+        assert (actual - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_save_load_round_trip_onto_a_fresh_backbone_copy(tiny_backbone, data, tmp_path, case):
+    name, overrides = case
+    method = get_method(name)
+    model = build(tiny_backbone, name, overrides, data)
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves
+        g = torch.Generator().manual_seed(2)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+
+    method.save(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["method"] in (name, "lora", "compacter")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SETTINGS.seed + 1)  # another head: the saved one must replace it
+        fresh = trainable_copy(tiny_backbone, CLASSES).eval()
+    method.load(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    assert trainable(fresh) == trainable(model)
+
+
+def test_loading_another_methods_adapter_is_a_clear_error(tiny_backbone, data, tmp_path):
+    get_method("linear").save(build(tiny_backbone, "linear", {}, data), tmp_path)
+    with pytest.raises(InCAError, match="holds a 'linear' adapter, not 'full'"):
+        get_method("full").load(trainable_copy(tiny_backbone, CLASSES), tmp_path)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_hyper_parameter_is_typed_documented_and_json_ready(name):
+    method = METHODS[name]
+    defaults = method.defaults()
+    assert json.loads(json.dumps(defaults)) == defaults
+    assert method.make_config(defaults) == method.config() == method.make_config()
+    assert resolve_methods(name) == {name: defaults}
+    section = methods_help().split(f"\n  {name}: ", 1)[1].split("\n\n")[0]
+    for key, field in method.config.fields().items():
+        assert method.config.field_help(key) and field.metadata["source"], key
+        assert f"    {key}=" in section, key
+
+
+def test_method_args_are_typed_and_checked():
+    methods = resolve_methods("lora,linear", ["lora.rank=4", "lora.lr=1e-3", "linear.pool=mean"])
+    assert list(methods) == ["lora", "linear"]
+    assert methods["lora"]["rank"] == 4 and methods["lora"]["lr"] == 1e-3 and methods["linear"]["pool"] == "mean"
+    assert methods["lora"]["alpha"] == METHODS["lora"].defaults()["alpha"]
+    assert parse_method_args({"compacter": {"reduction": 16}}) == {"compacter": {"reduction": 16}}
+    inca = resolve_methods("inca", [{"inca": {"lr": "3e-3", "layers": [0, 2]}}, "inca.heads=2"])["inca"]
+    assert inca["lr"] == [3e-3] and inca["layers"] == "0,2" and inca["heads"] == [2]
+    assert resolve_methods("lora-ga", ["lora-ga.rslora=false"])["lora-ga"]["rslora"] is False
+    for bad, word in [
+        (["lora.rnk=4"], "'rnk' \\(did you mean rank\\?\\)"),
+        (["nope.rank=4"], "unknown method 'nope'"),
+        (["lora.rank=four"], "lora.rank expects a int like 8, got 'four'"),
+        (["lora.rank=2.5"], "lora.rank"),
+        (["lora.rslora=1"], "lora.rslora expects a bool"),
+        (["inca.lr=[1e-3, x]"], "inca.lr expects a list of float"),
+        (["lorarank=4"], "method.key=value"),
+        (["lora.rank"], "method.key=value"),
+        ({"lora": 4}, "method_args.lora must map"),
+    ]:
+        with pytest.raises(InCAError, match=word):
+            parse_method_args(bad)
+    with pytest.raises(InCAError, match="unknown method 'loar'.*did you mean lora"):
+        resolve_methods("loar")
+    with pytest.raises(InCAError, match="lora-ga.init_batches must be at least 1"):
+        resolve_methods("lora-ga", ["lora-ga.init_batches=0"])
+    with pytest.raises(InCAError, match="no methods given"):
+        resolve_methods(" , ")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BiasConfig(TrainConfig):
+    lr: float = hparam(1e-3, source="test")
+
+
+def _apply_bias(model: nn.Module, config: BiasConfig, context) -> None:
+    set_trainable(model, [p for n, p in model.named_parameters() if n.endswith(".bias")])
+
+
+def test_a_new_method_is_one_registration(tiny_backbone, data):
+    try:
+        register_method("biases", BiasConfig, "biases only (a test method)", apply=_apply_bias,
+                        save=METHODS["full"].save, load=METHODS["full"].load)
+        assert list(METHODS)[-1] == "biases" and "  biases: biases only" in methods_help()
+        assert resolve_methods("biases", ["biases.lr=0.5"]) == {
+            "biases": {"lr": 0.5, "weight_decay": 0.01, "warmup_ratio": 0.1}
+        }
+        model = build(tiny_backbone, "biases", {}, data)
+        assert trainable(model) == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+        with pytest.raises(ValueError, match="registered twice"):
+            register_method("biases", BiasConfig, "again", apply=_apply_bias, save=print, load=print)
+    finally:
+        METHODS.pop("biases", None)
+
+
+def test_registration_checks_the_config_and_the_functions():
+    @dataclass(frozen=True, kw_only=True)
+    class Undocumented(MethodConfig):
+        size: int = 3
+
+    @dataclass(frozen=True, kw_only=True)
+    class NoDefault(TrainConfig):
+        pass
+
+    with pytest.raises(ValueError, match="'size' needs help and source"):
+        register_method("undocumented", Undocumented, "x", run=print)
+    with pytest.raises(ValueError, match="needs a default"):
+        register_method("no-default", NoDefault, "x", run=print)
+    with pytest.raises(ValueError, match="apply, save and load"):
+        register_method("half", BiasConfig, "x", apply=_apply_bias)
+    assert not {"undocumented", "no-default", "half"} & set(METHODS)
+
+
+def test_inca_runs_on_the_shared_backbone_with_its_own_trainer():
+    inca = METHODS["inca"]
+    assert inca.shares_backbone and inca.run is not None and inca.apply is None
+    assert not any(METHODS[name].shares_backbone for name in E2E)
