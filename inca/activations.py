@@ -1,19 +1,91 @@
-"""Where adapters read activations from: a finished on-disk store, or the live backbone.
+"""Where adapters and probes read activations from: memory, a finished on-disk store, or the live backbone.
 
-Both yield the same batches for the same index arrays (trainers pass sorted indices), so a bank trained
-from a cache and one trained live (rounded to the cache dtype) see identical data.
+Every source yields the same batches for the same index arrays (trainers pass sorted indices), so a bank
+trained from a cache and one trained live (rounded to the cache dtype) see identical data. :func:`open_source`
+is the one place that decides between a store and the live backbone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .backbone import Backbone
-from .cache import ActivationCache
+from .cache import ActivationCache, build_cache, cache_root, find_cache, store_bytes
+from .errors import InCAError
 from .tasks import Task, image_loader
+
+__all__ = [
+    "CACHE_MODES",
+    "ActivationSource",
+    "CachedSource",
+    "LiveSource",
+    "RecordingSource",
+    "TensorSource",
+    "open_source",
+    "pool_tokens",
+]
+
+_logger = logging.getLogger(__name__)
+
+# auto: reuse a store, or build one when it pays off (several epochs, fits the budget and the disk), else live;
+# always: reuse or build; never: live; reuse: a store only if one exists, never build one (inca-probe).
+CACHE_MODES = ("auto", "always", "never", "reuse")
+
+
+class ActivationSource(Protocol):
+    """Where a bank's activations come from (an activation cache, a live backbone, memory)."""
+
+    layers: list[int]
+
+    def num_rows(self, split: str) -> int: ...
+
+    def labels(self, split: str) -> np.ndarray: ...
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[dict[int, Tensor], Tensor]]:
+        """Yield ``(features {layer: [B, T, D] float16/float32 CPU tensor}, labels [B] int64)`` for each
+        index array in ``batches``, in order. Index arrays arrive sorted ascending."""
+        ...
+
+
+class TensorSource:
+    """Activations held in memory: ``features[split][layer]`` tensors ``[N, T, D]``, ``labels[split]`` ``[N]``."""
+
+    def __init__(self, features: Mapping[str, Mapping[int, Tensor]], labels: Mapping[str, np.ndarray | Tensor]):
+        self._features = {split: dict(layers) for split, layers in features.items()}
+        self._labels = {split: np.asarray(y, dtype=np.int64) for split, y in labels.items()}
+        layer_sets = {tuple(sorted(layers)) for layers in self._features.values()}
+        if len(layer_sets) != 1 or set(self._features) != set(self._labels):
+            raise InCAError("TensorSource needs the same layers in every split and labels for every split")
+        self.layers = list(layer_sets.pop())
+        for split, layers in self._features.items():
+            if any(t.shape[0] != len(self._labels[split]) for t in layers.values()):
+                raise InCAError(f"TensorSource split {split!r}: features and labels differ in length")
+
+    def _split(self, split: str) -> str:
+        if split not in self._labels:
+            raise InCAError(f"no split {split!r} in this activation source; it has {sorted(self._labels)}")
+        return split
+
+    def num_rows(self, split: str) -> int:
+        return len(self._labels[self._split(split)])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._labels[self._split(split)]
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[dict[int, Tensor], Tensor]]:
+        features, labels = self._features[self._split(split)], self._labels[split]
+        for idx in batches:
+            index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            yield {layer: t[index] for layer, t in features.items()}, torch.from_numpy(labels[idx])
 
 
 class CachedSource:
@@ -30,7 +102,7 @@ class CachedSource:
     def labels(self, split: str) -> np.ndarray:
         return self.cache.labels(split)
 
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor]]:
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
         labels = self.labels(split)
         for rows in batches:
             features = {layer: self.cache.gather(split, layer, rows) for layer in self.layers}
@@ -66,7 +138,7 @@ class LiveSource:
     def labels(self, split: str) -> np.ndarray:
         return self.task.splits[split].labels
 
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor]]:
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
         pin = self.backbone.device.type == "cuda"
         loader = image_loader(self.task.splits[split], self.backbone.transform, batches, self.num_workers, pin)
         for images, labels in loader:
@@ -75,3 +147,127 @@ class LiveSource:
             if self.round_to is not None:
                 features = {k: v.to(self.round_to) for k, v in features.items()}
             yield features, labels
+
+
+def pool_tokens(tokens: Tensor, pool: str, num_prefix: int) -> Tensor:
+    """``[B, T, D] -> [B, D]``: the CLS token (the first prefix token), or the mean of the patch tokens."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, num_prefix:].mean(1)
+
+
+class RecordingSource:
+    """A source that records what it serves, so that one backbone pass feeds several consumers (the probes).
+
+    The first time a split's rows pass through, their pooled features (``pools``) are kept as float32 and,
+    with ``keep_tokens``, the tokens themselves as float16: once a split is complete, further epochs read the
+    kept tokens instead of the wrapped source.
+    """
+
+    def __init__(self, source: ActivationSource, pools: Sequence[str], num_prefix: int, keep_tokens: bool):
+        self.source = source
+        self.layers = source.layers
+        self.pools = list(pools)
+        self.num_prefix = num_prefix
+        self.keep_tokens = keep_tokens
+        self._pooled: dict[str, dict[tuple[int, str], np.ndarray]] = {}
+        self._tokens: dict[str, dict[int, Tensor]] = {}
+        self._seen: dict[str, np.ndarray] = {}
+
+    def num_rows(self, split: str) -> int:
+        return self.source.num_rows(split)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.source.labels(split)
+
+    def _complete(self, split: str) -> bool:
+        return split in self._seen and bool(self._seen[split].all())
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
+        labels = self.labels(split)
+        complete = self._complete(split)
+        if self.keep_tokens and complete:
+            tokens = self._tokens[split]
+            for rows in batches:
+                index = torch.from_numpy(rows)
+                yield {layer: t[index] for layer, t in tokens.items()}, torch.from_numpy(labels[rows])
+            return
+        for rows, (features, batch_labels) in zip(batches, self.source.loader(split, batches)):
+            if not complete:  # later streamed epochs would record the same values again
+                self._record(split, rows, features)
+            yield features, batch_labels
+
+    def _record(self, split: str, rows: np.ndarray, features: dict[int, Tensor]) -> None:
+        n = self.num_rows(split)
+        if split not in self._seen:
+            self._seen[split] = np.zeros(n, dtype=bool)
+            self._pooled[split] = {}
+            self._tokens[split] = {}
+        for layer, tokens in features.items():
+            for pool in self.pools:
+                key = (layer, pool)
+                if key not in self._pooled[split]:
+                    self._pooled[split][key] = np.zeros((n, tokens.shape[-1]), dtype=np.float32)
+                self._pooled[split][key][rows] = pool_tokens(tokens.float(), pool, self.num_prefix).cpu().numpy()
+            if self.keep_tokens:
+                if layer not in self._tokens[split]:
+                    self._tokens[split][layer] = torch.empty((n, *tokens.shape[1:]), dtype=torch.float16)
+                self._tokens[split][layer][torch.from_numpy(rows)] = tokens.to("cpu", torch.float16)
+        self._seen[split][rows] = True
+
+    def pooled(self, split: str, layer: int, pool: str) -> np.ndarray:
+        """``[N, D]`` pooled features of every row of ``split`` (one pass over the rows not seen yet).
+
+        The recorded array itself, shared by every caller: read it, never modify it in place."""
+        if not self._complete(split):
+            missing = np.flatnonzero(~self._seen[split]) if split in self._seen else np.arange(self.num_rows(split))
+            batches = [missing[i : i + 256] for i in range(0, len(missing), 256)]
+            for _ in self.loader(split, batches):
+                pass
+        return self._pooled[split][(layer, pool)]
+
+
+def open_source(
+    backbone: Backbone,
+    task: Task,
+    layers: list[int],
+    *,
+    epochs: int,
+    cache: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    max_gb: float = 64.0,
+    num_workers: int | None = None,
+) -> CachedSource | LiveSource:
+    """The activations of ``layers`` for ``task``, to be read ``epochs`` times: a finished store when one
+    exists (unless ``cache="never"``), a new store when ``cache`` is ``always`` or, for ``auto``, when it pays
+    off (see :data:`CACHE_MODES`), else the live backbone."""
+    if cache not in CACHE_MODES:
+        raise InCAError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
+    if cache == "never":
+        return LiveSource(backbone, task, layers, num_workers)
+    found = find_cache(cache_dir, backbone, task, layers)
+    if found is not None:
+        _logger.info("%s: reading activations from %s", task.spec, found.path)
+        return CachedSource(found, layers)
+    reason = None
+    if cache == "reuse":
+        reason = "no activation store holds these layers, and this command builds none"
+    elif cache == "auto":
+        reason = _why_not_build(store_bytes(backbone, task, layers, dtype), epochs, max_gb, cache_dir)
+    if reason:
+        _logger.info("%s: streaming live activations (%s)", task.spec, reason)
+        return LiveSource(backbone, task, layers, num_workers)
+    return CachedSource(build_cache(backbone, task, layers, cache_dir, dtype=dtype, num_workers=num_workers), layers)
+
+
+def _why_not_build(size: int, epochs: int, max_gb: float, cache_dir: str | os.PathLike | None) -> str | None:
+    """Why ``cache="auto"`` streams instead of building a store of ``size`` bytes, or None to build it."""
+    if epochs == 1:
+        return "one epoch: a store would be read only once"
+    if size > max_gb * 1e9:
+        return f"a store would take {size / 1e9:.1f} GB > --cache-max-gb {max_gb:g}"
+    root = cache_root(cache_dir)
+    existing = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if size > 0.5 * free:
+        return f"a store would take {size / 1e9:.1f} GB of {free / 1e9:.1f} GB free disk"
+    return None

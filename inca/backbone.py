@@ -7,10 +7,8 @@ Everything downstream (cache, adapters, probes) sees the backbone only through :
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -24,7 +22,10 @@ import yaml
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from .devices import autocast
+from .devices import resolve_device as resolve_device  # re-exported for tools/bench_*.py
 from .errors import InCAError, first_line
+from .io import digest
 
 _logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Backbone:
     @property
     def fingerprint(self) -> str:
         """Identifies everything that determines the activations: architecture, weights, preprocessing."""
-        return _digest(
+        return digest(
             {
                 "name": self.name,
                 "model_kwargs": self.model_kwargs,
@@ -180,12 +181,6 @@ class Backbone:
         self.model.to(device)
         return self
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on accelerators, nothing on CPU (CPU activations stay exact fp32)."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def extract(self, images: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         """Each requested block's output tokens ``[B, T, D]``, prefix tokens first; one forward pass.
 
@@ -193,7 +188,7 @@ class Backbone:
         """
         layers = resolve_layers(list(layers), self.num_blocks)
         images = images.to(self.device, non_blocking=True)
-        with torch.inference_mode(), self.autocast():
+        with torch.inference_mode(), autocast(self.device):
             outputs = self.model.forward_intermediates(
                 images,
                 indices=layers,
@@ -244,14 +239,6 @@ def create_backbone(
     return backbone.to(device)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InCAError(f"--device {device} was asked for but CUDA is not available: use --device cpu or auto")
-    return torch.device(device)
-
-
 def state_dict_hash(model: nn.Module) -> str:
     """A content hash of the weights, so caches built from other weights are never reused."""
     digest = hashlib.sha256()
@@ -260,10 +247,6 @@ def state_dict_hash(model: nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _check_model_name(name: str) -> None:

@@ -14,7 +14,6 @@ committed row with the same batch boundaries and ends byte-identical to an unint
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .errors import InCAError
-from .io import atomic_write, atomic_write_json, read_json
+from .io import atomic_write, atomic_write_json, file_sha256, read_json
 from .tasks import SPLITS, Task, image_loader, sequential_batches
 
 _logger = logging.getLogger(__name__)
@@ -321,14 +320,6 @@ def _commit(arrays: dict[int, np.memmap], directory: Path, rows: int) -> None:
 def _save_npy(tmp: str, array: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, array)
-
-
-def file_sha256(file: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_cache(path: str | os.PathLike) -> dict[str, Any]:

@@ -19,13 +19,13 @@ Image-decoding worker processes (file-backed tasks) are not included on CPU.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
-import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,13 @@ from matplotlib.figure import Figure
 
 from inca.adapters.common import set_trainable
 from inca.backbone import Backbone
-from inca.errors import InCAError, first_line
-from inca.io import atomic_write_json, atomic_write_text, read_json
+from inca.errors import first_line
+from inca.io import atomic_write_text, digest
+from inca.methods import METHODS, RunSettings, run_method
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
+from inca.suite import Unit, run_suite
 from inca.tasks import SPLITS, Task, load_task
 from inca.train.e2e import FitConfig, ImageBatches, TensorBatches, fit, trainable_copy
-from inca.train.methods import METHODS, RunSettings, run_method
 
 __all__ = [
     "ACCURACY_PLOT",
@@ -130,10 +131,6 @@ def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
     fit(model, data, FitConfig(epochs=1, batch_size=settings.batch_size, progress=False, desc="warm-up"))
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _parameter_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
@@ -151,30 +148,6 @@ def _run_config(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
     }
 
 
-def _open_results(path: Path, config: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
-    fresh = {
-        "format_version": FORMAT_VERSION,
-        "config": config,
-        "backbone": backbone.describe(),
-        "backbone_params": sum(p.numel() for p in backbone.model.parameters()),
-        "memory": MEMORY_KINDS[PeakMemory(backbone.device).kind],
-        "results": [],
-    }
-    if not path.is_file():
-        return fresh
-    try:
-        saved = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise InCAError(f"{path} is unreadable ({first_line(exc)}); move it away or choose another --out") from None
-    if not isinstance(saved, dict) or saved.get("format_version") != FORMAT_VERSION:
-        raise InCAError(f"{path} is not a comparison of this inca version; move it away or choose another --out")
-    if saved["config"] != config:
-        differ = sorted(k for k in config if saved["config"].get(k) != config[k])
-        raise InCAError(f"{path} holds a comparison with other settings (differs in {', '.join(differ)}); "
-                        f"choose another --out or rerun with the same settings")
-    return saved
-
-
 def run_comparison(
     backbone: Backbone,
     task_specs: Sequence[str],
@@ -182,64 +155,80 @@ def run_comparison(
     settings: RunSettings,
     out_dir: str | os.PathLike,
     load: Callable[[str], Task] = load_task,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run every method (name -> full hyper-parameters, see :func:`inca.train.methods.resolve_methods`) on
+    """Run every method (name -> full hyper-parameters, see :func:`inca.methods.resolve_methods`) on
     every task (loaded once by ``load`` and shared), writing results and reports after each pair.
 
     Returns the content of ``compare.json``. Pairs already there (same task data, method, hyper-parameters)
-    are skipped; a ``compare.json`` made with another backbone, device, epochs, batch size or seed is an error.
+    are skipped; a ``compare.json`` made with another backbone, device, epochs, batch size or seed is an error
+    unless ``overwrite``.
     """
     out = Path(out_dir)
-    config = json.loads(json.dumps(_run_config(backbone, settings)))
-    summary = _open_results(out / RESULTS_FILE, config, backbone)
+    backbone_params = sum(p.numel() for p in backbone.model.parameters())
     backbone_bytes = _parameter_bytes(backbone.model)
     warm = False
-    for spec in task_specs:
-        task = load(spec)
-        for name, hparams in methods.items():
-            hparams = json.loads(json.dumps(dict(hparams)))
-            key = _digest({"task": task.fingerprint, "method": name, "hparams": hparams})
-            if any(r["key"] == key for r in summary["results"]):
-                logger.info("%s on %s: already in %s, skipped", name, task.spec, RESULTS_FILE)
-                continue
-            if not warm:
-                _warm_up(backbone, task, settings)
-                warm = True
-            logger.info("%s on %s: training", name, task.spec)
-            with PeakMemory(backbone.device) as memory:
-                start = time.perf_counter()
-                metrics = run_method(name, backbone, task, hparams, settings, out / "runs" / task.slug / name)
-                seconds = time.perf_counter() - start
-            peak = memory.peak_bytes
-            if peak is not None and METHODS[name].shares_backbone:
-                peak += backbone_bytes
-            record = {
-                "task": task.spec,
-                "method": name,
-                "test_acc": metrics["test_acc"],
-                "val_acc": metrics["val_acc"],
-                "best_epoch": metrics.get("best_epoch"),
-                "trainable_params": metrics["trainable_params"],
-                "trainable_pct": 100.0 * metrics["trainable_params"] / summary["backbone_params"],
-                "seconds": seconds,
-                "peak_memory_mb": None if peak is None else peak / 2**20,
-                "steps": metrics["steps"],
-                "hparams": hparams,
-                "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
-                "key": key,
-            }
-            record.update({k: v for k, v in metrics.items() if k not in record})
-            _store(summary["results"], record)
-            atomic_write_json(out / RESULTS_FILE, summary)
-            write_reports(out, summary)
-            logger.info("%s on %s: test accuracy %.4f (val %.4f), %d trainable parameters, %.1f s", name,
-                        task.spec, record["test_acc"], record["val_acc"], record["trainable_params"], seconds)
-    write_reports(out, summary)
-    return summary
+
+    def run_pair(task: Task, name: str, hparams: dict[str, Any], key: str) -> dict[str, Any]:
+        nonlocal warm
+        if not warm:
+            _warm_up(backbone, task, settings)
+            warm = True
+        logger.info("%s on %s: training", name, task.spec)
+        with PeakMemory(backbone.device) as memory:
+            start = time.perf_counter()
+            metrics = run_method(name, backbone, task, hparams, settings, out / "runs" / task.slug / name)
+            seconds = time.perf_counter() - start
+        peak = memory.peak_bytes
+        if peak is not None and METHODS[name].shares_backbone:
+            peak += backbone_bytes
+        record = {
+            "task": task.spec,
+            "method": name,
+            "test_acc": metrics["test_acc"],
+            "val_acc": metrics["val_acc"],
+            "best_epoch": metrics.get("best_epoch"),
+            "trainable_params": metrics["trainable_params"],
+            "trainable_pct": 100.0 * metrics["trainable_params"] / backbone_params,
+            "seconds": seconds,
+            "peak_memory_mb": None if peak is None else peak / 2**20,
+            "steps": metrics["steps"],
+            "hparams": hparams,
+            "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
+            "key": key,
+        }
+        record.update({k: v for k, v in metrics.items() if k not in record})
+        logger.info("%s on %s: test accuracy %.4f (val %.4f), %d trainable parameters, %.1f s", name,
+                    task.spec, record["test_acc"], record["val_acc"], record["trainable_params"], seconds)
+        return record
+
+    def pairs() -> Iterator[Unit]:
+        for spec in task_specs:
+            task = load(spec)
+            for name, hparams in methods.items():
+                hparams = json.loads(json.dumps(dict(hparams)))
+                key = digest({"task": task.fingerprint, "method": name, "hparams": hparams})
+                yield Unit(key, f"{name} on {task.spec}", functools.partial(run_pair, task, name, hparams, key))
+
+    fresh = {
+        "format_version": FORMAT_VERSION,
+        "config": _run_config(backbone, settings),
+        "backbone": backbone.describe(),
+        "backbone_params": backbone_params,
+        "memory": MEMORY_KINDS[PeakMemory(backbone.device).kind],
+        "results": [],
+    }
+    return run_suite(out, RESULTS_FILE, fresh, pairs(), write_reports, overwrite=overwrite, finished=_finished,
+                     store=_store)
 
 
-def _store(results: list[dict[str, Any]], record: dict[str, Any]) -> None:
+def _finished(summary: dict[str, Any], key: str) -> bool:
+    return any(r["key"] == key for r in summary["results"])
+
+
+def _store(summary: dict[str, Any], key: str, record: dict[str, Any]) -> None:
     """Replace the same (task, method) in place (hyper-parameters changed), else append."""
+    results = summary["results"]
     for i, old in enumerate(results):
         if (old["task"], old["method"]) == (record["task"], record["method"]):
             results[i] = record

@@ -1,7 +1,9 @@
-"""Atomic writes: a reader never sees a half-written file, a crash never destroys the previous one."""
+"""Files: atomic writes (a reader never sees a half-written file, a crash never destroys the previous one),
+JSON, and content digests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -42,3 +44,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def digest(obj: Any) -> str:
+    """16 hex digits identifying a JSON-able value (key order does not matter): fingerprints and skip keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (stores and weights are large)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()

@@ -1,9 +1,10 @@
 """Layer probing: which blocks of a frozen backbone hold the most useful representations for a task.
 
-One backbone pass per batch feeds every layer's probes: a :class:`ProbeSource` wraps the activation
-source and, the first time it serves a split's rows, records what the probes need: pooled features
-(CLS token, mean of patch tokens) for the linear and kNN probes, and, within a memory budget, the tokens
-themselves so that further InCA epochs cost no backbone pass. Probes:
+One backbone pass per batch feeds every layer's probes: a :class:`~inca.activations.RecordingSource` wraps
+the activation source (a matching store when one exists, else the live backbone; probing never builds a store)
+and, the first time it serves a split's rows, records what the probes need: pooled features (CLS token, mean
+of patch tokens) for the linear and kNN probes, and, within a memory budget, the tokens themselves so that
+further InCA epochs cost no backbone pass. Probes:
 
 - ``linear``: scikit-learn logistic regression on standardised pooled features, C tuned on val;
 - ``knn``: faiss cosine-similarity search, k neighbours, temperature-weighted vote;
@@ -12,29 +13,30 @@ themselves so that further InCA epochs cost no backbone pass. Probes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-import torch
 from joblib import Parallel, delayed
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .activations import CachedSource, LiveSource
+from .activations import CachedSource, LiveSource, RecordingSource, open_source
 from .adapters.inca import AdapterSpec, InCABank
 from .backbone import Backbone, resolve_layers
-from .cache import find_cache, store_bytes
+from .cache import store_bytes
 from .errors import InCAError
-from .io import atomic_write_json, atomic_write_text, read_json
+from .io import atomic_write_text, read_json
 from .report import markdown_table, plot_heatmap, plot_lines
+from .suite import Unit, run_suite
 from .tasks import SPLITS, Task
 from .train.bank import evaluate_bank, train_bank
 
@@ -73,75 +75,6 @@ class ProbeOptions:
             raise InCAError("--k, --temperature, --inca-epochs and --batch-size must be positive")
 
 
-def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix: int) -> torch.Tensor:
-    """``[B, T, D] -> [B, D]``: the CLS token (the first prefix token), or the mean of the patch tokens."""
-    return tokens[:, 0] if pool == "cls" else tokens[:, num_prefix:].mean(1)
-
-
-class ProbeSource:
-    """An activation source that records pooled features (and, within budget, tokens) as it serves rows."""
-
-    def __init__(self, source: CachedSource | LiveSource, pools: Sequence[str], num_prefix: int, keep_tokens: bool):
-        self.source = source
-        self.layers = source.layers
-        self.pools = list(pools)
-        self.num_prefix = num_prefix
-        self.keep_tokens = keep_tokens
-        self._pooled: dict[str, dict[tuple[int, str], np.ndarray]] = {}
-        self._tokens: dict[str, dict[int, torch.Tensor]] = {}
-        self._seen: dict[str, np.ndarray] = {}
-
-    def num_rows(self, split: str) -> int:
-        return self.source.num_rows(split)
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.source.labels(split)
-
-    def _complete(self, split: str) -> bool:
-        return split in self._seen and bool(self._seen[split].all())
-
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor]]:
-        labels = self.labels(split)
-        complete = self._complete(split)
-        if self.keep_tokens and complete:
-            tokens = self._tokens[split]
-            for rows in batches:
-                index = torch.from_numpy(rows)
-                yield {layer: t[index] for layer, t in tokens.items()}, torch.from_numpy(labels[rows])
-            return
-        for rows, (features, batch_labels) in zip(batches, self.source.loader(split, batches)):
-            if not complete:  # later streamed epochs would record the same values again
-                self._record(split, rows, features)
-            yield features, batch_labels
-
-    def _record(self, split: str, rows: np.ndarray, features: dict[int, torch.Tensor]) -> None:
-        n = self.num_rows(split)
-        if split not in self._seen:
-            self._seen[split] = np.zeros(n, dtype=bool)
-            self._pooled[split] = {}
-            self._tokens[split] = {}
-        for layer, tokens in features.items():
-            for pool in self.pools:
-                key = (layer, pool)
-                if key not in self._pooled[split]:
-                    self._pooled[split][key] = np.zeros((n, tokens.shape[-1]), dtype=np.float32)
-                self._pooled[split][key][rows] = pool_tokens(tokens.float(), pool, self.num_prefix).cpu().numpy()
-            if self.keep_tokens:
-                if layer not in self._tokens[split]:
-                    self._tokens[split][layer] = torch.empty((n, *tokens.shape[1:]), dtype=torch.float16)
-                self._tokens[split][layer][torch.from_numpy(rows)] = tokens.to("cpu", torch.float16)
-        self._seen[split][rows] = True
-
-    def pooled(self, split: str, layer: int, pool: str) -> np.ndarray:
-        """``[N, D]`` pooled features of every row of ``split`` (one pass over the rows not seen yet)."""
-        if not self._complete(split):
-            missing = np.flatnonzero(~self._seen[split]) if split in self._seen else np.arange(self.num_rows(split))
-            batches = [missing[i : i + 256] for i in range(0, len(missing), 256)]
-            for _ in self.loader(split, batches):
-                pass
-        return self._pooled[split][(layer, pool)]
-
-
 def linear_probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray, test: np.ndarray,
                  y_test: np.ndarray, c_grid: Sequence[float], seed: int = 0) -> dict[str, float]:
     """Logistic regression on standardised features; C chosen on val, reported on test."""
@@ -160,8 +93,9 @@ def linear_probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val:
 def knn_predict(train: np.ndarray, y_train: np.ndarray, queries: np.ndarray, num_classes: int, k: int,
                 temperature: float) -> np.ndarray:
     """Cosine-similarity kNN with a temperature-weighted vote (weights ``exp(sim / T)``), via faiss."""
-    train = np.ascontiguousarray(train, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    # Copies: normalize_L2 works in place, and the inputs are the recorded features other probes read too.
+    train = np.array(train, dtype=np.float32, order="C")
+    queries = np.array(queries, dtype=np.float32, order="C")
     faiss.normalize_L2(train)
     faiss.normalize_L2(queries)
     index = faiss.IndexFlatIP(train.shape[1])
@@ -182,12 +116,13 @@ def probe_task(
     pools = [p for p in options.pools if p != "cls" or backbone.token_layout["cls_token"]]
     if len(pools) < len(options.pools):
         _logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
-    source = _activation_source(backbone, task, layers, options)
+    source = open_source(backbone, task, layers, epochs=options.inca_epochs, cache="reuse",
+                         cache_dir=options.cache_dir, num_workers=options.num_workers)
     # Tokens are kept as float16, exactly the size of a float16 store of these layers.
     keep = isinstance(source, LiveSource) and store_bytes(backbone, task, layers) <= options.memory_budget_gb * 1e9
     pooled_probes = [p for p in options.probes if p != "inca"]
     recorded_pools = pools if pooled_probes else []
-    probe_source = ProbeSource(source, recorded_pools, backbone.num_prefix_tokens, keep_tokens=keep)
+    probe_source = RecordingSource(source, recorded_pools, backbone.num_prefix_tokens, keep_tokens=keep)
     results: dict[str, dict[int, dict[str, float]]] = {}
     if "inca" in options.probes:
         results["inca"] = _inca_probe(backbone, task, layers, probe_source, options)
@@ -226,15 +161,7 @@ def _mean_ranking(results: dict[str, dict[int, dict[str, float]]]) -> list[int]:
     return rank_layers(mean)
 
 
-def _activation_source(backbone: Backbone, task: Task, layers: list[int], options: ProbeOptions):
-    found = find_cache(options.cache_dir, backbone, task, layers)
-    if found is not None:
-        _logger.info("%s: probing from the activation store %s", task.spec, found.path)
-        return CachedSource(found, layers)
-    return LiveSource(backbone, task, layers, options.num_workers)
-
-
-def _inca_probe(backbone: Backbone, task: Task, layers: list[int], source: ProbeSource,
+def _inca_probe(backbone: Backbone, task: Task, layers: list[int], source: RecordingSource,
                 options: ProbeOptions) -> dict[int, dict[str, float]]:
     specs = [AdapterSpec(layer=layer, num_heads=backbone.num_heads, lr=options.inca_lr, seed=options.seed)
              for layer in layers]
@@ -276,6 +203,13 @@ def _fit_knn(features, labels, layers, pool, num_classes, options) -> list[dict[
 # ----------------------------------------------------------------------------------------------------
 
 
+def probe_config(backbone: Backbone, layers: list[int], options: ProbeOptions) -> dict[str, Any]:
+    """What must match for a finished task's probes to be reused by a rerun (not where activations come from,
+    nor the memory budget)."""
+    keep = {k: v for k, v in asdict(options).items() if k not in ("memory_budget_gb", "cache_dir", "num_workers")}
+    return {"backbone": backbone.fingerprint, "layers": layers, **keep}
+
+
 def run_probe_suite(
     backbone: Backbone,
     task_specs: Sequence[str],
@@ -283,19 +217,23 @@ def run_probe_suite(
     options: ProbeOptions,
     out: str | os.PathLike,
     load_task: Callable[[str], Task],
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Probe each task; the report files are rewritten atomically after each task."""
-    out = Path(out)
+    """Probe each task; the reports are rewritten atomically after each task, and a rerun with the same
+    configuration skips the finished ones (another configuration needs ``overwrite``)."""
     layers = resolve_layers(layers_spec, backbone.num_blocks)
-    report: dict[str, Any] = {"backbone": backbone.describe(), "probes": options.probes, "tasks": {}}
-    for spec in task_specs:
-        report["tasks"][spec] = probe_task(backbone, load_task(spec), layers, options)
-        write_probe_report(out, report)
-    return report
+
+    def probe(spec: str) -> dict[str, Any]:
+        return probe_task(backbone, load_task(spec), layers, options)
+
+    fresh = {"backbone": backbone.describe(), "config": probe_config(backbone, layers, options),
+             "probes": options.probes, "tasks": {}}
+    units = (Unit(spec, spec, functools.partial(probe, spec)) for spec in task_specs)
+    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite)
 
 
-def write_probe_report(out: Path, report: dict[str, Any]) -> None:
-    atomic_write_json(out / REPORT_JSON, report)
+def write_reports(out: Path, report: dict[str, Any]) -> None:
+    """``probe.md`` and the plots of ``report`` (``probe.json``'s content, which the suite writes)."""
     atomic_write_text(out / REPORT_MD, render_probe_report(report))
     tasks = report["tasks"]
     panels = {

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from inca.activations import TensorSource
 from inca.adapters.inca import AdapterSpec, InCABank
 from inca.errors import InCAError
-from inca.train.bank import TensorSource, epoch_batches, evaluate_bank, select_best, train_bank
+from inca.train.bank import epoch_batches, evaluate_bank, select_best, train_bank
 from inca.train.optim import cosine_schedule
 
 DIM, TOKENS, CLASSES = 32, 8, 4

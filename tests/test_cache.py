@@ -99,6 +99,7 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, tiny_backbone, digit
     assert resumed.manifest["checksums"] == reference.manifest["checksums"]
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
     """The acceptance scenario: kill -9 the CLI half way, rerun it, compare with an uninterrupted build."""
     env = {**os.environ, "INCA_CACHE": str(tmp_path / "killed")}
@@ -172,6 +173,7 @@ def test_unwritable_cache_dir(tmp_path, tiny_backbone, digits):
         build_cache(tiny_backbone, digits, [0], blocker / "sub")
 
 
+@pytest.mark.slow
 def test_cli_build_and_verify(tmp_path, capsys):
     assert cache_main([*TINY_ARGS, "--task", "digits", "--layers", "last:2", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -180,6 +182,7 @@ def test_cli_build_and_verify(tmp_path, capsys):
     assert "files match their checksums" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [

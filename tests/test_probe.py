@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 
 from inca.cli import probe_main, train_main
 from inca.errors import InCAError
-from inca.probe import ProbeOptions, knn_predict, layers_from_report, probe_task
+from inca.probe import ProbeOptions, knn_predict, layers_from_report, probe_task, run_probe_suite
 from inca.tasks import SPLITS, image_loader, load_task, sequential_batches
 
 from .conftest import TINY_ARGS
@@ -68,6 +68,48 @@ def test_knn_equals_brute_force():
     assert np.array_equal(got, votes.argmax(1))
 
 
+def test_knn_leaves_its_inputs_unchanged():
+    rng = np.random.default_rng(0)
+    train, queries = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(10, 8)).astype(np.float32)
+    before = train.copy(), queries.copy()
+    knn_predict(train, rng.integers(0, 3, 40), queries, 3, k=5, temperature=0.1)
+    assert np.array_equal(train, before[0]) and np.array_equal(queries, before[1])
+
+
+def test_probe_order_changes_no_result(tiny_backbone, digits):
+    """The probes share the recorded features: kNN first must not leave them L2-normalised for the linear probe."""
+    knn_first = probe_task(tiny_backbone, digits, [1], ProbeOptions(probes=["knn", "linear"], linear_c=[1.0]))
+    linear_first = probe_task(tiny_backbone, digits, [1], ProbeOptions(probes=["linear", "knn"], linear_c=[1.0]))
+    assert set(knn_first["results"]) == {"knn/cls", "knn/mean", "linear/cls", "linear/mean"}
+    for key in ("results", "best_layers", "ranking"):
+        assert knn_first[key] == linear_first[key], key
+
+
+def test_probe_suite_resumes_and_refuses_another_configuration(tmp_path, tiny_backbone, digits):
+    loaded = []
+
+    def load(spec):
+        loaded.append(spec)
+        return digits if spec == "digits" else load_task(spec)
+
+    options = ProbeOptions(probes=["knn"], pools=["mean"])
+    first = run_probe_suite(tiny_backbone, ["digits"], "-1", options, tmp_path, load)
+    # Not the configuration: where activations come from and how much memory may hold them.
+    same = ProbeOptions(probes=["knn"], pools=["mean"], memory_budget_gb=0, num_workers=0)
+    second = run_probe_suite(tiny_backbone, ["digits", "synth-colour"], "-1", same, tmp_path, load)
+    assert loaded == ["digits", "synth-colour"]  # digits was finished: not even loaded again
+    assert list(second["tasks"]) == ["digits", "synth-colour"]
+    assert second["tasks"]["digits"] == first["tasks"]["digits"]
+    assert json.loads((tmp_path / "probe.json").read_text()) == second
+    other = ProbeOptions(probes=["knn"], pools=["mean"], k=5)
+    with pytest.raises(InCAError, match="another configuration \\(differs in k\\).*--overwrite"):
+        run_probe_suite(tiny_backbone, ["digits"], "-1", other, tmp_path, load)
+    with pytest.raises(InCAError, match="differs in layers"):
+        run_probe_suite(tiny_backbone, ["digits"], "0", options, tmp_path, load)
+    replaced = run_probe_suite(tiny_backbone, ["digits"], "-1", other, tmp_path, load, overwrite=True)
+    assert replaced["config"]["k"] == 5 and list(replaced["tasks"]) == ["digits"]
+
+
 def test_one_backbone_pass_feeds_every_layer(tiny_backbone, digits):
     options = ProbeOptions(probes=["linear", "knn", "inca"], inca_epochs=2, linear_c=[1.0])
     one = probe_task(tiny_backbone, digits, [3], options)["backbone_forward_calls"]
@@ -84,6 +126,7 @@ def test_streaming_epochs_without_memory(tiny_backbone, digits):
     assert calls == sum(-(-n // options.batch_size) for n in digits.sizes().values()) + train_batches
 
 
+@pytest.mark.slow
 def test_probe_cli_report(tmp_path, capsys):
     out = tmp_path / "probe"
     assert probe_main([*TINY_ARGS, "--tasks", "digits,synth-colour", "--out", str(out), "--linear-c", "1"]) == 0
@@ -117,6 +160,7 @@ def test_best_layers_need_the_task_in_the_report(tmp_path):
         layers_from_report("best:2", 4, str(tmp_path / "none.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--probes", "svm"], "unknown probe or pool \\['svm'\\]"), (["--pool", "max"], "unknown probe or pool"),
@@ -128,3 +172,18 @@ def test_probe_bad_input(tmp_path, capsys, args, message):
     assert probe_main([*TINY_ARGS, "--tasks", "digits", "--out", str(tmp_path), *args]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("inca-probe: error:") and re.search(message, last)
+
+
+@pytest.mark.slow
+def test_probe_cli_resumes_and_overwrites(tmp_path, capsys, caplog):
+    args = [*TINY_ARGS, "--tasks", "digits", "--out", str(tmp_path), "--probes", "knn", "--layers", "-1"]
+    assert probe_main(args) == 0
+    with caplog.at_level("INFO"):
+        assert probe_main(args) == 0
+    assert "digits: finished in an earlier run, skipped" in caplog.text
+    capsys.readouterr()
+    assert probe_main([*args, "--k", "5"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("inca-probe: error:") and "differs in k" in last and "--overwrite" in last
+    assert probe_main([*args, "--k", "5", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "probe.json").read_text())["config"]["k"] == 5

@@ -21,8 +21,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from inca.activations import TensorSource
 from inca.adapters.inca import AdapterSpec, InCA, InCABank, InCAReference, uses_weight_decay
-from inca.train.bank import TensorSource, epoch_batches, train_bank
+from inca.devices import autocast
+from inca.train.bank import epoch_batches, train_bank
 from inca.train.optim import cosine_schedule
 
 WIDTHS = [(384, 6), (768, 12), (1024, 16)]
@@ -108,7 +110,7 @@ def train_separately(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps, round(0.1 * steps)))
     for epoch in range(epochs):
         for features, labels in source.loader("train", epoch_batches(n, batch, 0, epoch)):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = adapter(features[spec.layer].to(device))
             loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
             optimizer.zero_grad(set_to_none=True)

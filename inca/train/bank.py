@@ -12,10 +12,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,15 +23,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from inca.activations import ActivationSource
 from inca.adapters.inca import InCABank
+from inca.devices import autocast
 from inca.errors import InCAError
 from inca.io import atomic_write
 from inca.train.optim import BatchedAdamW, cosine_schedule
 
 __all__ = [
-    "ActivationSource",
     "BankHistory",
-    "TensorSource",
     "epoch_batches",
     "evaluate_bank",
     "per_adapter_loss",
@@ -42,53 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class ActivationSource(Protocol):
-    """Where a bank's activations come from (an activation cache, a live backbone, memory)."""
-
-    layers: list[int]
-
-    def num_rows(self, split: str) -> int: ...
-
-    def labels(self, split: str) -> np.ndarray: ...
-
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[dict[int, Tensor], Tensor]]:
-        """Yield ``(features {layer: [B, T, D] float16/float32 CPU tensor}, labels [B] int64)`` for each
-        index array in ``batches``, in order. Index arrays arrive sorted ascending."""
-        ...
-
-
-class TensorSource:
-    """Activations held in memory: ``features[split][layer]`` tensors ``[N, T, D]``, ``labels[split]`` ``[N]``."""
-
-    def __init__(self, features: Mapping[str, Mapping[int, Tensor]], labels: Mapping[str, np.ndarray | Tensor]):
-        self._features = {split: dict(layers) for split, layers in features.items()}
-        self._labels = {split: np.asarray(y, dtype=np.int64) for split, y in labels.items()}
-        layer_sets = {tuple(sorted(layers)) for layers in self._features.values()}
-        if len(layer_sets) != 1 or set(self._features) != set(self._labels):
-            raise InCAError("TensorSource needs the same layers in every split and labels for every split")
-        self.layers = list(layer_sets.pop())
-        for split, layers in self._features.items():
-            if any(t.shape[0] != len(self._labels[split]) for t in layers.values()):
-                raise InCAError(f"TensorSource split {split!r}: features and labels differ in length")
-
-    def _split(self, split: str) -> str:
-        if split not in self._labels:
-            raise InCAError(f"no split {split!r} in this activation source; it has {sorted(self._labels)}")
-        return split
-
-    def num_rows(self, split: str) -> int:
-        return len(self._labels[self._split(split)])
-
-    def labels(self, split: str) -> np.ndarray:
-        return self._labels[self._split(split)]
-
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[dict[int, Tensor], Tensor]]:
-        features, labels = self._features[self._split(split)], self._labels[split]
-        for idx in batches:
-            index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-            yield {layer: t[index] for layer, t in features.items()}, torch.from_numpy(labels[idx])
 
 
 def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -178,7 +129,6 @@ def train_bank(
         start, history = _load_checkpoint(Path(checkpoint_path), bank, optimizer, config)
         logger.info("resuming bank training from %s after epoch %d/%d", checkpoint_path, start, epochs)
     frozen = bank.diverged.tolist()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=total, initial=start * steps_per_epoch, disable=not progress, desc="InCA bank", unit="step")
     step = start * steps_per_epoch
     for epoch in range(start, epochs):
@@ -186,7 +136,7 @@ def train_bank(
         for features, labels in source.loader("train", epoch_batches(n, batch_size, seed, epoch)):
             features = {layer: features[layer].to(device, non_blocking=True) for layer in bank.layers}
             labels = labels.to(device, non_blocking=True)
-            with autocast:
+            with autocast(device):
                 logits = bank(features)
             losses = per_adapter_loss(logits.float(), labels)
             bad = ~torch.isfinite(losses) & ~bank.diverged
@@ -236,7 +186,7 @@ def evaluate_bank(bank: InCABank, source: ActivationSource, split: str, batch_si
     device = bank.diverged.device
     correct = torch.zeros(len(bank), dtype=torch.long, device=device)
     batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         for features, labels in source.loader(split, batches):
             logits = bank({layer: features[layer].to(device) for layer in bank.layers})
             correct += (logits.argmax(-1) == labels.to(device)).sum(1)

@@ -1,0 +1,188 @@
+"""Suites: units of work (tasks, or (task, method) pairs) run one after another on one loaded backbone.
+
+After each unit the suite's report is rewritten atomically, so an interrupted suite loses at most the unit that
+was running, and a rerun into the same directory with the same configuration skips every finished unit. A report
+of another configuration is never silently replaced: that takes ``overwrite``. :func:`run_suite` is that loop
+for ``inca-train`` (:func:`run_train_suite`, below), ``inca-probe`` and ``inca-compare``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .backbone import Backbone
+from .errors import InCAError, first_line
+from .io import atomic_write_json, atomic_write_text, read_json
+from .report import markdown_table
+from .tasks import Task
+from .train.runner import InCAOptions, train_inca_task
+
+__all__ = [
+    "RESULTS_JSON",
+    "RESULTS_MD",
+    "Unit",
+    "open_report",
+    "render_results",
+    "run_suite",
+    "run_train_suite",
+    "train_config",
+]
+
+_logger = logging.getLogger(__name__)
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+Report = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of a suite: ``key`` identifies its result in the report, ``name`` it in the log, and ``run``
+    does the work and returns the result (called only when the report lacks it)."""
+
+    key: str
+    name: str
+    run: Callable[[], Any]
+
+
+def open_report(path: Path, fresh: Report, *, overwrite: bool = False) -> Report:
+    """The report at ``path`` when it holds results of ``fresh["config"]`` (and ``fresh``'s ``format_version``),
+    to be extended; ``fresh`` when there is none, or with ``overwrite``; else a one-line error."""
+    if not path.is_file():
+        return fresh
+    try:
+        saved = read_json(path)
+    except (OSError, ValueError) as exc:
+        problem = f"{path} is unreadable ({first_line(exc)})"
+    else:
+        problem = _mismatch(path, saved, fresh)
+    if problem is None:
+        return saved
+    if not overwrite:
+        raise InCAError(f"{problem}: use another --out, or --overwrite to replace them")
+    _logger.warning("%s: replacing them (--overwrite)", problem)
+    return fresh
+
+
+def _mismatch(path: Path, saved: Any, fresh: Report) -> str | None:
+    """Why a run starting from ``fresh`` cannot extend the ``saved`` report, or None."""
+    if not isinstance(saved, dict) or saved.get("format_version") != fresh.get("format_version"):
+        return f"{path} holds results of another inca version"
+    config = json.loads(json.dumps(fresh["config"]))  # as it reads back from JSON: tuples become lists
+    old = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    if old == config:
+        return None
+    differ = sorted(k for k in {*config, *old} if old.get(k) != config.get(k))
+    return f"{path} holds results of another configuration (differs in {', '.join(differ)})"
+
+
+def _in_tasks(report: Report, key: str) -> bool:
+    return key in report["tasks"]
+
+
+def _put_in_tasks(report: Report, key: str, result: Any) -> None:
+    report["tasks"][key] = result
+
+
+def run_suite(
+    out: str | os.PathLike,
+    report_file: str,
+    fresh: Report,
+    units: Iterable[Unit],
+    write_reports: Callable[[Path, Report], object],
+    *,
+    overwrite: bool = False,
+    finished: Callable[[Report, str], bool] = _in_tasks,
+    store: Callable[[Report, str, Any], None] = _put_in_tasks,
+) -> Report:
+    """Run ``units`` in order into the report ``out/report_file`` (see :func:`open_report`), skipping those
+    already ``finished`` there; after each unit its result is ``store``d, the report rewritten atomically and
+    ``write_reports(out, report)`` renders the rest (Markdown, plots). By default results live in
+    ``report["tasks"]`` under their unit's key. ``units`` is iterated lazily: it may load data as it goes."""
+    out = Path(out)
+    path = out / report_file
+    report = open_report(path, fresh, overwrite=overwrite)
+
+    def save() -> None:
+        atomic_write_json(path, report)
+        write_reports(out, report)
+
+    for unit in units:
+        if finished(report, unit.key):
+            _logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, path)
+            continue
+        store(report, unit.key, unit.run())
+        save()
+    save()
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# inca-train: one InCA bank per task
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_config(backbone: Backbone, layers_spec: str, options: InCAOptions) -> dict[str, Any]:
+    """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
+    keep = {k: v for k, v in asdict(options).items() if k not in ("cache", "cache_dir", "num_workers")}
+    return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **keep}
+
+
+def run_train_suite(
+    backbone: Backbone,
+    task_specs: Iterable[str],
+    layers_for: Callable[[Task], list[int]],
+    layers_spec: str,
+    options: InCAOptions,
+    out: str | os.PathLike,
+    load_task: Callable[[str], Task],
+    overwrite: bool = False,
+) -> Report:
+    """:func:`~inca.train.runner.train_inca_task` on each task into ``out/<task>/``; ``results.json`` and
+    ``results.md`` after each task (a rerun with the same configuration skips the finished ones)."""
+    out = Path(out)
+
+    def train(spec: str) -> dict[str, Any]:
+        task = load_task(spec)
+        result = train_inca_task(backbone, task, layers_for(task), options, out / task.slug)
+        _logger.info("%s: best layer %d, val %.4f, test %.4f (%.1fs)", spec, result["best"]["layer"],
+                     result["val_acc"], result["test_acc"], result["seconds"])
+        return result
+
+    fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
+    units = (Unit(spec, spec, functools.partial(train, spec)) for spec in task_specs)
+    return run_suite(out, RESULTS_JSON, fresh, units, _write_markdown, overwrite=overwrite)
+
+
+def _write_markdown(out: Path, results: Report) -> None:
+    atomic_write_text(out / RESULTS_MD, render_results(results))
+
+
+def render_results(results: Report) -> str:
+    """The summary table (best adapter per task) then, per task, every adapter of its bank."""
+    backbone = results["backbone"]
+    lines = [f"# InCA results: {backbone['name']} ({backbone['weights']} weights)\n"]
+    rows = [
+        [spec, r["best"]["layer"], r["best"]["lr"], r["best"]["num_queries"], r["val_acc"], r["test_acc"],
+         r["trainable_params"], f"{r['trainable_percent']:.2f}%", len(r["adapters"]), r["activations"],
+         f"{r['seconds']:.1f}"]
+        for spec, r in results["tasks"].items()
+    ]
+    lines.append(markdown_table(
+        ["task", "best layer", "lr", "queries", "val acc", "test acc", "params", "% backbone", "adapters",
+         "activations", "seconds"], rows))
+    for spec, r in results["tasks"].items():
+        lines.append(f"## {spec}\n")
+        lines.append(markdown_table(
+            ["layer", "lr", "wd", "queries", "heads", "mlp", "seed", "val acc", "test acc", "diverged"],
+            [[a["layer"], a["lr"], a["weight_decay"], a["num_queries"], a["num_heads"], a["mlp_ratio"], a["seed"],
+              a["val_acc"], a["test_acc"], "yes" if a["diverged"] else ""] for a in r["adapters"]],
+        ))
+    return "\n".join(lines)
