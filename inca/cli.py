@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -68,11 +69,14 @@ def _suite_parser(prog: str, description: str, out: str, out_help: str) -> argpa
     parser.add_argument("--tasks", "--task", dest="tasks", help="task spec(s), comma-separated")
     parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results of another configuration in --out (a rerun of the same one resumes)")
     return parser
 
 
 def _backbone(args: argparse.Namespace):
-    from .backbone import create_backbone, resolve_device
+    from .backbone import create_backbone
+    from .devices import resolve_device
 
     return create_backbone(args.backbone, args.weights, args.model_kwargs, device=resolve_device(args.device))
 
@@ -126,20 +130,29 @@ def cache_main(argv: Sequence[str] | None = None) -> int:
 
 
 def compare_parser() -> argparse.ArgumentParser:
+    import textwrap
+
+    from .methods import METHODS, PEFT_DIR, methods_help
+
     parser = _suite_parser(
         "inca-compare",
-        "Compare InCA, LoRA, LoRA-GA, Compacter, Compacter++, full fine-tuning and linear probing "
-        "on the same backbone, splits, batches and seed; writes compare.json/.md and two plots.",
+        textwrap.fill(f"Compare methods ({', '.join(METHODS)}) on the same backbone, splits, batches and seed; "
+                      "writes compare.json/.md and two plots.", 78),
         out="compare", out_help="output directory; a rerun skips finished pairs",
     )
-    parser.add_argument("--methods", help="comma-separated, default all: inca,lora,lora-ga,compacter,compacter++,"
-                                          "full,linear")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the method table's layout
+    parser.epilog = methods_help(78)
+    parser.add_argument("--methods", help=f"comma-separated, default all: {','.join(METHODS)}")
     parser.add_argument("--method-args", nargs="*", action="extend", default=[], metavar="METHOD.KEY=VALUE",
                         help="override a method's default hyper-parameter, e.g. lora.rank=4 linear.pool=mean "
-                             "(repeatable; later values win, flags over the recipe's)")
+                             "(repeatable; later values win, flags over the recipe's; see the list below)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs for every method (default 10)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for every method (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of heads, adapters and batch order (default 0)")
+    exporters = ", ".join(name for name, method in METHODS.items() if method.export is not None)
+    parser.add_argument("--export-peft", action="store_true",
+                        help=f"also write each trained {exporters} model as a PEFT LoRA adapter, to "
+                             f"OUT/runs/<task>/<method>/{PEFT_DIR}/ (pairs a rerun skips are not re-exported)")
     return parser
 
 
@@ -168,12 +181,13 @@ def _suite(args: argparse.Namespace):
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import REPORT_FILE, render_markdown, run_comparison
-    from .train.methods import METHODS, RunSettings, resolve_methods
+    from .methods import METHODS, RunSettings, resolve_methods
 
     methods = resolve_methods(args.methods or list(METHODS), args.method_args)
     specs, backbone = _suite(args)
-    settings = RunSettings(args.epochs, args.batch_size, args.seed, args.num_workers)
-    summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec))
+    settings = RunSettings(args.epochs, args.batch_size, args.seed, args.num_workers, export_peft=args.export_peft)
+    summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
+                             overwrite=args.overwrite)
     print(render_markdown(summary), end="")
     print(f"\nwritten to {args.out}/ ({REPORT_FILE}, compare.json, compare_accuracy_vs_params.png, compare_loss.png)")
     return 0
@@ -204,20 +218,20 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--warmup-ratio", type=float, default=0.1)
     run.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
-    run.add_argument("--cache", default="auto", choices=["auto", "always", "never"],
-                     help="auto: reuse or build a store when it pays off, else stream live activations")
+    run.add_argument("--cache", default="auto", choices=["auto", "always", "never", "reuse"],
+                     help="auto: reuse or build a store when it pays off, else stream live activations; "
+                          "reuse: read a store only if one exists")
     run.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
     run.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
     run.add_argument("--cache-max-gb", type=float, default=64.0, help="largest store --cache auto builds")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace results of another configuration in --out (a rerun of the same one resumes)")
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
     from .probe import layers_from_report
     from .recipe import as_list
-    from .train.runner import InCAOptions, render_results, run_suite
+    from .suite import render_results, run_train_suite
+    from .train.runner import InCAOptions
 
     options = InCAOptions(
         lr=[float(v) for v in as_list(args.lr)],
@@ -232,8 +246,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     specs, backbone = _suite(args)
     layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report)
-    results = run_suite(backbone, specs, layers_for, str(args.layers), options, args.out,
-                        load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
+    results = run_train_suite(backbone, specs, layers_for, str(args.layers), options, args.out,
+                              load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
     print(render_results(results).split("\n## ")[0], end="")
     print(f"\nwritten to {args.out}/ (results.json, results.md, <task>/adapter/)")
     return 0
@@ -244,24 +258,42 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="inca-predict", description="Classify images with an adapter saved by inca-train.")
-    parser.add_argument("--adapter", required=True, help="an adapter directory (OUT/<task>/adapter)")
+    parser = _Parser(
+        prog="inca-predict",
+        description="Classify images with adapters saved by inca-train: every task from one backbone pass per batch.",
+    )
+    parser.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
+                        help="an adapter or ensemble directory (OUT/<task>/adapter); repeat for more tasks")
     parser.add_argument("--images", nargs="+", required=True, help="image files or directories")
     parser.add_argument("--weights", help="backbone weights if not the recorded ones (must be identical)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--top-k", type=int, default=1, help="classes reported per task (default 1)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from --output's suffix, else csv")
+    parser.add_argument("--output", help="write the rows to this file (atomically) instead of stdout")
     return parser
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .backbone import resolve_device
-    from .predict import load_predictor
+    from .devices import resolve_device
+    from .inference import MultiTaskInCA
+    from .io import atomic_write_text
+    from .predict import format_predictions, predict_images
 
-    predictor = load_predictor(args.adapter, args.weights, resolve_device(args.device))
-    for prediction in predictor.predict(args.images, args.top_k, args.batch_size):
-        ranked = ", ".join(f"{label} ({p:.3f})" for label, p in zip(prediction.labels, prediction.probabilities))
-        print(f"{prediction.path}\t{ranked}")
+    pairs = [item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item)
+             for item in args.adapter]
+    named = {name: directory for name, _, directory in pairs if name}
+    if named and len(named) != len(pairs):
+        raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none")
+    adapters = named or [directory for _, _, directory in pairs]
+    model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
+    fmt = args.format or ("jsonl" if str(args.output or "").endswith((".json", ".jsonl")) else "csv")
+    text = format_predictions(predict_images(model, args.images, args.top_k, args.batch_size), model.tasks, fmt)
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"predictions for {len(model.tasks)} tasks written to {args.output}", file=sys.stderr)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -302,7 +334,7 @@ def _probe(args: argparse.Namespace) -> int:
     )
     specs, backbone = _suite(args)
     report = run_probe_suite(backbone, specs, str(args.layers), options, args.out,
-                             load_task=lambda spec: _load_task(args, spec))
+                             load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))
     print(f"\nwritten to {args.out}/ ({REPORT_JSON}, probe.md, PNG plots); "
           f"train on the best layers with: inca-train --layers best:K --probe-report {args.out}/{REPORT_JSON}")

@@ -1,9 +1,12 @@
-"""Classify image files with a saved InCA adapter and the backbone its metadata names."""
+"""Classify image files for every task of a :class:`~inca.inference.MultiTaskInCA` (one backbone pass per
+batch serves them all) and write one row per image: CSV or JSON Lines."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
+import csv
+import io
+import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,73 +14,74 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .adapters.inca import InCA, load_adapter
-from .backbone import Backbone, create_backbone
+from .devices import autocast
 from .errors import InCAError
+from .inference import MultiTaskInCA
 from .tasks import Split, image_loader, sequential_batches
 from .tasks.folder import FileSource
 
+__all__ = ["FORMATS", "ImagePrediction", "expand_images", "format_predictions", "predict_images"]
+
+FORMATS = ("csv", "jsonl")
+
 
 @dataclass
-class Prediction:
+class ImagePrediction:
+    """One image's top-k classes and probabilities for every task, best first."""
+
     path: str
-    labels: list[str]  # top-k class names, best first
-    probabilities: list[float]
+    labels: dict[str, list[str]]
+    probabilities: dict[str, list[float]]
 
 
-@dataclass
-class Predictor:
-    adapter: InCA
-    backbone: Backbone
-    layer: int
-    classes: list[str]
-
-    def predict(self, paths: Sequence[str], top_k: int = 1, batch_size: int = 64) -> list[Prediction]:
-        files = expand_images(paths)
-        split = Split(FileSource(files), np.arange(len(files)), np.zeros(len(files), dtype=np.int64))
-        return list(self._predict(split, files, top_k, batch_size))
-
-    def _predict(self, split: Split, files: list[str], top_k: int, batch_size: int) -> Iterator[Prediction]:
-        top_k = max(1, min(top_k, len(self.classes)))
-        self.adapter.to(self.backbone.device).eval()
-        batches = sequential_batches(0, len(split), batch_size)
-        for rows, (images, _) in zip(batches, image_loader(split, self.backbone.transform, batches)):
-            tokens = self.backbone.extract(images, [self.layer])[self.layer].float()
-            with torch.inference_mode():
-                probs = self.adapter(tokens).softmax(-1)
-            values, indices = probs.topk(top_k, dim=-1)
-            for row, vals, idx in zip(rows, values.tolist(), indices.tolist()):
-                yield Prediction(files[row], [self.classes[i] for i in idx], vals)
-
-
-def load_predictor(
-    adapter_dir: str | os.PathLike, weights: str | None = None, device: str | torch.device = "cpu"
-) -> Predictor:
-    """The adapter plus its backbone (``weights`` overrides the recorded ones; they must be the same)."""
-    adapter, metadata = load_adapter(adapter_dir)
-    recorded = metadata.get("backbone")
-    if not isinstance(recorded, dict) or "name" not in recorded:
-        raise InCAError(f"{adapter_dir} does not record its backbone; it was not saved by inca-train")
-    backbone = create_backbone(recorded["name"], weights or recorded["weights"], recorded["model_kwargs"], device)
-    check_adapter_fits(adapter, metadata, backbone)
-    return Predictor(adapter, backbone, int(metadata["layer"]), list(metadata["classes"]))
+def predict_images(
+    model: MultiTaskInCA, paths: Sequence[str], top_k: int = 1, batch_size: int = 64, num_workers: int | None = None
+) -> Iterator[ImagePrediction]:
+    """Predictions for image files (or directories of them), in file order, under inference mode."""
+    if model.transform is None:
+        raise InCAError("predict_images needs a MultiTaskInCA built from an inca Backbone (it knows the preprocessing)")
+    if top_k < 1 or batch_size < 1:
+        raise InCAError(f"--top-k ({top_k}) and --batch-size ({batch_size}) must be positive")
+    files = expand_images(paths)
+    split = Split(FileSource(files), np.arange(len(files)), np.zeros(len(files), dtype=np.int64))
+    device = next(model.parameters()).device
+    model.eval()
+    batches = sequential_batches(0, len(files), batch_size)
+    for rows, (images, _) in zip(batches, image_loader(split, model.transform, batches, num_workers)):
+        with torch.inference_mode(), autocast(device):
+            outputs = model(images.to(device))
+        ranked = {}
+        for task, logits in outputs.items():
+            k = min(top_k, logits.shape[-1])
+            values, indices = logits.float().softmax(-1).topk(k, dim=-1)
+            classes = model.classes(task)
+            ranked[task] = ([[classes[i] for i in idx] for idx in indices.tolist()], values.tolist())
+        for j, row in enumerate(rows):
+            yield ImagePrediction(
+                files[row], {t: labels[j] for t, (labels, _) in ranked.items()},
+                {t: probs[j] for t, (_, probs) in ranked.items()},
+            )  # fmt: skip
 
 
-def check_adapter_fits(adapter: InCA, metadata: dict, backbone: Backbone) -> None:
-    """Refuse an adapter trained on another backbone: width, depth or weights that differ."""
-    if adapter.dim != backbone.width:
-        raise InCAError(
-            f"the adapter reads width {adapter.dim} but {backbone.name} has width {backbone.width}: "
-            "use the backbone it was trained on"
-        )
-    if not 0 <= int(metadata["layer"]) < backbone.num_blocks:
-        raise InCAError(f"the adapter reads layer {metadata['layer']}; {backbone.name} has {backbone.num_blocks}")
-    recorded = metadata["backbone"].get("weights_hash")
-    if recorded and recorded != backbone.weights_hash:
-        raise InCAError(
-            f"the adapter was trained on {metadata['backbone']['name']} with other weights "
-            f"(hash {recorded}, these are {backbone.weights_hash}): pass the --weights it was trained with"
-        )
+def format_predictions(predictions: Iterable[ImagePrediction], tasks: Sequence[str], fmt: str) -> str:
+    """CSV (``path``, then per task ``<task>`` and ``<task>:probability``, top-k joined by ``;``) or JSON
+    Lines (``{"path": ..., "tasks": {task: {"labels": [...], "probabilities": [...]}}}``)."""
+    if fmt not in FORMATS:
+        raise InCAError(f"prediction format {fmt!r} is not one of {', '.join(FORMATS)}")
+    buffer = io.StringIO()
+    if fmt == "jsonl":
+        for p in predictions:
+            tasks_out = {t: {"labels": p.labels[t], "probabilities": p.probabilities[t]} for t in tasks}
+            buffer.write(json.dumps({"path": p.path, "tasks": tasks_out}) + "\n")
+        return buffer.getvalue()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", *[column for t in tasks for column in (t, f"{t}:probability")]])
+    for p in predictions:
+        cells = [p.path]
+        for t in tasks:
+            cells += [";".join(p.labels[t]), ";".join(f"{v:.6f}" for v in p.probabilities[t])]
+        writer.writerow(cells)
+    return buffer.getvalue()
 
 
 def expand_images(paths: Sequence[str]) -> list[str]:
@@ -93,6 +97,3 @@ def expand_images(paths: Sequence[str]) -> list[str]:
     if not files:
         raise InCAError(f"no images found in {', '.join(map(str, paths))} (extensions: {', '.join(IMG_EXTENSIONS)})")
     return files
-
-
-__all__ = ["Prediction", "Predictor", "check_adapter_fits", "expand_images", "load_predictor"]

@@ -1,4 +1,9 @@
-"""Reports: Markdown tables and PNG plots (JSON goes through :mod:`inca.io`'s atomic writes)."""
+"""Reports: Markdown tables and PNG plots (JSON goes through :mod:`inca.io`'s atomic writes).
+
+Plots are drawn with matplotlib's object API (:class:`~matplotlib.figure.Figure` rendered by its Agg
+canvas), never ``pyplot``: importing inca does not switch the caller's backend or touch pyplot's
+global figure registry.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .io import atomic_write  # noqa: E402
+from .io import atomic_write
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -36,11 +38,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join([line(headers), rule, *map(line, cells)]) + "\n"
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
-    """Write a PNG atomically and free the figure."""
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write a PNG atomically."""
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
 
 
 Series = dict[str, tuple[Sequence[float], Sequence[float]]]
@@ -58,7 +59,8 @@ def plot_lines(
     highlights one x of a series with a star (e.g. the best layer)."""
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    fig = Figure(figsize=(6.5 * cols, 4.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (panel, series) in zip(axes.flat, panels.items()):
         for label, (x, y) in series.items():
             (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
@@ -82,7 +84,8 @@ def plot_scatter(
     path: str | os.PathLike, points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str
 ) -> None:
     """Labelled points, x on a log scale (e.g. accuracy against trainable parameters)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for label, (x, y) in points.items():
         ax.scatter([x], [y], s=40)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -98,7 +101,8 @@ def plot_heatmap(
     path: str | os.PathLike, values: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, xlabel: str
 ) -> None:
     """A rows x cols grid with each cell's value written in it (e.g. tasks x layers accuracy)."""
-    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(cols) + 2.5), max(2.5, 0.45 * len(rows) + 1.5)))
+    fig = Figure(figsize=(max(5, 0.55 * len(cols) + 2.5), max(2.5, 0.45 * len(rows) + 1.5)))
+    ax = fig.subplots()
     image = ax.imshow(values, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(cols)), labels=list(cols))
     ax.set_yticks(range(len(rows)), labels=list(rows))

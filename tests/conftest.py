@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,3 +27,34 @@ def tiny_backbone():
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's ~/.cache/inca from tests."""
     monkeypatch.setenv("INCA_CACHE", str(tmp_path / "inca-cache"))
+
+
+# Tensors shared by the adapter tests.
+
+
+def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial weights everywhere, LayerNorm affines included (identity LNs would hide fold errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * noise)
+            elif p.dim() == 1 or name.endswith("query"):
+                p.copy_(0.3 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+    return module
+
+
+def tokens(b: int, t: int, d: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Per-token offsets and scales, as in real ViT activations: standardisation must matter.
+    z = torch.randn(b, t, d, generator=g) * (0.5 + torch.rand(b, t, 1, generator=g) * 3)
+    return (z + torch.randn(b, t, 1, generator=g)).to(dtype)
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * max(scale, 1e-12), f"max error {err:.3g} vs scale {scale:.3g}"

@@ -4,36 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from inca.adapters.inca import InCA, InCAReference, OpenInCA, load_adapter, save_adapter
+from inca.adapters.inca import InCA, InCAReference, OpenInCA
 from inca.errors import InCAError
 
-
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial weights everywhere, LayerNorm affines included (identity LNs would hide fold errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * noise)
-            elif p.dim() == 1 or name.endswith("query"):
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(noise / p.shape[-1] ** 0.5)
-    return module
-
-
-def tokens(b: int, t: int, d: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    # Per-token offsets and scales, as in real ViT activations: standardisation must matter.
-    z = torch.randn(b, t, d, generator=g) * (0.5 + torch.rand(b, t, 1, generator=g) * 3)
-    return (z + torch.randn(b, t, 1, generator=g)).to(dtype)
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= tol * max(scale, 1e-12), f"max error {err:.3g} vs scale {scale:.3g}"
+from .conftest import assert_rel, randomise, tokens
 
 
 def reference_of(adapter: InCA) -> InCAReference:
@@ -92,21 +66,6 @@ def test_bad_shapes_are_one_line_errors():
         InCA(30, 3, num_heads=4)
     with pytest.raises(InCAError, match="num_queries"):
         InCA(32, 3, num_heads=4, num_queries=0)
-
-
-def test_save_load_round_trip(tmp_path):
-    adapter = randomise(InCA(32, 6, 4, 2, mlp_ratio=1.0))
-    meta = {"backbone": "vit_tiny_patch16_224", "layer": 7, "classes": list("abcdef"), "lr": 1e-3}
-    save_adapter(adapter, tmp_path / "a", meta)
-    loaded, loaded_meta = load_adapter(tmp_path / "a")
-    z = tokens(4, 9, 32)
-    assert torch.equal(adapter(z), loaded(z))
-    assert loaded_meta["layer"] == 7 and loaded_meta["classes"] == list("abcdef")
-    assert (loaded_meta["num_heads"], loaded_meta["num_queries"], loaded_meta["mlp_ratio"]) == (4, 2, 1.0)
-    with pytest.raises(InCAError, match="contradicts"):
-        save_adapter(adapter, tmp_path / "b", {"num_heads": 8})
-    with pytest.raises(InCAError, match="no adapter"):
-        load_adapter(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------------------------------------------- Open-InCA

@@ -4,19 +4,19 @@ import numpy as np
 import pytest
 import torch
 
+from inca.activations import TensorSource
 from inca.adapters.inca import (
     AdapterSpec,
     InCA,
     InCABank,
-    load_adapter,
-    save_adapter,
     split_qkv,
     uses_weight_decay,
 )
+from inca.adapters.saved import TaskAdapter, load_adapter, save_adapter
 from inca.errors import InCAError
-from inca.train.bank import TensorSource, train_bank
+from inca.train.bank import train_bank
 from inca.train.optim import BatchedAdamW
-from tests.test_inca_adapter import assert_rel, randomise, tokens
+from tests.conftest import assert_rel, randomise, tokens
 
 DIM, CLASSES = 32, 5
 # Interleaved layers and shapes: three stacks, two layers, output order != stack order.
@@ -74,9 +74,10 @@ def test_adapter_round_trip_through_save_load(tmp_path):
     feats = features()
     logits = bank(feats)
     for i in (1, 4):
-        save_adapter(bank.adapter(i), tmp_path / str(i), {"layer": SPECS[i].layer})
-        adapter, meta = load_adapter(tmp_path / str(i))
-        assert_rel(adapter(feats[meta["layer"]]), logits[i], 1e-5)
+        save_adapter(TaskAdapter.from_bank(bank, [i], [str(c) for c in range(bank.num_classes)]), tmp_path / str(i))
+        adapter = load_adapter(tmp_path / str(i))
+        assert adapter.layers == [SPECS[i].layer]
+        assert_rel(adapter(feats), logits[i], 1e-5)
 
 
 def test_one_step_equals_torch_adamw_per_adapter():

@@ -1,17 +1,20 @@
 """Adapters: InCA (on frozen activations) and end-to-end methods attached to timm blocks."""
 
 from .compacter import apply_compacter
-from .inca import AdapterSpec, InCA, InCABank, OpenInCA, load_adapter, save_adapter
-from .lora import apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
+from .inca import AdapterSpec, InCA, InCABank, OpenInCA
+from .lora import apply_lora, export_peft, load_lora, merge_lora, save_lora, unmerge_lora
 from .lora_ga import init_lora_ga
+from .saved import TaskAdapter, load_adapter, save_adapter
 
 __all__ = [
     "AdapterSpec",
     "InCA",
     "InCABank",
     "OpenInCA",
+    "TaskAdapter",
     "apply_compacter",
     "apply_lora",
+    "export_peft",
     "init_lora_ga",
     "load_adapter",
     "load_lora",

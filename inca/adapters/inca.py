@@ -23,20 +23,16 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from inca.errors import InCAError, first_line
-from inca.io import atomic_write, atomic_write_json, read_json
+from inca.errors import InCAError
 
 __all__ = [
     "AdapterSpec",
@@ -46,8 +42,6 @@ __all__ = [
     "InCAStack",
     "OpenInCA",
     "join_qkv",
-    "load_adapter",
-    "save_adapter",
     "split_qkv",
     "standardise",
     "uses_weight_decay",
@@ -533,51 +527,3 @@ class InCABank(nn.Module):
                 wd = [self.specs[i].weight_decay if decayed else 0.0 for i in ids]
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "adapters": ids})
         return groups
-
-
-# ----------------------------------------------------------------------------------------------------
-# Saving and loading one adapter
-# ----------------------------------------------------------------------------------------------------
-
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
-
-
-_ARCHITECTURE = ("dim", "num_classes", "num_heads", "num_queries", "mlp_ratio")
-
-
-def _architecture(adapter: InCA) -> dict[str, Any]:
-    return {k: getattr(adapter, k) for k in _ARCHITECTURE}
-
-
-def save_adapter(adapter: InCA, directory: str | os.PathLike, metadata: Mapping[str, Any]) -> None:
-    """Write ``adapter.safetensors`` and ``adapter.json`` (``metadata`` plus the architecture) atomically.
-
-    ``metadata`` should name the backbone, layer, classes and training hyper-parameters, so the adapter
-    can be used without the run that produced it.
-    """
-    arch = _architecture(adapter)
-    clash = {k: metadata[k] for k in arch if k in metadata and metadata[k] != arch[k]}
-    if clash:
-        raise InCAError(f"adapter metadata {clash} contradicts the adapter itself {arch}; drop those keys")
-    directory = Path(directory)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(directory / ADAPTER_CONFIG, {"format": "inca-adapter", "version": 1, **metadata, **arch})
-
-
-def load_adapter(directory: str | os.PathLike) -> tuple[InCA, dict[str, Any]]:
-    """Read what :func:`save_adapter` wrote: the adapter (on CPU) and its metadata."""
-    directory = Path(directory)
-    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
-        raise InCAError(f"no adapter in {directory}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} there")
-    metadata = read_json(directory / ADAPTER_CONFIG)
-    if metadata.get("format") != "inca-adapter":
-        raise InCAError(f"{directory / ADAPTER_CONFIG} is not an InCA adapter config; pass a save_adapter directory")
-    adapter = InCA(**{k: metadata[k] for k in _ARCHITECTURE}, seed=0)
-    try:
-        adapter.load_state_dict(load_file(directory / ADAPTER_WEIGHTS))
-    except RuntimeError as e:
-        raise InCAError(
-            f"{directory / ADAPTER_WEIGHTS} does not match {ADAPTER_CONFIG}: {first_line(e)}"
-        ) from e
-    return adapter, metadata
