@@ -224,6 +224,9 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
     run.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
     run.add_argument("--cache-max-gb", type=float, default=64.0, help="largest store --cache auto builds")
+    run.add_argument("--ensemble", type=int, default=1, metavar="K",
+                     help="also report and save (OUT/<task>/ensemble) the average of the top-K adapters by val "
+                          "(default 1: the best adapter only)")
     return parser
 
 
@@ -242,7 +245,7 @@ def _train(args: argparse.Namespace) -> int:
         adapter_seeds=[int(v) for v in as_list(args.adapter_seeds)],
         epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, seed=args.seed,
         cache=args.cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, cache_max_gb=args.cache_max_gb,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, ensemble=args.ensemble,
     )
     specs, backbone = _suite(args)
     layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report)

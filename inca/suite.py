@@ -169,15 +169,20 @@ def render_results(results: Report) -> str:
     """The summary table (best adapter per task) then, per task, every adapter of its bank."""
     backbone = results["backbone"]
     lines = [f"# InCA results: {backbone['name']} ({backbone['weights']} weights)\n"]
+    headers = ["task", "best layer", "lr", "queries", "val acc", "test acc", "params", "% backbone", "adapters",
+               "activations", "seconds"]
     rows = [
         [spec, r["best"]["layer"], r["best"]["lr"], r["best"]["num_queries"], r["val_acc"], r["test_acc"],
          r["trainable_params"], f"{r['trainable_percent']:.2f}%", len(r["adapters"]), r["activations"],
          f"{r['seconds']:.1f}"]
         for spec, r in results["tasks"].items()
     ]
-    lines.append(markdown_table(
-        ["task", "best layer", "lr", "queries", "val acc", "test acc", "params", "% backbone", "adapters",
-         "activations", "seconds"], rows))
+    if any(r.get("ensemble") for r in results["tasks"].values()):
+        headers[6:6] = ["ensemble", "ens. val acc", "ens. test acc"]
+        for row, r in zip(rows, results["tasks"].values()):
+            ensemble = r.get("ensemble") or {}
+            row[6:6] = [f"top {ensemble['k']}" if ensemble else "-", ensemble.get("val_acc"), ensemble.get("test_acc")]
+    lines.append(markdown_table(headers, rows))
     for spec, r in results["tasks"].items():
         lines.append(f"## {spec}\n")
         lines.append(markdown_table(

@@ -9,7 +9,7 @@ import torch
 from inca.activations import TensorSource
 from inca.adapters.inca import AdapterSpec, InCABank
 from inca.errors import InCAError
-from inca.train.bank import epoch_batches, evaluate_bank, select_best, train_bank
+from inca.train.bank import epoch_batches, evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 from inca.train.optim import cosine_schedule
 
 DIM, TOKENS, CLASSES = 32, 8, 4
@@ -129,3 +129,17 @@ def test_cosine_schedule_with_warmup():
     assert f(60) == pytest.approx(0.55)
     assert f(110) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_ensemble_accuracy_is_the_argmax_of_mean_probabilities_and_top_adapters_rank_by_val():
+    source = separable_source()
+    bank = InCABank(SPECS, DIM, CLASSES)
+    train_bank(bank, source, epochs=2, batch_size=32, progress=False)
+    features = {layer: source._features["test"][layer] for layer in (0, 1)}
+    with torch.no_grad():
+        probabilities = bank(features)[[1, 2]].float().softmax(-1).mean(0)
+    expected = (probabilities.argmax(-1).numpy() == source.labels("test")).mean()
+    assert evaluate_ensemble(bank, source, [1, 2], "test", batch_size=40) == pytest.approx(expected)
+    accuracy = torch.tensor([0.5, math.nan, 0.7, 0.5])
+    assert top_adapters(accuracy, 3) == [2, 0, 3]
+    assert top_adapters(accuracy, 9) == [2, 0, 3]

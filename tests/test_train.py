@@ -9,6 +9,7 @@ import torch
 
 from inca.activations import CachedSource, LiveSource
 from inca.adapters.inca import AdapterSpec, InCABank
+from inca.adapters.saved import load_adapter
 from inca.cache import build_cache
 from inca.cli import predict_main, train_main
 from inca.tasks import load_task
@@ -50,7 +51,7 @@ def _run_train(tmp_path, *extra):
 @pytest.mark.slow
 def test_train_cli_end_to_end_and_predict(tmp_path, capsys):
     code, out = _run_train(tmp_path, "--tasks", "synth-colour,digits", "--layers", "last:2", "--lr", "3e-3,1e-3",
-                           "--epochs", "2")
+                           "--epochs", "2", "--ensemble", "3")
     assert code == 0
     printed = capsys.readouterr().out
     assert "| synth-colour" in printed and "| digits" in printed
@@ -63,6 +64,10 @@ def test_train_cli_end_to_end_and_predict(tmp_path, capsys):
         assert result["best"]["index"] == int(np.argmax(val))  # selected on val, never test
         assert result["trainable_params"] > 0 and 0 < result["trainable_percent"] < 100
         assert result["activations"] == "cache"
+        ensemble = result["ensemble"]
+        assert ensemble["k"] == 3 and ensemble["members"] == sorted(range(4), key=lambda i: (-val[i], i))[:3]
+        assert load_adapter(ensemble["adapter_dir"]).layers == [adapters[i]["layer"] for i in ensemble["members"]]
+    assert "ens. test acc" in (out / "results.md").read_text()
     assert (out / "results.md").read_text().startswith("# InCA results")
     assert not list(out.rglob("checkpoint.safetensors"))
 
@@ -73,12 +78,16 @@ def test_train_cli_end_to_end_and_predict(tmp_path, capsys):
     image_dir.mkdir()
     for i in range(len(test)):
         test.image(i).save(image_dir / f"{i:04d}.png")
-    assert predict_main(["--adapter", str(out / "synth-colour" / "adapter"), "--images", str(image_dir)]) == 0
+    # Both tasks from one backbone pass: synth-colour's single best adapter and its ensemble, and digits'.
+    adapters = [f"colour={out / 'synth-colour' / 'adapter'}", f"colour-ensemble={out / 'synth-colour' / 'ensemble'}",
+                f"digits={out / 'digits' / 'adapter'}"]
+    assert predict_main([arg for a in adapters for arg in ("--adapter", a)] + ["--images", str(image_dir)]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == len(test)
-    predicted = [row["synth-colour"] for row in rows]
-    accuracy = np.mean([task.classes.index(p) == y for p, y in zip(predicted, test.labels)])
-    assert abs(accuracy - results["tasks"]["synth-colour"]["test_acc"]) <= 2 / len(test)
+    assert len(rows) == len(test) and all(row["digits"] for row in rows)
+    for column, reported in (("colour", results["tasks"]["synth-colour"]["test_acc"]),
+                             ("colour-ensemble", results["tasks"]["synth-colour"]["ensemble"]["test_acc"])):
+        accuracy = np.mean([task.classes.index(row[column]) == y for row, y in zip(rows, test.labels)])
+        assert abs(accuracy - reported) <= 2 / len(test), column
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,8 +35,10 @@ __all__ = [
     "BankHistory",
     "epoch_batches",
     "evaluate_bank",
+    "evaluate_ensemble",
     "per_adapter_loss",
     "select_best",
+    "top_adapters",
     "train_bank",
 ]
 
@@ -178,19 +181,44 @@ def _nanmax(values: list[float]) -> float:
     return max((v for v in values if not math.isnan(v)), default=math.nan)
 
 
-@torch.inference_mode()
+def _eval_logits(
+    bank: InCABank, source: ActivationSource, split: str, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(logits [E, B, C], labels [B])`` over ``split`` in order, on the bank's device, inference mode."""
+    n = _check_source(bank, source, split)
+    device = bank.diverged.device
+    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    with torch.inference_mode(), autocast(device):
+        for features, labels in source.loader(split, batches):
+            yield bank({layer: features[layer].to(device) for layer in bank.layers}), labels.to(device)
+
+
 def evaluate_bank(bank: InCABank, source: ActivationSource, split: str, batch_size: int = 256) -> Tensor:
     """Accuracy of every adapter on ``split`` (on the bank's device): a CPU float tensor ``[E]``, NaN for
     diverged adapters."""
-    n = _check_source(bank, source, split)
-    device = bank.diverged.device
-    correct = torch.zeros(len(bank), dtype=torch.long, device=device)
-    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    with autocast(device):
-        for features, labels in source.loader(split, batches):
-            logits = bank({layer: features[layer].to(device) for layer in bank.layers})
-            correct += (logits.argmax(-1) == labels.to(device)).sum(1)
-    return (correct.double() / n).float().masked_fill(bank.diverged, math.nan).cpu()
+    correct = torch.zeros(len(bank), dtype=torch.long, device=bank.diverged.device)
+    for logits, labels in _eval_logits(bank, source, split, batch_size):
+        correct += (logits.argmax(-1) == labels).sum(1)
+    return (correct.double() / source.num_rows(split)).float().masked_fill(bank.diverged, math.nan).cpu()
+
+
+def evaluate_ensemble(
+    bank: InCABank, source: ActivationSource, members: Sequence[int], split: str, batch_size: int = 256
+) -> float:
+    """Accuracy on ``split`` of the parallel ensemble of adapters ``members``: the argmax of their mean
+    class probabilities (what :class:`~inca.adapters.saved.TaskAdapter` serves for them)."""
+    index = torch.tensor(list(members), device=bank.diverged.device)
+    correct = 0
+    for logits, labels in _eval_logits(bank, source, split, batch_size):
+        probabilities = logits.index_select(0, index).float().softmax(-1).mean(0)
+        correct += int((probabilities.argmax(-1) == labels).sum())
+    return correct / source.num_rows(split)
+
+
+def top_adapters(accuracy: Tensor, k: int) -> list[int]:
+    """The ``k`` adapters with the best ``accuracy`` (NaN, diverged, excluded), best first; ties to the earliest."""
+    ranked = sorted((i for i, a in enumerate(accuracy.tolist()) if a == a), key=lambda i: (-accuracy[i].item(), i))
+    return ranked[:k]
 
 
 def select_best(
@@ -203,7 +231,7 @@ def select_best(
     if bank.diverged.all():
         raise InCAError(f"all {len(bank)} adapters diverged; lower the learning rates and train again")
     accuracy = evaluate_bank(bank, source, split, batch_size)
-    return int(torch.nan_to_num(accuracy, nan=-1.0).argmax()), accuracy
+    return top_adapters(accuracy, 1)[0], accuracy
 
 
 # ----------------------------------------------------------------------------------------------------

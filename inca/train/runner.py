@@ -18,18 +18,19 @@ from typing import Any
 
 import torch
 
-from ..activations import CACHE_MODES, CachedSource, open_source
+from ..activations import CACHE_MODES, ActivationSource, CachedSource, open_source
 from ..adapters.inca import AdapterSpec, InCABank
 from ..adapters.saved import TaskAdapter, save_adapter
 from ..backbone import Backbone
 from ..errors import InCAError
 from ..tasks import Task
-from .bank import evaluate_bank, select_best, train_bank
+from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 ADAPTER_DIR = "adapter"
+ENSEMBLE_DIR = "ensemble"
 
 
 @dataclass
@@ -51,6 +52,7 @@ class InCAOptions:
     cache_dtype: str = "float16"
     cache_max_gb: float = 64.0
     num_workers: int | None = None
+    ensemble: int = 1  # also combine the top-K adapters by val (averaged probabilities) when K > 1
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
@@ -60,6 +62,8 @@ class InCAOptions:
         for name in ("lr", "weight_decay", "queries", "mlp_ratio", "adapter_seeds"):
             if not getattr(self, name):
                 raise InCAError(f"--{name.replace('_', '-')} needs at least one value")
+        if self.ensemble < 1:
+            raise InCAError(f"--ensemble must be at least 1 (1: select one adapter), got {self.ensemble}")
         if any(lr <= 0 for lr in self.lr):
             raise InCAError(f"learning rates must be positive, got {self.lr}")
 
@@ -107,15 +111,13 @@ def train_inca_task(
     )
     best, val_acc = select_best(bank, source, "val")
     test_acc = evaluate_bank(bank, source, "test")
-    adapter = bank.adapter(best)
-    spec = specs[best]
-    save_adapter(TaskAdapter([adapter], [spec.layer], task.classes, {
-        "backbone": backbone.describe(),
-        "task": task.spec,
-        "hyperparameters": {**asdict(spec), "epochs": options.epochs, "batch_size": options.batch_size},
-        "val_accuracy": float(val_acc[best]),
-        "test_accuracy": float(test_acc[best]),
+    provenance = {"backbone": backbone.describe(), "task": task.spec,
+                  "training": {"epochs": options.epochs, "batch_size": options.batch_size, "seed": options.seed}}
+    save_adapter(TaskAdapter.from_bank(bank, [best], task.classes, {
+        **provenance, "val_accuracy": float(val_acc[best]), "test_accuracy": float(test_acc[best]),
     }), out_dir / ADAPTER_DIR)
+    ensemble = _ensemble(bank, source, val_acc, options.ensemble, out_dir / ENSEMBLE_DIR, task, provenance)
+    adapter = bank.adapter(best)
     checkpoint.unlink(missing_ok=True)  # the results and the adapter are written: nothing left to resume
     trainable = sum(p.numel() for p in adapter.parameters())
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
@@ -136,6 +138,7 @@ def train_inca_task(
         "best": {"index": best, **adapters[best], "adapter_dir": str(out_dir / ADAPTER_DIR)},
         "val_acc": adapters[best]["val_acc"],
         "test_acc": adapters[best]["test_acc"],
+        "ensemble": ensemble,
         "trainable_params": trainable,
         "backbone_params": backbone_params,
         "trainable_percent": 100.0 * trainable / backbone_params,
@@ -143,6 +146,26 @@ def train_inca_task(
         "loss_curve": [epoch[best] for epoch in history.train_loss],
         "seconds": time.perf_counter() - start,
     }
+
+
+def _ensemble(
+    bank: InCABank, source: ActivationSource, val_acc: torch.Tensor, k: int, directory: Path, task: Task,
+    provenance: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The top-``k`` adapters by val averaged (the InCA paper's parallel ensembling), saved and scored."""
+    if k < 2:
+        return None
+    members = top_adapters(val_acc, k)
+    if len(members) < k:
+        _logger.warning("%s: only %d adapters did not diverge; the ensemble has %d members", task.spec,
+                        len(members), len(members))
+    val, test = (evaluate_ensemble(bank, source, members, split) for split in ("val", "test"))
+    save_adapter(TaskAdapter.from_bank(bank, members, task.classes,
+                                       {**provenance, "val_accuracy": val, "test_accuracy": test}), directory)
+    _logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.spec, len(members), val, test)
+    params = sum(p.numel() for i in members for p in bank.adapter(i).parameters())
+    return {"k": len(members), "members": members, "val_acc": val, "test_acc": test, "trainable_params": params,
+            "adapter_dir": str(directory)}
 
 
 def _num(value: Any) -> float | None:
