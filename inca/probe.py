@@ -132,8 +132,7 @@ def probe_task(
         labels = {split: task.splits[split].labels for split in SPLITS}
         for probe in pooled_probes:
             for pool in pools:
-                fit = _fit_linear if probe == "linear" else _fit_knn
-                scores = fit(features, labels, layers, pool, task.num_classes, options)
+                scores = POOLED_PROBES[probe](features, labels, layers, pool, task.num_classes, options)
                 results[f"{probe}/{pool}"] = dict(zip(layers, scores))
     forward_calls = source.forward_calls if isinstance(source, LiveSource) else 0
     return {
@@ -309,3 +308,8 @@ def layers_from_report(spec: str, num_blocks: int, report: str | None) -> Callab
         return chosen
 
     return best_layers
+
+
+# Probes on pooled features: name -> fit(features, labels, layers, pool, num_classes, options), one score dict
+# ({"val": accuracy, "test": accuracy, ...}) per layer. A new pooled probe is one function and one entry here.
+POOLED_PROBES: dict[str, Callable[..., list[dict[str, float]]]] = {"linear": _fit_linear, "knn": _fit_knn}

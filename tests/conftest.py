@@ -16,6 +16,17 @@ TINY_ARGS = ["--backbone", "vit_tiny_patch16_224", "--weights", "random",
              "--model-kwargs", "img_size=32", "patch_size=8", "depth=4"]
 
 
+def subset_task(spec: str, sizes: dict[str, int]):
+    """The first ``sizes[split]`` rows of each split of task ``spec``: a task small enough for a test."""
+    import numpy as np
+
+    from inca.tasks import Task, load_task
+
+    task = load_task(spec)
+    splits = {name: task.splits[name].subset(np.arange(n)) for name, n in sizes.items()}
+    return Task(task.spec, task.classes, splits, task.identity)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from inca.backbone import create_backbone

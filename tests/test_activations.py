@@ -7,16 +7,15 @@ import torch
 from inca.activations import CachedSource, LiveSource, RecordingSource, TensorSource, open_source, pool_tokens
 from inca.cache import find_cache, store_path
 from inca.errors import InCAError
-from inca.tasks import SPLITS, Task, load_task
+from inca.tasks import SPLITS
+from tests.conftest import subset_task
 
 LAYERS = [1, 3]
 
 
 @pytest.fixture(scope="module")
 def small_task():
-    task = load_task("synth-colour")
-    sizes = {"train": 48, "val": 16, "test": 16}
-    return Task(task.spec, task.classes, {s: task.splits[s].subset(np.arange(sizes[s])) for s in SPLITS}, task.identity)
+    return subset_task("synth-colour", {"train": 48, "val": 16, "test": 16})
 
 
 def test_auto_builds_a_store_for_several_epochs_then_every_mode_but_never_reads_it(tmp_path, tiny_backbone, small_task):

@@ -8,8 +8,9 @@ import inca.train.e2e as e2e
 from inca.adapters.lora import lora_layers
 from inca.errors import InCAError
 from inca.methods import RunSettings, train_e2e
-from inca.tasks import SPLITS, Task, load_task
+from inca.tasks import SPLITS, Task
 from inca.train.e2e import FitConfig, TensorBatches, fit, trainable_copy
+from tests.conftest import subset_task
 
 SETTINGS = RunSettings(epochs=1, batch_size=16, seed=3, progress=False)
 SIZES = {"train": 96, "val": 32, "test": 32}
@@ -17,9 +18,7 @@ SIZES = {"train": 96, "val": 32, "test": 32}
 
 @pytest.fixture(scope="module")
 def small_task() -> Task:
-    task = load_task("synth-shapes")
-    splits = {name: task.splits[name].subset(np.arange(SIZES[name])) for name in SPLITS}
-    return Task(task.spec, task.classes, splits, task.identity)
+    return subset_task("synth-shapes", SIZES)
 
 
 def initial_model(backbone, task: Task, seed: int, pool: str | None = None) -> torch.nn.Module:
