@@ -90,6 +90,17 @@ def _parse_int(text: str, spec: Any) -> int:
         raise InCAError(f"layer spec {spec!r} is not valid: use all, -1, 0,5,11 or last:K") from None
 
 
+def intermediate_tokens(model: nn.Module, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """Output tokens ``[B, T, D]`` of each block in ``layers`` (ascending, non-negative), prefix tokens
+    (CLS, registers) first, from one timm ``forward_intermediates`` pass that stops after the last of them.
+    Plain tensor code, no hooks: traceable by ``torch.compile`` and ``torch.export``."""
+    outputs = model.forward_intermediates(
+        images, indices=list(layers), output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True,
+        stop_early=True,
+    )  # fmt: skip
+    return [torch.cat([out[1], out[0]], dim=1) if isinstance(out, tuple) else out for out in outputs]
+
+
 @dataclass
 class Backbone:
     """A frozen timm ViT with the preprocessing of the model actually built."""
@@ -189,21 +200,7 @@ class Backbone:
         layers = resolve_layers(list(layers), self.num_blocks)
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast(self.device):
-            outputs = self.model.forward_intermediates(
-                images,
-                indices=layers,
-                output_fmt="NLC",
-                intermediates_only=True,
-                return_prefix_tokens=True,
-                stop_early=True,
-            )
-        tokens = {}
-        for layer, out in zip(layers, outputs, strict=True):
-            if isinstance(out, tuple):
-                spatial, prefix = out
-                out = torch.cat([prefix, spatial], dim=1)
-            tokens[layer] = out
-        return tokens
+            return dict(zip(layers, intermediate_tokens(self.model, images, layers), strict=True))
 
 
 def create_backbone(

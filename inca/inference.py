@@ -22,23 +22,13 @@ from torch import Tensor, nn
 
 from inca.adapters.common import CONFIG_FILE
 from inca.adapters.saved import TaskAdapter, load_adapter
-from inca.backbone import Backbone, create_backbone, resolve_layers
+from inca.backbone import Backbone, create_backbone, intermediate_tokens, resolve_layers
 from inca.errors import InCAError
 from inca.io import read_json
 
-__all__ = ["InCAClassifier", "MultiTaskInCA", "check_adapter_fits", "intermediate_tokens"]
+__all__ = ["InCAClassifier", "MultiTaskInCA", "check_adapter_fits"]
 
 _PROVENANCE = ("name", "model_kwargs", "weights_hash")
-
-
-def intermediate_tokens(model: nn.Module, images: Tensor, layers: Sequence[int]) -> list[Tensor]:
-    """Output tokens ``[B, T, D]`` of each block in ``layers`` (ascending, non-negative), prefix tokens
-    (CLS, registers) first, from one forward pass that stops after the last of them."""
-    outputs = model.forward_intermediates(
-        images, indices=list(layers), output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True,
-        stop_early=True,
-    )  # fmt: skip
-    return [torch.cat([out[1], out[0]], dim=1) if isinstance(out, tuple) else out for out in outputs]
 
 
 def _frozen_model(backbone: Backbone | nn.Module) -> nn.Module:
