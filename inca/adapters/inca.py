@@ -119,37 +119,40 @@ def _cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
 
 
 def _attend(z_hat: Tensor, u: Tensor) -> Tensor:
-    """Softmax over tokens of ``z_hat . u`` then pooling of z_hat: ``[B, T, D] x [R, D] -> [B, R, D]``.
+    """Softmax over tokens of ``z_hat . u`` then pooling of z_hat: ``[B, T, D] x [R, D] -> [R, B, D]``.
 
-    The R rows may belong to many adapters: one pass over the tokens serves them all.
+    The R rows may belong to many adapters: all their scores come from one ``[B*T, D] x [D, R]`` product
+    (whose backward, the gradient of ``u``, is one product over all B*T tokens too), and the pooling is one
+    batched product. Pooled rows come out row-major (``[R, B, D]`` view), each adapter's rows contiguous.
     """
-    scores = torch.bmm(u.expand(z_hat.shape[0], -1, -1), z_hat.transpose(1, 2))
-    return torch.bmm(scores.softmax(-1), z_hat)
+    b, t, d = z_hat.shape
+    weights = torch.mm(z_hat.view(b * t, d), u.t()).view(b, t, -1).softmax(1)
+    return torch.bmm(weights.transpose(1, 2), z_hat).transpose(0, 1)
 
 
 def _query_states(p: Mapping[str, Tensor], pooled: Tensor, num_heads: int) -> Tensor:
-    """From pooled standardised tokens ``[B, E*H*m, D]`` (adapter, head, query major) to ``LN_out(h)``
-    ``[E, B, m, D]``."""
+    """From pooled standardised tokens ``[E*H*m, B, D]`` (adapter, head, query major) to ``LN_out(h)``
+    ``[E, m, B, D]``."""
     query = p["query"]
     e, m, d = query.shape
-    b, h = pooled.shape[0], num_heads
+    b, h = pooled.shape[1], num_heads
     # Pool first, project after: ((A z_hat) * gamma + beta) W_v^T + b_v, exact as rows of A sum to 1.
-    x = pooled.view(b, e, h, m, d).permute(1, 2, 0, 3, 4).reshape(e, h * b * m, d)
+    x = pooled.reshape(e, h * m * b, d)
     x = torch.addcmul(p["norm_z.bias"].unsqueeze(1), x, p["norm_z.weight"].unsqueeze(1))
-    values_t = torch.bmm(p["attn.w_v"].view(e * h, d // h, d), x.view(e * h, b * m, d).transpose(1, 2))
-    values_t = values_t.view(e, d, b * m) + p["attn.b_v"].unsqueeze(2)
-    h_t = _linear_t(p["attn.out_proj.weight"], p["attn.out_proj.bias"], values_t)  # [E, D, B*m]
-    states = h_t.transpose(1, 2).reshape(e, b, m, d) + query.unsqueeze(1)
+    values_t = torch.bmm(p["attn.w_v"].view(e * h, d // h, d), x.view(e * h, m * b, d).transpose(1, 2))
+    values_t = values_t.view(e, d, m * b) + p["attn.b_v"].unsqueeze(2)
+    h_t = _linear_t(p["attn.out_proj.weight"], p["attn.out_proj.bias"], values_t)  # [E, D, m*B]
+    states = h_t.transpose(1, 2).view(e, m, b, d) + query.unsqueeze(2)
     if "mlp.fc1.weight" in p:
-        x_t = _affine(states, p["norm_mlp.weight"], p["norm_mlp.bias"]).view(e, b * m, d).transpose(1, 2)
+        x_t = _affine(states, p["norm_mlp.weight"], p["norm_mlp.bias"]).view(e, m * b, d).transpose(1, 2)
         x_t = F.gelu(_linear_t(p["mlp.fc1.weight"], p["mlp.fc1.bias"], x_t))
-        states = states + _linear_t(p["mlp.fc2.weight"], p["mlp.fc2.bias"], x_t).transpose(1, 2).view(e, b, m, d)
+        states = states + _linear_t(p["mlp.fc2.weight"], p["mlp.fc2.bias"], x_t).transpose(1, 2).view(e, m, b, d)
     return _affine(states, p["norm_out.weight"], p["norm_out.bias"])
 
 
 def _mean_head(p: Mapping[str, Tensor], states: Tensor) -> Tensor:
     """``head(LN_out(h))`` averaged over queries, as ``head(mean(LN_out(h)))`` (linear): ``[E, B, C]``."""
-    return torch.baddbmm(p["head.bias"].unsqueeze(1), states.mean(2), p["head.weight"].transpose(1, 2))
+    return torch.baddbmm(p["head.bias"].unsqueeze(1), states.mean(1), p["head.weight"].transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ class InCA(_QueryReadout):
     def forward(self, tokens: Tensor) -> Tensor:
         p = self.stacked()
         pooled = _attend(standardise(tokens, self.query.dtype), _fold_queries(p, self.num_heads)[0])
-        return _mean_head(p, _query_states(p, pooled.unsqueeze(1), self.num_heads))[0]
+        return _mean_head(p, _query_states(p, pooled, self.num_heads))[0]
 
 
 class InCAReference(InCA):
@@ -285,10 +288,10 @@ class OpenInCAGroup(_QueryReadout):
         self._init_readout(seed)
 
     def logits(self, pooled: Tensor) -> Tensor:
-        """``[B, H*m, D]`` pooled tokens -> ``[B, m]``: logit_c = w_c . LN_out(h_c) + b_c."""
+        """``[H*m, B, D]`` pooled tokens -> ``[B, m]``: logit_c = w_c . LN_out(h_c) + b_c."""
         p = self.stacked()
-        states = _query_states(p, pooled.unsqueeze(1), self.num_heads)[0]  # [B, m, D]
-        return (states * self.head_weight).sum(-1) + self.head_bias
+        states = _query_states(p, pooled, self.num_heads)[0]  # [m, B, D]
+        return ((states * self.head_weight.unsqueeze(1)).sum(-1) + self.head_bias.unsqueeze(1)).t()
 
     def keep(self, rows: Tensor) -> None:
         """Keep only the classes at ``rows`` (sorted local indices)."""
@@ -341,7 +344,7 @@ class OpenInCA(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         us = [_fold_queries(g.stacked(), g.num_heads)[0] for g in self.groups]
         pooled = _attend(standardise(tokens, self.groups[0].query.dtype), _cat(us))
-        parts = pooled.split([u.shape[0] for u in us], dim=1)
+        parts = pooled.split([u.shape[0] for u in us])
         return torch.cat([g.logits(part) for g, part in zip(self.groups, parts)], dim=1)
 
     @classmethod
@@ -442,8 +445,10 @@ class InCABank(nn.Module):
 
     Adapters are grouped into :class:`InCAStack` s by shape (heads, queries, mlp_ratio) so their
     parameters are stacked and run by batched matmuls; within a stack they are ordered by layer. The
-    token-side work is grouped by layer: each layer is standardised once and the folded queries of every
-    adapter reading it (whatever its stack) are scored and pooled in one pass over its tokens.
+    token-side work, which dominates, is shared by layer: the adapters reading a layer (whatever their stack)
+    share one standardisation of its tokens, one ``[B*T, D] x [D, sum of H*m]`` product with all their folded
+    queries, one softmax and one batched pooling (:func:`_attend`); only the value and output projections,
+    MLPs and heads run per adapter, batched per stack.
 
     Adapter e starts with the weights of ``InCA(dim, num_classes, ..., seed=specs[e].seed)``.
     ``diverged`` (bool ``[E]``, a buffer, so it is checkpointed) marks adapters frozen by the trainer.
@@ -500,11 +505,11 @@ class InCABank(nn.Module):
         for layer, runs in self._plan:
             u = [us[s][a:b].flatten(0, 1) for s, a, b in runs]
             pooled = _attend(standardise(features[layer], dtype), _cat(u))
-            for (s, _, _), part in zip(runs, pooled.split([x.shape[0] for x in u], dim=1)):
+            for (s, _, _), part in zip(runs, pooled.split([x.shape[0] for x in u])):
                 parts[s].append(part)
         out = _cat(
             [
-                _mean_head(p, _query_states(p, _cat(part, 1), st.num_heads))
+                _mean_head(p, _query_states(p, _cat(part), st.num_heads))
                 for p, st, part in zip(ps, self.stacks, parts)
             ]
         )
