@@ -9,13 +9,24 @@ Layout under ``$INCA_CACHE`` (default ``~/.cache/inca``)::
 
 Rows are written into preallocated ``.npy`` memmaps batch by batch; every ``commit_seconds`` the memmaps are
 flushed and only then ``progress.json`` is atomically replaced, so a killed build resumes from the last
-committed row with the same batch boundaries and ends byte-identical to an uninterrupted one.
+committed row with the same batch boundaries and ends byte-identical to an uninterrupted one. A store asked
+for layers it lacks is *extended* (one more resumable pass writes only the missing layers; the others stay
+readable meanwhile). Builds hold a lock on the store directory, check free space and preallocate the layer
+files first (a full disk is one line, never a ``Bus error``), and create files with ``O_EXCL | O_NOFOLLOW``.
+
+Opening a store checks what is cheap: the manifest's schema and its own SHA-256 (a hand-edited manifest is
+refused), every file's presence, ``.npy`` header and size against the manifest. :func:`verify_cache` also
+re-hashes every file.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,26 +34,29 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
-from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .errors import InCAError
-from .io import atomic_write, atomic_write_json, file_sha256, read_json
+from .errors import InCAError, first_line
+from .io import (
+    LOCK_FILE,
+    atomic_write,
+    atomic_write_json,
+    cache_root,
+    directory_lock,
+    file_sha256,
+    read_json,
+    remove_stale_temps,
+    require_free_space,
+)
+from .progress import progress
 from .tasks import SPLITS, Task, image_loader, sequential_batches
 
 _logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$INCA_CACHE``, else ``~/.cache/inca``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("INCA_CACHE", Path.home() / ".cache" / "inca")).expanduser()
 
 
 def store_path(cache_dir: str | os.PathLike | None, backbone: Backbone, task: Task) -> Path:
@@ -66,17 +80,10 @@ class ActivationCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        manifest_file = self.path / MANIFEST
-        if not manifest_file.is_file():
-            raise InCAError(f"{self.path} is not an activation store (no {MANIFEST}); build one with inca-cache")
-        self.manifest: dict[str, Any] = read_json(manifest_file)
-        if self.manifest.get("version") != CACHE_VERSION:
-            raise InCAError(
-                f"{self.path} was written by store version {self.manifest.get('version')}, "
-                f"this inca reads version {CACHE_VERSION}: rebuild it with inca-cache"
-            )
-        if not self.manifest.get("complete"):
+        self.manifest: dict[str, Any] = read_manifest(self.path)
+        if not self.manifest["complete"]:
             raise InCAError(f"{self.path} is an unfinished build: rerun the same inca-cache command to resume it")
+        check_files(self.path, self.manifest)
         self._arrays: dict[tuple[str, int], np.ndarray] = {}
         self._labels: dict[str, np.ndarray] = {}
 
@@ -104,8 +111,8 @@ class ActivationCache:
             missing = sorted(set(layers) - set(self.layers))
             if missing:
                 raise InCAError(
-                    f"{self.path} holds layers {self.layers}, not {missing}: rebuild it with --layers "
-                    f"{','.join(map(str, sorted(set(layers) | set(self.layers))))}"
+                    f"{self.path} holds layers {self.layers}, not {missing}: extend it with inca-cache --layers "
+                    f"{','.join(map(str, sorted(set(layers) | set(self.layers))))} (the other layers are kept)"
                 )
 
     def num_rows(self, split: str) -> int:
@@ -125,11 +132,19 @@ class ActivationCache:
             self._arrays[key] = np.load(layer_file(self.path, split, layer), mmap_mode="r")
         return self._arrays[key]
 
-    def gather(self, split: str, layer: int, rows: np.ndarray) -> torch.Tensor:
-        """Rows of one layer as a torch tensor in the store's dtype (``rows`` sorted for sequential reads)."""
-        array = np.ascontiguousarray(self.layer(split, layer)[rows])
-        tensor = torch.from_numpy(array)
-        return tensor.view(torch.bfloat16) if self.manifest["dtype"] == "bfloat16" else tensor
+    def gather(self, split: str, layer: int, rows: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+        """Rows of one layer as a torch tensor in the store's dtype, in ``rows`` order.
+
+        Each run of consecutive rows is one slice of the memmap (one sequential read) copied straight into
+        the output, pinned for asynchronous host-to-device copies when ``pin_memory``.
+        """
+        array = self.layer(split, layer)
+        out = torch.empty((len(rows), *array.shape[1:]), dtype=DTYPES[self.manifest["dtype"]][1], pin_memory=pin_memory)
+        target = out.view(torch.int16).numpy().view(array.dtype)  # bfloat16: the stored uint16 bit patterns
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where each run of consecutive rows begins
+        for start, stop in zip(starts, [*starts[1:], len(rows)]):
+            target[start:stop] = array[rows[start] : rows[start] + stop - start]
+        return out
 
 
 def open_cache(
@@ -148,8 +163,7 @@ def find_cache(
 ) -> ActivationCache | None:
     """The complete store for this backbone and task holding ``layers``, if one exists."""
     path = store_path(cache_dir, backbone, task)
-    manifest = path / MANIFEST
-    if not manifest.is_file() or not read_json(manifest).get("complete"):
+    if not (path / MANIFEST).is_file() or not read_manifest(path)["complete"]:
         return None
     cache = ActivationCache(path)
     if not set(layers) <= set(cache.layers):
@@ -167,73 +181,183 @@ def build_cache(
     dtype: str = "float16",
     num_workers: int | None = None,
     commit_seconds: float = 10.0,
+    rebuild: bool = False,
 ) -> ActivationCache:
-    """Build (or resume, or reuse) the store of ``layers`` for ``task`` and return it opened."""
+    """Build, resume, extend (with layers it lacks) or reuse the store of ``task`` and return it opened for
+    ``layers``. ``rebuild`` deletes an existing store of this backbone and task first."""
     if dtype not in DTYPES:
         raise InCAError(f"cache dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     if batch_size < 1:
         raise InCAError(f"--batch-size must be positive, got {batch_size}")
     layers = sorted(set(layers))
     path = store_path(cache_dir, backbone, task)
-    manifest = _start_or_resume(path, backbone, task, layers, batch_size, dtype)
-    if not manifest["complete"]:
-        batch_size = int(manifest["batch_size"])
-        total = sum(task.sizes().values())
-        done = sum(_rows_done(path, split) for split in SPLITS)
-        with tqdm(total=total, initial=done, unit="img", desc=f"cache {task.spec}", leave=False) as bar:
-            for split in SPLITS:
-                _build_split(path, backbone, task, split, layers, batch_size, dtype, num_workers, commit_seconds, bar)
-        manifest["checksums"] = {
-            f"{split}/{file.name}": file_sha256(file)
-            for split in SPLITS
-            for file in sorted((path / split).glob("*.npy"))
-        }
-        manifest["complete"] = True
-        atomic_write_json(path / MANIFEST, manifest)
-        _logger.info("activation store complete: %s", path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InCAError(f"cannot create the activation store at {path} ({exc.strerror}): pass a writable "
+                        "--cache-dir or set INCA_CACHE") from None
+    with directory_lock(path, "the activation store"):
+        remove_stale_temps(path)
+        if rebuild:
+            _remove_store(path)
+        while True:
+            manifest = _start_or_resume(path, backbone, task, layers, batch_size, dtype)
+            if manifest["pending"] is None:
+                break
+            _build_pending(path, manifest, backbone, task, num_workers, commit_seconds)
     return open_cache(path, backbone, task, layers)
+
+
+def _remove_store(path: Path) -> None:
+    """Delete a store's files (not the lock file this process holds)."""
+    for entry in path.iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    _logger.info("removed the activation store %s to rebuild it", path)
 
 
 def _start_or_resume(
     path: Path, backbone: Backbone, task: Task, layers: list[int], batch_size: int, dtype: str
 ) -> dict[str, Any]:
-    manifest_file = path / MANIFEST
-    if manifest_file.is_file():
-        manifest = read_json(manifest_file)
+    """The store's manifest with ``pending`` set to the layers still to write (None when it holds ``layers``):
+    a new store's layers, an interrupted build's, or the layers an existing store lacks."""
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
         _check_backbone(path, manifest, backbone)
         if manifest["task"]["fingerprint"] != task.fingerprint:
-            raise InCAError(f"{path} holds another task's activations ({manifest['task']['spec']}); remove it")
-        if manifest["layers"] != layers or manifest["dtype"] != dtype:
-            state = "holds" if manifest["complete"] else "is an unfinished build of"
-            raise InCAError(
-                f"{path} {state} layers {manifest['layers']} ({manifest['dtype']}), not {layers} ({dtype}): "
-                f"rerun with --layers {','.join(map(str, manifest['layers']))}, or remove it, "
-                "or use another --cache-dir"
-            )
-        if not manifest["complete"] and manifest["batch_size"] != batch_size:
-            _logger.info("resuming with the batch size of the interrupted build (%d)", manifest["batch_size"])
+            raise InCAError(f"{path} holds another task's activations ({manifest['task']['spec']}); rebuild it "
+                            "with inca-cache --rebuild")
+        if manifest["dtype"] != dtype:
+            raise InCAError(f"{path} stores {manifest['dtype']} activations, not {dtype}: ask for "
+                            f"{manifest['dtype']} (--dtype / --cache-dtype) or rebuild with inca-cache --rebuild")
+        missing = sorted(set(layers) - set(manifest["layers"]))
+        if manifest["pending"] is None and missing:
+            _logger.info("%s holds layers %s: extending it with layers %s (one more pass over the data)",
+                         path, manifest["layers"], missing)
+            manifest["pending"] = {"layers": missing, "batch_size": batch_size}
+            write_manifest(path, manifest)
+        elif manifest["pending"] is not None and manifest["pending"]["batch_size"] != batch_size:
+            _logger.info("resuming with the batch size of the interrupted build (%d)",
+                         manifest["pending"]["batch_size"])
         return manifest
     manifest = {
         "version": CACHE_VERSION,
         "backbone": backbone.describe(),
         "task": {**task.describe(), "identity": task.identity},
-        "layers": layers,
+        "layers": [],
+        "pending": {"layers": layers, "batch_size": batch_size},
         "dtype": dtype,
         "token_layout": backbone.token_layout,
         "shapes": {split: [n, backbone.num_tokens, backbone.width] for split, n in task.sizes().items()},
-        "batch_size": batch_size,
         "complete": False,
         "checksums": {},
     }
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(manifest_file, manifest)
-    except OSError as exc:
-        raise InCAError(
-            f"cannot write the activation store at {path} ({exc.strerror}): pass a writable --cache-dir "
-            "or set INCA_CACHE"
-        ) from None
+    write_manifest(path, manifest)
     return manifest
+
+
+def _build_pending(
+    path: Path, manifest: dict[str, Any], backbone: Backbone, task: Task, num_workers: int | None,
+    commit_seconds: float,
+) -> None:
+    """Write the manifest's pending layers for every split (resuming committed rows), then record them."""
+    layers, batch_size = manifest["pending"]["layers"], int(manifest["pending"]["batch_size"])
+    dtype = manifest["dtype"]
+    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
+    unwritten = sum(n * t * d for n, t, d in manifest["shapes"].values()) * itemsize * len(layers) - sum(
+        f.stat().st_size for split in SPLITS for k in layers if (f := layer_file(path, split, k)).is_file()
+    )
+    require_free_space(path, max(unwritten, 0), f"the activation store of layers {layers}")
+    total = sum(task.sizes().values())
+    done = sum(_rows_done(path, split, layers) for split in SPLITS)
+    with progress(total=total, initial=done, unit="img", desc=f"cache {task.spec}") as bar:
+        for split in SPLITS:
+            _build_split(path, backbone, task, split, layers, batch_size, dtype, num_workers, commit_seconds, bar)
+    for split in SPLITS:
+        for file in [path / split / "labels.npy", *(layer_file(path, split, k) for k in layers)]:
+            manifest["checksums"][f"{split}/{file.name}"] = file_sha256(file)
+    manifest["layers"] = sorted(set(manifest["layers"]) | set(layers))
+    manifest["pending"] = None
+    manifest["complete"] = True
+    write_manifest(path, manifest)
+    _logger.info("activation store complete: %s (layers %s)", path, manifest["layers"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The manifest and the cheap checks done on every open.
+# ----------------------------------------------------------------------------------------------------
+
+_SCHEMA = {"version": int, "backbone": dict, "task": dict, "layers": list, "dtype": str, "shapes": dict,
+           "complete": bool, "checksums": dict, "manifest_sha256": str}
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically with its own SHA-256, so a hand edit or a damaged file is detected."""
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    atomic_write_json(path / MANIFEST, manifest)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A store's manifest, refused with one line (naming the file and the fix) unless it is intact."""
+    file = Path(path) / MANIFEST
+    fix = "rebuild the store with inca-cache --rebuild (same --backbone, --task and --layers)"
+    if not file.is_file():
+        raise InCAError(f"{path} is not an activation store (no {MANIFEST}); build one with inca-cache")
+    try:
+        manifest = read_json(file)
+    except (OSError, ValueError) as exc:
+        raise InCAError(f"{file} is unreadable ({first_line(exc)}): {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != CACHE_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise InCAError(f"{file} is store version {version}, this inca reads version {CACHE_VERSION}: {fix}")
+    wrong = [key for key, kind in _SCHEMA.items() if not isinstance(manifest.get(key), kind)]
+    if wrong or "pending" not in manifest:
+        raise InCAError(f"{file} lacks or garbles {', '.join(wrong) or 'pending'}: {fix}")
+    if manifest["manifest_sha256"] != _manifest_digest(manifest):
+        raise InCAError(f"{file} was edited or damaged (its content no longer matches its checksum): {fix}")
+    return manifest
+
+
+def check_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file of a complete store is there, with the ``.npy`` header and size the manifest implies."""
+    fix = "rebuild the store with inca-cache --rebuild (same --backbone, --task and --layers)"
+    np_dtype = np.dtype(DTYPES[manifest["dtype"]][0]) if manifest["dtype"] in DTYPES else None
+    try:
+        shapes = {split: tuple(int(x) for x in manifest["shapes"][split]) for split in SPLITS}
+    except (KeyError, TypeError, ValueError):
+        raise InCAError(f"{path / MANIFEST} has no valid shapes for {'/'.join(SPLITS)}: {fix}") from None
+    for split, shape in shapes.items():
+        expected = [(path / split / "labels.npy", shape[:1], None)]
+        expected += [(layer_file(path, split, k), shape, np_dtype) for k in manifest["layers"]]
+        for file, want_shape, want_dtype in expected:
+            problem = _npy_problem(file, want_shape, want_dtype)
+            if problem:
+                raise InCAError(f"{file} {problem}: {fix}")
+
+
+def _npy_problem(file: Path, shape: tuple[int, ...], dtype: np.dtype | None) -> str | None:
+    """What is wrong with an ``.npy`` file given its expected shape (and dtype), from its header and size."""
+    if file.is_symlink() or not file.is_file():
+        return "is missing" if not file.is_symlink() else "is a symlink, not a store file"
+    try:
+        with open(file, "rb") as f:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            header = read_header[np.lib.format.read_magic(f)](f)  # (shape, fortran_order, dtype)
+            offset = f.tell()
+    except (OSError, ValueError, KeyError) as exc:
+        return f"has no valid .npy header ({first_line(exc)})"
+    got_shape, _, got_dtype = header
+    if tuple(got_shape) != shape or (dtype is not None and got_dtype != dtype):
+        return f"holds {tuple(got_shape)} {got_dtype}, the manifest says {shape} {dtype or ''}".rstrip()
+    size = offset + int(np.prod(shape)) * got_dtype.itemsize
+    if file.stat().st_size != size:
+        return f"is {file.stat().st_size} bytes, {size} expected (truncated or padded)"
+    return None
 
 
 def _check_backbone(path: Path, manifest: dict[str, Any], backbone: Backbone) -> None:
@@ -249,9 +373,13 @@ def _check_backbone(path: Path, manifest: dict[str, Any], backbone: Backbone) ->
     )
 
 
-def _rows_done(path: Path, split: str) -> int:
+def _rows_done(path: Path, split: str, layers: list[int]) -> int:
+    """Rows of ``split`` committed for the build of ``layers`` (0 when the progress is another build's)."""
     progress = path / split / PROGRESS
-    return int(read_json(progress)["rows"]) if progress.is_file() else 0
+    if not progress.is_file():
+        return 0
+    state = read_json(progress)
+    return int(state["rows"]) if state.get("layers") == layers else 0
 
 
 def _build_split(
@@ -264,7 +392,7 @@ def _build_split(
     dtype: str,
     num_workers: int | None,
     commit_seconds: float,
-    bar: tqdm,
+    bar: Any,
 ) -> None:
     data = task.splits[split]
     n = len(data)
@@ -272,7 +400,7 @@ def _build_split(
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "labels.npy").is_file():
         atomic_write(directory / "labels.npy", lambda tmp: _save_npy(tmp, data.labels))
-    done = _rows_done(path, split)
+    done = _rows_done(path, split, layers)
     if done >= n:
         return
     np_dtype, torch_dtype = DTYPES[dtype]
@@ -295,26 +423,42 @@ def _build_split(
         done = rows.stop
         bar.update(images.shape[0])
         if done == n or time.monotonic() - last_commit >= commit_seconds:
-            _commit(arrays, directory, done)
+            _commit(arrays, directory, done, layers)
             last_commit = time.monotonic()
 
 
 def _open_layer(file: Path, shape: tuple[int, ...], dtype: Any, resume: bool) -> np.memmap:
+    """A layer file as a writable memmap: reopened to resume, else created anew and preallocated."""
     if resume:
-        if not file.is_file():
-            raise InCAError(f"{file} is missing from an unfinished build: remove {file.parent.parent} and rebuild")
-        array = open_memmap(file, mode="r+")
-        if array.shape != shape or array.dtype != dtype:
-            raise InCAError(f"{file} has shape {array.shape} {array.dtype}, expected {shape}: remove the store")
-        return array
-    return open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+        problem = _npy_problem(file, shape, np.dtype(dtype))
+        if problem:
+            raise InCAError(f"{file} {problem} in an unfinished build: rebuild with inca-cache --rebuild")
+        return open_memmap(file, mode="r+")
+    if file.exists() or file.is_symlink():
+        file.unlink()
+    os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+    array = open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(file, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        os.posix_fallocate(fd, 0, file.stat().st_size)  # claim the blocks now: no SIGBUS when the disk fills
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            del array
+            file.unlink()
+            raise InCAError(f"no space for {file.name} ({file.stat().st_size if file.exists() else 0} bytes) "
+                            f"at {file.parent}: free some space or use another --cache-dir") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+    return array
 
 
-def _commit(arrays: dict[int, np.memmap], directory: Path, rows: int) -> None:
+def _commit(arrays: dict[int, np.memmap], directory: Path, rows: int, layers: list[int]) -> None:
     """Make written rows durable first, then advance the progress marker that resume trusts."""
     for array in arrays.values():
         array.flush()
-    atomic_write_json(directory / PROGRESS, {"rows": rows})
+    atomic_write_json(directory / PROGRESS, {"rows": rows, "layers": layers})
 
 
 def _save_npy(tmp: str, array: np.ndarray) -> None:
@@ -323,7 +467,7 @@ def _save_npy(tmp: str, array: np.ndarray) -> None:
 
 
 def verify_cache(path: str | os.PathLike) -> dict[str, Any]:
-    """Re-check a finished store: shapes, labels, committed rows and every file's checksum."""
+    """Re-check a finished store: the cheap checks of every open, labels in range, and every file's checksum."""
     cache = ActivationCache(path)
     manifest = cache.manifest
     problems: list[str] = []
@@ -333,21 +477,20 @@ def verify_cache(path: str | os.PathLike) -> dict[str, Any]:
         labels = cache.labels(split)
         if labels.shape != shape[:1] or labels.min() < 0 or labels.max() >= num_classes:
             problems.append(f"{split}/labels.npy does not match {shape[0]} rows of {num_classes} classes")
-        if _rows_done(cache.path, split) != shape[0]:
-            problems.append(f"{split} has {_rows_done(cache.path, split)} of {shape[0]} rows committed")
         for layer in cache.layers:
             array = cache.layer(split, layer)
             if array.shape != shape:
                 problems.append(f"{split}/layer_{layer}.npy has shape {array.shape}, manifest says {shape}")
     files = sorted(manifest["checksums"])
-    for name in tqdm(files, desc="verify", unit="file", leave=False):
+    for name in progress(files, desc="verify", unit="file"):
         file = cache.path / name
         if not file.is_file():
             problems.append(f"{name} is missing")
         elif file_sha256(file) != manifest["checksums"][name]:
             problems.append(f"{name} does not match its checksum")
     if problems:
-        raise InCAError(f"{cache.path} failed verification: {'; '.join(problems[:4])}; rebuild it")
+        raise InCAError(f"{cache.path} failed verification: {'; '.join(problems[:4])}; rebuild it with "
+                        "inca-cache --rebuild (same --backbone, --task and --layers)")
     return {
         "path": str(cache.path),
         "backbone": manifest["backbone"]["name"],

@@ -20,11 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from inca.adapters.common import CONFIG_FILE
 from inca.adapters.saved import TaskAdapter, load_adapter
 from inca.backbone import Backbone, create_backbone, intermediate_tokens, resolve_layers
 from inca.errors import InCAError
-from inca.io import read_json
 
 __all__ = ["InCAClassifier", "MultiTaskInCA", "check_adapter_fits"]
 
@@ -107,23 +105,24 @@ class MultiTaskInCA(_FrozenBackbone):
     ) -> MultiTaskInCA:
         """Load saved adapters (a list, named by their recorded task, or ``{task: directory}``) and the backbone
         they record (``weights`` overrides the recorded weights, which must then be identical)."""
-        named = dict(adapters) if isinstance(adapters, Mapping) else _name_by_task(adapters)
-        loaded = {task: load_adapter(directory) for task, directory in named.items()}
+        if isinstance(adapters, Mapping):
+            loaded = {task: load_adapter(directory) for task, directory in adapters.items()}
+        else:
+            loaded = _name_by_task({directory: load_adapter(directory) for directory in adapters})
         _check_same_provenance(loaded)
-        record = _backbone_record(next(iter(loaded.values())), next(iter(named)))
+        record = _backbone_record(next(iter(loaded.values())), next(iter(loaded)))
         backbone = create_backbone(record["name"], weights or record["weights"], record.get("model_kwargs"), device)
         return cls(backbone, loaded).to(device)
 
 
-def _name_by_task(directories: Sequence[str | os.PathLike]) -> dict[str, str | os.PathLike]:
-    named: dict[str, str | os.PathLike] = {}
-    for directory in directories:
-        config = Path(directory) / CONFIG_FILE
-        task = read_json(config).get("task") if config.is_file() else None
-        task = str(task or Path(directory).name)
+def _name_by_task(adapters: Mapping[str | os.PathLike, TaskAdapter]) -> dict[str, TaskAdapter]:
+    """Adapters keyed by the task they record (else their directory's name); two for one task is an error."""
+    named: dict[str, TaskAdapter] = {}
+    for directory, adapter in adapters.items():
+        task = str(adapter.metadata.get("task") or Path(directory).name)
         if task in named:
-            raise InCAError(f"two adapters for task {task!r} ({named[task]}, {directory}); name them NAME=DIR")
-        named[task] = directory
+            raise InCAError(f"two adapters for task {task!r} (one in {directory}); name them with NAME=DIR")
+        named[task] = adapter
     return named
 
 

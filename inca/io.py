@@ -1,32 +1,112 @@
 """Files: atomic writes (a reader never sees a half-written file, a crash never destroys the previous one),
-JSON, and content digests."""
+JSON, content digests, free-space checks and directory locks.
+
+Every file inca writes goes through :func:`atomic_write`: a new temporary file (``O_EXCL | O_NOFOLLOW``, so
+never through an existing path or symlink) in the destination's directory, fsync, then a rename over the
+destination, which replaces a symlink there rather than writing through it. Files get the user's umask
+(``0o666 & ~umask``), like any other tool's output, so teams can share stores and run directories.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import InCAError
+
+TEMP_SUFFIX = ".inca-tmp"
+LOCK_FILE = ".inca.lock"
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory, so atomic)."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory, so atomic).
+
+    A full disk is a one-line :class:`~inca.errors.InCAError` naming the place; ``path`` keeps its previous
+    content and the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
     try:
-        write(tmp)
+        write(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # writers that recreate the file (e.g. safetensors) may have narrowed it
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InCAError(
+                f"no space left on {path.parent} while writing {path.name}: {disk_hint(path.parent)}"
+            ) from None
         raise
+
+
+def disk_hint(directory: str | os.PathLike) -> str:
+    """What a user with a full disk needs to know: how much is free where."""
+    free = shutil.disk_usage(existing_parent(directory)).free
+    return f"{free / 2**20:.0f} MiB free there; free some space or choose another directory"
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """``path`` or its nearest existing ancestor (where free space is measured before it is created)."""
+    path = Path(path).absolute()
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
+def require_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse to start writing ``needed`` bytes under ``directory`` when the disk does not have them."""
+    free = shutil.disk_usage(existing_parent(directory)).free
+    if needed > free:
+        raise InCAError(
+            f"{what} needs {needed / 2**30:.2f} GiB at {directory} but only {free / 2**30:.2f} GiB are free: "
+            "free some space or choose another directory"
+        )
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> int:
+    """Delete temporary files that interrupted atomic writes left under ``directory`` (hold its lock first)."""
+    stale = list(Path(directory).rglob(f".*{TEMP_SUFFIX}")) if Path(directory).is_dir() else []
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return len(stale)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (an ``flock`` on ``directory/.inca.lock``) for the block.
+
+    A second process gets a one-line error naming the holder's pid. The kernel releases the lock of a
+    process that dies, so a lock left by a killed run is simply taken over.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise InCAError(
+                f"{what} {directory} is in use by process {holder}; wait for it to finish, or use another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -44,6 +124,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where inca keeps stores and file-hash indexes: ``cache_dir``, else ``$INCA_CACHE``, else ``~/.cache/inca``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("INCA_CACHE", Path.home() / ".cache" / "inca")).expanduser()
 
 
 def digest(obj: Any) -> str:

@@ -18,9 +18,10 @@ from .devices import autocast
 from .errors import InCAError
 from .inference import MultiTaskInCA
 from .tasks import Split, image_loader, sequential_batches
-from .tasks.folder import FileSource
+from .tasks.folder import FileSource, unreadable_images
 
-__all__ = ["FORMATS", "ImagePrediction", "expand_images", "format_predictions", "predict_images"]
+__all__ = ["FORMATS", "ImagePrediction", "expand_images", "format_predictions", "predict_images",
+           "split_readable"]
 
 FORMATS = ("csv", "jsonl")
 
@@ -82,6 +83,12 @@ def format_predictions(predictions: Iterable[ImagePrediction], tasks: Sequence[s
             cells += [";".join(p.labels[t]), ";".join(f"{v:.6f}" for v in p.probabilities[t])]
         writer.writerow(cells)
     return buffer.getvalue()
+
+
+def split_readable(files: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(readable, unreadable)`` image files, each in the given order: one bad file never stops the rest."""
+    bad = set(unreadable_images(list(files)))
+    return [f for f in files if f not in bad], [f for f in files if f in bad]
 
 
 def expand_images(paths: Sequence[str]) -> list[str]:

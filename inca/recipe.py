@@ -18,6 +18,8 @@ def load_recipe(path: str | os.PathLike, valid_keys: set[str]) -> dict[str, Any]
         raise InCAError(f"recipe {path} does not exist")
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise InCAError(f"recipe {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         raise InCAError(f"recipe {path} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):

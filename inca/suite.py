@@ -19,7 +19,7 @@ from typing import Any
 
 from .backbone import Backbone
 from .errors import InCAError, first_line
-from .io import atomic_write_json, atomic_write_text, read_json
+from .io import atomic_write_json, atomic_write_text, directory_lock, read_json, remove_stale_temps
 from .report import markdown_table
 from .tasks import Task
 from .train.runner import InCAOptions, train_inca_task
@@ -32,6 +32,7 @@ __all__ = [
     "render_results",
     "run_suite",
     "run_train_suite",
+    "task_directory",
     "train_config",
 ]
 
@@ -108,19 +109,22 @@ def run_suite(
     ``report["tasks"]`` under their unit's key. ``units`` is iterated lazily: it may load data as it goes."""
     out = Path(out)
     path = out / report_file
-    report = open_report(path, fresh, overwrite=overwrite)
+    with directory_lock(out, "the output directory"):
+        if removed := remove_stale_temps(out):
+            _logger.info("removed %d temporary files an interrupted run left in %s", removed, out)
+        report = open_report(path, fresh, overwrite=overwrite)
 
-    def save() -> None:
-        atomic_write_json(path, report)
-        write_reports(out, report)
+        def save() -> None:
+            atomic_write_json(path, report)
+            write_reports(out, report)
 
-    for unit in units:
-        if finished(report, unit.key):
-            _logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, path)
-            continue
-        store(report, unit.key, unit.run())
+        for unit in units:
+            if finished(report, unit.key):
+                _logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, path)
+                continue
+            store(report, unit.key, unit.run())
+            save()
         save()
-    save()
     return report
 
 
@@ -131,7 +135,8 @@ def run_suite(
 
 def train_config(backbone: Backbone, layers_spec: str, options: InCAOptions) -> dict[str, Any]:
     """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
-    keep = {k: v for k, v in asdict(options).items() if k not in ("cache", "cache_dir", "num_workers")}
+    keep = {k: v for k, v in asdict(options).items()
+            if k not in ("cache", "cache_dir", "num_workers", "verify_cache")}
     return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **keep}
 
 
@@ -148,17 +153,31 @@ def run_train_suite(
     """:func:`~inca.train.runner.train_inca_task` on each task into ``out/<task>/``; ``results.json`` and
     ``results.md`` after each task (a rerun with the same configuration skips the finished ones)."""
     out = Path(out)
+    tasks = {spec: load_task(spec) for spec in task_specs}  # every spec loads before any training starts
 
-    def train(spec: str) -> dict[str, Any]:
-        task = load_task(spec)
-        result = train_inca_task(backbone, task, layers_for(task), options, out / task.slug)
-        _logger.info("%s: best layer %d, val %.4f, test %.4f (%.1fs)", spec, result["best"]["layer"],
+    def train(task: Task) -> dict[str, Any]:
+        result = train_inca_task(backbone, task, layers_for(task), options, out / task_directory(task))
+        _logger.info("%s: best layer %d, val %.4f, test %.4f (%.1fs)", task.spec, result["best"]["layer"],
                      result["val_acc"], result["test_acc"], result["seconds"])
-        return result
+        return {**result, "fingerprint": task.fingerprint, "skipped_images": task.identity.get("skipped_images", 0)}
+
+    def finished(report: Report, spec: str) -> bool:
+        """A task counts as done only if its data is the same as when it was trained."""
+        done = report["tasks"].get(spec)
+        if done is not None and done.get("fingerprint") != tasks[spec].fingerprint:
+            _logger.warning("%s: its data changed since it was trained; training it again", spec)
+            return False
+        return done is not None
 
     fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
-    units = (Unit(spec, spec, functools.partial(train, spec)) for spec in task_specs)
-    return run_suite(out, RESULTS_JSON, fresh, units, _write_markdown, overwrite=overwrite)
+    units = (Unit(spec, spec, functools.partial(train, task)) for spec, task in tasks.items())
+    return run_suite(out, RESULTS_JSON, fresh, units, _write_markdown, overwrite=overwrite, finished=finished)
+
+
+def task_directory(task: Task) -> str:
+    """A task's output directory name: readable, and unique by construction (specs that slug alike, or a
+    task whose data changed, get different directories)."""
+    return f"{task.slug}-{task.fingerprint[:8]}"
 
 
 def _write_markdown(out: Path, results: Report) -> None:

@@ -35,9 +35,9 @@ def tiny_backbone():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Never touch the user's ~/.cache/inca from tests."""
-    monkeypatch.setenv("INCA_CACHE", str(tmp_path / "inca-cache"))
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's ~/.cache/inca from tests (nor put a cache inside a test's own data folder)."""
+    monkeypatch.setenv("INCA_CACHE", str(tmp_path_factory.mktemp("inca-cache")))
 
 
 # Tensors shared by the adapter tests.

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -90,13 +92,25 @@ def test_folder_without_val_carves_it(tmp_path):
     assert task.sizes() == {"train": 18, "val": 2, "test": 4}
 
 
-def test_folder_identity_changes_with_files(tmp_path):
+def test_folder_identity_follows_image_content(tmp_path):
+    root = tmp_path / "data"
     for cls in ["a", "b"]:
         for i in range(5):
-            _write_image(tmp_path / cls / f"{i}.png")
-    before = load_task(f"folder:{tmp_path}").fingerprint
-    _write_image(tmp_path / "a" / "0.png", size=(20, 20))
-    assert load_task(f"folder:{tmp_path}").fingerprint != before
+            _write_image(root / cls / f"{i}.png")
+    before = load_task(f"folder:{root}").fingerprint
+    assert load_task(f"folder:{root}").fingerprint == before  # hashes remembered, same identity
+    _write_image(root / "a" / "0.png", size=(20, 20))
+    changed = load_task(f"folder:{root}").fingerprint
+    assert changed != before
+    image = root / "a" / "1.bmp"  # uncompressed: a flipped byte keeps the file valid and the same size
+    _write_image(image)
+    changed = load_task(f"folder:{root}").fingerprint
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 0xFF  # same size, same path, other content
+    stat = image.stat()
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    assert load_task(f"folder:{root}").fingerprint != changed
 
 
 def test_corrupt_image_names_the_file(tmp_path, tiny_backbone):
@@ -105,12 +119,14 @@ def test_corrupt_image_names_the_file(tmp_path, tiny_backbone):
             _write_image(tmp_path / cls / f"{i}.png")
     bad = tmp_path / "b" / "3.png"
     bad.write_bytes(b"\x89PNG garbage")
-    task = load_task(f"folder:{tmp_path}")
-    with pytest.raises(InCAError, match="3.png") as info:
-        for split in SPLITS:
-            data = task.splits[split]
-            for _ in image_loader(data, tiny_backbone.transform, sequential_batches(0, len(data), 4), num_workers=2):
-                pass
+    with pytest.raises(InCAError, match="1 unreadable image.*3.png.*--skip-bad-images") as info:
+        load_task(f"folder:{tmp_path}")
+    task = load_task(f"folder:{tmp_path}", skip_bad_images=True)
+    assert sum(task.sizes().values()) == 9 and task.identity["skipped_images"] == 1
+    for split in SPLITS:
+        data = task.splits[split]
+        for _ in image_loader(data, tiny_backbone.transform, sequential_batches(0, len(data), 4), num_workers=2):
+            pass
     assert "\n" not in str(info.value)
 
 
@@ -241,3 +257,9 @@ def test_image_loader_batches(tiny_backbone):
     loaded = list(image_loader(data, tiny_backbone.transform, batches))
     assert [b[0].shape for b in loaded] == [torch.Size([3, 3, 32, 32]), torch.Size([1, 3, 32, 32])]
     assert loaded[0][1].tolist() == data.labels[[0, 3, 5]].tolist()
+
+
+def test_help_lists_every_synthetic_task():
+    from inca.options import SYNTH_KINDS
+
+    assert tuple(SYNTH_TASKS) == SYNTH_KINDS

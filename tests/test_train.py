@@ -79,8 +79,9 @@ def test_train_cli_end_to_end_and_predict(tmp_path, capsys):
     for i in range(len(test)):
         test.image(i).save(image_dir / f"{i:04d}.png")
     # Both tasks from one backbone pass: synth-colour's single best adapter and its ensemble, and digits'.
-    adapters = [f"colour={out / 'synth-colour' / 'adapter'}", f"colour-ensemble={out / 'synth-colour' / 'ensemble'}",
-                f"digits={out / 'digits' / 'adapter'}"]
+    colour, digits = results["tasks"]["synth-colour"], results["tasks"]["digits"]
+    adapters = [f"colour={colour['best']['adapter_dir']}", f"colour-ensemble={colour['ensemble']['adapter_dir']}",
+                f"digits={digits['best']['adapter_dir']}"]
     assert predict_main([arg for a in adapters for arg in ("--adapter", a)] + ["--images", str(image_dir)]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == len(test) and all(row["digits"] for row in rows)
@@ -187,7 +188,8 @@ def test_predict_refuses_other_backbone_weights(tmp_path, capsys):
     save_file(other.state_dict(), tmp_path / "other.safetensors")
     image = tmp_path / "x.png"
     load_task("synth-colour").splits["test"].image(0).save(image)
-    adapter = str(tmp_path / "run" / "synth-colour" / "adapter")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    adapter = results["tasks"]["synth-colour"]["best"]["adapter_dir"]
     assert predict_main(["--adapter", adapter, "--images", str(image),
                          "--weights", str(tmp_path / "other.safetensors")]) == 2
     _one_line_error(capsys, "trained on vit_tiny_patch16_224 with other weights")

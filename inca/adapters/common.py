@@ -7,7 +7,6 @@ so every method saves only what it trained and refuses to load onto something it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Collection, Iterable
@@ -19,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from inca.errors import InCAError
-from inca.io import atomic_write, atomic_write_json, read_json
+from inca.errors import InCAError, first_line
+from inca.io import atomic_write, atomic_write_json, file_sha256, read_json
 
 DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -93,14 +92,6 @@ def named_tensors(model: nn.Module, params: Iterable[torch.Tensor]) -> dict[str,
     return {name: t for name, t in named if id(t) in wanted}
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_adapter(
     directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> None:
@@ -112,7 +103,7 @@ def save_adapter(
     directory = Path(directory)
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp))
-    full = {**config, "format_version": FORMAT_VERSION, "weights_sha256": _sha256(directory / WEIGHTS_FILE)}
+    full = {**config, "format_version": FORMAT_VERSION, "weights_sha256": file_sha256(directory / WEIGHTS_FILE)}
     atomic_write_json(directory / CONFIG_FILE, full)
 
 
@@ -122,16 +113,24 @@ def read_adapter(directory: str | os.PathLike, method: str) -> tuple[dict[str, A
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = read_json(config_path)
+    try:
+        config = read_json(config_path)
+    except (OSError, ValueError) as exc:
+        raise InCAError(f"{config_path} is not valid JSON ({first_line(exc)}); save the adapter again") from None
+    if not isinstance(config, dict):
+        raise InCAError(f"{config_path} is not an adapter config (a JSON object); save the adapter again")
     if config.get("method") != method:
         raise InCAError(f"{directory} holds a {config.get('method')!r} adapter, not {method!r}; load it with "
                         f"the matching loader")
     if config.get("format_version") != FORMAT_VERSION:
         raise InCAError(f"{directory} has adapter format {config.get('format_version')}, this inca reads "
                         f"{FORMAT_VERSION}; re-save it with a matching inca version")
-    if _sha256(weights_path) != config.get("weights_sha256"):
-        raise InCAError(f"{weights_path} does not match {config_path} (partial or mixed save); save again")
-    return config, load_file(str(weights_path))
+    if file_sha256(weights_path) != config.get("weights_sha256"):
+        raise InCAError(f"{weights_path} does not match {config_path} (damaged, partial or mixed save); save again")
+    try:
+        return config, load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise InCAError(f"{weights_path} is not a readable safetensors file ({first_line(exc)}); save again") from None
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], expected: Collection[str]) -> None:

@@ -10,40 +10,61 @@ import difflib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InCAError
+from ..options import TASK_SPEC_FORMS
 from .base import SPLITS, Split, Task
 from .builtin import SYNTH_TASKS, load_digits_task, load_synth_task
 from .folder import load_folder_task
 from .hf import load_hf_task
-from .tv import load_torchvision_task
+from .tv import load_torchvision_task, torchvision_class
 
 BUILTIN_TASKS = ["digits", *(f"synth-{kind}" for kind in SYNTH_TASKS)]
-SPEC_HELP = "digits, synth-{" + ",".join(SYNTH_TASKS) + "}, hf:NAME[:CONFIG], tv:NAME, folder:PATH"
+SPEC_HELP = TASK_SPEC_FORMS
 
 
-def load_task(spec: str, data_root: str | None = None, download: bool = False, seed: int = 0) -> Task:
-    """Load a task from its spec string. ``seed`` fixes how val/test are carved when a dataset lacks them."""
+def check_task_spec(spec: str, data_root: str | None = None) -> None:
+    """Cheap checks of a task spec (its form, a folder's existence, a torchvision name and root), so a typo
+    is reported before a backbone or any other task is loaded."""
+    spec = spec.strip()
+    prefix, _, rest = spec.partition(":")
+    if spec == "digits" or spec.startswith("synth-") and spec[6:] in SYNTH_TASKS or prefix == "hf" and rest:
+        return
+    if prefix == "folder" and rest:
+        if not Path(rest).expanduser().is_dir():
+            raise InCAError(f"task {spec}: {rest} is not a directory; give folder:PATH with PATH/<class>/<images>")
+        return
+    if prefix == "tv" and rest:
+        torchvision_class(spec, rest, data_root)
+        return
+    close = difflib.get_close_matches(spec, BUILTIN_TASKS, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise InCAError(f"unknown task spec {spec!r}{hint}; use one of: {SPEC_HELP}")
+
+
+def load_task(
+    spec: str, data_root: str | None = None, download: bool = False, seed: int = 0, skip_bad_images: bool = False
+) -> Task:
+    """Load a task from its spec string. ``seed`` fixes how val/test are carved when a dataset lacks them;
+    ``skip_bad_images`` drops unreadable image files (folder tasks) instead of refusing them."""
+    check_task_spec(spec, data_root)
     spec = spec.strip()
     prefix, _, rest = spec.partition(":")
     if spec == "digits":
         return load_digits_task(seed=seed)
-    if spec.startswith("synth-") and spec[6:] in SYNTH_TASKS:
-        return load_synth_task(spec[6:], seed=seed)
-    if prefix == "hf" and rest:
+    if prefix == "hf":
         name, _, config = rest.partition(":")
         return load_hf_task(spec, name, config or None, seed=seed)
-    if prefix == "tv" and rest:
+    if prefix == "tv":
         return load_torchvision_task(spec, rest, data_root, download=download, seed=seed)
-    if prefix == "folder" and rest:
-        return load_folder_task(spec, rest, seed=seed)
-    close = difflib.get_close_matches(spec, BUILTIN_TASKS, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise InCAError(f"unknown task spec {spec!r}{hint}; use one of: {SPEC_HELP}")
+    if prefix == "folder":
+        return load_folder_task(spec, rest, seed=seed, skip_bad_images=skip_bad_images)
+    return load_synth_task(spec[6:], seed=seed)
 
 
 def parse_task_list(specs: str | Iterable[str]) -> list[str]:
@@ -122,6 +143,6 @@ def sequential_batches(start: int, stop: int, batch_size: int) -> list[np.ndarra
 
 
 __all__ = [
-    "SPLITS", "SPEC_HELP", "BUILTIN_TASKS", "ImageDataset", "LoadFailure", "Split", "Task",
+    "SPLITS", "SPEC_HELP", "BUILTIN_TASKS", "check_task_spec", "ImageDataset", "LoadFailure", "Split", "Task",
     "collate_images", "image_loader", "load_task", "parse_task_list", "sequential_batches",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -86,6 +87,8 @@ class Task:
         missing = [name for name in SPLITS if name not in self.splits]
         if missing:
             raise InCAError(f"task {self.spec}: no {'/'.join(missing)} split could be formed")
+        if len(self.classes) < 2:
+            raise InCAError(f"task {self.spec} has {len(self.classes)} class(es); classification needs at least two")
         for name in SPLITS:
             split = self.splits[name]
             if len(split) == 0:
@@ -160,3 +163,16 @@ def make_splits(
         splits["val"] = splits["train"].subset(carved)
         splits["train"] = splits["train"].subset(kept)
     return splits
+
+
+def tree_digest(root: str | os.PathLike) -> str:
+    """Relative path, size and mtime of every file under ``root`` (symlinks not followed): a dataset whose
+    files were replaced, added or removed gets another identity, without reading the files."""
+    sha = hashlib.sha256()
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            stat = os.stat(path, follow_symlinks=False)
+            sha.update(f"{os.path.relpath(path, root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return sha.hexdigest()[:16]

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InCAError, first_line
-from .base import Split, Task, make_splits
+from .base import Split, Task, make_splits, tree_digest
 
 # Candidate values of a ``split=`` argument for each of our splits, in order of preference.
 SPLIT_ARGUMENTS = {"train": ("train", "trainval", "balanced"), "val": ("val", "valid"), "test": ("test",)}
@@ -31,9 +31,8 @@ class TorchvisionSource:
         return f"{self.name} row {row}"
 
 
-def load_torchvision_task(
-    spec: str, name: str, data_root: str | None, download: bool = False, seed: int = 0
-) -> Task:
+def torchvision_class(spec: str, name: str, data_root: str | None) -> type:
+    """The torchvision dataset class ``tv:NAME`` names (case-insensitive); it needs a ``--data-root``."""
     import torchvision.datasets as tvd
 
     if not data_root:
@@ -41,7 +40,13 @@ def load_torchvision_task(
     lookup = {n.lower(): n for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
     if name.lower() not in lookup:
         raise InCAError(f"task {spec}: torchvision has no dataset {name!r} (e.g. tv:CIFAR10, tv:DTD, tv:Flowers102)")
-    cls = getattr(tvd, lookup[name.lower()])
+    return getattr(tvd, lookup[name.lower()])
+
+
+def load_torchvision_task(
+    spec: str, name: str, data_root: str | None, download: bool = False, seed: int = 0
+) -> Task:
+    cls = torchvision_class(spec, name, data_root)
     params = inspect.signature(cls.__init__).parameters
     datasets: dict[str, Any] = {}
     if "train" in params:
@@ -66,7 +71,7 @@ def load_torchvision_task(
         count = int(max(s.labels.max() for s in available.values())) + 1
         classes = [str(i) for i in range(count)]
     identity = {"dataset": cls.__name__, "root": os.path.abspath(data_root),
-                "sizes": {split: len(d) for split, d in datasets.items()}}
+                "sizes": {split: len(d) for split, d in datasets.items()}, "files": tree_digest(data_root)}
     return Task(spec, classes, make_splits(available, seed=seed), identity)
 
 

@@ -1,0 +1,152 @@
+"""Typed option values: one validation for command-line flags and recipe values alike.
+
+Each checker takes a flag's text (or a recipe's YAML value) and returns the typed value, or raises
+:class:`argparse.ArgumentTypeError` with what is allowed; argparse turns that into one line naming the
+flag, and :func:`check_value` applies the same checker to a recipe's value. Checks run before any work
+starts, so a typo never costs a backbone load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "check_value",
+    "device",
+    "finite_float",
+    "grid",
+    "layer_spec",
+    "names",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "ratio",
+]
+
+Checker = Callable[[Any], Any]
+
+# The forms of a task spec, for --help and error messages (kept light: building a parser imports no torch).
+SYNTH_KINDS = ("shapes", "count", "orientation", "colour")
+TASK_SPEC_FORMS = "digits, synth-{" + ",".join(SYNTH_KINDS) + "}, hf:NAME[:CONFIG], tv:NAME, folder:PATH"
+
+
+def _fail(value: Any, expected: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+
+
+def _integer(value: Any, expected: str) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise _fail(value, expected)
+    try:
+        return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+    except ValueError:
+        raise _fail(value, expected) from None
+
+
+def _number(value: Any, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _fail(value, expected)
+    try:
+        number = float(value)
+    except ValueError:
+        raise _fail(value, expected) from None
+    if not math.isfinite(number):
+        raise _fail(value, expected)
+    return number
+
+
+def _checker(parse: Callable[[Any, str], Any], expected: str, ok: Callable[[Any], bool] = lambda _: True) -> Checker:
+    """A checker that parses with ``parse`` and accepts what ``ok`` allows; both failures say ``expected``."""
+
+    def check(value: Any) -> Any:
+        number = parse(value, expected)
+        if not ok(number):
+            raise _fail(value, expected)
+        return number
+
+    return check
+
+
+positive_int = _checker(_integer, "a positive integer", lambda n: n >= 1)
+non_negative_int = _checker(_integer, "an integer >= 0", lambda n: n >= 0)
+finite_float = _checker(_number, "a finite number")
+positive_float = _checker(_number, "a finite number > 0", lambda x: x > 0)
+non_negative_float = _checker(_number, "a finite number >= 0", lambda x: x >= 0)
+ratio = _checker(_number, "a ratio in [0, 1)", lambda x: 0 <= x < 1)  # e.g. a warm-up ratio
+
+
+def grid(element: Checker) -> Checker:
+    """A comma-separated list (``1e-3,3e-4``), or a YAML list, of ``element`` values."""
+
+    def check(value: Any) -> list[Any]:
+        items = value if isinstance(value, (list, tuple)) else [p for p in str(value).split(",") if p.strip()]
+        if not items:
+            raise _fail(value, "one or more comma-separated values")
+        return [element(item) for item in items]
+
+    return check
+
+
+def names(value: Any) -> str:
+    """Comma-separated names (tasks, methods, probes), given as text or as a YAML list of them."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) and v.strip() for v in items):
+        raise _fail(value, "comma-separated names or a list of names")
+    return ",".join(v.strip() for v in items)
+
+
+def layer_spec(value: Any) -> str:
+    """A layer spec (``all``, ``-1``, ``0,5,11``, ``last:K``, ``best:K``) as text, from text, an int or a list."""
+    if isinstance(value, bool):
+        raise _fail(value, "a layer spec: all, -1, 0,5,11, last:K or best:K")
+    if isinstance(value, list):
+        return ",".join(str(_integer(v, "a list of layer indices")) for v in value)
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, str) or not re.fullmatch(r"\s*(all|(last|best):\s*\d+|-?\d+(\s*,\s*-?\d+)*)\s*", value):
+        raise _fail(value, "a layer spec: all, -1, 0,5,11, last:K or best:K")
+    return value.strip()
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def device(value: Any) -> str:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value.strip()):
+        raise _fail(value, "auto, cpu, mps, cuda or cuda:N")
+    return value.strip()
+
+
+def check_value(action: argparse.Action, value: Any) -> Any:
+    """A recipe's ``value`` for ``action``'s flag, checked and typed as the flag's text would be."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise _fail(value, "true or false")
+        return value
+    many = action.nargs in ("*", "+") or action.nargs == argparse.REMAINDER
+    if many:
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, dict) or any(isinstance(v, (dict, list)) for v in values):
+            raise _fail(value, "a value or a list of values")
+        return [_check_one(action, v) for v in values]
+    if isinstance(value, dict) or isinstance(value, list) and action.type is None:
+        raise _fail(value, "a single value")
+    return _check_one(action, value)
+
+
+def _check_one(action: argparse.Action, value: Any) -> Any:
+    if action.type is None:
+        if not isinstance(value, str):
+            raise _fail(value, "a string")
+        checked = value
+    else:
+        checked = action.type(value)
+    if action.choices is not None and checked not in action.choices:
+        raise _fail(value, f"one of {', '.join(map(str, action.choices))}")
+    return checked

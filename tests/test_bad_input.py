@@ -1,0 +1,114 @@
+"""Bad flags, recipes and specs through the real command line: one line on stderr, exit code 2, no traceback,
+nothing loaded or written first."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import TINY_ARGS
+
+pytestmark = pytest.mark.slow
+
+
+def inca(*args: str, tmp_path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "INCA_CACHE": str(tmp_path / "cache"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "inca", *args], capture_output=True, text=True, env=environment,
+                          timeout=timeout, cwd=tmp_path)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2, no traceback, and the error as the one last line of stderr (log lines may precede it)."""
+    err = result.stderr.strip()
+    assert result.returncode == 2, (result.returncode, err[-2000:])
+    assert "Traceback" not in result.stderr, err[-2000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("inca-") and ": error: " in last
+    assert sum(": error: " in line for line in err.splitlines()) == 1, err[-2000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+TRAIN = ["train", *TINY_ARGS, "--tasks", "digits", "--out", "out"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--heads", "0"], "--heads: expected a positive integer"),
+        (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+        (["--num-workers", "-1"], "--num-workers: expected an integer >= 0"),
+        (["--split-seed", "-1"], "--split-seed: expected an integer >= 0"),
+        (["--lr", "inf"], "--lr: expected a finite number > 0"),
+        (["--lr", "1e-3,nan"], "--lr: expected a finite number > 0"),
+        (["--warmup-ratio", "nan"], "--warmup-ratio: expected a ratio in [0, 1)"),
+        (["--warmup-ratio", "5"], "--warmup-ratio: expected a ratio in [0, 1)"),
+        (["--adapter-seeds", "1.5"], "--adapter-seeds: expected an integer >= 0"),
+        (["--epochs", "two"], "--epochs: expected a positive integer"),
+        (["--device", "tpu"], "--device: expected auto, cpu, mps, cuda or cuda:N"),
+        (["--layers", "first:3"], "--layers: expected a layer spec"),
+        (["--ensemble", "0"], "--ensemble: expected a positive integer"),
+    ],
+)
+def test_bad_flags(tmp_path, flags, needle):
+    assert_one_line_error(inca(*TRAIN, *flags, tmp_path=tmp_path), needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [("patch_size=0", "cannot be built with --model-kwargs"), ("depth=-1", "cannot be built with --model-kwargs"),
+     ("no_such=1", "cannot be built with --model-kwargs"), ("img_size", "expects key=value")],
+)
+def test_impossible_model_kwargs(tmp_path, kwargs, needle):
+    result = inca("train", "--backbone", "vit_tiny_patch16_224", "--weights", "random", "--model-kwargs", kwargs,
+                  "--tasks", "digits", "--out", "out", tmp_path=tmp_path)
+    assert_one_line_error(result, needle)
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [("epochs: 1.5", "epochs: expected a positive integer, got 1.5"),
+     ("lr: {a: 1}", "lr: expected a value or a list of values"),
+     ("backbone: 123", "backbone: expected a string, got 123"),
+     ("model_kwargs: 5", "model_kwargs: expected a string, got 5"),
+     ("overwrite: sometimes", "overwrite: expected true or false"),
+     ("no_such_key: 1", "unknown keys no_such_key")],
+)
+def test_bad_recipe_values(tmp_path, line, needle):
+    (tmp_path / "r.yaml").write_text(f"tasks: digits\nweights: random\n{line}\n", encoding="utf-8")
+    assert_one_line_error(inca("train", "--recipe", "r.yaml", tmp_path=tmp_path), needle)
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    (tmp_path / "r.yaml").write_bytes(b"backbone: caf\xe9\n")
+    assert_one_line_error(inca("train", "--recipe", "r.yaml", tmp_path=tmp_path), "not UTF-8")
+
+
+def test_task_specs_are_checked_before_the_backbone_loads(tmp_path):
+    start = time.monotonic()
+    result = inca("train", "--backbone", "vit_huge_patch14_224", "--weights", "random", "--tasks",
+                  "digits,folder:/no/such/dir", "--out", "out", tmp_path=tmp_path)
+    assert_one_line_error(result, "folder:/no/such/dir", "not a directory")
+    assert time.monotonic() - start < 60  # a ViT-H would take far longer to build
+    assert_one_line_error(inca(*TRAIN[:-4], "--tasks", "digts", tmp_path=tmp_path), "did you mean digits")
+
+
+def test_offline_pretrained_fails_fast_with_the_fix(tmp_path):
+    start = time.monotonic()
+    result = inca("cache", "--backbone", "vit_tiny_patch16_224", "--task", "digits", tmp_path=tmp_path,
+                  env={"HF_HUB_OFFLINE": "", "HF_HOME": str(tmp_path / "hf")})
+    err = assert_one_line_error(result, "not in the local cache", "HF_HUB_OFFLINE=1")
+    assert time.monotonic() - start < 40, err
+    assert result.stderr.count("Retrying") == 0
+
+
+def test_help_shows_defaults_and_task_forms(tmp_path):
+    result = inca("train", "--help", tmp_path=tmp_path)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "(default: 10)" in text and "(default: runs/train)" in text or "(default runs/train)" in text
+    assert "folder:PATH" in text and "hf:NAME[:CONFIG]" in text and "synth-" in text

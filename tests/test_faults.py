@@ -1,0 +1,210 @@
+"""Faults, stale or corrupt data and hostile file systems, through the real command line: nothing silently wrong,
+nothing previously written lost, every failure one line with exit code 2."""
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inca.errors import InCAError
+from inca.io import atomic_write, atomic_write_text, directory_lock, require_free_space
+
+from .conftest import TINY_ARGS
+from .test_bad_input import assert_one_line_error
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "INCA_CACHE": str(cwd / "cache"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "inca", *args], capture_output=True, text=True, env=environment,
+                          timeout=600, cwd=cwd)
+
+
+def image_folder(root, per_class: int = 12, seed: int = 0) -> None:
+    """Two classes of small PNGs that a tiny ViT can tell apart (dark vs bright)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(["dark", "bright"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 100, (16, 16, 3)) + 150 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:02d}.png")
+
+
+def train(cwd, task: str, *extra: str) -> subprocess.CompletedProcess:
+    return run("train", *TINY_ARGS, "--tasks", task, "--layers", "-1", "--epochs", "2", "--out", "out", *extra,
+               cwd=cwd)
+
+
+def results(cwd) -> dict:
+    return json.loads((cwd / "out" / "results.json").read_text())
+
+
+def test_changed_images_are_never_served_from_a_stale_store_or_result(tmp_path):
+    image_folder(tmp_path / "data")
+    task = f"folder:{tmp_path / 'data'}"
+    assert train(tmp_path, task, "--cache", "always").returncode == 0
+    first = results(tmp_path)["tasks"][task]
+    image = tmp_path / "data" / "dark" / "00.png"
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[0, 0] ^= 0xFF
+    Image.fromarray(pixels).save(image)  # same path, same format and size class, new content
+    rerun = train(tmp_path, task, "--cache", "always")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    second = results(tmp_path)["tasks"][task]
+    assert "data changed since it was trained" in rerun.stderr
+    assert second["fingerprint"] != first["fingerprint"] and second["cache_path"] != first["cache_path"]
+    assert second["best"]["adapter_dir"] != first["best"]["adapter_dir"]
+
+
+def test_corrupt_or_edited_store_is_refused_with_the_fix(tmp_path):
+    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--layers", "3"]
+    first = run(*build, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    store = tmp_path / first.stdout.split(": ", 1)[1].split(" (")[0]
+    layer = store / "val" / "layer_3.npy"
+    layer.write_bytes(layer.read_bytes()[:-100])  # truncated
+    trained = train(tmp_path, "synth-colour", "--cache", "always", "--layers", "3")
+    assert_one_line_error(trained, "layer_3.npy", "truncated", "inca-cache --rebuild")
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert run(*build, "--rebuild", cwd=tmp_path).returncode == 0
+    assert run("cache", "--verify", str(store), cwd=tmp_path).returncode == 0
+    data = bytearray(layer.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the checksums see it
+    layer.write_bytes(bytes(data))
+    verified = train(tmp_path, "synth-colour", "--cache", "always", "--layers", "3", "--verify-cache")
+    assert_one_line_error(verified, "val/layer_3.npy does not match its checksum", "--rebuild")
+    assert run(*build, "--rebuild", cwd=tmp_path).returncode == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["shapes"]["val"][0] += 1  # a hand edit
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run("cache", "--verify", str(store), cwd=tmp_path), "manifest.json was edited", "--rebuild")
+
+
+def test_a_store_is_extended_with_missing_layers_never_refused(tmp_path):
+    assert run("cache", *TINY_ARGS, "--task", "synth-colour", "--layers", "3", cwd=tmp_path).returncode == 0
+    trained = train(tmp_path, "synth-colour", "--layers", "2,3")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "extending it with layers [2]" in trained.stderr
+    assert results(tmp_path)["tasks"]["synth-colour"]["activations"] == "cache"
+
+
+def test_output_lock_stale_temps_symlinks_and_umask(tmp_path):
+    image_folder(tmp_path / "data")
+    task = f"folder:{tmp_path / 'data'}"
+    out = tmp_path / "out"
+    with directory_lock(out, "the output directory"):
+        busy = train(tmp_path, task)
+    assert_one_line_error(busy, f"in use by process {os.getpid()}")
+    stale = out / ".results.json.0123abcd.inca-tmp"
+    stale.write_text("left by a killed run")
+    elsewhere = tmp_path / "precious.json"
+    elsewhere.write_text("keep me")
+    (out / "results.json").symlink_to(elsewhere)  # a planted symlink must be replaced, not written through
+    old_umask = os.umask(0o022)
+    try:
+        done = train(tmp_path, task, "--overwrite")
+    finally:
+        os.umask(old_umask)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not stale.exists() and elsewhere.read_text() == "keep me"
+    assert not (out / "results.json").is_symlink()
+    adapter_dir = tmp_path / results(tmp_path)["tasks"][task]["best"]["adapter_dir"]
+    for file in [out / "results.json", out / "results.md", *sorted(os.scandir(adapter_dir), key=lambda e: e.name)]:
+        mode = stat.S_IMODE(os.stat(file).st_mode)
+        assert mode == 0o644, (file, oct(mode))
+
+
+def test_folder_hygiene_symlink_loops_duplicates_and_classes(tmp_path):
+    image_folder(tmp_path / "data")
+    (tmp_path / "data" / "dark" / "loop").symlink_to(tmp_path / "data")  # a loop back to the root
+    duplicate = tmp_path / "data" / "bright" / "copy.png"
+    duplicate.write_bytes((tmp_path / "data" / "bright" / "00.png").read_bytes())
+    assert run("cache", *TINY_ARGS, "--task", f"folder:{tmp_path / 'data'}", "--layers", "3",
+               cwd=tmp_path).returncode == 0
+    from inca.tasks import load_task
+
+    task = load_task(f"folder:{tmp_path / 'data'}")
+    assert sum(task.sizes().values()) == 25  # 24 images + the copy; the loop adds nothing
+    one_class = tmp_path / "single"
+    image_folder(one_class)
+    for file in (one_class / "bright").iterdir():
+        file.unlink()
+    (one_class / "bright").rmdir()
+    assert_one_line_error(train(tmp_path, f"folder:{one_class}"), "1 class(es)", "at least two")
+
+
+def test_unreadable_images_are_all_named_then_skipped_on_request(tmp_path):
+    image_folder(tmp_path / "data")
+    bad = [tmp_path / "data" / "dark" / "99.png", tmp_path / "data" / "bright" / "98.png"]
+    for file in bad:
+        file.write_bytes(b"\x89PNG not really")
+    task = f"folder:{tmp_path / 'data'}"
+    assert_one_line_error(train(tmp_path, task), "2 unreadable image(s)", str(bad[0]), str(bad[1]),
+                          "--skip-bad-images")
+    skipped = train(tmp_path, task, "--skip-bad-images")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    result = results(tmp_path)["tasks"][task]
+    assert result["skipped_images"] == 2
+    predicted = run("predict", "--adapter", result["best"]["adapter_dir"], "--images", str(tmp_path / "data"),
+                    cwd=tmp_path)
+    assert predicted.returncode == 2
+    assert sorted(line for line in predicted.stderr.splitlines() if "error" in line) == sorted(
+        f"inca-predict: error: {file} is not a readable image; skipped" for file in bad)
+    assert len(predicted.stdout.splitlines()) == 1 + 24  # header + every good image
+
+
+def test_damaged_saved_adapters_are_one_line_errors(tmp_path):
+    assert train(tmp_path, "synth-colour", "--epochs", "1").returncode == 0
+    adapter = str(tmp_path / results(tmp_path)["tasks"]["synth-colour"]["best"]["adapter_dir"])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    weights, config = Path(adapter, "adapter.safetensors"), Path(adapter, "adapter_config.json")
+    original = {weights: weights.read_bytes(), config: config.read_bytes()}
+    cases = [(weights, original[weights][:-7], "does not match"), (weights, b"", "does not match"),
+             (config, b"{not json", "is not valid JSON"), (config, b"[]", "not an adapter config")]
+    for file, content, needle in cases:
+        file.write_bytes(content)
+        assert_one_line_error(run("predict", "--adapter", adapter, "--images", str(image), cwd=tmp_path), needle)
+        for path, data in original.items():
+            path.write_bytes(data)
+    assert run("predict", "--adapter", adapter, "--images", str(image), cwd=tmp_path).returncode == 0
+
+
+def test_progress_is_quiet_in_redirected_logs(tmp_path):
+    done = run("train", *TINY_ARGS, "--tasks", "digits", "--layers", "-1", "--epochs", "3", "--out", "out",
+               "--cache", "always", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr  # no bar redraws in a log file
+    assert len(done.stderr.splitlines()) < 60
+    assert "font" not in done.stderr.lower()
+    quiet = run("train", *TINY_ARGS, "--tasks", "digits", "--layers", "-1", "--epochs", "3", "--out", "out2",
+                "--quiet", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_full_disk_is_reported_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    with pytest.raises(InCAError, match="needs 1.00 GiB .* only 0.01 GiB are free") as info:
+        require_free_space(tmp_path, 2**30, "the store")
+    assert "\n" not in str(info.value)
+    atomic_write_text(tmp_path / "results.json", "previous good state")
+
+    def disk_full(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(InCAError, match="no space left on .* while writing results.json: .* MiB free"):
+        atomic_write(tmp_path / "results.json", disk_full)
+    assert (tmp_path / "results.json").read_text() == "previous good state"
+    assert not list(tmp_path.glob(".*inca-tmp"))
