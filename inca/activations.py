@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor
 
 from .backbone import Backbone
-from .cache import ActivationCache, build_cache, cache_root, find_cache, store_bytes
+from .cache import ActivationCache, build_cache, find_cache, store_bytes, verify_cache
 from .errors import InCAError
+from .io import cache_root
 from .tasks import Task, image_loader
 
 __all__ = [
@@ -89,11 +91,17 @@ class TensorSource:
 
 
 class CachedSource:
-    """Activations gathered from memmaps: many epochs at disk/page-cache speed."""
+    """Activations gathered from memmaps: many epochs at disk/page-cache speed.
 
-    def __init__(self, cache: ActivationCache, layers: list[int] | None = None) -> None:
+    A background thread reads the next batch while the caller works on the current one, so reading the store
+    overlaps the adapters' compute. Batches land in pinned memory (asynchronous host-to-device copies) when
+    ``pin_memory``, by default when this process already uses CUDA.
+    """
+
+    def __init__(self, cache: ActivationCache, layers: list[int] | None = None, pin_memory: bool | None = None) -> None:
         self.cache = cache
         self.layers = sorted(layers) if layers is not None else cache.layers
+        self.pin_memory = pin_memory
         cache.check(layers=self.layers)
 
     def num_rows(self, split: str) -> int:
@@ -104,15 +112,29 @@ class CachedSource:
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
         labels = self.labels(split)
-        for rows in batches:
-            features = {layer: self.cache.gather(split, layer, rows) for layer in self.layers}
-            yield features, torch.from_numpy(labels[rows])
+        pin = torch.cuda.is_initialized() if self.pin_memory is None else self.pin_memory
+
+        def read(rows: np.ndarray) -> tuple[dict[int, Tensor], Tensor]:
+            features = {layer: self.cache.gather(split, layer, rows, pin) for layer in self.layers}
+            return features, torch.from_numpy(labels[rows])
+
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = None
+            for rows in batches:
+                following = reader.submit(read, rows)
+                if pending is not None:
+                    yield pending.result()
+                pending = following
+            if pending is not None:
+                yield pending.result()
 
 
 class LiveSource:
     """Activations computed on the fly: one backbone pass per batch feeds every layer.
 
     ``round_to`` rounds activations to a storage dtype (e.g. float16) so that results match a cache.
+    ``train_transform`` (e.g. :attr:`~inca.backbone.Backbone.train_transform`) preprocesses the train split
+    instead of the eval transform: augmented views, new ones each epoch, which no store could hold.
     The tensors are inference-mode tensors, not copied: read them (adapters standardise them first),
     never modify them in place or save them for backward.
     """
@@ -124,12 +146,14 @@ class LiveSource:
         layers: list[int],
         num_workers: int | None = None,
         round_to: torch.dtype | None = None,
+        train_transform: Callable | None = None,
     ) -> None:
         self.backbone = backbone
         self.task = task
         self.layers = sorted(layers)
         self.num_workers = num_workers
         self.round_to = round_to
+        self.train_transform = train_transform
         self.forward_calls = 0
 
     def num_rows(self, split: str) -> int:
@@ -140,7 +164,8 @@ class LiveSource:
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
         pin = self.backbone.device.type == "cuda"
-        loader = image_loader(self.task.splits[split], self.backbone.transform, batches, self.num_workers, pin)
+        transform = self.train_transform if split == "train" and self.train_transform else self.backbone.transform
+        loader = image_loader(self.task.splits[split], transform, batches, self.num_workers, pin)
         for images, labels in loader:
             features = self.backbone.extract(images, self.layers)
             self.forward_calls += 1
@@ -236,16 +261,26 @@ def open_source(
     dtype: str = "float16",
     max_gb: float = 64.0,
     num_workers: int | None = None,
+    train_transform: Callable | None = None,
+    verify: bool = False,
 ) -> CachedSource | LiveSource:
     """The activations of ``layers`` for ``task``, to be read ``epochs`` times: a finished store when one
     exists (unless ``cache="never"``), a new store when ``cache`` is ``always`` or, for ``auto``, when it pays
-    off (see :data:`CACHE_MODES`), else the live backbone."""
+    off (see :data:`CACHE_MODES`), else the live backbone. A ``train_transform`` (augmentation) always streams
+    live: a store holds one fixed view of each image. ``verify`` re-hashes an existing store's files first."""
     if cache not in CACHE_MODES:
         raise InCAError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
+    if train_transform is not None:
+        _logger.info("%s: streaming live activations (augmented training images: a store holds one fixed view)",
+                     task.spec)
+        return LiveSource(backbone, task, layers, num_workers, train_transform=train_transform)
     if cache == "never":
         return LiveSource(backbone, task, layers, num_workers)
     found = find_cache(cache_dir, backbone, task, layers)
     if found is not None:
+        if verify:
+            verify_cache(found.path)
+            _logger.info("%s: every file of %s matches its checksum", task.spec, found.path)
         _logger.info("%s: reading activations from %s", task.spec, found.path)
         return CachedSource(found, layers)
     reason = None

@@ -11,14 +11,18 @@ import difflib
 import hashlib
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
 import yaml
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
@@ -111,6 +115,7 @@ class Backbone:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_config: dict[str, Any] = field(default_factory=dict)
     weights_hash: str = ""
+    final_norm: bool = False  # the model's final norm on the last block's tokens (DINO's linear evaluation)
 
     @property
     def device(self) -> torch.device:
@@ -158,14 +163,21 @@ class Backbone:
         return create_transform(**self.data_config, is_training=False)
 
     @property
+    def train_transform(self):
+        """timm's training augmentation for this model's input (random resized crop, flip, colour jitter)."""
+        return create_transform(**self.data_config, is_training=True)
+
+    @property
     def fingerprint(self) -> str:
-        """Identifies everything that determines the activations: architecture, weights, preprocessing."""
+        """Identifies everything that determines the activations: architecture, weights, preprocessing
+        (and the final norm, only when it is on, so fingerprints without it never change)."""
         return digest(
             {
                 "name": self.name,
                 "model_kwargs": self.model_kwargs,
                 "weights_hash": self.weights_hash,
                 "preprocessing": self.preprocessing,
+                **({"final_norm": True} if self.final_norm else {}),
             }
         )
 
@@ -185,6 +197,7 @@ class Backbone:
             "width": self.width,
             "num_heads": self.num_heads,
             "token_layout": self.token_layout,
+            **({"final_norm": True} if self.final_norm else {}),
             "fingerprint": self.fingerprint,
         }
 
@@ -195,12 +208,17 @@ class Backbone:
     def extract(self, images: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         """Each requested block's output tokens ``[B, T, D]``, prefix tokens first; one forward pass.
 
-        Keys are non-negative block indices (``-1`` comes back as ``num_blocks - 1``).
+        Keys are non-negative block indices (``-1`` comes back as ``num_blocks - 1``). With ``final_norm`` the
+        last block's tokens go through the model's final norm, as its own head reads them.
         """
         layers = resolve_layers(list(layers), self.num_blocks)
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast(self.device):
-            return dict(zip(layers, intermediate_tokens(self.model, images, layers), strict=True))
+            tokens = dict(zip(layers, intermediate_tokens(self.model, images, layers), strict=True))
+            last = self.num_blocks - 1
+            if self.final_norm and last in tokens:
+                tokens[last] = self.model.norm(tokens[last])
+            return tokens
 
 
 def create_backbone(
@@ -208,8 +226,12 @@ def create_backbone(
     weights: str = "pretrained",
     model_kwargs: list[str] | dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    final_norm: bool = False,
 ) -> Backbone:
-    """Build a frozen timm ViT. ``weights`` is ``pretrained``, ``random`` or a local weights file."""
+    """Build a frozen timm ViT. ``weights`` is ``pretrained``, ``random`` or a local weights file.
+
+    ``final_norm``: :meth:`Backbone.extract` applies the model's final norm to the last block's tokens (what
+    DINO's linear evaluation reads); intermediate blocks are never normed."""
     kwargs = parse_model_kwargs(model_kwargs)
     _check_model_name(name)
     model = _create_model(name, weights, kwargs)
@@ -228,6 +250,7 @@ def create_backbone(
         model_kwargs=kwargs,
         data_config=data_config,
         weights_hash=state_dict_hash(model),
+        final_norm=final_norm,
     )
     _logger.info(
         "backbone %s (%s weights): %d blocks, width %d, %d tokens, input %s",
@@ -263,28 +286,65 @@ def _create_model(name: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)  # random weights are a fixed function of the name and kwargs
             model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise InCAError(f"backbone {name!r} rejected --model-kwargs {kwargs}: {exc}") from None
+    except InCAError:
+        raise
+    except Exception as exc:  # timm raises many kinds for impossible kwargs (ZeroDivisionError, AssertionError, ...)
+        given = {k: v for k, v in kwargs.items() if k != "num_classes"}
+        raise InCAError(
+            f"backbone {name!r} cannot be built with --model-kwargs {given}: {first_line(exc)}; "
+            "check the values (e.g. positive sizes, embed_dim divisible by num_heads)"
+        ) from None
     if weights != "random":
         _load_weights_file(model, name, weights)
     return model
 
 
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+HUB_HINT = (
+    "fill the Hugging Face cache on a connected machine (python -c \"import timm; timm.create_model('{name}', "
+    "pretrained=True)\") and copy HF_HOME over, set HF_HUB_OFFLINE=1 to never try the network, or use "
+    "--weights random or --weights PATH"
+)
+
+
 def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's pretrained weights: from the local Hugging Face cache when they are there (no network at all),
+    else downloaded after one quick reachability check, so an offline machine fails in seconds with a fix
+    rather than after a minute of retries."""
     if not timm.is_model_pretrained(name) and not any(
         timm.is_model_pretrained(tagged) for tagged in timm.list_pretrained(name + ".*")
     ):
         raise InCAError(f"timm has no pretrained weights for {name!r}: use --weights random or --weights PATH")
+    cached = _cached_hub_weights(name)
+    if cached is not None:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    if hf_constants.is_offline_mode():
+        raise InCAError(f"pretrained weights for {name!r} are not in the local cache and HF_HUB_OFFLINE is set: "
+                        + HUB_HINT.format(name=name))
+    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        raise InCAError(f"pretrained weights for {name!r} are not in the local cache and {host} cannot be reached "
+                        f"({first_line(exc)}): " + HUB_HINT.format(name=name)) from None
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except TypeError:
-        raise
     except Exception as exc:  # network and hub errors of many kinds
-        raise InCAError(
-            f"pretrained weights for {name!r} could not be fetched ({type(exc).__name__}): "
-            "use --weights random, --weights PATH (.safetensors/.pth/.npz), "
-            "or fill the Hugging Face cache (HF_HOME) on a connected machine"
-        ) from None
+        raise InCAError(f"pretrained weights for {name!r} could not be fetched ({first_line(exc)}): "
+                        + HUB_HINT.format(name=name)) from None
+
+
+def _cached_hub_weights(name: str) -> str | None:
+    """The local path of ``name``'s hub weights when the Hugging Face cache already holds them."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+    for filename in files:
+        path = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
 
 
 def _load_weights_file(model: nn.Module, name: str, path: str) -> None:

@@ -1,9 +1,16 @@
 """The comparison harness: methods x tasks on one backbone, with the same splits, batches and seed for all.
 
-For each (task, method) it records test accuracy (at the epoch with the best validation accuracy), that
-validation accuracy, trainable parameters (count and % of the backbone's), wall seconds, peak memory, steps
-and the per-step training loss, then rewrites ``compare.json`` (atomically), ``compare.md``,
-``compare_accuracy_vs_params.png`` and ``compare_loss.png``. A rerun into the same directory skips every
+One protocol for every method (:func:`protocol`, recorded in ``compare.json`` and printed under the tables):
+test accuracy at the epoch with the best validation accuracy (InCA included: each adapter keeps its best
+epoch); the new head of the end-to-end methods started the same way for all (``--head-init``, default a
+linear probe); the same augmentation or none (``--augment``); each method's learning rate tuned on
+validation over the same number of values (``--lr-grid``); and the backbone's final norm on the last block's
+tokens or not (``Backbone.final_norm``).
+
+For each (task, method) it records test accuracy, that validation accuracy, the tuned values, trainable
+parameters (count and % of the backbone's), wall seconds, peak memory, steps and the per-step training loss,
+then rewrites ``compare.json`` (atomically), ``compare.md``, ``compare_accuracy_vs_params.png`` and
+``compare_loss.png``. A rerun into the same directory skips every
 pair already in ``compare.json`` with the same task data and hyper-parameters, so an interrupted comparison
 loses at most the pair that was running.
 
@@ -39,7 +46,7 @@ from inca.errors import first_line
 from inca.io import atomic_write_text, digest
 from inca.methods import METHODS, RunSettings, run_method
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
-from inca.suite import Unit, run_suite
+from inca.suite import Unit, run_suite, task_directory
 from inca.tasks import SPLITS, Task, load_task
 from inca.train.e2e import FitConfig, ImageBatches, TensorBatches, fit, trainable_copy
 
@@ -49,8 +56,12 @@ __all__ = [
     "REPORT_FILE",
     "RESULTS_FILE",
     "PeakMemory",
+    "protocol",
+    "protocol_lines",
     "render_markdown",
     "run_comparison",
+    "smoothed_loss",
+    "steps_to_reach",
     "write_reports",
 ]
 
@@ -135,6 +146,35 @@ def _parameter_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def protocol(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
+    """How every method is trained and selected: what ``compare.json`` records and ``compare.md`` prints."""
+    return {"model_selection": "best-val-epoch", **settings.protocol(), "final_norm": backbone.final_norm}
+
+
+def protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
+    """The protocol in words, one line each."""
+    head = {
+        "linear-probe": "fitted on the frozen features first (the linear method's fit), then trained on "
+                        "(linear-probe-then-fine-tune)",
+        "random": "timm's random draw",
+        "zero": "zeros (no gradient reaches the backbone at step 0; LoRA-GA then has nothing to approximate)",
+    }[protocol["head_init"]]  # fmt: skip
+    grid = protocol["lr_grid"]
+    lr = ("each method's default" if grid == 1 else f"tuned on val over {grid} values x3 apart around each "
+          "method's default (Compacter with its reduction factor; InCA in its bank); the chosen values are shown")
+    return [
+        "- model selection: every method reports the test accuracy of its best-validation epoch (InCA: each "
+        "adapter's best epoch, then the best adapter on val)",
+        f"- new head of the end-to-end methods: {head}",
+        "- augmentation: " + ("timm's training transform on the train split (InCA streams live activations; the "
+                              "linear probe's features are computed once, un-augmented)"
+                              if protocol["augment"] else "none"),
+        f"- learning rate: {lr}",
+        "- last block's tokens (InCA): " + ("through the backbone's final norm, as DINO's evaluation reads them"
+                                            if protocol["final_norm"] else "as the block outputs them (no final norm)"),
+    ]
+
+
 def _run_config(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
     """What must match for results to share a comparison (tasks and methods may grow across reruns)."""
     return {
@@ -145,6 +185,7 @@ def _run_config(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
         "epochs": settings.epochs,
         "batch_size": settings.batch_size,
         "seed": settings.seed,
+        **settings.protocol(),
     }
 
 
@@ -177,7 +218,7 @@ def run_comparison(
         logger.info("%s on %s: training", name, task.spec)
         with PeakMemory(backbone.device) as memory:
             start = time.perf_counter()
-            metrics = run_method(name, backbone, task, hparams, settings, out / "runs" / task.slug / name)
+            metrics = run_method(name, backbone, task, hparams, settings, out / "runs" / task_directory(task) / name)
             seconds = time.perf_counter() - start
         peak = memory.peak_bytes
         if peak is not None and METHODS[name].shares_backbone:
@@ -193,6 +234,7 @@ def run_comparison(
             "seconds": seconds,
             "peak_memory_mb": None if peak is None else peak / 2**20,
             "steps": metrics["steps"],
+            "tuned": metrics.get("tuned"),
             "hparams": hparams,
             "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
             "key": key,
@@ -216,6 +258,7 @@ def run_comparison(
         "backbone": backbone.describe(),
         "backbone_params": backbone_params,
         "memory": MEMORY_KINDS[PeakMemory(backbone.device).kind],
+        "protocol": protocol(backbone, settings),
         "results": [],
     }
     return run_suite(out, RESULTS_FILE, fresh, pairs(), write_reports, overwrite=overwrite, finished=_finished,
@@ -255,15 +298,15 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         f"{summary['backbone_params']:,} parameters. Peak memory: {summary['memory']}, plus the backbone's "
         f"weights for methods that run on the shared backbone (inca).",
     ]
-    headers = ["method", "test acc", "val acc", "best epoch", "trainable params", "% of backbone", "seconds",
-               "peak memory (MB)", "steps"]
+    headers = ["method", "test acc", "val acc", "best epoch", "chosen", "trainable params", "% of backbone",
+               "seconds", "peak memory (MB)", "steps"]
     hparams: dict[str, dict[str, Any]] = {}
     for task, records in _by_task(summary["results"]).items():
         info = records[0]["task_info"]
         sizes = ", ".join(f"{split} {n}" for split, n in info["sizes"].items())
         rows = [
-            [r["method"], r["test_acc"], r["val_acc"], r.get("best_epoch"), f"{r['trainable_params']:,}",
-             r["trainable_pct"], r["seconds"], r["peak_memory_mb"], r["steps"]]
+            [r["method"], r["test_acc"], r["val_acc"], r.get("best_epoch"), _chosen(r.get("tuned")),
+             f"{r['trainable_params']:,}", r["trainable_pct"], r["seconds"], r["peak_memory_mb"], r["steps"]]
             for r in records
         ]  # fmt: skip
         lines += ["", f"## {task} ({info['classes']} classes; {sizes})", "", markdown_table(headers, rows).rstrip()]
@@ -272,9 +315,32 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             lines += ["", f"{', '.join(cached)} read an activation store: its seconds include building it only if "
                           "no earlier run had built it."]
         hparams.update({r["method"]: r["hparams"] for r in records})
+    if "protocol" in summary:
+        lines += ["", "## Protocol", "", *protocol_lines(summary["protocol"])]
+        if summary["protocol"]["lr_grid"] > 1:
+            lines += ["", "Seconds and peak memory cover every grid point a method trained; steps are those of the "
+                          "chosen run."]
     lines += ["", "## Hyper-parameters", ""]
     lines += [f"- `{m}`: " + ", ".join(f"{k}={fmt(v)}" for k, v in hp.items()) for m, hp in hparams.items()]
     return "\n".join(lines) + "\n"
+
+
+def smoothed_loss(curve: Sequence[float], window: int = 10) -> np.ndarray:
+    """Trailing mean of a per-step loss: element t averages steps max(0, t - window + 1) .. t."""
+    sums = np.cumsum(np.asarray(curve, dtype=np.float64))
+    starts = np.maximum(np.arange(len(curve)) - window + 1, 0)
+    return (sums - np.concatenate([[0.0], sums])[starts]) / (np.arange(len(curve)) - starts + 1)
+
+
+def steps_to_reach(curve: Sequence[float], target: float, window: int = 10) -> int | None:
+    """The first step (1-based) whose smoothed loss is at or below ``target``; None if it never is (how fast
+    LoRA-GA reaches LoRA's final training loss, the LoRA-GA paper's convergence claim)."""
+    reached = np.flatnonzero(smoothed_loss(curve, window) <= target)
+    return int(reached[0]) + 1 if reached.size else None
+
+
+def _chosen(tuned: Mapping[str, Any] | None) -> str:
+    return ", ".join(f"{k}={fmt(v)}" for k, v in tuned.items()) if tuned else ""
 
 
 def _plot_losses(path: Path, summary: Mapping[str, Any]) -> None:

@@ -252,7 +252,11 @@ def write_reports(out: Path, report: dict[str, Any]) -> None:
 
 def render_probe_report(report: dict[str, Any]) -> str:
     """Per task, a layers x probes table of val / test accuracy; the best layer of each probe in bold."""
-    lines = [f"# Layer probing: {report['backbone']['name']} ({report['backbone']['weights']} weights)\n"]
+    backbone = report["backbone"]
+    norm = ("through the backbone's final norm (as DINO's evaluation reads them)" if backbone.get("final_norm")
+            else "as the block outputs them (no final norm)")
+    lines = [f"# Layer probing: {backbone['name']} ({backbone['weights']} weights)\n",
+             f"Last block's tokens: {norm}.\n"]
     for spec, result in report["tasks"].items():
         keys = list(result["results"])
         lines.append(f"## {spec}\n")

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from inca.activations import TensorSource
+import inca.train.bank as bank_module
+from inca.activations import LiveSource, TensorSource, open_source
 from inca.adapters.inca import AdapterSpec, InCABank
 from inca.errors import InCAError
 from inca.train.bank import epoch_batches, evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 from inca.train.optim import cosine_schedule
+from tests.conftest import subset_task
 
 DIM, TOKENS, CLASSES = 32, 8, 4
 
@@ -87,10 +89,18 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     for k, v in straight.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
 
-    with pytest.raises(InCAError, match="different run"):
-        train_bank(
-            InCABank(SPECS, DIM, CLASSES), source, checkpoint_path=tmp_path / "b.safetensors", **kwargs | {"seed": 8}
-        )
+    # A checkpoint of another configuration (e.g. a run whose adapters all diverged, rerun with other settings)
+    # never blocks: the new run starts from scratch and equals a run without any checkpoint.
+    other = train_bank(InCABank(SPECS, DIM, CLASSES), source, checkpoint_path=tmp_path / "b.safetensors",
+                       **kwargs | {"seed": 8})
+    assert other == train_bank(InCABank(SPECS, DIM, CLASSES), source, **kwargs | {"seed": 8})
+
+
+def test_non_finite_activations_are_reported_as_corrupt_data():
+    source = separable_source(n_train=32, n_val=16)
+    source._features["train"][0][3, 2, 5] = float("nan")
+    with pytest.raises(InCAError, match=r"layer\(s\) \[0\] hold NaN or infinity.*inca-cache --rebuild"):
+        train_bank(InCABank(SPECS, DIM, CLASSES), source, epochs=1, batch_size=16, progress=False)
 
 
 def test_select_best_skips_diverged_and_fails_when_all_diverged():
@@ -143,3 +153,71 @@ def test_ensemble_accuracy_is_the_argmax_of_mean_probabilities_and_top_adapters_
     accuracy = torch.tensor([0.5, math.nan, 0.7, 0.5])
     assert top_adapters(accuracy, 3) == [2, 0, 3]
     assert top_adapters(accuracy, 9) == [2, 0, 3]
+
+
+def scripted_evaluation(monkeypatch, script: list[list[float]]) -> list[dict[int, dict]]:
+    """``evaluate_bank`` returns the next row of ``script`` and records each adapter's weights at that moment."""
+    seen = []
+
+    def fake(bank, source, split, batch_size=256):
+        seen.append({i: {k: v.clone() for k, v in bank.adapter(i).state_dict().items()} for i in range(len(bank))})
+        return torch.tensor(script.pop(0))
+
+    monkeypatch.setattr(bank_module, "evaluate_bank", fake)
+    return seen
+
+
+def test_each_adapter_ends_at_its_best_validation_epoch_and_resume_keeps_it(monkeypatch, tmp_path):
+    source = separable_source(n_train=64, n_val=16)
+    script = [[0.5, 0.1, 0.5], [0.8, 0.2, 0.5], [0.6, 0.3, 0.4], [0.7, 0.4, math.nan]]
+    kwargs = dict(epochs=4, batch_size=16, seed=1, eval_split="val", progress=False)
+    seen = scripted_evaluation(monkeypatch, [row[:] for row in script])
+    bank = InCABank(SPECS, DIM, CLASSES)
+    history = train_bank(bank, source, **kwargs)
+    assert history.best_epoch == [2, 4, 1]  # ties keep the earlier epoch; NaN never wins
+    for i, epoch in enumerate(history.best_epoch):
+        for k, v in bank.adapter(i).state_dict().items():
+            assert torch.equal(v, seen[epoch - 1][i][k]), (i, k)
+
+    # Killed after epoch 2, resumed in a fresh process: the same weights at the end.
+    path = tmp_path / "ckpt.safetensors"
+    scripted_evaluation(monkeypatch, [row[:] for row in script[:2]])
+    with pytest.raises(Crash):
+        train_bank(InCABank(SPECS, DIM, CLASSES), CrashingSource(source, epoch=2), checkpoint_path=path, **kwargs)
+    scripted_evaluation(monkeypatch, [row[:] for row in script[2:]])
+    resumed = InCABank(SPECS, DIM, CLASSES)
+    assert repr(train_bank(resumed, source, checkpoint_path=path, **kwargs)) == repr(history)  # NaN != NaN
+    for k, v in bank.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_augmented_training_streams_live_views_and_evaluation_does_not(tiny_backbone):
+    task = subset_task("synth-shapes", {"train": 4, "val": 4, "test": 4})
+    augment = tiny_backbone.train_transform
+    source = open_source(tiny_backbone, task, [0], epochs=5, cache="always", train_transform=augment)
+    assert isinstance(source, LiveSource)
+    batch = [np.arange(4)]
+    torch.manual_seed(0)
+    (first, _), (second, _) = (next(iter(source.loader("train", batch))) for _ in range(2))
+    assert not torch.equal(first[0], second[0])  # new views each time
+    (a, _), (b, _) = (next(iter(source.loader("val", batch))) for _ in range(2))
+    assert torch.equal(a[0], b[0])
+
+
+def test_micro_batches_accumulate_the_full_batch_gradient():
+    """What bank training falls back to when a batch runs out of CUDA memory: same losses, same gradients."""
+    from inca.train.bank import _forward_backward
+
+    source = separable_source(n_train=24, n_val=8)
+    features, labels = next(iter(source.loader("train", [np.arange(24)])))
+    features = {layer: t.float() for layer, t in features.items()}
+    results = []
+    for chunks in (1, 5):
+        bank = InCABank(SPECS, DIM, CLASSES)
+        losses = _forward_backward(bank, features, labels, chunks)
+        results.append((losses, {n: p.grad.clone() for n, p in bank.named_parameters() if p.grad is not None}))
+    (whole, grads), (split, split_grads) = results
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == split_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(split_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)

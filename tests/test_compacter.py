@@ -12,6 +12,7 @@ from inca.adapters.compacter import (
     AdaptedSublayer,
     LPHMLinear,
     apply_compacter,
+    bottleneck_width,
     load_compacter,
     save_compacter,
 )
@@ -120,12 +121,34 @@ def test_width_not_divisible_by_phm_dim_is_a_clear_error():
     model = tiny_vit()
     with pytest.raises(InCAError, match="width 192, not divisible by phm_dim 5"):
         apply_compacter(model, phm_dim=5)
-    with pytest.raises(InCAError, match=r"bottleneck 6 \(= width 192 // reduction 32\).*use e\.g\. reduction"):
-        apply_compacter(model, phm_dim=4, reduction=32)
     assert not any(isinstance(m, AdaptedSublayer) for m in model.modules())  # nothing half-applied
     apply_compacter(model, reduction=16)
     with pytest.raises(InCAError, match="already has a Compacter adapter"):
         apply_compacter(model, reduction=16)
+
+
+def test_a_bottleneck_off_the_phm_grid_is_rounded_up_and_logged(caplog):
+    assert [bottleneck_width(192, r, 4) for r in (32, 16, 8, 500)] == [8, 12, 24, 4]
+    model = tiny_vit()
+    with caplog.at_level("INFO", logger="inca.adapters.compacter"):
+        apply_compacter(model, phm_dim=4, reduction=32)  # ViT-Ti at the authors' default: 192 // 32 = 6
+    assert "bottleneck 6 (width 192 // reduction 32) is not a positive multiple of phm_dim 4; rounded up to 8" \
+        in caplog.text
+    assert model.blocks[0].mlp.adapter.down.out_features == 8
+
+
+def test_the_adapter_is_the_references():
+    """tanh-GELU (gelu_new) and Glorot-uniform factors with gain sqrt(2) (rabeehk/compacter)."""
+    model = tiny_vit()
+    torch.manual_seed(0)
+    apply_compacter(model, phm_dim=4, reduction=16)
+    adapter = model.blocks[0].mlp.adapter
+    x = torch.randn(100)
+    torch.testing.assert_close(adapter.act(x), F.gelu(x, approximate="tanh"))
+    down = adapter.down  # s_i [out/n = 3, r = 1], t_i [in/n = 48, r = 1]: bound gain * sqrt(6 / (fan_in + fan_out))
+    for factor, (fan_a, fan_b) in ((down.s, (3, 1)), (down.t, (48, 1))):
+        bound = 2**0.5 * (6 / (fan_a + fan_b)) ** 0.5
+        assert factor.abs().max() <= bound and factor.abs().max() > bound / 2**0.5
 
 
 def test_wrapped_attention_passes_keyword_arguments_through():

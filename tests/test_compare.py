@@ -9,7 +9,8 @@ import timm
 
 import inca.tasks
 from inca.cli import compare_main, compare_parser
-from inca.methods import METHODS, methods_help
+from inca.compare import protocol_lines, smoothed_loss, steps_to_reach
+from inca.methods import METHODS, RunSettings, methods_help
 from inca.recipe import load_recipe
 from inca.tasks import SPLITS, Task
 
@@ -20,7 +21,6 @@ SIZES = {"train": 64, "val": 32, "test": 32}
 E2E = [m for m in METHODS if m != "inca"]
 ALL = list(METHODS)
 BASE = [*TINY_ARGS, "--device", "cpu", "--tasks", "synth-shapes", "--epochs", "1", "--batch-size", "16"]
-WIDTH_FIX = ["compacter.reduction=16", "compacter++.reduction=16"]  # 192 / 32 is no multiple of phm_dim 4
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def small_tasks(monkeypatch):
 
 
 def compare(out: Path, *extra: str, method_args: tuple[str, ...] = ()) -> int:
-    return compare_main([*BASE, "--out", str(out), *extra, "--method-args", *WIDTH_FIX, *method_args])
+    return compare_main([*BASE, "--out", str(out), *extra, "--method-args", *method_args])
 
 
 def lora_count(rank: int, dim: int = 192, hidden: int = 768, depth: int = 4, classes: int = 4) -> int:
@@ -75,8 +75,12 @@ def test_compare_runs_every_method_writes_reports_and_resumes(tmp_path, capsys):
     assert records["full"]["trainable_params"] == total + 192 * 4 + 4
     for m in ("lora", "linear", "full"):
         assert records[m]["trainable_pct"] == pytest.approx(100 * records[m]["trainable_params"] / total)
+    assert summary["protocol"] == {"model_selection": "best-val-epoch", "head_init": "linear-probe",
+                                   "augment": False, "lr_grid": 1, "final_norm": False}
+    assert records["inca"]["best_epoch"] == 1 and records["lora"]["tuned"] == {"lr": 5e-4}
     markdown = (out / "compare.md").read_text()
     assert all(f"| {m} " in markdown for m in ALL) and "## synth-shapes" in markdown
+    assert "## Protocol" in markdown and "linear-probe-then-fine-tune" in markdown
     for png in ("compare_accuracy_vs_params.png", "compare_loss.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
@@ -120,6 +124,7 @@ def test_recipe_with_unknown_key_and_mismatched_out_dir(tmp_path, capsys):
     assert compare(out, "--methods", "linear") == 0
     capsys.readouterr()
     one_line_error(capsys, compare(out, "--methods", "linear", "--seed", "1"), "differs in seed")
+    one_line_error(capsys, compare(out, "--methods", "linear", "--head-init", "zero"), "differs in head_init")
 
 
 @pytest.mark.slow
@@ -150,3 +155,17 @@ def test_demo_recipe_has_only_valid_keys():
 def test_help_lists_every_registered_method():
     text = compare_parser().format_help()
     assert methods_help(78) in text and "--export-peft" in text
+
+
+def test_the_protocol_is_stated_under_the_tables():
+    settings = RunSettings(head_init="zero", augment=True, lr_grid=3)
+    lines = protocol_lines({"model_selection": "best-val-epoch", **settings.protocol(), "final_norm": True})
+    text = "\n".join(lines)
+    assert "best-validation epoch" in text and "zeros" in text and "timm's training transform" in text
+    assert "over 3 values x3 apart" in text and "final norm, as DINO" in text
+
+
+def test_steps_to_reach_a_loss_reads_the_smoothed_curve():
+    assert smoothed_loss([4.0, 2.0, 0.0], window=2).tolist() == [4.0, 3.0, 1.0]
+    assert steps_to_reach([4.0, 2.0, 0.0, 0.0], 1.0, window=2) == 3
+    assert steps_to_reach([4.0, 2.0], 1.0, window=1) is None

@@ -9,7 +9,7 @@ from inca.adapters.lora import lora_layers
 from inca.errors import InCAError
 from inca.methods import RunSettings, train_e2e
 from inca.tasks import SPLITS, Task
-from inca.train.e2e import FitConfig, TensorBatches, fit, trainable_copy
+from inca.train.e2e import FitConfig, ImageBatches, TensorBatches, fit, trainable_copy
 from tests.conftest import subset_task
 
 SETTINGS = RunSettings(epochs=1, batch_size=16, seed=3, progress=False)
@@ -94,3 +94,32 @@ def test_best_epoch_is_chosen_on_val_and_test_is_evaluated_once(monkeypatch):
 def test_bad_pool_is_an_error(tiny_backbone, small_task):
     with pytest.raises(InCAError, match="pooling 'max'"):
         train_e2e("linear", tiny_backbone, small_task, {"pool": "max"}, SETTINGS)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(monkeypatch):
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        clipped.append(max_norm)
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    data = TensorBatches({s: torch.randn(8, 4) for s in SPLITS}, {s: torch.randint(0, 3, (8,)) for s in SPLITS})
+    fit(torch.nn.Linear(4, 3), data, FitConfig(epochs=1, batch_size=4, max_grad_norm=0.5, progress=False))
+    assert clipped == [0.5, 0.5]
+    fit(torch.nn.Linear(4, 3), data, FitConfig(epochs=1, batch_size=4, max_grad_norm=0.0, progress=False))
+    assert clipped == [0.5, 0.5]  # 0: no clipping
+    with pytest.raises(InCAError, match="max_grad_norm"):
+        fit(torch.nn.Linear(4, 3), data, FitConfig(max_grad_norm=-1.0, progress=False))
+
+
+def test_augmentation_changes_training_views_only(tiny_backbone, small_task):
+    data = ImageBatches(small_task, tiny_backbone, augment=True)
+    batch = [np.arange(8)]
+    torch.manual_seed(0)
+    (first, _), (second, _) = (next(iter(data.loader("train", batch))) for _ in range(2))
+    assert not torch.equal(first, second)
+    (a, _), (b, _) = (next(iter(data.loader("val", batch))) for _ in range(2))
+    plain = next(iter(ImageBatches(small_task, tiny_backbone).loader("val", batch)))[0]
+    assert torch.equal(a, b) and torch.equal(a, plain)

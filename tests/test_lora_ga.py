@@ -181,3 +181,23 @@ def test_bad_use_is_a_clear_error():
     init_lora_ga(model, make_batches(1, 2), loss_fn)
     with pytest.raises(InCAError, match="not fresh"):
         init_lora_ga(model, make_batches(1, 2), loss_fn)
+
+
+def test_the_gradient_is_estimated_in_train_mode_and_the_mode_restored():
+    """As the authors' estimate_gradient and PEFT's LoRA-GA (both call model.train())."""
+    model = tiny_vit()
+    apply_lora(model, rank=RANK)
+    modes = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    model.eval()
+    estimate_gradients(model, lora_layers(model), make_batches(2, 2), loss_fn)
+    assert modes == [True, True] and not any(m.training for m in model.modules())
+
+
+def test_a_zero_gradient_is_a_clear_error():
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.weight.zero_()  # a zero head sends no gradient back into the blocks
+    apply_lora(model, rank=RANK)
+    with pytest.raises(InCAError, match="zero-initialised head"):
+        init_lora_ga(model, make_batches(1, 2), loss_fn)

@@ -1,17 +1,21 @@
 """The method registry's contract, for every registered method: what ``apply`` trains, what init promises,
 save/load round trips in the one adapter format, and typed ``--method-args`` with one-line errors."""
 
+import dataclasses
 import json
 import re
+import types
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
+import inca.methods.run as run
 from inca.adapters.common import CONFIG_FILE, WEIGHTS_FILE, count_parameters, head_parameters, set_trainable
 from inca.errors import InCAError
 from inca.methods import (
+    HEAD_INITS,
     METHODS,
     MethodConfig,
     RunSettings,
@@ -19,23 +23,21 @@ from inca.methods import (
     build_model,
     get_method,
     hparam,
+    lr_candidates,
     methods_help,
     parse_method_args,
+    probe_head,
     register_method,
     resolve_methods,
+    run_method,
 )
 from inca.tasks import SPLITS
-from inca.train.e2e import TensorBatches, trainable_copy
+from inca.train.e2e import FitResult, TensorBatches, trainable_copy
 
 CLASSES = 4
 SETTINGS = RunSettings(epochs=1, batch_size=8, seed=5, progress=False)
 E2E = [name for name, method in METHODS.items() if method.apply is not None]
-# Small enough for the tiny ViT (width 192: Compacter's default bottleneck 192 // 32 = 6 is no multiple of 4).
-OVERRIDES = {
-    "compacter": {"reduction": 16},
-    "compacter++": {"reduction": 16},
-    "lora-ga": {"rank": 2, "init_batches": 2},
-}
+OVERRIDES = {"lora-ga": {"rank": 2, "init_batches": 2}}  # small enough for the tiny ViT and the test data
 CASES = [(name, OVERRIDES.get(name, {})) for name in E2E] + [("linear", {"pool": "mean"})]
 NORMS = r"(blocks\.\d+\.norm[12]|norm)\.(weight|bias)"
 HEAD = r"head\.(weight|bias)"
@@ -72,10 +74,10 @@ def data() -> TensorBatches:
     )
 
 
-def build(backbone, name: str, overrides: dict, data: TensorBatches, seed: int = SETTINGS.seed) -> nn.Module:
+def build(backbone, name: str, overrides: dict, data: TensorBatches, settings: RunSettings = SETTINGS) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(name, backbone, CLASSES, overrides, data, SETTINGS).eval()
+        torch.manual_seed(settings.seed)
+        return build_model(name, backbone, CLASSES, overrides, data, settings).eval()
 
 
 def images(n: int = 4) -> torch.Tensor:
@@ -208,7 +210,7 @@ def test_a_new_method_is_one_registration(tiny_backbone, data):
                         save=METHODS["full"].save, load=METHODS["full"].load)
         assert list(METHODS)[-1] == "biases" and "  biases: biases only" in methods_help()
         assert resolve_methods("biases", ["biases.lr=0.5"]) == {
-            "biases": {"lr": 0.5, "weight_decay": 0.01, "warmup_ratio": 0.1}
+            "biases": {"lr": 0.5, "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 1.0}
         }
         model = build(tiny_backbone, "biases", {}, data)
         assert trainable(model) == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
@@ -240,3 +242,77 @@ def test_inca_runs_on_the_shared_backbone_with_its_own_trainer():
     inca = METHODS["inca"]
     assert inca.shares_backbone and inca.run is not None and inca.apply is None
     assert not any(METHODS[name].shares_backbone for name in E2E)
+
+
+def test_lora_ga_differs_from_lora_only_where_its_authors_do():
+    lora, ga = METHODS["lora"].defaults(), METHODS["lora-ga"].defaults()
+    assert {k for k in lora if lora[k] != ga[k]} == {"lr", "weight_decay", "warmup_ratio", "rslora"}
+    assert set(ga) - set(lora) == {"gamma", "direction", "scale", "init_batches"}
+    assert (ga["weight_decay"], ga["warmup_ratio"], ga["max_grad_norm"]) == (0.0, 0.03, 1.0)
+    assert (lora["alpha"], lora["weight_decay"]) == (16.0, 0.1)
+    for name in E2E:
+        assert METHODS[name].defaults()["max_grad_norm"] == 1.0, name
+    assert METHODS["compacter"].defaults()["weight_decay"] == 0.0
+
+
+def test_lr_grid_is_log_spaced_around_the_default_and_compacter_also_tunes_its_reduction():
+    assert lr_candidates(1e-3, 1) == [1e-3]
+    assert lr_candidates(1e-3, 3) == pytest.approx([1e-3, 1e-3 / 3, 3e-3], rel=1e-5)
+    assert lr_candidates(1e-3, 4) == pytest.approx([1e-3, 1e-3 / 3, 3e-3, 9e-3], rel=1e-5)
+    lora = get_method("lora").make_config()
+    assert [c.lr for c in lora.tuning_grid(2)] == pytest.approx([5e-4, 1.5e-3])
+    compacter = get_method("compacter").make_config()
+    assert compacter.tuning_grid(1) == [compacter]
+    grid = compacter.tuning_grid(3)
+    assert grid[0] == compacter and len(grid) == 9
+    assert {(c.lr, c.reduction) for c in grid} == {(lr, r) for lr in lr_candidates(3e-3, 3) for r in (32, 16, 8)}
+    with pytest.raises(InCAError, match="--lr-grid must be at least 1"):
+        RunSettings(lr_grid=0)
+    with pytest.raises(InCAError, match="--head-init 'ones'"):
+        RunSettings(head_init="ones")
+
+
+@pytest.mark.parametrize("head_init", HEAD_INITS)
+def test_the_head_starts_as_the_protocol_says_and_the_adapters_do_not_care(tiny_backbone, data, head_init):
+    settings = dataclasses.replace(SETTINGS, head_init=head_init)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SETTINGS.seed)
+        model = build_model("lora", tiny_backbone, CLASSES, {}, data, settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SETTINGS.seed)
+        drawn = trainable_copy(tiny_backbone, CLASSES)
+    head = model.get_classifier().state_dict()
+    expected = {
+        "zero": {k: torch.zeros_like(v) for k, v in head.items()},
+        "random": drawn.get_classifier().state_dict(),
+        "linear-probe": head_init == "linear-probe" and probe_head(drawn, data, settings),
+    }[head_init]
+    assert all(torch.equal(head[k], expected[k]) for k in head)
+    random_start = build(tiny_backbone, "lora", {}, data, dataclasses.replace(SETTINGS, head_init="random"))
+    for (name, p), q in zip(model.named_parameters(), random_start.parameters()):
+        if "lora_" in name:
+            assert torch.equal(p, q), name  # the head's start draws nothing: adapters start the same
+
+
+def test_lora_ga_refuses_a_zero_head(tiny_backbone, data):
+    with pytest.raises(InCAError, match="zero-initialised head"):
+        build_model("lora-ga", tiny_backbone, CLASSES, OVERRIDES["lora-ga"], data,
+                    dataclasses.replace(SETTINGS, head_init="zero"))
+
+
+def test_the_lr_grid_keeps_the_best_on_val_and_ties_keep_the_default(monkeypatch, tmp_path):
+    scripted = {5e-4: 0.5, 5e-4 / 3: 0.7, 1.5e-3: 0.7}
+    trained = []
+
+    def fake_train(name, backbone, task, config, settings, head=None):
+        trained.append(config.lr)
+        acc = scripted[min(scripted, key=lambda lr: abs(lr - config.lr))]
+        return nn.Linear(2, 2), FitResult(acc / 2, acc, 1, [acc], [1.0], 1)
+
+    monkeypatch.setattr(run, "train_e2e", fake_train)
+    task = types.SimpleNamespace(spec="fake", num_classes=2)
+    settings = RunSettings(epochs=1, head_init="random", lr_grid=3, progress=False)
+    metrics = run_method("lora", None, task, {}, settings, tmp_path)
+    assert trained == pytest.approx([5e-4, 5e-4 / 3, 1.5e-3], rel=1e-5)
+    assert metrics["tuned"]["lr"] == pytest.approx(5e-4 / 3, rel=1e-5) and metrics["val_acc"] == 0.7
+    assert [g["val_acc"] for g in metrics["grid"]] == [0.5, 0.7, 0.7]

@@ -114,6 +114,7 @@ def test_export_needs_lora_layers(tmp_path):
 def test_compare_exports_its_lora_models_for_peft(tmp_path):
     from inca.backbone import create_backbone
     from inca.cli import compare_main
+    from inca.suite import task_directory
     from inca.tasks import load_task
     from inca.train.e2e import ImageBatches, evaluate
 
@@ -127,7 +128,7 @@ def test_compare_exports_its_lora_models_for_peft(tmp_path):
     backbone = create_backbone("vit_tiny_patch16_224", "random", TINY_KWARGS)
     task = load_task("synth-shapes")
     for name in ("lora", "lora-ga"):
-        directory = out / "runs" / "synth-shapes" / name / "peft"
+        directory = out / "runs" / task_directory(task) / name / "peft"
         assert records[name]["peft_dir"] == str(directory)
         base = copy.deepcopy(backbone.model)
         base.reset_classifier(task.num_classes)

@@ -7,12 +7,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from inca.backbone import create_backbone
 from inca.cli import probe_main, train_main
 from inca.errors import InCAError
-from inca.probe import ProbeOptions, knn_predict, layers_from_report, probe_task, run_probe_suite
+from inca.io import digest
+from inca.probe import ProbeOptions, knn_predict, layers_from_report, probe_task, render_probe_report, run_probe_suite
 from inca.tasks import SPLITS, image_loader, load_task, sequential_batches
 
-from .conftest import TINY_ARGS
+from .conftest import TINY_ARGS, TINY_KWARGS
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +189,18 @@ def test_probe_cli_resumes_and_overwrites(tmp_path, capsys, caplog):
     assert last.startswith("inca-probe: error:") and "differs in k" in last and "--overwrite" in last
     assert probe_main([*args, "--k", "5", "--overwrite"]) == 0
     assert json.loads((tmp_path / "probe.json").read_text())["config"]["k"] == 5
+
+
+def test_final_norm_reaches_the_last_block_only_and_is_recorded_only_when_on(tiny_backbone):
+    normed = create_backbone("vit_tiny_patch16_224", "random", TINY_KWARGS, final_norm=True)
+    x = torch.randn(2, 3, 32, 32)
+    raw, out = tiny_backbone.extract(x, [2, 3]), normed.extract(x, [2, 3])
+    assert torch.equal(raw[2], out[2])
+    with torch.no_grad():
+        torch.testing.assert_close(out[3], tiny_backbone.model.norm(raw[3]))
+    assert "final_norm" not in tiny_backbone.describe() and normed.describe()["final_norm"] is True
+    unchanged = {"name": tiny_backbone.name, "model_kwargs": tiny_backbone.model_kwargs,
+                 "weights_hash": tiny_backbone.weights_hash, "preprocessing": tiny_backbone.preprocessing}
+    assert tiny_backbone.fingerprint == digest(unchanged) != normed.fingerprint
+    assert "through the backbone's final norm" in render_probe_report({"backbone": normed.describe(), "tasks": {}})
+    assert "no final norm" in render_probe_report({"backbone": tiny_backbone.describe(), "tasks": {}})

@@ -11,16 +11,20 @@ with the ``n x n x n`` rule tensor ``A`` one parameter shared by every LPHM laye
 code builds the transposed ``[in, out]`` matrix ``sum_i A_i (x) W_i`` and computes ``x @ W``, i.e. uses
 ``A_i^T`` in this layout; with a learned, randomly initialised ``A`` the two are the same family.)
 
-Initialisation: ``A ~ N(0, std=1e-4)`` (the authors' ``phm_c_init: normal``, ``phm_init_range: 0.0001`` in
-rabeehk/compacter, seq2seq/configs/compacter.json), ``s_i``, ``t_i`` Xavier-uniform per ``i`` (``glorot-uniform``
-there; the authors' code scales it by a gain of sqrt(2), plain Xavier-uniform is used here), biases 0, so the
-adapted model starts within ~1e-4 of the backbone. Trainable: adapters, the rule tensor, LayerNorms
+As in the reference (rabeehk/compacter, seq2seq/configs/compacter.json): the non-linearity is the
+tanh-approximated GELU (``non_linearity: gelu_new``); ``A ~ N(0, std=1e-4)`` (``phm_c_init: normal``,
+``phm_init_range: 0.0001``); ``s_i``, ``t_i`` Glorot-uniform per ``i`` with gain sqrt(2) (``glorot-uniform``,
+whose ``glorot_uniform`` in the authors' seq2seq/hypercomplex/inits.py is ``xavier_uniform_(gain=sqrt(2))``;
+AdapterHub's PHM layer does the same); biases 0, so the adapted model starts within ~1e-4 of the backbone.
+The bottleneck is ``width // reduction``, rounded up to a multiple of ``n`` when it is not one (logged), so
+any ViT width divisible by ``n`` takes the default reduction. Trainable: adapters, the rule tensor, LayerNorms
 (``train_norms``) and the head.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -43,6 +47,7 @@ __all__ = [
     "CompacterAdapter",
     "LPHMLinear",
     "apply_compacter",
+    "bottleneck_width",
     "load_compacter",
     "mark_trainable",
     "save_compacter",
@@ -51,6 +56,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RULE_INIT_STD = 1e-4
+FACTOR_INIT_GAIN = math.sqrt(2)  # the authors' glorot_uniform
 
 
 class LPHMLinear(nn.Module):
@@ -66,8 +72,8 @@ class LPHMLinear(nn.Module):
         self.t = nn.Parameter(torch.empty(n, in_features // n, rank, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory))
         for i in range(n):
-            nn.init.xavier_uniform_(self.s[i])
-            nn.init.xavier_uniform_(self.t[i])
+            nn.init.xavier_uniform_(self.s[i], gain=FACTOR_INIT_GAIN)
+            nn.init.xavier_uniform_(self.t[i], gain=FACTOR_INIT_GAIN)
 
     def phm_weight(self) -> torch.Tensor:
         """``sum_i kron(A_i, s_i t_i^T)`` as one ``[out, in]`` matrix (small: built anew each forward)."""
@@ -84,14 +90,15 @@ class LPHMLinear(nn.Module):
 
 
 class CompacterAdapter(nn.Module):
-    """``h + up(GELU(down(h)))``, LPHM ``down`` (dim -> dim // reduction) and ``up`` (back to dim)."""
+    """``h + up(GELU(down(h)))``, LPHM ``down`` (dim -> :func:`bottleneck_width`) and ``up`` (back to dim);
+    GELU with the tanh approximation, as the reference's ``gelu_new``."""
 
     def __init__(self, dim: int, reduction: int, rule: nn.Parameter, rank: int = 1) -> None:
         super().__init__()
         self.reduction = reduction
-        bottleneck = dim // reduction
+        bottleneck = bottleneck_width(dim, reduction, rule.shape[0])
         self.down = LPHMLinear(dim, bottleneck, rule, rank)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate="tanh")
         self.up = LPHMLinear(bottleneck, dim, rule, rank)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -118,17 +125,15 @@ def _output_width(name: str, sublayer: nn.Module) -> int:
     return linears[-1].out_features
 
 
-def _check_width(name: str, dim: int, phm_dim: int, reduction: int) -> None:
-    bottleneck = dim // reduction
+def bottleneck_width(dim: int, reduction: int, phm_dim: int) -> int:
+    """``dim // reduction``, rounded up to the next positive multiple of ``phm_dim`` (LPHM needs one)."""
+    return max(1, math.ceil(dim // reduction / phm_dim)) * phm_dim
+
+
+def _check_width(name: str, dim: int, phm_dim: int) -> None:
     if dim % phm_dim:
         raise InCAError(f"Compacter: {name!r} has width {dim}, not divisible by phm_dim {phm_dim}; "
                         f"use a phm_dim that divides {dim}")
-    if bottleneck == 0 or bottleneck % phm_dim:
-        valid = [k for k in range(1, dim + 1) if dim // k and (dim // k) % phm_dim == 0]
-        closest = min(valid, key=lambda k: (abs(k - reduction), k))
-        raise InCAError(f"Compacter: bottleneck {bottleneck} (= width {dim} // reduction {reduction}) of "
-                        f"{name!r} is not a positive multiple of phm_dim {phm_dim}; use e.g. reduction "
-                        f"{closest}")
 
 
 def apply_compacter(
@@ -159,10 +164,15 @@ def apply_compacter(
                     raise InCAError(f"{name!r} already has a Compacter adapter; apply it once, to a fresh "
                                     f"backbone")
                 dim = _output_width(name, sub)
-                _check_width(name, dim, phm_dim, reduction)
+                _check_width(name, dim, phm_dim)
                 sublayers.append((block, kind, name, dim))
     if not sublayers:
         raise InCAError(f"{type(model).__name__} has no blocks with .attn and .mlp; use a timm ViT")
+    for dim in sorted({dim for *_, dim in sublayers}):
+        if bottleneck_width(dim, reduction, phm_dim) != dim // reduction:
+            logger.info("Compacter: bottleneck %d (width %d // reduction %d) is not a positive multiple of phm_dim "
+                        "%d; rounded up to %d", dim // reduction, dim, reduction, phm_dim,
+                        bottleneck_width(dim, reduction, phm_dim))
     reference = next(model.parameters())
     factory = {"device": reference.device, "dtype": reference.dtype}
     rule = nn.Parameter(torch.empty(phm_dim, phm_dim, phm_dim, **factory))

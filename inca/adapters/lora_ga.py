@@ -50,9 +50,13 @@ def estimate_gradients(
 ) -> dict[str, torch.Tensor]:
     """Mean over ``batches`` of dL/dW for each layer's base weight, as fp32 CPU tensors.
 
-    Runs in the model's current train/eval mode. Nothing but those weights requires grad meanwhile.
+    Runs in train mode (dropout, drop-path as in training), as the authors' ``estimate_gradient`` and PEFT's
+    LoRA-GA do (both call ``model.train()``); the model's mode is restored afterwards. Nothing but those
+    weights requires grad meanwhile. A gradient that is zero everywhere (e.g. a zero-initialised head) has no
+    direction to take and is an error.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(name: str) -> Callable[[torch.Tensor], None]:
@@ -74,6 +78,7 @@ def estimate_gradients(
             layer.weight.requires_grad_(True)
             handles.append(layer.weight.register_post_accumulate_grad_hook(accumulate(name)))
         n_batches = 0
+        model.train()
         with torch.enable_grad():
             for batch in batches:
                 loss_fn(model, batch).backward()
@@ -83,12 +88,17 @@ def estimate_gradients(
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
     if n_batches == 0:
         raise InCAError("LoRA-GA needs at least one batch to estimate the gradient; pass a non-empty one")
     missing = [name for name in layers if name not in sums]
     if missing:
         raise InCAError(f"the loss does not depend on {missing[0]!r}; LoRA-GA needs a gradient for every "
                         f"LoRA layer, so target only layers the forward pass uses")
+    if not any(bool(total.any()) for total in sums.values()):
+        raise InCAError("the loss gradient is zero for every LoRA layer, so LoRA-GA has nothing to approximate "
+                        "(a zero-initialised head sends no gradient back); start the head from a linear probe")
     return {name: total / n_batches for name, total in sums.items()}
 
 
@@ -153,7 +163,8 @@ def init_lora_ga(
 ) -> None:
     """Initialise every LoRA layer of ``model`` (freshly made by ``apply_lora``) with LoRA-GA.
 
-    ``loss_fn(model, batch)`` returns the scalar loss of one batch; the authors use 8-64 batches.
+    ``loss_fn(model, batch)`` returns the scalar loss of one batch; the authors average over 8 samples (their
+    conf/init/gradient.yaml: batches of 1, 8 iterations), their PEFT example over 64 batches of 2.
     ``direction`` is one of ``DIRECTIONS`` and ``scale`` one of ``SCALES`` ("weight_svd" is the authors'
     "weightS"). ``seed`` fixes the randomised SVD (and the "random" direction).
     """

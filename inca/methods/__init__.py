@@ -6,7 +6,7 @@ the source of each default), ``apply``/``save``/``load`` (or its own ``run``), a
 ``inca-compare --help`` lists every registered method with its hyper-parameters.
 """
 
-from inca.methods.base import ApplyContext, MethodConfig, RunSettings, TrainConfig, hparam
+from inca.methods.base import HEAD_INITS, ApplyContext, MethodConfig, RunSettings, TrainConfig, hparam, lr_candidates
 from inca.methods.registry import (
     METHODS,
     Method,
@@ -16,9 +16,10 @@ from inca.methods.registry import (
     register_method,
     resolve_methods,
 )
-from inca.methods.run import PEFT_DIR, build_model, run_method, train_e2e
+from inca.methods.run import PEFT_DIR, build_model, probe_head, run_method, seeded, train_e2e
 
 __all__ = [
+    "HEAD_INITS",
     "METHODS",
     "PEFT_DIR",
     "ApplyContext",
@@ -29,11 +30,14 @@ __all__ = [
     "build_model",
     "get_method",
     "hparam",
+    "lr_candidates",
     "methods_help",
     "parse_method_args",
+    "probe_head",
     "register_method",
     "resolve_methods",
     "run_method",
+    "seeded",
     "train_e2e",
 ]
 

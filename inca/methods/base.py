@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 
     from inca.train.e2e import Batches
 
-__all__ = ["ApplyContext", "MethodConfig", "RunSettings", "TrainConfig", "hparam"]
+__all__ = ["HEAD_INITS", "ApplyContext", "MethodConfig", "RunSettings", "TrainConfig", "hparam", "lr_candidates"]
+
+HEAD_INITS = ("linear-probe", "random", "zero")
+LR_STEP = 3.0  # --lr-grid: neighbouring learning rates are this factor apart
+HF_TRAINER = "HF TrainingArguments' default max_grad_norm=1.0"
 
 
 def hparam(default: Any = dataclasses.MISSING, *, help: str = "", source: str = "") -> Any:
@@ -72,10 +76,19 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+def lr_candidates(lr: float, size: int) -> list[float]:
+    """``size`` learning rates :data:`LR_STEP` apart around ``lr``, ``lr`` first (ties in a tuning keep it),
+    then the others from the lowest: ``3 -> [lr, lr/3, 3 lr]``, ``4 -> [lr, lr/3, 3 lr, 9 lr]``."""
+    if size < 1:
+        raise InCAError(f"--lr-grid must be at least 1 (1: no tuning), got {size}")
+    offsets = [i - (size - 1) // 2 for i in range(size)]
+    return [lr] + [float(f"{lr * LR_STEP**k:.6g}") for k in offsets if k != 0]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(MethodConfig):
     """Hyper-parameters of a method trained by the shared end-to-end loop (:func:`inca.train.e2e.fit`):
-    AdamW with timm's weight-decay groups, cosine schedule after a linear warm-up."""
+    AdamW with timm's weight-decay groups, cosine schedule after a linear warm-up, gradient-norm clipping."""
 
     lr: float = hparam(help="peak learning rate of AdamW")
     weight_decay: float = hparam(
@@ -86,17 +99,40 @@ class TrainConfig(MethodConfig):
         0.1, help="fraction of all steps that warm the learning rate up linearly, before the cosine decay",
         source="ours: one value for every end-to-end method",
     )  # fmt: skip
+    max_grad_norm: float = hparam(
+        1.0, help="clip the gradient's global L2 norm to this before each step (0: off)",
+        source=f"{HF_TRAINER}, kept by the LoRA, LoRA-GA and Compacter authors' trainers",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm < 0:
+            raise InCAError(f"max_grad_norm must be 0 (no clipping) or positive, got {self.max_grad_norm}")
 
     @property
     def head_pool(self) -> str | None:
         """Pooling of the new head's input (``cls`` | ``mean``); None keeps the backbone's own."""
         return None
 
+    def tuning_grid(self, size: int) -> list[TrainConfig]:
+        """The configs ``inca-compare --lr-grid size`` trains, this one first: its learning rate and
+        ``size - 1`` neighbours (:func:`lr_candidates`). A method whose authors tune more overrides this."""
+        return [dataclasses.replace(self, lr=lr) for lr in lr_candidates(self.lr, size)]
+
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What every method of a comparison shares: epochs, batch size (train and eval) and seed; and whether
-    LoRA-type runs also write a PEFT adapter (``export_peft``)."""
+    """What every method of a comparison shares: epochs, batch size (train and eval), seed, and the protocol:
+
+    * ``head_init``: how the new head of a method that trains more than the head starts (``linear-probe``:
+      fitted on the frozen features first, as linear-probe-then-fine-tune, Kumar et al. 2022; ``random``:
+      timm's draw; ``zero``). A zero head sends no gradient to the backbone at step 0 (LoRA-GA's gradient is
+      then zero), and a random one aligns LoRA-GA's factors with a random readout, not with the task.
+    * ``augment``: timm's training augmentation on the train split of every method that trains on images.
+    * ``lr_grid``: each method's learning rate is tuned over this many values around its default
+      (:func:`lr_candidates`), selected on validation; 1 keeps the default.
+
+    ``export_peft``: LoRA-type runs also write a PEFT adapter.
+    """
 
     epochs: int = 10
     batch_size: int = 32
@@ -104,10 +140,20 @@ class RunSettings:
     num_workers: int | None = None
     progress: bool = True
     export_peft: bool = False
+    head_init: str = "linear-probe"
+    augment: bool = False
+    lr_grid: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise InCAError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be positive")
+        if self.head_init not in HEAD_INITS:
+            raise InCAError(f"--head-init {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
+        lr_candidates(1.0, self.lr_grid)  # checks the size
+
+    def protocol(self) -> dict[str, Any]:
+        """What ``compare.json`` records of the protocol (and a rerun must match)."""
+        return {"head_init": self.head_init, "augment": self.augment, "lr_grid": self.lr_grid}
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,18 @@ from inca.adapters.common import load_tensors, named_tensors, read_adapter, save
 from inca.methods.base import ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
 
+BASELINE = "Outsider565/LoRA-GA, reproduce/utils.py (train_text_to_text_model, the trainer of its full fine-tuning"
+
 
 @dataclass(frozen=True, kw_only=True)
 class FullConfig(TrainConfig):
-    """Full fine-tuning's hyper-parameters."""
+    """Full fine-tuning's hyper-parameters: LoRA-GA's full fine-tuning baseline, the run LoRA-GA claims to
+    track."""
 
     lr: float = hparam(1e-4, source="Wang et al. 2024 (LoRA-GA) fine-tune T5-base fully at 1e-4: Outsider565/LoRA-GA, "
                                     "conf/model/t5base.yaml (learning_rate: 1e-4)")
+    weight_decay: float = hparam(0.0, source=f"{BASELINE} baseline: weight_decay = 0)")
+    warmup_ratio: float = hparam(0.03, source=f"{BASELINE} baseline: warmup_ratio = 0.03, cosine)")
 
 
 def apply(model: nn.Module, config: FullConfig, context: ApplyContext) -> None:

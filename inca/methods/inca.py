@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from inca.backbone import Backbone, resolve_layers
-from inca.methods.base import MethodConfig, RunSettings, hparam
+from inca.methods.base import MethodConfig, RunSettings, hparam, lr_candidates
 from inca.methods.registry import Method, register_method
+from inca.methods.run import seeded
 from inca.tasks import Task
 from inca.train.runner import InCAOptions, train_inca_task
 
@@ -46,22 +47,29 @@ def run(
     method: Method, backbone: Backbone, task: Task, config: InCAConfig, settings: RunSettings,
     work_dir: str | os.PathLike,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train the config's grid as one bank on the live backbone; the best adapter on val, and its figures."""
+    """Train the config's grid as one bank on the live backbone (each learning rate widened to
+    ``settings.lr_grid`` values, as the end-to-end methods are tuned; augmented views streamed live with
+    ``settings.augment``); the best adapter on val at its best epoch, and its figures."""
     layers = resolve_layers(config.layers, backbone.num_blocks)
     grid = {key: value for key, value in config.to_dict().items() if key != "layers"}
+    grid["lr"] = sorted({lr for base in config.lr for lr in lr_candidates(base, settings.lr_grid)})
     options = InCAOptions(
         **grid, adapter_seeds=[settings.seed], epochs=settings.epochs, batch_size=settings.batch_size,
-        seed=settings.seed, num_workers=settings.num_workers,
+        seed=settings.seed, num_workers=settings.num_workers, augment=settings.augment,
     )  # fmt: skip
-    result = train_inca_task(backbone, task, layers, options, work_dir)
+    with seeded(settings.seed, backbone.device):  # the augmentation's draws
+        result = train_inca_task(backbone, task, layers, options, work_dir)
+    best = json.loads(json.dumps(result["best"], default=str))
     return {
         "test_acc": float(result["test_acc"]),
         "val_acc": float(result["val_acc"]),
+        "best_epoch": int(result["best_epoch"]),
         "trainable_params": int(result["trainable_params"]),
         "steps": int(result["steps"]),
         "loss_curve": [float(x) for x in result["loss_curve"]],  # one value per epoch (the bank trainer's)
         "activations": result["activations"],  # "cache" (a store, maybe built by an earlier run) or "live"
-        "best": json.loads(json.dumps(result["best"], default=str)),
+        "tuned": {"lr": best["lr"], "layer": best["layer"]},
+        "best": best,
     }
 
 

@@ -10,31 +10,32 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from inca.adapters.common import DEFAULT_TARGET
 from inca.adapters.lora import export_peft, load_lora, save_lora
 from inca.adapters.lora_ga import init_lora_ga
 from inca.errors import InCAError
 from inca.methods import lora
-from inca.methods.base import ApplyContext, hparam
+from inca.methods.base import HF_TRAINER, ApplyContext, hparam
 from inca.methods.registry import register_method
 from inca.train.e2e import batch_loss
 
-PAPER = "Wang et al. 2024, Section 4"
 REPO = "Outsider565/LoRA-GA"
+TRAINER = f"{REPO}, reproduce/utils.py (train_text_to_text_model)"
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAGAConfig(lora.LoRAConfig):
-    """LoRA's hyper-parameters at LoRA-GA's defaults, plus how the gradient initialises A and B."""
+    """LoRA's hyper-parameters where LoRA-GA's authors keep them (rank, alpha, targets, dropout), their
+    deliberate changes (gradient init, stable scale with rsLoRA, full fine-tuning's learning rate) and their
+    trainer's settings."""
 
     lr: float = hparam(1e-4, source=f"{REPO}, conf/model/t5base.yaml (learning_rate: 1e-4, as full fine-tuning): "
                                     "LoRA-GA starts on full fine-tuning's trajectory")
-    warmup_ratio: float = hparam(0.1, source="ours: one value for every end-to-end method")
-    rank: int = hparam(8, source=f"{PAPER} (rank 8 on T5-base)")
-    alpha: float = hparam(16.0, source=f"{REPO}, reproduce/conf/peft/all.yaml (lora_alpha: 16)")
-    rslora: bool = hparam(True, source=f"{PAPER}: the paper's configuration uses rsLoRA's alpha / sqrt(r)")
-    target: str = hparam(DEFAULT_TARGET,
-                         source=f"{REPO}, reproduce/conf/peft/all.yaml (lora_target_modules: all linear layers)")
+    weight_decay: float = hparam(0.0, source=f"{TRAINER} (weight_decay = 0)")
+    warmup_ratio: float = hparam(0.03, source=f"{TRAINER} (warmup_ratio = 0.03, lr_scheduler_type cosine)")
+    max_grad_norm: float = hparam(1.0, source=f"{TRAINER}: {HF_TRAINER}; {REPO}, peft/examples/lora_ga_finetuning/"
+                                              "float_llama2-7b_metamath.py (max_grad_norm=1.0)")
+    rslora: bool = hparam(True, source=f"{REPO}, reproduce/Readme.md: LoRA-GA runs with peft.use_rslora=True "
+                                       "(its +SO part)")
     gamma: float = hparam(16.0, help="gamma of the 'stable' scale d_out^(1/4) / sqrt(gamma)",
                           source=f"{REPO}, conf/init/gradient.yaml (stable_gamma: 16)")
     direction: str = hparam("ArB2r", help="which singular vectors of the gradient initialise A and B "
@@ -42,10 +43,14 @@ class LoRAGAConfig(lora.LoRAConfig):
                             source=f"{REPO}, conf/init/gradient.yaml (direction: ArB2r)")
     scale: str = hparam("stable", help="scaling of A and B (stable, gd, unit, weight_svd)",
                         source=f"{REPO}, conf/init/gradient.yaml (scale: stable)")
-    init_batches: int = hparam(8, help="training batches whose mean gradient initialises A and B",
-                               source=f"{REPO}, conf/init/gradient.yaml (iters: 8)")
+    init_batches: int = hparam(8, help="training batches (of the run's batch size) whose mean gradient, in train "
+                                       "mode, initialises A and B",
+                               source=f"ours: 8 batches; the authors average over 8 samples ({REPO}, "
+                                      "conf/init/gradient.yaml: bsz 1, iters 8), their PEFT example over 128 "
+                                      "(2 x 64)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.init_batches < 1:
             raise InCAError(f"lora-ga.init_batches must be at least 1, got {self.init_batches}")
 

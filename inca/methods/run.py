@@ -1,15 +1,20 @@
 """Running a registered method on a task: one entry point, :func:`run_method`, for every method.
 
 An end-to-end method starts from a trainable copy of the frozen backbone (timm model + a new head for the
-task, drawn under the run's seed), lets the method's ``apply`` say what trains, and trains with the one loop
-of :mod:`inca.train.e2e`, so every method's numbers come from the same optimiser, schedule and batches.
+task, drawn under the run's seed, then started as ``RunSettings.head_init`` says), lets the method's ``apply``
+say what trains, and trains with the one loop of :mod:`inca.train.e2e`, so every method's numbers come from
+the same optimiser, schedule and batches. With ``RunSettings.lr_grid`` above 1 each configuration of the
+method's :meth:`~inca.methods.base.TrainConfig.tuning_grid` trains from the same start, and the best on
+validation is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ from inca.methods.registry import Method, get_method
 from inca.tasks import SPLITS, Task
 from inca.train.e2e import Batches, FitConfig, FitResult, ImageBatches, fit, pooled_features, trainable_copy
 
-__all__ = ["PEFT_DIR", "build_model", "run_method", "train_e2e"]
+__all__ = ["PEFT_DIR", "build_model", "probe_head", "run_method", "seeded", "train_e2e"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +40,17 @@ Hparams = MethodConfig | Mapping[str, Any]
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Torch's RNGs seeded for one method (same head, adapter init and dropout for a seed), restored after."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's and Python's RNGs seeded for one run (same head, adapter init, dropout and augmentation for a
+    seed; timm's random crop draws from Python's), both restored after."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            yield
+    finally:
+        random.setstate(state)
 
 
 def _end_to_end(name: str) -> Method:
@@ -49,43 +60,111 @@ def _end_to_end(name: str) -> Method:
     return method
 
 
+def _fit_config(config: TrainConfig, settings: RunSettings, desc: str) -> FitConfig:
+    return FitConfig(
+        settings.epochs, settings.batch_size, config.lr, config.weight_decay, config.warmup_ratio, settings.seed,
+        settings.progress, desc=desc, max_grad_norm=config.max_grad_norm,
+    )  # fmt: skip
+
+
+def probe_head(model: nn.Module, data: Batches, settings: RunSettings) -> dict[str, torch.Tensor]:
+    """The head of ``model`` fitted on its frozen pooled features (un-augmented, computed once) exactly as the
+    ``linear`` method fits its own (its default config, the run's epochs, batches and seed): the start of
+    linear-probe-then-fine-tune (Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022).
+    Returned as a CPU state dict; ``model`` is left as it was."""
+    head = copy.deepcopy(model.get_classifier()).requires_grad_(True)
+    features = pooled_features(model, data, settings.batch_size, SPLITS)
+    fit(head, features, _fit_config(get_method("linear").make_config(), settings, "linear-probe head"))
+    return {k: v.detach().cpu() for k, v in head.state_dict().items()}
+
+
+def _start_head(
+    model: nn.Module, settings: RunSettings, head: Mapping[str, torch.Tensor] | None, data: Batches
+) -> None:
+    """Start the freshly drawn head as ``settings.head_init`` says (``head``: a linear-probe head fitted before)."""
+    if settings.head_init == "random":
+        return
+    classifier = model.get_classifier()
+    if settings.head_init == "zero":
+        head = {k: torch.zeros_like(v) for k, v in classifier.state_dict().items()}
+    elif head is None:
+        head = probe_head(model, data, settings)
+    classifier.load_state_dict(head)
+
+
 def build_model(
-    name: str, backbone: Backbone, num_classes: int, hparams: Hparams, data: Batches, settings: RunSettings
-) -> nn.Module:
-    """A trainable copy of the backbone for end-to-end method ``name`` (``data``: LoRA-GA's init batches)."""
+    name: str, backbone: Backbone, num_classes: int, hparams: Hparams, data: Batches, settings: RunSettings,
+    head: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:  # fmt: skip
+    """A trainable copy of the backbone for end-to-end method ``name`` (``data``: the head's linear probe and
+    LoRA-GA's init batches). The head starts as ``settings.head_init`` says (``head``: a linear probe fitted
+    already) unless the method trains only the head."""
     method = _end_to_end(name)
     config: TrainConfig = method.make_config(hparams)
     model = trainable_copy(backbone, num_classes, pool=config.head_pool)
+    if not method.features_only:
+        _start_head(model, settings, head, data)
     method.apply(model, config, ApplyContext(data, settings.batch_size, settings.seed, backbone.device))
     return model
 
 
 def train_e2e(
-    name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunSettings
-) -> tuple[nn.Module, FitResult]:
+    name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunSettings,
+    head: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, FitResult]:  # fmt: skip
     """Train end-to-end method ``name`` on ``task``: the trained timm model (best epoch by val) and its
-    :class:`FitResult`. ``hparams``: the method's config, or some of its hyper-parameters (the rest default)."""
+    :class:`FitResult`. ``hparams``: the method's config, or some of its hyper-parameters (the rest default);
+    ``head``: the linear-probe head when one was fitted already (:func:`probe_head`)."""
     method = _end_to_end(name)
     config: TrainConfig = method.make_config(hparams)
-    data = ImageBatches(task, backbone, settings.num_workers)
-    fit_config = FitConfig(
-        settings.epochs, settings.batch_size, config.lr, config.weight_decay, config.warmup_ratio, settings.seed,
-        settings.progress, desc=f"{name} on {task.spec}",
-    )  # fmt: skip
-    with _seeded(settings.seed, backbone.device):
-        model = build_model(name, backbone, task.num_classes, config, data, settings)
+    data = ImageBatches(task, backbone, settings.num_workers, augment=settings.augment and not method.features_only)
+    fit_config = _fit_config(config, settings, f"{name} on {task.spec}")
+    if head is None:
+        head = _task_probe_head(method, backbone, task, config, settings)
+    with seeded(settings.seed, backbone.device):
+        model = build_model(name, backbone, task.num_classes, config, data, settings, head)
         if method.features_only:
             features = pooled_features(model, data, settings.batch_size, SPLITS)
             return model, fit(model.get_classifier(), features, fit_config)
         return model, fit(model, data, fit_config)
 
 
+def _task_probe_head(
+    method: Method, backbone: Backbone, task: Task, config: TrainConfig, settings: RunSettings
+) -> dict[str, torch.Tensor] | None:
+    """The linear-probe head of ``task`` under the run's seed when the protocol starts heads from one, else None."""
+    if settings.head_init != "linear-probe" or method.features_only:
+        return None
+    with seeded(settings.seed, backbone.device):
+        model = trainable_copy(backbone, task.num_classes, config.head_pool)
+        return probe_head(model, ImageBatches(task, backbone, settings.num_workers), settings)
+
+
+def _tuned(config: TrainConfig, default: TrainConfig) -> dict[str, Any]:
+    """The hyper-parameters where a grid point differs from the method's config (always its lr)."""
+    values, base = config.to_dict(), default.to_dict()
+    return {"lr": config.lr, **{k: v for k, v in values.items() if v != base[k] and k != "lr"}}
+
+
 def run_e2e(
     method: Method, backbone: Backbone, task: Task, config: MethodConfig, settings: RunSettings,
     work_dir: str | os.PathLike,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train an end-to-end method; with ``settings.export_peft`` also export it (``work_dir/peft``)."""
-    model, result = train_e2e(method.name, backbone, task, config, settings)
+    """Train an end-to-end method, over its tuning grid when ``settings.lr_grid`` > 1 (every point from the
+    same start, the best on val kept; ties keep the earlier point, the method's own config first); with
+    ``settings.export_peft`` also export it (``work_dir/peft``)."""
+    head = _task_probe_head(method, backbone, task, config, settings)  # once: every grid point starts the same
+    grid, best = [], None
+    for point in config.tuning_grid(settings.lr_grid):
+        model, result = train_e2e(method.name, backbone, task, point, settings, head)
+        grid.append({**_tuned(point, config), "val_acc": result.val_acc, "best_epoch": result.best_epoch,
+                     "diverged_at_step": result.diverged_at_step})
+        if best is None or result.val_acc > best[2].val_acc:
+            best = (point, model, result)
+        del model
+    point, model, result = best
+    if len(grid) > 1:
+        logger.info("%s on %s: %s chosen on val out of %d", method.name, task.spec, _tuned(point, config), len(grid))
     metrics = {
         "test_acc": result.test_acc,
         "val_acc": result.val_acc,
@@ -95,6 +174,8 @@ def run_e2e(
         "val_curve": result.val_curve,
         "loss_curve": result.loss_curve,
         "diverged_at_step": result.diverged_at_step,
+        "tuned": _tuned(point, config),
+        "grid": grid,
     }
     if settings.export_peft and method.export is not None:
         target = Path(work_dir) / PEFT_DIR

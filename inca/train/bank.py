@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm import tqdm
 
 from inca.activations import ActivationSource
 from inca.adapters.inca import InCABank
 from inca.devices import autocast
 from inca.errors import InCAError
 from inca.io import atomic_write
+from inca.progress import progress as progress_bar
 from inca.train.optim import BatchedAdamW, cosine_schedule
 
 __all__ = [
@@ -59,11 +59,49 @@ def per_adapter_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 @dataclass
 class BankHistory:
-    """Per epoch, one value per adapter (NaN once an adapter has diverged)."""
+    """Per epoch, one value per adapter (NaN once an adapter has diverged); with an eval split, per adapter
+    the 1-based epoch whose weights it ends with (``best_epoch``, 0: it never had a finite accuracy)."""
 
     train_loss: list[list[float]] = field(default_factory=list)
     val_accuracy: list[list[float]] = field(default_factory=list)  # filled when train_bank gets eval_split
     diverged: list[bool] = field(default_factory=list)
+    best_epoch: list[int] = field(default_factory=list)
+
+
+class _BestEpochs:
+    """Each adapter's weights at its best epoch on the eval split so far: its rows of the bank's stacked
+    parameters, copied when its accuracy improves (strictly: ties keep the earlier epoch, as in
+    :func:`inca.train.e2e.fit`). The bookkeeping replays from a history, so a checkpoint holds only the rows."""
+
+    def __init__(self, bank: InCABank) -> None:
+        self.state = {name: p.detach().clone() for name, p in bank.named_parameters()}
+        self.accuracy = [-math.inf] * len(bank)
+        self.epoch = [0] * len(bank)
+        prefix = {id(stack): f"stacks.{s}." for s, stack in enumerate(bank.stacks)}
+        self._rows = []  # per adapter: (parameter names in the bank, row)
+        for i in range(len(bank)):
+            stack, row = bank.locate(i)
+            self._rows.append(([prefix[id(stack)] + name for name, _ in stack.named_parameters()], row))
+
+    def improved(self, accuracy: Sequence[float], epoch: int) -> list[int]:
+        """Record epoch ``epoch`` (1-based)'s accuracies; the adapters that beat their best (NaN never does)."""
+        better = [i for i, a in enumerate(accuracy) if a > self.accuracy[i]]
+        for i in better:
+            self.accuracy[i], self.epoch[i] = accuracy[i], epoch
+        return better
+
+    @torch.no_grad()
+    def snapshot(self, bank: InCABank, adapters: Sequence[int]) -> None:
+        params = dict(bank.named_parameters())
+        for i in adapters:
+            names, row = self._rows[i]
+            for name in names:
+                self.state[name][row] = params[name][row]
+
+    @torch.no_grad()
+    def restore(self, bank: InCABank) -> None:
+        for name, p in bank.named_parameters():
+            p.copy_(self.state[name])
 
 
 def _check_source(bank: InCABank, source: ActivationSource, split: str) -> int:
@@ -100,9 +138,11 @@ def train_bank(
     else ``warmup_ratio`` of all steps). bf16 autocast on CUDA.
 
     An adapter whose loss goes non-finite is marked in ``bank.diverged`` and frozen from then on; the
-    others go on unchanged. With ``checkpoint_path`` the bank, optimizer state and history are saved
-    atomically after each epoch, and a run finding its checkpoint resumes from it (same result as an
-    uninterrupted run). With ``eval_split`` each epoch ends with an accuracy on that split.
+    others go on unchanged. With ``eval_split`` each epoch ends with an accuracy on that split and each adapter
+    ends with the weights of its best epoch there (``history.best_epoch``), the model selection of the
+    end-to-end methods; on live activations that costs one pass over the split per epoch. With
+    ``checkpoint_path`` the bank, optimizer state, best-epoch weights and history are saved atomically after
+    each epoch, and a run finding its checkpoint resumes from it (same result as an uninterrupted run).
     """
     if epochs < 1 or batch_size < 1:
         raise InCAError(f"epochs ({epochs}) and batch_size ({batch_size}) must be positive")
@@ -125,25 +165,42 @@ def train_bank(
         "warmup_steps": warmup,
         "min_lr_ratio": min_lr_ratio,
         "eval_split": eval_split,
+        "restores_best_epoch": eval_split is not None,  # checkpoints hold best-epoch weights since then
     }
     config = json.loads(json.dumps(config))
     history, start = BankHistory(), 0
-    if checkpoint_path is not None and Path(checkpoint_path).is_file():
-        start, history = _load_checkpoint(Path(checkpoint_path), bank, optimizer, config)
+    best = _BestEpochs(bank) if eval_split is not None else None
+    if checkpoint_path is not None and _resumable(Path(checkpoint_path), config):
+        start, history, saved_best = _load_checkpoint(Path(checkpoint_path), bank, optimizer, config)
+        if best is not None:
+            best.state = {name: saved_best[name].to(device) for name in best.state}
+            for epoch, accuracy in enumerate(history.val_accuracy):
+                best.improved(accuracy, epoch + 1)
         logger.info("resuming bank training from %s after epoch %d/%d", checkpoint_path, start, epochs)
     frozen = bank.diverged.tolist()
-    bar = tqdm(total=total, initial=start * steps_per_epoch, disable=not progress, desc="InCA bank", unit="step")
+    bar = progress_bar(total=total, initial=start * steps_per_epoch, enabled=progress, desc="InCA bank", unit="step")
     step = start * steps_per_epoch
+    chunks = 1  # micro-batches per batch: doubled whenever a batch runs out of CUDA memory
     for epoch in range(start, epochs):
         loss_sum = torch.zeros(len(bank), device=device)
         for features, labels in source.loader("train", epoch_batches(n, batch_size, seed, epoch)):
             features = {layer: features[layer].to(device, non_blocking=True) for layer in bank.layers}
             labels = labels.to(device, non_blocking=True)
-            with autocast(device):
-                logits = bank(features)
-            losses = per_adapter_loss(logits.float(), labels)
+            while True:
+                try:
+                    losses = _forward_backward(bank, features, labels, chunks)
+                    break
+                except torch.OutOfMemoryError:
+                    if device.type != "cuda" or chunks >= labels.shape[0]:
+                        raise
+                    optimizer.zero_grad(set_to_none=False)
+                    torch.cuda.empty_cache()
+                    chunks *= 2
+                    logger.warning("out of CUDA memory: each batch of %d now runs as %d micro-batches whose "
+                                   "gradients add up (the effective batch stays %d)", batch_size, chunks, batch_size)
             bad = ~torch.isfinite(losses) & ~bank.diverged
             if bad.any():
+                _check_finite(features, epoch)
                 bank.diverged |= bad
                 frozen = bank.diverged.tolist()
                 logger.warning(
@@ -151,7 +208,6 @@ def train_bank(
                     bad.nonzero().flatten().tolist(), epoch + 1, step,
                 )  # fmt: skip
             losses = losses.masked_fill(bank.diverged, 0.0)
-            losses.sum().backward()
             optimizer.step(schedule(step), frozen=frozen)
             optimizer.zero_grad(set_to_none=False)
             loss_sum += losses.detach()
@@ -160,16 +216,21 @@ def train_bank(
         epoch_loss = (loss_sum / steps_per_epoch).masked_fill(bank.diverged, math.nan).tolist()
         history.train_loss.append(epoch_loss)
         message = f"epoch {epoch + 1}/{epochs}: best train loss {_nanmin(epoch_loss):.4f}"
-        if eval_split is not None:
+        if best is not None:
             history.val_accuracy.append(evaluate_bank(bank, source, eval_split, batch_size).tolist())
+            best.snapshot(bank, best.improved(history.val_accuracy[-1], epoch + 1))
             message += f", best {eval_split} accuracy {_nanmax(history.val_accuracy[-1]):.4f}"
         bar.set_postfix_str(message.split(": ", 1)[1])
         logger.info(message + f", {sum(frozen)}/{len(bank)} diverged")
         history.diverged = bank.diverged.tolist()
         if checkpoint_path is not None:
-            _save_checkpoint(Path(checkpoint_path), bank, optimizer, config, epoch + 1, history)
+            _save_checkpoint(Path(checkpoint_path), bank, optimizer, config, epoch + 1, history,
+                             best.state if best is not None else {})
     bar.close()
     history.diverged = bank.diverged.tolist()
+    if best is not None:
+        best.restore(bank)
+        history.best_epoch = list(best.epoch)
     return history
 
 
@@ -240,27 +301,65 @@ def select_best(
 
 
 def _save_checkpoint(
-    path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict, epoch: int, history: BankHistory
-) -> None:
+    path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict, epoch: int, history: BankHistory,
+    best: dict[str, Tensor],
+) -> None:  # fmt: skip
     tensors = {f"bank.{k}": v for k, v in bank.state_dict().items()}
     tensors.update({f"optim.{k}": v for k, v in optimizer.state_dict().items()})
+    tensors.update({f"best.{k}": v for k, v in best.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"epoch": str(epoch), "config": json.dumps(config), "history": json.dumps(asdict(history))}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _load_checkpoint(path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict) -> tuple[int, BankHistory]:
+def _forward_backward(bank: InCABank, features: dict[int, Tensor], labels: Tensor, chunks: int) -> Tensor:
+    """Each adapter's mean cross-entropy on the batch, its gradients accumulated over ``chunks`` micro-batches
+    (each weighted by its share of the batch, so the gradient is the full batch's). Diverged adapters, and
+    adapters whose loss is not finite, contribute no gradient."""
+    total = torch.zeros(len(bank), device=labels.device)
+    for rows in torch.arange(labels.shape[0], device=labels.device).tensor_split(chunks):
+        with autocast(labels.device):
+            logits = bank({layer: tokens[rows] for layer, tokens in features.items()} if chunks > 1 else features)
+        losses = per_adapter_loss(logits.float(), labels[rows] if chunks > 1 else labels)
+        if chunks > 1:
+            losses = losses * (len(rows) / labels.shape[0])
+        losses.masked_fill(bank.diverged | ~torch.isfinite(losses), 0.0).sum().backward()
+        total += losses.detach()
+    return total
+
+
+def _check_finite(features: Mapping[int, Tensor], epoch: int) -> None:
+    """A non-finite loss from non-finite activations is corrupt data, not a diverged adapter: say so."""
+    corrupt = [layer for layer, tokens in features.items() if not torch.isfinite(tokens).all()]
+    if corrupt:
+        raise InCAError(
+            f"the activations of layer(s) {corrupt} hold NaN or infinity (epoch {epoch + 1}): the activation store "
+            "is corrupt, or the backbone overflows its dtype; check it with inca-cache --verify and rebuild it "
+            "with inca-cache --rebuild (or --dtype bfloat16)"
+        )
+
+
+def _resumable(path: Path, config: dict) -> bool:
+    """Whether ``path`` holds a checkpoint of this very run. One of another run (say, of a run whose adapters all
+    diverged, rerun with other learning rates) is stale: it is replaced, not allowed to block the new run."""
+    if not path.is_file():
+        return False
+    with safe_open(path, framework="pt") as f:
+        saved = (f.metadata() or {}).get("config")
+    if saved is not None and json.loads(saved) == config:
+        return True
+    logger.warning("%s is a checkpoint of another configuration: starting this run from scratch", path)
+    return False
+
+
+def _load_checkpoint(
+    path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict
+) -> tuple[int, BankHistory, dict[str, Tensor]]:
+    """Load the bank and optimizer state; the epochs done, the history and the best-epoch weights."""
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    if "config" not in metadata:
-        raise InCAError(f"{path} is not a bank training checkpoint; delete it or pass another checkpoint path")
-    saved = json.loads(metadata["config"])
-    if saved != config:
-        differ = sorted(k for k in config if saved.get(k) != config[k])
-        raise InCAError(
-            f"checkpoint {path} is from a different run (differs in {differ}); delete it or use another path"
-        )
     bank.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")})
     optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
-    return int(metadata["epoch"]), BankHistory(**json.loads(metadata["history"]))
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    return int(metadata["epoch"]), BankHistory(**json.loads(metadata["history"])), best

@@ -2,8 +2,9 @@
 
 Full fine-tuning, LoRA, LoRA-GA, Compacter and the linear probe differ only in which model they hand
 :func:`fit` and which of its parameters require grad; the loop (AdamW with timm's weight-decay groups,
-cosine schedule with linear warm-up, bf16 autocast on CUDA, per-step loss, validation every epoch,
-best-by-validation state evaluated once on test) is shared, so their numbers are comparable.
+cosine schedule with linear warm-up, gradient-norm clipping, bf16 autocast on CUDA, per-step loss,
+validation every epoch, best-by-validation state evaluated once on test) is shared, so their numbers are
+comparable.
 
 Batch order comes from :func:`inca.train.bank.epoch_batches` (a permutation seeded by ``(seed, epoch)``),
 the same order an InCA bank sees, so every method visits the same batches for a given seed.
@@ -23,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from inca.backbone import Backbone
 from inca.devices import autocast
 from inca.errors import InCAError
+from inca.progress import progress
 from inca.tasks import Task, image_loader, sequential_batches
 from inca.train.bank import epoch_batches
 from inca.train.optim import cosine_schedule
@@ -61,12 +62,14 @@ class Batches(Protocol):
 
 
 class ImageBatches:
-    """A task's images through the backbone's eval preprocessing (no augmentation: the same pixels every
-    method and epoch sees)."""
+    """A task's images through the backbone's eval preprocessing; with ``augment`` the train split goes
+    through timm's training augmentation instead (:attr:`~inca.backbone.Backbone.train_transform`), drawn
+    from torch's and Python's global RNGs (seed them for reproducibility)."""
 
-    def __init__(self, task: Task, backbone: Backbone, num_workers: int | None = None) -> None:
+    def __init__(self, task: Task, backbone: Backbone, num_workers: int | None = None, augment: bool = False) -> None:
         self.task = task
         self.transform = backbone.transform
+        self.train_transform = backbone.train_transform if augment else self.transform
         self.num_workers = num_workers
         self.pin_memory = backbone.device.type == "cuda"
 
@@ -74,7 +77,8 @@ class ImageBatches:
         return len(self.task.splits[split])
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
-        return image_loader(self.task.splits[split], self.transform, batches, self.num_workers, self.pin_memory)
+        transform = self.train_transform if split == "train" else self.transform
+        return image_loader(self.task.splits[split], transform, batches, self.num_workers, self.pin_memory)
 
 
 class TensorBatches:
@@ -94,7 +98,8 @@ class TensorBatches:
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Optimisation of one end-to-end run. ``warmup_ratio`` of all steps warm up linearly, then cosine to 0."""
+    """Optimisation of one end-to-end run. ``warmup_ratio`` of all steps warm up linearly, then cosine to 0;
+    the gradient's global L2 norm is clipped to ``max_grad_norm`` (0: no clipping) before each step."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -104,6 +109,7 @@ class FitConfig:
     seed: int = 0
     progress: bool = True
     desc: str = "train"
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -189,6 +195,8 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
     """
     if config.epochs < 1 or config.batch_size < 1:
         raise InCAError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be positive")
+    if config.max_grad_norm < 0:
+        raise InCAError(f"max_grad_norm must be 0 (no clipping) or positive, got {config.max_grad_norm}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InCAError(f"{config.desc}: nothing to train (no parameter requires grad)")
@@ -205,7 +213,7 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
     losses: list[Tensor] = []
     val_curve: list[float] = []
     best_acc, best_epoch, best_state, diverged_at = -1.0, 0, None, None
-    bar = tqdm(total=total, desc=config.desc, unit="step", disable=None if config.progress else True)
+    bar = progress(total=total, desc=config.desc, unit="step", enabled=config.progress)
     for epoch in range(config.epochs):
         model.train()
         for batch in data.loader("train", epoch_batches(n, config.batch_size, config.seed, epoch)):
@@ -217,6 +225,8 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             losses.append(loss.detach())
@@ -225,7 +235,8 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
         val_curve.append(val_acc)
         if val_acc > best_acc:
             best_acc, best_epoch, best_state = val_acc, epoch + 1, _trainable_state(model)
-        bar.set_postfix(loss=f"{losses[-1].item():.4f}" if losses else "-", val_acc=f"{val_acc:.4f}")
+        loss_text = f"loss {losses[-1].item():.4f}, " if losses else ""
+        bar.set_postfix_str(f"{loss_text}val_acc {val_acc:.4f}")
         logger.debug("%s epoch %d/%d: val accuracy %.4f", config.desc, epoch + 1, config.epochs, val_acc)
         if diverged_at is not None:
             break

@@ -1,9 +1,10 @@
 """One InCA run on one task: the adapter grid becomes one bank, trained on cached or live activations.
 
 The grid (layers x learning rates x weight decays x queries x heads x MLP ratios x seeds) is one
-:class:`~inca.adapters.inca.InCABank` per task; its best adapter on the validation split is saved with
-its metadata and reported with its test accuracy, next to every other adapter's figures. Suites of tasks
-(``inca-train``) are :func:`inca.suite.run_train_suite`.
+:class:`~inca.adapters.inca.InCABank` per task. Every adapter is validated after each epoch and ends with
+the weights of its best epoch (the end-to-end methods' model selection); the best adapter on the validation
+split is saved with its metadata and reported with its test accuracy, next to every other adapter's figures.
+Suites of tasks (``inca-train``) are :func:`inca.suite.run_train_suite`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class InCAOptions:
     cache_max_gb: float = 64.0
     num_workers: int | None = None
     ensemble: int = 1  # also combine the top-K adapters by val (averaged probabilities) when K > 1
+    verify_cache: bool = False  # re-hash an existing store's files before training on it
+    augment: bool = False  # timm's training augmentation on the train split (live activations, never a store)
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
@@ -99,6 +102,7 @@ def train_inca_task(
     source = open_source(
         backbone, task, layers, epochs=options.epochs, cache=options.cache, cache_dir=options.cache_dir,
         dtype=options.cache_dtype, max_gb=options.cache_max_gb, num_workers=options.num_workers,
+        train_transform=backbone.train_transform if options.augment else None, verify=options.verify_cache,
     )
     bank = InCABank(specs, backbone.width, task.num_classes)
     _logger.info("%s: training %d adapters together on layers %s", task.spec, len(specs), layers)
@@ -107,7 +111,7 @@ def train_inca_task(
     cached = isinstance(source, CachedSource)
     history = train_bank(
         bank, source, epochs=options.epochs, batch_size=options.batch_size, device=device, seed=options.seed,
-        warmup_ratio=options.warmup_ratio, eval_split="val" if cached else None, checkpoint_path=checkpoint,
+        warmup_ratio=options.warmup_ratio, eval_split="val", checkpoint_path=checkpoint,
     )
     best, val_acc = select_best(bank, source, "val")
     test_acc = evaluate_bank(bank, source, "test")
@@ -123,7 +127,7 @@ def train_inca_task(
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     adapters = [
         {**asdict(s), "val_acc": _num(val_acc[i]), "test_acc": _num(test_acc[i]), "diverged": bool(bank.diverged[i]),
-         "final_train_loss": _num(history.train_loss[-1][i])}
+         "best_epoch": history.best_epoch[i], "final_train_loss": _num(history.train_loss[-1][i])}
         for i, s in enumerate(specs)
     ]
     steps = options.epochs * -(-source.num_rows("train") // options.batch_size)
@@ -143,6 +147,7 @@ def train_inca_task(
         "backbone_params": backbone_params,
         "trainable_percent": 100.0 * trainable / backbone_params,
         "steps": steps,
+        "best_epoch": adapters[best]["best_epoch"],
         "loss_curve": [epoch[best] for epoch in history.train_loss],
         "seconds": time.perf_counter() - start,
     }
