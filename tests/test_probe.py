@@ -166,7 +166,7 @@ def test_best_layers_need_the_task_in_the_report(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--probes", "svm"], "unknown probe or pool \\['svm'\\]"), (["--pool", "max"], "unknown probe or pool"),
-     (["--k", "0"], "must be positive")],
+     (["--k", "0"], "--k: expected a positive integer")],
 )
 def test_probe_bad_input(tmp_path, capsys, args, message):
     import re

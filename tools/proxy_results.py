@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
-from inca.compare import ACCURACY_PLOT, LOSS_PLOT, RESULTS_FILE, protocol_lines, smoothed_loss, steps_to_reach
+from inca.compare import ACCURACY_PLOT, RESULTS_FILE, protocol_lines, smoothed_loss, steps_to_reach
 from inca.io import atomic_write_text, read_json
 from inca.probe import REPORT_JSON, render_probe_report
-from inca.report import fmt, markdown_table
+from inca.report import fmt, markdown_table, save_figure
 
 TASKS = "digits,synth-shapes,synth-count,synth-orientation,synth-colour"
 PROXY = "--backbone vit_tiny_patch16_224 --weights runs/proxy/model.safetensors --model-kwargs img_size=32 " \
@@ -41,6 +42,7 @@ COMMANDS = [
     "python tools/proxy_results.py",
 ]
 WINDOW = 10  # steps in the trailing mean of the training loss (as tools/bench_lora_ga.py)
+ACCURACY_PNG, LOSS_PNG = "results_accuracy_vs_params.png", "results_loss.png"  # next to results.md
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,7 +89,8 @@ def linear_section(proxy: dict[str, Any], random: dict[str, Any]) -> list[str]:
             summary.append([task, key.split("/")[1], f"{rs['test']:.3f} (layer {rl})", f"{ps['test']:.3f} (layer {pl})",
                             f"{ps['test'] - rs['test']:+.3f}"])
     table = markdown_table(["task", "pool", "random: best layer on val", "proxy: best layer on val", "gain"], summary)
-    return lines[:5] + [table.rstrip(), ""] + lines[5:]
+    intro = lines.index(f"### {next(iter(proxy['tasks']))}")
+    return lines[:intro] + [table.rstrip(), ""] + lines[intro:]
 
 
 def steps_column(records: dict[str, dict[str, Any]]) -> dict[str, int | None]:
@@ -125,10 +128,36 @@ def compare_section(summary: dict[str, Any]) -> tuple[list[str], list[dict[str, 
                         "inca_layer": (inca.get("tuned") or {}).get("layer"),
                         "full": full.get("test_acc"), "lora_steps": lora.get("steps"),
                         "lora_ga_reach": reach.get("lora-ga"), "full_reach": reach.get("full")})
+    if any(r.get("activations") == "cache" for r in summary["results"]):
+        lines += ["InCA read activation stores: its seconds include building one only where no earlier run had "
+                  "built it (an interrupted earlier run built the first task's).", ""]
     lines += ["Protocol:", "", *protocol_lines(summary["protocol"]), "",
-              f"![test accuracy vs trainable parameters](results_{ACCURACY_PLOT.removeprefix('compare_')})", "",
-              f"![training loss per step](results_{LOSS_PLOT.removeprefix('compare_')})", ""]
+              f"![test accuracy vs trainable parameters]({ACCURACY_PNG})", "",
+              f"![training loss, trailing mean over {WINDOW} steps]({LOSS_PNG})", ""]
     return lines, figures
+
+
+def plot_losses(path: Path, summary: dict[str, Any]) -> None:
+    """The end-to-end methods' training loss per step (trailing mean), one small panel per task."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for record in summary["results"]:
+        if record["method"] != "inca" and record.get("loss_curve"):
+            by_task.setdefault(record["task"], []).append(record)
+    fig = Figure(figsize=(8.5, 4.8))
+    axes = fig.subplots(2, 3, squeeze=False).ravel()
+    for ax, (task, records) in zip(axes, by_task.items()):
+        for r in records:
+            ax.plot(np.arange(1, r["steps"] + 1), smoothed_loss(r["loss_curve"], WINDOW), linewidth=1,
+                    label=r["method"])
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("cross-entropy", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    for ax in axes[len(by_task):]:
+        ax.set_visible(False)
+    save_figure(fig, path)
 
 
 def speed_up(steps: int | None, reach: int | None) -> str:
@@ -177,6 +206,26 @@ def claims_section(figures: list[dict[str, Any]], probe: dict[str, Any], norm: d
     return lines
 
 
+def wins(proxy: dict[str, Any], random: dict[str, Any]) -> str:
+    """The tasks where the proxy's best linear probe (pool and layer chosen on val) beats random weights'."""
+    def best(result: dict[str, Any]) -> float:
+        scores = [best_by_val(v)[1] for k, v in result["results"].items() if k.startswith("linear/")]
+        return max(scores, key=lambda s: s["val"])["test"]
+
+    won = [t for t in proxy["tasks"] if best(proxy["tasks"][t]) > best(random["tasks"][t])]
+    return f"{len(won)} of {len(proxy['tasks'])} tasks ({', '.join(won) or 'none'})"
+
+
+def sizing(pretraining: dict[str, Any]) -> str:
+    """How the proxy's number of steps came about, and how to repeat it."""
+    planned = pretraining["planned_steps"]
+    if pretraining["finished"]:
+        return f"The proxy run was sized by its time budget to {planned} steps; `--steps {planned}` repeats it exactly."
+    return (f"The proxy run was sized by its time budget to {planned} steps, and the budget ran out after "
+            f"{pretraining['steps']} of them, near the end of the cosine decay; `--steps "
+            f"{planned}` reruns the planned schedule.")
+
+
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
@@ -206,8 +255,7 @@ def main() -> None:
         *COMMANDS,
         "```",
         "",
-        f"The proxy run was sized by its time budget to {pretraining['planned_steps']} steps; `--steps "
-        f"{pretraining['planned_steps']}` repeats it exactly. Machine: {os.cpu_count()} CPU cores "
+        sizing(pretraining) + f" Machine: {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), torch {torch.__version__}; the cores were shared with "
         "other jobs, so seconds are indicative.",
         "",
@@ -218,8 +266,10 @@ def main() -> None:
         "",
         "These are a 6-block ViT-Ti at 32 pixels, pretrained for minutes on synthetic formulas, on five small "
         "tasks of 1,000-1,300 training images, one seed, on CPU. They show that the methods run as their authors "
-        "configure them under one protocol, that the proxy's features are learned (the probes beat random "
-        "weights), and how the three claims come out at this scale. They do not reproduce the papers: the InCA "
+        "configure them under one protocol, that the proxy's features are learned (its best linear probe beats "
+        f"random weights' on {wins(probe, random)}; a random ViT keeps the pixels, which a linear probe of "
+        "small images often needs more than the features minutes of pretraining add), and how the three claims "
+        "come out at this scale. They do not reproduce the papers: the InCA "
         "paper's claims are about ViT-L/16 and larger, pretrained on ImageNet-21k or more, on its 11-dataset "
         "suite; LoRA-GA's are about T5 and Llama on GLUE and instruction data; one seed on small tasks leaves "
         "differences of a few points within noise.",
@@ -229,8 +279,8 @@ def main() -> None:
         render_probe_report(probe).replace("# Layer probing", "### Layer probing").replace("\n## ", "\n#### "),
     ]
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
-    for plot in (ACCURACY_PLOT, LOSS_PLOT):
-        shutil.copyfile(Path(args.compare) / plot, out.parent / f"results_{plot.removeprefix('compare_')}")
+    shutil.copyfile(Path(args.compare) / ACCURACY_PLOT, out.parent / ACCURACY_PNG)
+    plot_losses(out.parent / LOSS_PNG, summary)
     print(f"wrote {out} and its two plots")
     for f in figures:
         print({k: fmt(v) for k, v in f.items()})
