@@ -127,7 +127,7 @@ def _one_line_error(capsys, pattern):
         ((), "no tasks given"),
         (("--tasks", "digits", "--layers", "12"), "layer 12 is out of range.*0\\.\\.3"),
         (("--tasks", "digits", "--layers", "best:2"), "needs --probe-report"),
-        (("--tasks", "digits", "--lr", "0"), "learning rates must be positive"),
+        (("--tasks", "digits", "--lr", "0"), "--lr: expected a finite number > 0"),
         (("--tasks", "nope"), "unknown task spec"),
     ],
 )
