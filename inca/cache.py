@@ -56,6 +56,7 @@ _logger = logging.getLogger(__name__)
 CACHE_VERSION = 2
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
 MANIFEST = "manifest.json"
+REBUILD_HINT = "rebuild the store with inca-cache --rebuild (same --backbone, --task and --layers)"
 PROGRESS = "progress.json"
 
 
@@ -305,39 +306,37 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(path: Path) -> dict[str, Any]:
     """A store's manifest, refused with one line (naming the file and the fix) unless it is intact."""
     file = Path(path) / MANIFEST
-    fix = "rebuild the store with inca-cache --rebuild (same --backbone, --task and --layers)"
     if not file.is_file():
         raise InCAError(f"{path} is not an activation store (no {MANIFEST}); build one with inca-cache")
     try:
         manifest = read_json(file)
     except (OSError, ValueError) as exc:
-        raise InCAError(f"{file} is unreadable ({first_line(exc)}): {fix}") from None
+        raise InCAError(f"{file} is unreadable ({first_line(exc)}): {REBUILD_HINT}") from None
     if not isinstance(manifest, dict) or manifest.get("version") != CACHE_VERSION:
         version = manifest.get("version") if isinstance(manifest, dict) else None
-        raise InCAError(f"{file} is store version {version}, this inca reads version {CACHE_VERSION}: {fix}")
+        raise InCAError(f"{file} is store version {version}, this inca reads version {CACHE_VERSION}: {REBUILD_HINT}")
     wrong = [key for key, kind in _SCHEMA.items() if not isinstance(manifest.get(key), kind)]
     if wrong or "pending" not in manifest:
-        raise InCAError(f"{file} lacks or garbles {', '.join(wrong) or 'pending'}: {fix}")
+        raise InCAError(f"{file} lacks or garbles {', '.join(wrong) or 'pending'}: {REBUILD_HINT}")
     if manifest["manifest_sha256"] != _manifest_digest(manifest):
-        raise InCAError(f"{file} was edited or damaged (its content no longer matches its checksum): {fix}")
+        raise InCAError(f"{file} was edited or damaged (its content no longer matches its checksum): {REBUILD_HINT}")
     return manifest
 
 
 def check_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file of a complete store is there, with the ``.npy`` header and size the manifest implies."""
-    fix = "rebuild the store with inca-cache --rebuild (same --backbone, --task and --layers)"
     np_dtype = np.dtype(DTYPES[manifest["dtype"]][0]) if manifest["dtype"] in DTYPES else None
     try:
         shapes = {split: tuple(int(x) for x in manifest["shapes"][split]) for split in SPLITS}
     except (KeyError, TypeError, ValueError):
-        raise InCAError(f"{path / MANIFEST} has no valid shapes for {'/'.join(SPLITS)}: {fix}") from None
+        raise InCAError(f"{path / MANIFEST} has no valid shapes for {'/'.join(SPLITS)}: {REBUILD_HINT}") from None
     for split, shape in shapes.items():
         expected = [(path / split / "labels.npy", shape[:1], None)]
         expected += [(layer_file(path, split, k), shape, np_dtype) for k in manifest["layers"]]
         for file, want_shape, want_dtype in expected:
             problem = _npy_problem(file, want_shape, want_dtype)
             if problem:
-                raise InCAError(f"{file} {problem}: {fix}")
+                raise InCAError(f"{file} {problem}: {REBUILD_HINT}")
 
 
 def _npy_problem(file: Path, shape: tuple[int, ...], dtype: np.dtype | None) -> str | None:
@@ -489,8 +488,7 @@ def verify_cache(path: str | os.PathLike) -> dict[str, Any]:
         elif file_sha256(file) != manifest["checksums"][name]:
             problems.append(f"{name} does not match its checksum")
     if problems:
-        raise InCAError(f"{cache.path} failed verification: {'; '.join(problems[:4])}; rebuild it with "
-                        "inca-cache --rebuild (same --backbone, --task and --layers)")
+        raise InCAError(f"{cache.path} failed verification: {'; '.join(problems[:4])}; {REBUILD_HINT}")
     return {
         "path": str(cache.path),
         "backbone": manifest["backbone"]["name"],

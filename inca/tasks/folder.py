@@ -151,7 +151,7 @@ def _readable(path: str) -> bool:
 
 def unreadable_images(paths: list[str]) -> list[str]:
     """The files among ``paths`` that PIL cannot read."""
-    return [path for path, (_, ok) in zip(paths, scan_files(paths)) if not ok]
+    return [path for path in paths if not _readable(path)]
 
 
 def bad_images_message(bad: list[str]) -> str:

@@ -117,11 +117,11 @@ def train_inca_task(
     test_acc = evaluate_bank(bank, source, "test")
     provenance = {"backbone": backbone.describe(), "task": task.spec,
                   "training": {"epochs": options.epochs, "batch_size": options.batch_size, "seed": options.seed}}
-    save_adapter(TaskAdapter.from_bank(bank, [best], task.classes, {
+    adapter = TaskAdapter.from_bank(bank, [best], task.classes, {
         **provenance, "val_accuracy": float(val_acc[best]), "test_accuracy": float(test_acc[best]),
-    }), out_dir / ADAPTER_DIR)
+    })
+    save_adapter(adapter, out_dir / ADAPTER_DIR)
     ensemble = _ensemble(bank, source, val_acc, options.ensemble, out_dir / ENSEMBLE_DIR, task, provenance)
-    adapter = bank.adapter(best)
     checkpoint.unlink(missing_ok=True)  # the results and the adapter are written: nothing left to resume
     trainable = sum(p.numel() for p in adapter.parameters())
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
@@ -165,10 +165,11 @@ def _ensemble(
         _logger.warning("%s: only %d adapters did not diverge; the ensemble has %d members", task.spec,
                         len(members), len(members))
     val, test = (evaluate_ensemble(bank, source, members, split) for split in ("val", "test"))
-    save_adapter(TaskAdapter.from_bank(bank, members, task.classes,
-                                       {**provenance, "val_accuracy": val, "test_accuracy": test}), directory)
+    ensemble = TaskAdapter.from_bank(bank, members, task.classes,
+                                     {**provenance, "val_accuracy": val, "test_accuracy": test})
+    save_adapter(ensemble, directory)
     _logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.spec, len(members), val, test)
-    params = sum(p.numel() for i in members for p in bank.adapter(i).parameters())
+    params = sum(p.numel() for p in ensemble.parameters())
     return {"k": len(members), "members": members, "val_acc": val, "test_acc": test, "trainable_params": params,
             "adapter_dir": str(directory)}
 
