@@ -159,11 +159,16 @@ def test_finished_tasks_survive_a_later_failure(tmp_path, capsys):
         for i in range(6):
             (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    (tmp_path / "imgs" / "b" / "5.png").write_bytes(b"broken")
+    # A JPEG cut in half passes the up-front scan (its header is sound) and fails only when decoded, during
+    # the second task's training: what must survive is the first task's finished result.
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "imgs" / "b" / "5.jpg")
+    data = (tmp_path / "imgs" / "b" / "5.jpg").read_bytes()
+    (tmp_path / "imgs" / "b" / "5.jpg").write_bytes(data[: len(data) // 2])
     code, out = _run_train(tmp_path, "--tasks", f"synth-colour,folder:{tmp_path / 'imgs'}", "--layers", "-1",
                            "--epochs", "1", "--num-workers", "0")
     assert code == 2
-    _one_line_error(capsys, "cannot read image .*5.png")
+    _one_line_error(capsys, "cannot read image .*5.jpg")
     assert set(json.loads((out / "results.json").read_text())["tasks"]) == {"synth-colour"}
 
 
