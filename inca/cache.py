@@ -235,6 +235,7 @@ def _start_or_resume(
         if manifest["pending"] is None and missing:
             _logger.info("%s holds layers %s: extending it with layers %s (one more pass over the data)",
                          path, manifest["layers"], missing)
+            _require_space(path, manifest, missing)
             manifest["pending"] = {"layers": missing, "batch_size": batch_size}
             write_manifest(path, manifest)
         elif manifest["pending"] is not None and manifest["pending"]["batch_size"] != batch_size:
@@ -257,6 +258,15 @@ def _start_or_resume(
     return manifest
 
 
+def _require_space(path: Path, manifest: dict[str, Any], layers: list[int]) -> None:
+    """Refuse (before anything is written) when the disk cannot hold what ``layers`` still need."""
+    itemsize = np.dtype(DTYPES[manifest["dtype"]][0]).itemsize
+    unwritten = sum(n * t * d for n, t, d in manifest["shapes"].values()) * itemsize * len(layers) - sum(
+        f.stat().st_size for split in SPLITS for k in layers if (f := layer_file(path, split, k)).is_file()
+    )
+    require_free_space(path, max(unwritten, 0), f"the activation store of layers {layers}")
+
+
 def _build_pending(
     path: Path, manifest: dict[str, Any], backbone: Backbone, task: Task, num_workers: int | None,
     commit_seconds: float,
@@ -264,11 +274,7 @@ def _build_pending(
     """Write the manifest's pending layers for every split (resuming committed rows), then record them."""
     layers, batch_size = manifest["pending"]["layers"], int(manifest["pending"]["batch_size"])
     dtype = manifest["dtype"]
-    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
-    unwritten = sum(n * t * d for n, t, d in manifest["shapes"].values()) * itemsize * len(layers) - sum(
-        f.stat().st_size for split in SPLITS for k in layers if (f := layer_file(path, split, k)).is_file()
-    )
-    require_free_space(path, max(unwritten, 0), f"the activation store of layers {layers}")
+    _require_space(path, manifest, layers)
     total = sum(task.sizes().values())
     done = sum(_rows_done(path, split, layers) for split in SPLITS)
     with progress(total=total, initial=done, unit="img", desc=f"cache {task.spec}") as bar:

@@ -208,3 +208,62 @@ def test_full_disk_is_reported_before_writing(tmp_path, monkeypatch):
         atomic_write(tmp_path / "results.json", disk_full)
     assert (tmp_path / "results.json").read_text() == "previous good state"
     assert not list(tmp_path.glob(".*inca-tmp"))
+
+
+def run_under(environment_patch: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """The real command line in a subprocess whose environment (the disk, the memory) ``environment_patch``
+    replaces first: faults no test machine can be made to have on demand."""
+    code = f"import sys\n{environment_patch}\nfrom inca.__main__ import main\nsys.argv = ['inca', *{list(args)!r}]\n" \
+           "sys.exit(main())"
+    environment = {**os.environ, "INCA_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          timeout=600, cwd=cwd)
+
+
+NEARLY_FULL_DISK = "import shutil\n_usage = shutil.disk_usage\n" \
+                   "shutil.disk_usage = lambda path: _usage(path)._replace(free=2**20)"
+NO_SPACE_ON_FLUSH = "import errno, os\n" \
+                    "def _full(fd): raise OSError(errno.ENOSPC, 'No space left on device')\nos.fsync = _full"
+
+
+def test_full_disk_through_the_command_line_keeps_the_previous_state(tmp_path):
+    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--cache-dir", "stores", "--layers"]
+    assert run(*build, "3", cwd=tmp_path).returncode == 0
+    stores = {p: p.read_bytes() for p in (tmp_path / "stores").rglob("*") if p.is_file() and p.name != ".inca.lock"}
+    refused = run_under(NEARLY_FULL_DISK, *build, "2,3", cwd=tmp_path)
+    assert_one_line_error(refused, "needs", "GiB", "only 0.00 GiB are free", "stores")
+    assert [p for p, data in stores.items() if p.read_bytes() != data] == []
+
+    assert train(tmp_path, "synth-colour", "--epochs", "1").returncode == 0
+    before = (tmp_path / "out" / "results.json").read_bytes()
+    full = run_under(NO_SPACE_ON_FLUSH, "train", *TINY_ARGS, "--tasks", "synth-colour,digits", "--layers", "-1",
+                     "--epochs", "1", "--out", "out", cwd=tmp_path)
+    assert_one_line_error(full, "no space left on", "MiB free there")
+    assert (tmp_path / "out" / "results.json").read_bytes() == before
+    assert not list((tmp_path / "out").rglob("*.inca-tmp"))
+
+
+@pytest.mark.parametrize(("environment_patch", "command"), [
+    ("import torch, inca.adapters.inca as m\n"
+     "def _oom(*a, **k): raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
+     "m.InCABank.forward = _oom", "train"),
+    ("import timm.models.vision_transformer as m\n"
+     "def _oom(*a, **k): raise MemoryError()\n"
+     "m.VisionTransformer.forward_intermediates = _oom", "cache"),
+])
+def test_out_of_memory_is_one_line_with_the_fix(tmp_path, environment_patch, command):
+    args = ["--tasks", "digits", "--out", "out"] if command == "train" else ["--task", "digits"]
+    failed = run_under(environment_patch, command, *TINY_ARGS, *args, "--layers", "-1", "--batch-size", "32",
+                       cwd=tmp_path)
+    assert_one_line_error(failed, "out of memory", "lower --batch-size (now 32)")
+
+
+def test_a_store_being_built_is_locked_against_a_second_build(tmp_path):
+    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--layers", "3", "--cache-dir", "stores"]
+    first = run(*build, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    store = tmp_path / first.stdout.split(": ", 1)[1].split(" (")[0]
+    with directory_lock(store, "the activation store"):
+        busy = run(*build, "--rebuild", cwd=tmp_path)
+    assert_one_line_error(busy, "activation store", f"in use by process {os.getpid()}")
+    assert run("cache", "--verify", str(store), cwd=tmp_path).returncode == 0

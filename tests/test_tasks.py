@@ -172,6 +172,22 @@ def test_hf_from_disk_dataset_dict(tmp_path):
     assert np.array_equal(np.asarray(task.splits["test"].image(2)), expected)
 
 
+def test_hf_saved_dataset_changed_on_disk_changes_the_fingerprint(tmp_path):
+    import shutil
+
+    import datasets
+
+    datasets.DatasetDict({"train": _hf_dataset(30), "test": _hf_dataset(9)}).save_to_disk(tmp_path / "ds")
+    before = load_task(f"hf:{tmp_path / 'ds'}").fingerprint
+    assert load_task(f"hf:{tmp_path / 'ds'}").fingerprint == before  # stable while the data is
+    changed = datasets.DatasetDict({"train": _hf_dataset(30, labels=[(i + 1) % 3 for i in range(30)]),
+                                    "test": _hf_dataset(9)})
+    changed.save_to_disk(tmp_path / "new")
+    shutil.rmtree(tmp_path / "ds")
+    (tmp_path / "new").rename(tmp_path / "ds")  # same path, same sizes, other labels
+    assert load_task(f"hf:{tmp_path / 'ds'}").fingerprint != before
+
+
 def test_hf_single_dataset_and_string_labels(tmp_path):
     import datasets
 

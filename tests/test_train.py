@@ -148,7 +148,10 @@ def test_recipe_unknown_keys_are_named(tmp_path, capsys):
 def test_all_diverged_is_one_line(tmp_path, capsys):
     code, _ = _run_train(tmp_path, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1", "--lr", "1e30")
     assert code == 2
-    _one_line_error(capsys, "all 1 adapters diverged")
+    _one_line_error(capsys, "all 1 adapters diverged; lower the learning rates \\(--lr\\) and train again")
+    code, out = _run_train(tmp_path, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1", "--lr", "1e-3")
+    assert code == 0  # the advice works as written: nothing the diverged run left blocks the changed run
+    assert not list(out.rglob("checkpoint.safetensors"))
 
 
 @pytest.mark.slow

@@ -290,7 +290,7 @@ def select_best(
     if split == "test":
         raise InCAError("selecting adapters on the test split leaks it into the result; select on 'val'")
     if bank.diverged.all():
-        raise InCAError(f"all {len(bank)} adapters diverged; lower the learning rates and train again")
+        raise InCAError(f"all {len(bank)} adapters diverged; lower the learning rates (--lr) and train again")
     accuracy = evaluate_bank(bank, source, split, batch_size)
     return top_adapters(accuracy, 1)[0], accuracy
 
