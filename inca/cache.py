@@ -5,14 +5,19 @@ Layout under ``$INCA_CACHE`` (default ``~/.cache/inca``)::
     <backbone>-<fp>/<task>-<fp>/manifest.json
                                <split>/labels.npy
                                <split>/layer_<k>.npy      [N, T, D] float16 (bfloat16 stored as uint16)
-                               <split>/progress.json      rows committed so far
+                               <split>/progress-<r>.json  rows committed by the writer starting at row r
+                                                          (while a build runs; removed when it completes)
 
 Rows are written into preallocated ``.npy`` memmaps batch by batch; every ``commit_seconds`` the memmaps are
-flushed and only then ``progress.json`` is atomically replaced, so a killed build resumes from the last
-committed row with the same batch boundaries and ends byte-identical to an uninterrupted one. A store asked
-for layers it lacks is *extended* (one more resumable pass writes only the missing layers; the others stay
-readable meanwhile). Builds hold a lock on the store directory, check free space and preallocate the layer
-files first (a full disk is one line, never a ``Bus error``), and create files with ``O_EXCL | O_NOFOLLOW``.
+flushed and only then the writer's progress file is atomically replaced, so a killed build resumes from the
+last committed rows with the same batch boundaries and ends byte-identical to an uninterrupted one. Under
+``torchrun`` the batches still to write are split into one contiguous shard per rank (see
+:mod:`inca.distributed`; across machines the store must be on a shared file system), each rank writing its
+rows into the shared memmaps; a rerun with any number of ranks writes only the batches no progress file
+covers. A store asked for layers it lacks is *extended* (one more resumable pass writes only the missing
+layers; the others stay readable meanwhile). Builds hold a lock on the store directory, check free space and
+preallocate the layer files first (a full disk is one line, never a ``Bus error``), and create files with
+``O_EXCL | O_NOFOLLOW``.
 
 Opening a store checks what is cheap: the manifest's schema and its own SHA-256 (a hand-edited manifest is
 refused), every file's presence, ``.npy`` header and size against the manifest. :func:`verify_cache` also
@@ -21,6 +26,7 @@ re-hashes every file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -36,6 +42,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from .backbone import Backbone
+from .distributed import World, current
 from .errors import InCAError, first_line
 from .io import (
     LOCK_FILE,
@@ -57,7 +64,6 @@ CACHE_VERSION = 2
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
 MANIFEST = "manifest.json"
 REBUILD_HINT = "rebuild the store with inca-cache --rebuild (same --backbone, --task and --layers)"
-PROGRESS = "progress.json"
 
 
 def store_path(cache_dir: str | os.PathLike | None, backbone: Backbone, task: Task) -> Path:
@@ -197,15 +203,19 @@ def build_cache(
     except OSError as exc:
         raise InCAError(f"cannot create the activation store at {path} ({exc.strerror}): pass a writable "
                         "--cache-dir or set INCA_CACHE") from None
-    with directory_lock(path, "the activation store"):
-        remove_stale_temps(path)
-        if rebuild:
-            _remove_store(path)
+    world = current()  # under torchrun: each rank writes a shard of the rows; rank 0 locks and records
+    with directory_lock(path, "the activation store") if world.is_main else contextlib.nullcontext():
+        if world.is_main:
+            remove_stale_temps(path)
+            if rebuild:
+                _remove_store(path)
         while True:
-            manifest = _start_or_resume(path, backbone, task, layers, batch_size, dtype)
+            manifest = world.broadcast(
+                _start_or_resume(path, backbone, task, layers, batch_size, dtype) if world.is_main else None
+            )
             if manifest["pending"] is None:
                 break
-            _build_pending(path, manifest, backbone, task, num_workers, commit_seconds)
+            _build_pending(path, manifest, backbone, task, num_workers, commit_seconds, world)
     return open_cache(path, backbone, task, layers)
 
 
@@ -269,25 +279,58 @@ def _require_space(path: Path, manifest: dict[str, Any], layers: list[int]) -> N
 
 def _build_pending(
     path: Path, manifest: dict[str, Any], backbone: Backbone, task: Task, num_workers: int | None,
-    commit_seconds: float,
+    commit_seconds: float, world: World,
 ) -> None:
-    """Write the manifest's pending layers for every split (resuming committed rows), then record them."""
-    layers, batch_size = manifest["pending"]["layers"], int(manifest["pending"]["batch_size"])
-    dtype = manifest["dtype"]
-    _require_space(path, manifest, layers)
-    total = sum(task.sizes().values())
-    done = sum(_rows_done(path, split, layers) for split in SPLITS)
-    with progress(total=total, initial=done, unit="img", desc=f"cache {task.spec}") as bar:
+    """Write the manifest's pending layers for every split (resuming committed rows), then record them.
+
+    Rank 0 checks the space, creates the files and plans the batches still to write (those no progress file
+    covers); each rank writes its contiguous share of them, and after a barrier rank 0 records the layers."""
+    layers = manifest["pending"]["layers"]
+    plan = world.broadcast(_plan_build(path, manifest, task) if world.is_main else None)
+    mine = {split: [np.arange(a, b) for a, b in world.shard(np.asarray(spans, dtype=np.int64).reshape(-1, 2))]
+            for split, spans in plan.items()}
+    rows = sum(len(batch) for batches in mine.values() for batch in batches)
+    with progress(total=rows, unit="img", desc=f"cache {task.spec}") as bar:
+        for split, batches in mine.items():
+            if batches:
+                _build_split(path, backbone, task, split, layers, manifest["dtype"], batches, num_workers,
+                             commit_seconds, bar)
+    world.barrier()
+    if world.is_main:
         for split in SPLITS:
-            _build_split(path, backbone, task, split, layers, batch_size, dtype, num_workers, commit_seconds, bar)
+            for file in [path / split / "labels.npy", *(layer_file(path, split, k) for k in layers)]:
+                manifest["checksums"][f"{split}/{file.name}"] = file_sha256(file)
+        manifest["layers"] = sorted(set(manifest["layers"]) | set(layers))
+        manifest["pending"] = None
+        manifest["complete"] = True
+        write_manifest(path, manifest)
+        for split in SPLITS:
+            for file in _progress_files(path, split):
+                file.unlink()
+        _logger.info("activation store complete: %s (layers %s)", path, manifest["layers"])
+
+
+def _plan_build(path: Path, manifest: dict[str, Any], task: Task) -> dict[str, list[tuple[int, int]]]:
+    """Per split, the ``(start, stop)`` row spans of the batches still to write (on the grid of the build's
+    batch size, so every batch is the one an uninterrupted single-process build runs); creates the split's
+    labels and, for a split not started, its preallocated layer files."""
+    layers, batch_size = manifest["pending"]["layers"], int(manifest["pending"]["batch_size"])
+    _require_space(path, manifest, layers)
+    shape = manifest["shapes"]
+    plan = {}
     for split in SPLITS:
-        for file in [path / split / "labels.npy", *(layer_file(path, split, k) for k in layers)]:
-            manifest["checksums"][f"{split}/{file.name}"] = file_sha256(file)
-    manifest["layers"] = sorted(set(manifest["layers"]) | set(layers))
-    manifest["pending"] = None
-    manifest["complete"] = True
-    write_manifest(path, manifest)
-    _logger.info("activation store complete: %s (layers %s)", path, manifest["layers"])
+        data = task.splits[split]
+        directory = path / split
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "labels.npy").is_file():
+            atomic_write(directory / "labels.npy", lambda tmp, labels=data.labels: _save_npy(tmp, labels))
+        done = _rows_written(path, split, layers)
+        if not done:
+            for k in layers:
+                _create_layer(layer_file(path, split, k), tuple(shape[split]), DTYPES[manifest["dtype"]][0])
+        plan[split] = [(int(b[0]), int(b[-1]) + 1) for b in sequential_batches(0, len(data), batch_size)
+                       if not any(a <= b[0] and b[-1] < z for a, z in done)]
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,13 +421,19 @@ def _check_backbone(path: Path, manifest: dict[str, Any], backbone: Backbone) ->
     )
 
 
-def _rows_done(path: Path, split: str, layers: list[int]) -> int:
-    """Rows of ``split`` committed for the build of ``layers`` (0 when the progress is another build's)."""
-    progress = path / split / PROGRESS
-    if not progress.is_file():
-        return 0
-    state = read_json(progress)
-    return int(state["rows"]) if state.get("layers") == layers else 0
+def _progress_files(path: Path, split: str) -> list[Path]:
+    return sorted((path / split).glob("progress*.json"))
+
+
+def _rows_written(path: Path, split: str, layers: list[int]) -> list[tuple[int, int]]:
+    """The row spans of ``split`` committed for the build of ``layers``: one per writer (a rank's shard, from
+    its first row to its last committed one); progress of another build's layers does not count."""
+    spans = []
+    for file in _progress_files(path, split):
+        state = read_json(file)
+        if state.get("layers") == layers:
+            spans.append((int(state.get("start", 0)), int(state["rows"])))
+    return spans
 
 
 def _build_split(
@@ -393,30 +442,25 @@ def _build_split(
     task: Task,
     split: str,
     layers: list[int],
-    batch_size: int,
     dtype: str,
+    batches: list[np.ndarray],
     num_workers: int | None,
     commit_seconds: float,
     bar: Any,
 ) -> None:
+    """Write ``batches`` (consecutive row ranges, in order) of ``split`` into its preallocated layer files,
+    committing progress every ``commit_seconds``."""
     data = task.splits[split]
-    n = len(data)
-    directory = path / split
-    directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / "labels.npy").is_file():
-        atomic_write(directory / "labels.npy", lambda tmp: _save_npy(tmp, data.labels))
-    done = _rows_done(path, split, layers)
-    if done >= n:
-        return
     np_dtype, torch_dtype = DTYPES[dtype]
-    shape = (n, backbone.num_tokens, backbone.width)
-    arrays = {k: _open_layer(layer_file(path, split, k), shape, np_dtype, resume=done > 0) for k in layers}
-    batches = sequential_batches(done, n, batch_size)
+    shape = (len(data), backbone.num_tokens, backbone.width)
+    arrays = {k: _open_layer(layer_file(path, split, k), shape, np_dtype) for k in layers}
+    progress_file = path / split / f"progress-{int(batches[0][0])}.json"
     last_commit = time.monotonic()
     pin = backbone.device.type == "cuda"
-    for images, _ in image_loader(data, backbone.transform, batches, num_workers, pin_memory=pin):
+    loader = image_loader(data, backbone.transform, batches, num_workers, pin_memory=pin)
+    for batch, (images, _) in zip(batches, loader):
         tokens = backbone.extract(images, layers)
-        rows = slice(done, done + images.shape[0])
+        rows = slice(int(batch[0]), int(batch[-1]) + 1)
         for layer, value in tokens.items():
             value = value.to("cpu", torch_dtype)
             if not torch.isfinite(value).all():
@@ -425,45 +469,47 @@ def _build_split(
                     "rebuild with --dtype bfloat16"
                 )
             arrays[layer][rows] = value.view(torch.uint16).numpy() if dtype == "bfloat16" else value.numpy()
-        done = rows.stop
         bar.update(images.shape[0])
-        if done == n or time.monotonic() - last_commit >= commit_seconds:
-            _commit(arrays, directory, done, layers)
+        if batch is batches[-1] or time.monotonic() - last_commit >= commit_seconds:
+            _commit(arrays, progress_file, int(batches[0][0]), rows.stop, layers)
             last_commit = time.monotonic()
 
 
-def _open_layer(file: Path, shape: tuple[int, ...], dtype: Any, resume: bool) -> np.memmap:
-    """A layer file as a writable memmap: reopened to resume, else created anew and preallocated."""
-    if resume:
-        problem = _npy_problem(file, shape, np.dtype(dtype))
-        if problem:
-            raise InCAError(f"{file} {problem} in an unfinished build: rebuild with inca-cache --rebuild")
-        return open_memmap(file, mode="r+")
+def _create_layer(file: Path, shape: tuple[int, ...], dtype: Any) -> None:
+    """A new layer file (replacing any), its blocks claimed now: no SIGBUS when the disk fills later."""
     if file.exists() or file.is_symlink():
         file.unlink()
     os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
     array = open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+    del array
     fd = os.open(file, os.O_RDWR | os.O_NOFOLLOW)
     try:
-        os.posix_fallocate(fd, 0, file.stat().st_size)  # claim the blocks now: no SIGBUS when the disk fills
+        os.posix_fallocate(fd, 0, file.stat().st_size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            del array
+            size = file.stat().st_size
             file.unlink()
-            raise InCAError(f"no space for {file.name} ({file.stat().st_size if file.exists() else 0} bytes) "
-                            f"at {file.parent}: free some space or use another --cache-dir") from None
+            raise InCAError(f"no space for {file.name} ({size} bytes) at {file.parent}: free some space or use "
+                            "another --cache-dir") from None
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
     finally:
         os.close(fd)
-    return array
 
 
-def _commit(arrays: dict[int, np.memmap], directory: Path, rows: int, layers: list[int]) -> None:
+def _open_layer(file: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+    """A layer file :func:`_create_layer` made (this run or an interrupted one), as a writable memmap."""
+    problem = _npy_problem(file, shape, np.dtype(dtype))
+    if problem:
+        raise InCAError(f"{file} {problem} in an unfinished build: rebuild with inca-cache --rebuild")
+    return open_memmap(file, mode="r+")
+
+
+def _commit(arrays: dict[int, np.memmap], progress_file: Path, start: int, rows: int, layers: list[int]) -> None:
     """Make written rows durable first, then advance the progress marker that resume trusts."""
     for array in arrays.values():
         array.flush()
-    atomic_write_json(directory / PROGRESS, {"rows": rows, "layers": layers})
+    atomic_write_json(progress_file, {"start": start, "rows": rows, "layers": layers})
 
 
 def _save_npy(tmp: str, array: np.ndarray) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -42,16 +44,23 @@ def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    from .distributed import launch  # after parsing: --help and usage errors need no torch
+
+    world = launch()  # joins torchrun's process group; a world of one otherwise
     # Other libraries speak at WARNING (their INFO lines, e.g. font caches or SIMD builds, are noise here);
     # inca itself at INFO, DEBUG with -v, WARNING with --quiet (which also silences progress reports).
+    where = f"[{world.describe()}] " if world.is_distributed else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("inca").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     set_quiet(quiet)
     try:
         if getattr(args, "recipe", None):
             args = _with_recipe(parser, argv, args)
-        return main(args)
+        # Only rank 0 prints the final tables: the other ranks' stdout goes nowhere (their logs still show).
+        silenced = contextlib.nullcontext() if world.is_main else contextlib.redirect_stdout(io.StringIO())
+        with silenced:
+            return main(args)
     except InCAError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -6,15 +6,21 @@ import contextlib
 
 import torch
 
+from .distributed import launched
 from .errors import InCAError
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an explicit CUDA device without CUDA is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` is CUDA when available, else CPU; an explicit CUDA device without CUDA is a user error. Under
+    ``torchrun``, ``auto`` and ``cuda`` mean this process's GPU (its local rank's)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InCAError(f"--device {device} was asked for but CUDA is not available: use --device cpu or auto")
+    if device in ("auto", "cuda"):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        world = launched()
+        return torch.device("cuda", world.local_rank % torch.cuda.device_count()) if world.is_distributed \
+            else torch.device("cuda")
     return torch.device(device)
 
 

@@ -8,6 +8,7 @@ for ``inca-train`` (:func:`run_train_suite`, below), ``inca-probe`` and ``inca-c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .backbone import Backbone
+from .distributed import SOLO, World, acting_as, launched
 from .errors import InCAError, first_line
-from .io import atomic_write_json, atomic_write_text, directory_lock, read_json, remove_stale_temps
+from .io import atomic_write_json, atomic_write_text, digest, directory_lock, read_json, remove_stale_temps
 from .report import markdown_table
 from .tasks import Task
 from .train.runner import InCAOptions, train_inca_task
@@ -106,26 +108,104 @@ def run_suite(
     """Run ``units`` in order into the report ``out/report_file`` (see :func:`open_report`), skipping those
     already ``finished`` there; after each unit its result is ``store``d, the report rewritten atomically and
     ``write_reports(out, report)`` renders the rest (Markdown, plots). By default results live in
-    ``report["tasks"]`` under their unit's key. ``units`` is iterated lazily: it may load data as it goes."""
+    ``report["tasks"]`` under their unit's key. ``units`` is iterated lazily: it may load data as it goes.
+
+    Under ``torchrun`` the ranks share the units (see :mod:`inca.distributed`): each claims the next unfinished
+    one from the c10d store and writes its result to a file of its own; rank 0 merges them into the report. With
+    fewer units than ranks, every rank runs each unit data-parallel instead. Each result records the ``rank``
+    and ``world_size`` that produced it.
+    """
     out = Path(out)
     path = out / report_file
-    with directory_lock(out, "the output directory"):
-        if removed := remove_stale_temps(out):
-            _logger.info("removed %d temporary files an interrupted run left in %s", removed, out)
-        report = open_report(path, fresh, overwrite=overwrite)
+    world = launched()
+    lock = directory_lock(out, "the output directory") if world.is_main else contextlib.nullcontext()
+    with lock:
+        report: Report | None = None
 
         def save() -> None:
             atomic_write_json(path, report)
             write_reports(out, report)
 
-        for unit in units:
-            if finished(report, unit.key):
-                _logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, path)
-                continue
-            store(report, unit.key, unit.run())
+        if world.is_main:
+            if removed := remove_stale_temps(out):
+                _logger.info("removed %d temporary files an interrupted run left in %s", removed, out)
+            report = open_report(path, fresh, overwrite=overwrite)
+            if (out / UNITS_DIR).is_dir():
+                _merge_unit_results(out, report, store, save)
+
+        if not world.is_distributed:
+            for unit in units:
+                if finished(report, unit.key):
+                    _logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, path)
+                    continue
+                store(report, unit.key, _trained_by(unit.run(), world, data_parallel=False))
+                save()
             save()
-        save()
+            return report
+        report = world.broadcast(report)
+        pending = [unit for unit in units if not finished(report, unit.key)]
+        if len(pending) < world.size:
+            _logger.info("%d unit(s) for %d ranks: each runs data-parallel on every rank", len(pending), world.size)
+            for unit in pending:
+                result = _trained_by(unit.run(), world, data_parallel=True)
+                if world.is_main:
+                    store(report, unit.key, result)
+                    save()
+            if world.is_main:
+                save()
+        else:
+            with acting_as(SOLO):
+                for index in world.claimed(len(pending)):
+                    unit = pending[index]
+                    _logger.info("%s: claimed (%d of %d)", unit.name, index + 1, len(pending))
+                    result = _trained_by(unit.run(), world, data_parallel=False)
+                    atomic_write_json(_unit_file(out, unit.key), {"config": report["config"], "key": unit.key,
+                                                                  "result": result})
+            world.barrier()
+            if world.is_main:
+                _merge_unit_results(out, report, store, save, order=[unit.key for unit in pending])
+        world.barrier()
     return report
+
+
+UNITS_DIR = ".inca-units"
+
+
+def _unit_file(out: Path, key: str) -> Path:
+    """Where a rank leaves the result of a unit it ran (merged into the report by rank 0)."""
+    return out / UNITS_DIR / f"{digest(key)}.json"
+
+
+def _merge_unit_results(
+    out: Path, report: Report, store: Callable[[Report, str, Any], None], save: Callable[[], None],
+    order: list[str] | None = None,
+) -> None:
+    """Move the unit results ranks left in ``out`` (of this configuration) into ``report``: those of ``order``
+    in that order, then any other (left by an interrupted run); results of another configuration are dropped."""
+    files = sorted((out / UNITS_DIR).glob("*.json")) if (out / UNITS_DIR).is_dir() else []
+    found = {}
+    for file in files:
+        try:
+            saved = read_json(file)
+        except (OSError, ValueError):
+            saved = None  # a result its rank never finished writing cannot exist (atomic writes): skip junk
+        if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(report["config"])):
+            found[saved["key"]] = saved["result"]
+    keys = [key for key in order or [] if key in found] + [key for key in found if key not in (order or [])]
+    for key in keys:
+        store(report, key, found[key])
+    if keys:
+        _logger.info("merged %d result(s) that ranks left in %s", len(keys), out / UNITS_DIR)
+    save()  # the report holds them before their files go
+    for file in files:
+        file.unlink(missing_ok=True)
+
+
+def _trained_by(result: Any, world: World, *, data_parallel: bool) -> Any:
+    """``result`` (a dict) with the rank and world size of the process(es) that produced it."""
+    if not isinstance(result, dict):
+        return result
+    return {**result, "rank": world.rank, "world_size": world.size, "data_parallel": data_parallel}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, tiny_backbone, digit
         build_cache(tiny_backbone, digits, [0, 2], tmp_path / "resumed", batch_size=32, commit_seconds=0)
     monkeypatch.setattr(cache_module, "_commit", original)
     path = store_path(tmp_path / "resumed", tiny_backbone, digits)
-    assert json.loads((path / "train" / "progress.json").read_text())["rows"] == 20 * 32
+    assert json.loads((path / "train" / "progress-0.json").read_text())["rows"] == 20 * 32
     with pytest.raises(InCAError, match="unfinished build"):
         open_cache(path)
     # A resumed build keeps the batch size of the interrupted one, whatever is asked now.
@@ -109,7 +109,7 @@ def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
     deadline = time.monotonic() + 120
     progress = None
     while time.monotonic() < deadline and process.poll() is None:
-        found = list((tmp_path / "killed").rglob("train/progress.json"))
+        found = list((tmp_path / "killed").rglob("train/progress-0.json"))
         if found and json.loads(found[0].read_text())["rows"] >= 200:
             progress = found[0]
             break

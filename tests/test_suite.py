@@ -44,7 +44,8 @@ def test_runs_in_order_writes_after_each_and_skips_finished(tmp_path):
     assert first.ran == ["a", "bb"]
     assert first.writes == [["a"], ["a", "bb"], ["a", "bb"]]
     assert json.loads((tmp_path / "report.json").read_text()) == report
-    assert report["tasks"] == {"a": {"value": 1}, "bb": {"value": 2}}
+    one_process = {"rank": 0, "world_size": 1, "data_parallel": False}
+    assert report["tasks"] == {"a": {"value": 1, **one_process}, "bb": {"value": 2, **one_process}}
 
     again = Recorder()
     report = suite(tmp_path, again, ["bb", "ccc"])
@@ -106,7 +107,8 @@ def test_custom_layout_of_results(tmp_path):
 
     units = recorder.units(["a", "bb"])
     out = run_suite(tmp_path, "r.json", report, units, lambda out, r: None, finished=finished, store=store)
-    assert out["results"] == [{"key": "a", "value": 1}, {"key": "bb", "value": 2}]
+    one_process = {"rank": 0, "world_size": 1, "data_parallel": False}
+    assert out["results"] == [{"key": "a", "value": 1, **one_process}, {"key": "bb", "value": 2, **one_process}]
     again = Recorder()
     run_suite(tmp_path, "r.json", {"config": {}, "results": []}, again.units(["bb"]), lambda out, r: None,
               finished=finished, store=store)

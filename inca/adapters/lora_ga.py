@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from inca.adapters.lora import LoRALinear, lora_layers
+from inca.distributed import current
 from inca.errors import InCAError
 
 __all__ = ["DIRECTIONS", "SCALES", "estimate_gradients", "init_lora_ga"]
@@ -99,7 +100,8 @@ def estimate_gradients(
     if not any(bool(total.any()) for total in sums.values()):
         raise InCAError("the loss gradient is zero for every LoRA layer, so LoRA-GA has nothing to approximate "
                         "(a zero-initialised head sends no gradient back); start the head from a linear probe")
-    return {name: total / n_batches for name, total in sums.items()}
+    world = current()  # data-parallel: each rank estimated on its shards; every rank gets the mean over all
+    return {name: world.all_reduce_(sums[name] / n_batches) / world.size for name in layers}
 
 
 def _svd_lowrank(matrix: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from inca.distributed import current
 from inca.errors import InCAError
 from inca.train.bank import epoch_batches
 
@@ -166,9 +167,11 @@ class ApplyContext:
     device: torch.device
 
     def train_batches(self, count: int) -> Iterator:
-        """The first ``count`` batches of epoch 1, in the order training will see them."""
-        order = epoch_batches(self.data.num_rows("train"), self.batch_size, self.seed, 0)
-        return iter(self.data.loader("train", order[:count]))
+        """The first ``count`` batches of epoch 1, in the order training will see them (data-parallel: this
+        rank's shards of the global batches)."""
+        world = current()
+        order = epoch_batches(self.data.num_rows("train"), self.batch_size * world.size, self.seed, 0)
+        return iter(self.data.loader("train", [world.shard(batch) for batch in order[:count]]))
 
 
 def type_name(tp: Any) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 
 from inca.adapters.common import count_parameters
 from inca.backbone import Backbone
+from inca.distributed import current
 from inca.errors import InCAError
 from inca.methods.base import ApplyContext, MethodConfig, RunSettings, TrainConfig
 from inca.methods.registry import Method, get_method
@@ -179,7 +180,8 @@ def run_e2e(
     }
     if settings.export_peft and method.export is not None:
         target = Path(work_dir) / PEFT_DIR
-        method.export(model, target)
+        if current().is_main:  # data-parallel ranks hold the same model: one writes it
+            method.export(model, target)
         metrics["peft_dir"] = str(target)
         logger.info("%s on %s: PEFT adapter written to %s", method.name, task.spec, target)
     return metrics

@@ -8,6 +8,7 @@ interrupted one stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from torch import Tensor
 from inca.activations import ActivationSource
 from inca.adapters.inca import InCABank
 from inca.devices import autocast
+from inca.distributed import current
 from inca.errors import InCAError
 from inca.io import atomic_write
 from inca.progress import progress as progress_bar
@@ -149,6 +151,8 @@ def train_bank(
     device = torch.device(device)
     n = _check_source(bank, source, "train")
     bank.to(device)
+    world = current()
+    batch_size *= world.size  # the global batch: each rank trains on its shard of it (see inca.distributed)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     warmup = round(warmup_ratio * total) if warmup_steps is None else warmup_steps
@@ -178,29 +182,37 @@ def train_bank(
                 best.improved(accuracy, epoch + 1)
         logger.info("resuming bank training from %s after epoch %d/%d", checkpoint_path, start, epochs)
     frozen = bank.diverged.tolist()
-    bar = progress_bar(total=total, initial=start * steps_per_epoch, enabled=progress, desc="InCA bank", unit="step")
+    bar = progress_bar(total=total, initial=start * steps_per_epoch, enabled=progress and world.is_main,
+                       desc="InCA bank", unit="step")
     step = start * steps_per_epoch
     chunks = 1  # micro-batches per batch: doubled whenever a batch runs out of CUDA memory
     for epoch in range(start, epochs):
         loss_sum = torch.zeros(len(bank), device=device)
-        for features, labels in source.loader("train", epoch_batches(n, batch_size, seed, epoch)):
-            features = {layer: features[layer].to(device, non_blocking=True) for layer in bank.layers}
-            labels = labels.to(device, non_blocking=True)
-            while True:
-                try:
-                    losses = _forward_backward(bank, features, labels, chunks)
-                    break
-                except torch.OutOfMemoryError:
-                    if device.type != "cuda" or chunks >= labels.shape[0]:
-                        raise
-                    optimizer.zero_grad(set_to_none=False)
-                    torch.cuda.empty_cache()
-                    chunks *= 2
-                    logger.warning("out of CUDA memory: each batch of %d now runs as %d micro-batches whose "
-                                   "gradients add up (the effective batch stays %d)", batch_size, chunks, batch_size)
+        batches = epoch_batches(n, batch_size, seed, epoch)
+        for loaded, share in world.sharded(batches, functools.partial(source.loader, "train")):
+            losses = torch.zeros(len(bank), device=device)
+            if loaded is not None:  # None: this rank's shard of a short last batch is empty
+                features = {layer: loaded[0][layer].to(device, non_blocking=True) for layer in bank.layers}
+                labels = loaded[1].to(device, non_blocking=True)
+                while True:
+                    try:
+                        losses = _forward_backward(bank, features, labels, chunks, share)
+                        break
+                    except torch.OutOfMemoryError:
+                        if device.type != "cuda" or chunks >= labels.shape[0]:
+                            raise
+                        optimizer.zero_grad(set_to_none=False)
+                        torch.cuda.empty_cache()
+                        chunks *= 2
+                        logger.warning("out of CUDA memory: each batch of %d now runs as %d micro-batches whose "
+                                       "gradients add up (the effective batch stays %d)", labels.shape[0], chunks,
+                                       labels.shape[0])
+            world.all_reduce_gradients(bank.parameters())
+            world.all_reduce_(losses)
             bad = ~torch.isfinite(losses) & ~bank.diverged
             if bad.any():
-                _check_finite(features, epoch)
+                if loaded is not None:
+                    _check_finite(features, epoch)
                 bank.diverged |= bad
                 frozen = bank.diverged.tolist()
                 logger.warning(
@@ -223,7 +235,7 @@ def train_bank(
         bar.set_postfix_str(message.split(": ", 1)[1])
         logger.info(message + f", {sum(frozen)}/{len(bank)} diverged")
         history.diverged = bank.diverged.tolist()
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and world.is_main:
             _save_checkpoint(Path(checkpoint_path), bank, optimizer, config, epoch + 1, history,
                              best.state if best is not None else {})
     bar.close()
@@ -246,9 +258,9 @@ def _eval_logits(
     bank: InCABank, source: ActivationSource, split: str, batch_size: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(logits [E, B, C], labels [B])`` over ``split`` in order, on the bank's device, inference mode."""
-    n = _check_source(bank, source, split)
+    rows = current().shard(np.arange(_check_source(bank, source, split)))  # each rank its part; callers sum
     device = bank.diverged.device
-    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     with torch.inference_mode(), autocast(device):
         for features, labels in source.loader(split, batches):
             yield bank({layer: features[layer].to(device) for layer in bank.layers}), labels.to(device)
@@ -260,6 +272,7 @@ def evaluate_bank(bank: InCABank, source: ActivationSource, split: str, batch_si
     correct = torch.zeros(len(bank), dtype=torch.long, device=bank.diverged.device)
     for logits, labels in _eval_logits(bank, source, split, batch_size):
         correct += (logits.argmax(-1) == labels).sum(1)
+    current().all_reduce_(correct)
     return (correct.double() / source.num_rows(split)).float().masked_fill(bank.diverged, math.nan).cpu()
 
 
@@ -269,11 +282,11 @@ def evaluate_ensemble(
     """Accuracy on ``split`` of the parallel ensemble of adapters ``members``: the argmax of their mean
     class probabilities (what :class:`~inca.adapters.saved.TaskAdapter` serves for them)."""
     index = torch.tensor(list(members), device=bank.diverged.device)
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=bank.diverged.device)
     for logits, labels in _eval_logits(bank, source, split, batch_size):
         probabilities = logits.index_select(0, index).float().softmax(-1).mean(0)
-        correct += int((probabilities.argmax(-1) == labels).sum())
-    return correct / source.num_rows(split)
+        correct += (probabilities.argmax(-1) == labels).sum()
+    return int(current().all_reduce_(correct)) / source.num_rows(split)
 
 
 def top_adapters(accuracy: Tensor, k: int) -> list[int]:
@@ -312,17 +325,20 @@ def _save_checkpoint(
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _forward_backward(bank: InCABank, features: dict[int, Tensor], labels: Tensor, chunks: int) -> Tensor:
-    """Each adapter's mean cross-entropy on the batch, its gradients accumulated over ``chunks`` micro-batches
-    (each weighted by its share of the batch, so the gradient is the full batch's). Diverged adapters, and
-    adapters whose loss is not finite, contribute no gradient."""
+def _forward_backward(
+    bank: InCABank, features: dict[int, Tensor], labels: Tensor, chunks: int, share: float = 1.0
+) -> Tensor:
+    """Each adapter's mean cross-entropy on the batch times ``share`` (the batch's part of a global batch split
+    across ranks), its gradients accumulated over ``chunks`` micro-batches (each weighted by its share of the
+    batch, so the gradient is the full batch's). Diverged adapters, and adapters whose loss is not finite,
+    contribute no gradient."""
     total = torch.zeros(len(bank), device=labels.device)
     for rows in torch.arange(labels.shape[0], device=labels.device).tensor_split(chunks):
         with autocast(labels.device):
             logits = bank({layer: tokens[rows] for layer, tokens in features.items()} if chunks > 1 else features)
         losses = per_adapter_loss(logits.float(), labels[rows] if chunks > 1 else labels)
-        if chunks > 1:
-            losses = losses * (len(rows) / labels.shape[0])
+        if (weight := share * len(rows) / labels.shape[0]) != 1.0:
+            losses = losses * weight
         losses.masked_fill(bank.diverged | ~torch.isfinite(losses), 0.0).sum().backward()
         total += losses.detach()
     return total

@@ -13,6 +13,7 @@ the same order an InCA bank sees, so every method visits the same batches for a 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from inca.backbone import Backbone
 from inca.devices import autocast
+from inca.distributed import current
 from inca.errors import InCAError
 from inca.progress import progress
 from inca.tasks import Task, image_loader, sequential_batches
@@ -174,11 +176,12 @@ def evaluate(model: nn.Module, data: Batches, split: str, batch_size: int) -> fl
     device = next(model.parameters()).device
     model.eval()
     correct, n = torch.zeros((), dtype=torch.long, device=device), data.num_rows(split)
-    for inputs, labels in data.loader(split, sequential_batches(0, n, batch_size)):
+    rows = current().shard(np.arange(n))  # data-parallel: each rank counts its part
+    for inputs, labels in data.loader(split, [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]):
         with autocast(device):
             logits = model(inputs.to(device, non_blocking=True))
         correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()
-    return correct.item() / n
+    return current().all_reduce_(correct).item() / n
 
 
 def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
@@ -205,7 +208,9 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
     groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type in ("cuda", "cpu"))
     n = data.num_rows("train")
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    world = current()  # data-parallel: config.batch_size per rank, each rank its shard of the global batch
+    batch_size = config.batch_size * world.size
+    steps_per_epoch = math.ceil(n / batch_size)
     total = config.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total, round(config.warmup_ratio * total))
@@ -216,20 +221,26 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
     bar = progress(total=total, desc=config.desc, unit="step", enabled=config.progress)
     for epoch in range(config.epochs):
         model.train()
-        for batch in data.loader("train", epoch_batches(n, config.batch_size, config.seed, epoch)):
-            loss = batch_loss(model, batch, device)
-            if not torch.isfinite(loss):
+        batches = epoch_batches(n, batch_size, config.seed, epoch)
+        for batch, share in world.sharded(batches, functools.partial(data.loader, "train")):
+            loss = torch.zeros((), device=device) if batch is None else batch_loss(model, batch, device)
+            if share != 1.0:
+                loss = loss * share  # this rank's part of the global batch's mean loss
+            global_loss = world.all_reduce_(loss.detach().clone())
+            if not torch.isfinite(global_loss):
                 diverged_at = len(losses)
                 logger.warning("%s: loss is %s at step %d; training stops (lower the learning rate)",
-                               config.desc, loss.item(), diverged_at)
+                               config.desc, global_loss.item(), diverged_at)
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if batch is not None:
+                loss.backward()
+            world.all_reduce_gradients(params)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
-            losses.append(loss.detach())
+            losses.append(global_loss)
             bar.update()
         val_acc = evaluate(model, data, "val", config.batch_size)
         val_curve.append(val_acc)

@@ -23,6 +23,7 @@ from ..activations import CACHE_MODES, ActivationSource, CachedSource, open_sour
 from ..adapters.inca import AdapterSpec, InCABank
 from ..adapters.saved import TaskAdapter, save_adapter
 from ..backbone import Backbone
+from ..distributed import current
 from ..errors import InCAError
 from ..tasks import Task
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
@@ -120,9 +121,12 @@ def train_inca_task(
     adapter = TaskAdapter.from_bank(bank, [best], task.classes, {
         **provenance, "val_accuracy": float(val_acc[best]), "test_accuracy": float(test_acc[best]),
     })
-    save_adapter(adapter, out_dir / ADAPTER_DIR)
+    world = current()  # data-parallel: every rank holds the same bank, rank 0 writes it
+    if world.is_main:
+        save_adapter(adapter, out_dir / ADAPTER_DIR)
     ensemble = _ensemble(bank, source, val_acc, options.ensemble, out_dir / ENSEMBLE_DIR, task, provenance)
-    checkpoint.unlink(missing_ok=True)  # the results and the adapter are written: nothing left to resume
+    if world.is_main:
+        checkpoint.unlink(missing_ok=True)  # the results and the adapter are written: nothing left to resume
     trainable = sum(p.numel() for p in adapter.parameters())
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     adapters = [
@@ -130,7 +134,7 @@ def train_inca_task(
          "best_epoch": history.best_epoch[i], "final_train_loss": _num(history.train_loss[-1][i])}
         for i, s in enumerate(specs)
     ]
-    steps = options.epochs * -(-source.num_rows("train") // options.batch_size)
+    steps = options.epochs * -(-source.num_rows("train") // (options.batch_size * world.size))
     return {
         "task": task.spec,
         "classes": task.classes,
@@ -167,7 +171,8 @@ def _ensemble(
     val, test = (evaluate_ensemble(bank, source, members, split) for split in ("val", "test"))
     ensemble = TaskAdapter.from_bank(bank, members, task.classes,
                                      {**provenance, "val_accuracy": val, "test_accuracy": test})
-    save_adapter(ensemble, directory)
+    if current().is_main:
+        save_adapter(ensemble, directory)
     _logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.spec, len(members), val, test)
     params = sum(p.numel() for p in ensemble.parameters())
     return {"k": len(members), "members": members, "val_acc": val, "test_acc": test, "trainable_params": params,

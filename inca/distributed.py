@@ -1,0 +1,177 @@
+"""torch.distributed under ``torchrun``: which process this is, and the few collective steps inca takes.
+
+A plain process is a :class:`World` of one, where every collective is a no-op and every shard is the whole,
+so the single-process code paths are the distributed ones with ``size == 1`` (and give bit-identical
+results). Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) :func:`launch` joins the process group once:
+gloo for CPU tensors, plus NCCL for CUDA tensors when GPUs are present (one per local rank).
+
+Two ways to use many processes, chosen per suite (:func:`inca.suite.run_suite`):
+
+* **work sharing**: independent units (a task's bank, a (task, method) pair) are claimed one at a time from
+  an atomic counter in the c10d store (``Store.add``), so a slow unit never idles the other ranks; each unit
+  runs in a world of one (:data:`SOLO`).
+* **data parallel**: with fewer units than ranks, every rank runs each unit on a disjoint shard of each
+  global batch (``per-rank batch x world size``); the loss of each shard is weighted by its share of the
+  global batch and the gradients are summed across ranks (:meth:`World.all_reduce_gradients`), which is the
+  gradient of the global batch.
+
+The code a unit runs asks :func:`current` which world it is in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["SOLO", "World", "acting_as", "current", "launch", "launched"]
+
+_logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Batch = TypeVar("Batch")
+
+
+@dataclass(eq=False)
+class World:
+    """The processes that run one piece of work together: this one's ``rank`` of ``size``."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    store: Any = None  # the c10d store (a torch.distributed.Store) of a launched world
+    _claims: int = field(default=0, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes shared files (reports, manifests, adapters) and prints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.size > 1
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if not self.is_distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.is_distributed:
+            return [value]
+        values: list[Any] = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place."""
+        if self.is_distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_reduce_gradients(self, params: Iterable[torch.Tensor]) -> None:
+        """Sum the gradients of ``params`` over the ranks (one flat buffer, one collective); a parameter that
+        got no gradient on this rank contributes zeros. With shard losses weighted by their share of the global
+        batch, the sum is the global batch's gradient."""
+        if not self.is_distributed:
+            return
+        params = list(params)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            summed = flat[offset : offset + g.numel()].view_as(g)
+            if p.grad is None:
+                p.grad = summed.clone()
+            else:
+                p.grad.copy_(summed)
+            offset += g.numel()
+
+    def shard(self, indices: np.ndarray) -> np.ndarray:
+        """This rank's contiguous part of ``indices`` (parts differ in length by at most one)."""
+        return np.array_split(np.asarray(indices), self.size)[self.rank] if self.is_distributed else indices
+
+    def sharded(
+        self, batches: Sequence[np.ndarray], loader: Callable[[list[np.ndarray]], Iterable[Batch]]
+    ) -> Iterator[tuple[Batch | None, float]]:
+        """For each global batch in order: this rank's part, loaded (None when the part is empty), and its share
+        of the global batch (the weight of its mean loss). ``loader`` maps index arrays to loaded batches."""
+        parts = [self.shard(batch) for batch in batches]
+        loaded = iter(loader([part for part in parts if len(part)]))
+        for batch, part in zip(batches, parts):
+            yield (next(loaded) if len(part) else None), len(part) / len(batch)
+
+    def claimed(self, count: int) -> Iterator[int]:
+        """Indices ``0..count-1``, each handed to exactly one rank, in the order ranks ask for them."""
+        if not self.is_distributed:
+            yield from range(count)
+            return
+        key = f"inca/claims/{self._claims}"  # every rank makes the same calls, so the keys agree
+        self._claims += 1
+        while (index := self.store.add(key, 1) - 1) < count:
+            yield index
+
+    def describe(self) -> str:
+        return f"rank {self.rank}/{self.size}"
+
+
+SOLO = World()
+_launched = SOLO
+_current: contextvars.ContextVar[World] = contextvars.ContextVar("inca_world", default=SOLO)
+
+
+def launch(timeout_minutes: float = 60.0) -> World:
+    """Join the process group ``torchrun`` set up (once per process), or a world of one when not launched."""
+    global _launched
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or _launched.is_distributed:
+        return _launched
+    store, rank, size = next(dist.rendezvous("env://"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                            timeout=timedelta(minutes=timeout_minutes))
+    _launched = World(rank, size, local_rank, store)
+    _current.set(_launched)
+    return _launched
+
+
+def launched() -> World:
+    """Every process this command was launched with (a world of one without ``torchrun``)."""
+    return _launched
+
+
+def current() -> World:
+    """The world the running piece of work shares: :func:`launched` for data-parallel work, else one process."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def acting_as(world: World) -> Iterator[World]:
+    """Run the block as a member of ``world`` (e.g. :data:`SOLO` for a unit this rank claimed alone)."""
+    token = _current.set(world)
+    try:
+        yield world
+    finally:
+        _current.reset(token)
