@@ -235,7 +235,8 @@ class RecordingSource:
                 self._pooled[split][key][rows] = pool_tokens(tokens.float(), pool, self.num_prefix).cpu().numpy()
             if self.keep_tokens:
                 if layer not in self._tokens[split]:
-                    self._tokens[split][layer] = torch.empty((n, *tokens.shape[1:]), dtype=torch.float16)
+                    with torch.inference_mode(False):  # a first record made while evaluating must stay writable
+                        self._tokens[split][layer] = torch.empty((n, *tokens.shape[1:]), dtype=torch.float16)
                 self._tokens[split][layer][torch.from_numpy(rows)] = tokens.to("cpu", torch.float16)
         self._seen[split][rows] = True
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ import torch.distributed as dist
 
 __all__ = ["SOLO", "World", "acting_as", "current", "launch", "launched"]
 
-_logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Batch = TypeVar("Batch")
@@ -71,14 +69,6 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if not self.is_distributed:
-            return [value]
-        values: list[Any] = [None] * self.size
-        dist.all_gather_object(values, value)
-        return values
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place."""

@@ -52,6 +52,20 @@ def inca(*args: str, cwd: Path, ranks: int = 1, env: dict | None = None, wait: b
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
 
 
+def inca_here(*args: str, cache: Path) -> int:
+    """The same command in this process, on one thread like each torchrun rank (the reference runs)."""
+    from inca.__main__ import COMMANDS
+
+    threads, old_cache = torch.get_num_threads(), os.environ.get("INCA_CACHE")
+    torch.set_num_threads(1)
+    os.environ["INCA_CACHE"] = str(cache)
+    try:
+        return COMMANDS[args[0]](list(args[1:]))
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("INCA_CACHE") if old_cache is None else os.environ.update(INCA_CACHE=old_cache)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,34 +83,14 @@ def comparable(result: dict) -> dict:
     return json.loads(json.dumps(result), object_hook=lambda d: {k: v for k, v in d.items() if k not in drop})
 
 
-@pytest.mark.slow
-def test_sharded_store_is_byte_identical_and_data_parallel_training_is_the_global_batch(tmp_path):
-    build = ["cache", *TINY_ARGS, "--task", "synth-count", "--layers", "1,3", "--batch-size", "16"]
-    two = inca(*build, cwd=tmp_path, ranks=2, env={"INCA_CACHE": str(tmp_path / "two")})
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert "[rank 1/2]" in two.stderr and two.stdout.count("synth-count:") == 1  # only rank 0 prints
-    one = inca(*build, cwd=tmp_path, env={"INCA_CACHE": str(tmp_path / "one")})
-    assert one.returncode == 0, one.stderr[-3000:]
-    sharded, single = store_files(tmp_path / "two"), store_files(tmp_path / "one")
-    assert sharded.keys() == single.keys() and len(sharded) == 10  # manifest + 3 x (labels + 2 layers)
-    assert [name for name in sharded if sharded[name] != single[name]] == []
-    store = next((tmp_path / "two").glob("*/synth-count-*"))
-    assert inca("cache", "--verify", str(store), cwd=tmp_path).returncode == 0
-
-    train = ["train", *TINY_ARGS, "--tasks", "synth-count", "--layers", "1,3", "--lr", "1e-3,3e-3", "--epochs", "2",
-             "--cache", "reuse"]
-    parallel = inca(*train, "--batch-size", "16", "--out", "dp", cwd=tmp_path, ranks=2,
-                    env={"INCA_CACHE": str(tmp_path / "two")})
-    assert parallel.returncode == 0, parallel.stderr[-3000:]
-    alone = inca(*train, "--batch-size", "32", "--out", "sp", cwd=tmp_path, env={"INCA_CACHE": str(tmp_path / "one")})
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    dp = json.loads((tmp_path / "dp" / "results.json").read_text())["tasks"]["synth-count"]
-    sp = json.loads((tmp_path / "sp" / "results.json").read_text())["tasks"]["synth-count"]
-    assert dp["data_parallel"] and dp["world_size"] == 2 and dp["steps"] == sp["steps"]
-    for a, b in zip(dp["adapters"], sp["adapters"]):
-        assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], abs=1e-3)
-        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.011)  # a prediction or two may flip
-    assert (tmp_path / dp["best"]["adapter_dir"]).is_dir()
+def wait_for(process: subprocess.Popen, condition, timeout: float = 300) -> bool:
+    """Poll until ``condition()`` holds while ``process`` still runs (False: it ended first, or time ran out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if condition():
+            return bool(worker_pids(process.pid))
+        time.sleep(0.02)
+    return False
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -113,17 +107,46 @@ def worker_pids(parent: int) -> list[int]:
 
 
 @pytest.mark.slow
+def test_sharded_store_is_byte_identical_and_data_parallel_training_is_the_global_batch(tmp_path):
+    """One task on two ranks: its store is built in two shards (one rank killed half way, then resumed), and
+    its bank trains data-parallel; compared with one process building the store and training at twice the
+    per-rank batch."""
+    train = ["train", *TINY_ARGS, "--tasks", "synth-count", "--layers", "1,3", "--lr", "1e-3,3e-3", "--epochs", "2",
+             "--cache", "always"]
+    sharded_env = {"INCA_CACHE": str(tmp_path / "two")}
+    killed = inca(*train, "--batch-size", "16", "--out", "dp", cwd=tmp_path, ranks=2, env=sharded_env, wait=False)
+    assert wait_for(killed, lambda: any(json.loads(p.read_text())["rows"] > 0 for p in
+                                        (tmp_path / "two").glob("*/*/train/progress-*.json")))
+    os.kill(worker_pids(killed.pid)[-1], signal.SIGKILL)  # one rank dies mid-shard; torchrun stops the other
+    killed.communicate(timeout=300)
+    assert killed.returncode != 0
+    parallel = inca(*train, "--batch-size", "16", "--out", "dp", cwd=tmp_path, ranks=2, env=sharded_env)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "[rank 1/2]" in parallel.stderr and parallel.stdout.count("| synth-count") == 1  # only rank 0 prints
+
+    assert inca_here(*train, "--batch-size", "32", "--out", str(tmp_path / "sp"), cache=tmp_path / "one") == 0
+    sharded, single = store_files(tmp_path / "two"), store_files(tmp_path / "one")
+    assert sharded.keys() == single.keys() and len(sharded) == 10  # manifest + 3 x (labels + 2 layers)
+    assert [name for name in sharded if sharded[name] != single[name]] == []
+    assert inca_here("cache", "--verify", str(next((tmp_path / "two").glob("*/synth-count-*"))),
+                     cache=tmp_path / "two") == 0
+
+    dp = json.loads((tmp_path / "dp" / "results.json").read_text())["tasks"]["synth-count"]
+    sp = json.loads((tmp_path / "sp" / "results.json").read_text())["tasks"]["synth-count"]
+    assert dp["data_parallel"] and dp["world_size"] == 2 and dp["steps"] == sp["steps"]
+    for a, b in zip(dp["adapters"], sp["adapters"]):
+        assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], abs=1e-3)
+        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.011)  # a prediction or two may flip
+    assert (tmp_path / dp["best"]["adapter_dir"]).is_dir()
+
+
+@pytest.mark.slow
 def test_shared_units_survive_a_killed_rank_and_equal_a_single_process(tmp_path):
     tasks = "synth-colour,digits,synth-orientation"
     train = ["train", *TINY_ARGS, "--tasks", tasks, "--layers", "-1", "--epochs", "2", "--cache", "never"]
     running = inca(*train, "--out", "shared", cwd=tmp_path, ranks=2, wait=False)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and running.poll() is None and not list(
-            (tmp_path / "shared" / ".inca-units").glob("*.json")):
-        time.sleep(0.05)
-    workers = worker_pids(running.pid)
-    assert running.poll() is None and workers, "the run ended before a rank could be killed"
-    os.kill(workers[0], signal.SIGKILL)
+    assert wait_for(running, lambda: any((tmp_path / "shared" / ".inca-units").glob("*.json")))
+    os.kill(worker_pids(running.pid)[0], signal.SIGKILL)
     running.communicate(timeout=300)
     assert running.returncode != 0
     left = list((tmp_path / "shared" / ".inca-units").glob("*.json"))
@@ -137,8 +160,7 @@ def test_shared_units_survive_a_killed_rank_and_equal_a_single_process(tmp_path)
     assert all(r["world_size"] == 2 and r["rank"] in (0, 1) and not r["data_parallel"] for r in shared.values())
     assert not list((tmp_path / "shared" / ".inca-units").glob("*.json"))
 
-    alone = inca(*train, "--out", "alone", cwd=tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert inca_here(*train, "--out", str(tmp_path / "alone"), cache=tmp_path / "cache") == 0
     single = json.loads((tmp_path / "alone" / "results.json").read_text())["tasks"]
     assert list(single) == tasks.split(",")
     for spec in single:

@@ -65,23 +65,25 @@ def test_changed_images_are_never_served_from_a_stale_store_or_result(tmp_path):
 
 
 def test_corrupt_or_edited_store_is_refused_with_the_fix(tmp_path):
-    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--layers", "3"]
-    first = run(*build, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    store = tmp_path / first.stdout.split(": ", 1)[1].split(" (")[0]
+    from inca.cache import verify_cache
+    from inca.cli import cache_main
+
+    build = [*TINY_ARGS, "--task", "synth-colour", "--layers", "3", "--cache-dir", str(tmp_path / "cache")]
+    assert cache_main(build) == 0  # good stores are made in this process (quicker); faults meet the real CLI
+    store = next((tmp_path / "cache").glob("*/synth-colour-*"))
     layer = store / "val" / "layer_3.npy"
     layer.write_bytes(layer.read_bytes()[:-100])  # truncated
     trained = train(tmp_path, "synth-colour", "--cache", "always", "--layers", "3")
     assert_one_line_error(trained, "layer_3.npy", "truncated", "inca-cache --rebuild")
     assert not (tmp_path / "out" / "results.json").exists()
-    assert run(*build, "--rebuild", cwd=tmp_path).returncode == 0
-    assert run("cache", "--verify", str(store), cwd=tmp_path).returncode == 0
+    assert cache_main([*build, "--rebuild"]) == 0
+    verify_cache(store)
     data = bytearray(layer.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size: only the checksums see it
     layer.write_bytes(bytes(data))
     verified = train(tmp_path, "synth-colour", "--cache", "always", "--layers", "3", "--verify-cache")
     assert_one_line_error(verified, "val/layer_3.npy does not match its checksum", "--rebuild")
-    assert run(*build, "--rebuild", cwd=tmp_path).returncode == 0
+    assert cache_main([*build, "--rebuild"]) == 0
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["shapes"]["val"][0] += 1  # a hand edit
     (store / "manifest.json").write_text(json.dumps(manifest))
@@ -162,7 +164,10 @@ def test_unreadable_images_are_all_named_then_skipped_on_request(tmp_path):
 
 
 def test_damaged_saved_adapters_are_one_line_errors(tmp_path):
-    assert train(tmp_path, "synth-colour", "--epochs", "1").returncode == 0
+    from inca.cli import predict_main, train_main
+
+    assert train_main([*TINY_ARGS, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1", "--out",
+                       str(tmp_path / "out"), "--cache", "never"]) == 0  # made here (quicker); faults meet the CLI
     adapter = str(tmp_path / results(tmp_path)["tasks"]["synth-colour"]["best"]["adapter_dir"])
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
@@ -175,7 +180,7 @@ def test_damaged_saved_adapters_are_one_line_errors(tmp_path):
         assert_one_line_error(run("predict", "--adapter", adapter, "--images", str(image), cwd=tmp_path), needle)
         for path, data in original.items():
             path.write_bytes(data)
-    assert run("predict", "--adapter", adapter, "--images", str(image), cwd=tmp_path).returncode == 0
+    assert predict_main(["--adapter", adapter, "--images", str(image)]) == 0
 
 
 def test_progress_is_quiet_in_redirected_logs(tmp_path):
@@ -227,14 +232,17 @@ NO_SPACE_ON_FLUSH = "import errno, os\n" \
 
 
 def test_full_disk_through_the_command_line_keeps_the_previous_state(tmp_path):
-    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--cache-dir", "stores", "--layers"]
-    assert run(*build, "3", cwd=tmp_path).returncode == 0
+    from inca.cli import cache_main, train_main
+
+    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--cache-dir", str(tmp_path / "stores"), "--layers"]
+    assert cache_main([*build[1:], "3"]) == 0  # the previous good state, made in this process (quicker)
     stores = {p: p.read_bytes() for p in (tmp_path / "stores").rglob("*") if p.is_file() and p.name != ".inca.lock"}
     refused = run_under(NEARLY_FULL_DISK, *build, "2,3", cwd=tmp_path)
     assert_one_line_error(refused, "needs", "GiB", "only 0.00 GiB are free", "stores")
     assert [p for p, data in stores.items() if p.read_bytes() != data] == []
 
-    assert train(tmp_path, "synth-colour", "--epochs", "1").returncode == 0
+    assert train_main([*TINY_ARGS, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1",
+                       "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 0
     before = (tmp_path / "out" / "results.json").read_bytes()
     full = run_under(NO_SPACE_ON_FLUSH, "train", *TINY_ARGS, "--tasks", "synth-colour,digits", "--layers", "-1",
                      "--epochs", "1", "--out", "out", cwd=tmp_path)
@@ -259,11 +267,13 @@ def test_out_of_memory_is_one_line_with_the_fix(tmp_path, environment_patch, com
 
 
 def test_a_store_being_built_is_locked_against_a_second_build(tmp_path):
-    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--layers", "3", "--cache-dir", "stores"]
-    first = run(*build, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    store = tmp_path / first.stdout.split(": ", 1)[1].split(" (")[0]
-    with directory_lock(store, "the activation store"):
+    from inca.cache import verify_cache
+    from inca.cli import cache_main
+
+    build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--layers", "3", "--cache-dir", str(tmp_path / "stores")]
+    assert cache_main(build[1:]) == 0
+    store = next((tmp_path / "stores").glob("*/synth-colour-*"))
+    with directory_lock(store, "the activation store"):  # as a build in progress holds it
         busy = run(*build, "--rebuild", cwd=tmp_path)
     assert_one_line_error(busy, "activation store", f"in use by process {os.getpid()}")
-    assert run("cache", "--verify", str(store), cwd=tmp_path).returncode == 0
+    verify_cache(store)  # the store the second build wanted to delete is intact
