@@ -111,8 +111,8 @@ class World:
 
     def claimed(self, count: int) -> Iterator[int]:
         """Indices ``0..count-1``, each handed to exactly one rank, in the order ranks ask for them."""
-        if not self.is_distributed:
-            yield from range(count)
+        if self.store is None:  # one process, or a process group set up by the caller: a fixed stripe each
+            yield from range(self.rank, count, self.size)
             return
         key = f"inca/claims/{self._claims}"  # every rank makes the same calls, so the keys agree
         self._claims += 1
@@ -129,10 +129,18 @@ _current: contextvars.ContextVar[World] = contextvars.ContextVar("inca_world", d
 
 
 def launch(timeout_minutes: float = 60.0) -> World:
-    """Join the process group ``torchrun`` set up (once per process), or a world of one when not launched."""
+    """Join the process group ``torchrun`` set up (once per process), or a world of one when not launched.
+
+    A process group the caller initialised already is used as it is (units are then striped over the ranks
+    instead of claimed, since inca does not hold its store)."""
     global _launched
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1 or _launched.is_distributed:
+    if _launched.is_distributed:
+        return _launched
+    if dist.is_available() and dist.is_initialized():  # the caller's own process group: use it as it is
+        _launched = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        _current.set(_launched)
+        return _launched
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launched
     store, rank, size = next(dist.rendezvous("env://"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

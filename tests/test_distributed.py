@@ -31,6 +31,10 @@ def test_a_world_of_one_is_the_whole_work():
     assert SOLO.all_reduce_(torch.ones(2)).tolist() == [1.0, 1.0] and SOLO.broadcast("x") == "x"
 
 
+def test_without_a_store_units_are_striped_over_the_ranks():
+    assert [list(World(rank, 3).claimed(7)) for rank in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+
+
 def test_shards_of_a_global_batch_cover_it_once_weighted_by_size():
     batches = [np.arange(0, 6), np.arange(6, 8)]  # the last global batch is short: one rank gets nothing of it
     parts = {rank: list(World(rank, 3).sharded(batches, lambda parts: [p.tolist() for p in parts]))
