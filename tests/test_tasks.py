@@ -243,6 +243,20 @@ def test_torchvision_mnist_fixture(tmp_path):
     assert np.array_equal(np.asarray(task.splits["train"].image(0))[..., 0], train_images[row])
 
 
+def test_torchvision_root_rewritten_in_place_changes_the_fingerprint(tmp_path):
+    _write_mnist(tmp_path, "train", 50, 0)
+    _write_mnist(tmp_path, "t10k", 20, 1)
+    before = load_task("tv:MNIST", data_root=str(tmp_path)).fingerprint
+    assert load_task("tv:MNIST", data_root=str(tmp_path)).fingerprint == before
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    stat = images.stat()
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF
+    images.write_bytes(bytes(data))  # same size, and the old mtime put back
+    os.utime(images, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load_task("tv:MNIST", data_root=str(tmp_path)).fingerprint != before
+
+
 @pytest.mark.parametrize(
     ("spec", "root", "message"),
     [("tv:MNIST", None, "needs --data-root"), ("tv:MNIST", "EMPTY", "not found under.*--download"),

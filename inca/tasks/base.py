@@ -166,13 +166,15 @@ def make_splits(
 
 
 def tree_digest(root: str | os.PathLike) -> str:
-    """Relative path, size and mtime of every file under ``root`` (symlinks not followed): a dataset whose
-    files were replaced, added or removed gets another identity, without reading the files."""
+    """Relative path, size, mtime, ctime and inode of every file under ``root`` (symlinks not followed): a
+    dataset whose files were rewritten (even with the same size and a restored mtime: ctime cannot be set
+    back), replaced, added or removed gets another identity, without reading the files."""
     sha = hashlib.sha256()
     for directory, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(directory, name)
             stat = os.stat(path, follow_symlinks=False)
-            sha.update(f"{os.path.relpath(path, root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            sha.update(f"{os.path.relpath(path, root)}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:"
+                       f"{stat.st_ino}\n".encode())
     return sha.hexdigest()[:16]
