@@ -183,6 +183,50 @@ def test_damaged_saved_adapters_are_one_line_errors(tmp_path):
     assert predict_main(["--adapter", adapter, "--images", str(image)]) == 0
 
 
+def test_consistent_but_wrong_saved_adapters_name_what_is_wrong(tmp_path, capsys):
+    """Files whose checksum matches but whose content does not fit: each one line naming the problem."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from inca.cli import predict_main, train_main
+
+    assert train_main([*TINY_ARGS, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1", "--out",
+                       str(tmp_path / "out"), "--cache", "never"]) == 0
+    adapter = Path(results(tmp_path)["tasks"]["synth-colour"]["best"]["adapter_dir"])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    weights, config = adapter / "adapter.safetensors", adapter / "adapter_config.json"
+    original = {weights: weights.read_bytes(), config: config.read_bytes()}
+
+    def rewrite(change_weights=None, change_config=None) -> None:
+        tensors, settings = load_file(weights), json.loads(config.read_text())
+        if change_weights:
+            change_weights(tensors)
+            save_file(tensors, weights)
+            settings["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if change_config:
+            change_config(settings)
+        config.write_text(json.dumps(settings))
+
+    def first(tensors) -> str:
+        return sorted(tensors)[0]
+
+    cases = [
+        (dict(change_weights=lambda t: t[first(t)].fill_(float("nan"))), "hold NaN or infinity"),
+        (dict(change_weights=lambda t: t.update({first(t): t[first(t)][..., :1].clone()})), "wrong shapes"),
+        (dict(change_config=lambda c: c["classes"].append("extra")), "class names"),
+    ]
+    for change, needle in cases:
+        capsys.readouterr()
+        rewrite(**change)
+        assert predict_main(["--adapter", str(adapter), "--images", str(image)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("inca-predict: error: ") and needle in err[0], err
+        for path, data in original.items():
+            path.write_bytes(data)
+
+
 def test_progress_is_quiet_in_redirected_logs(tmp_path):
     done = run("train", *TINY_ARGS, "--tasks", "digits", "--layers", "-1", "--epochs", "3", "--out", "out",
                "--cache", "always", cwd=tmp_path)
