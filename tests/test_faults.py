@@ -90,8 +90,11 @@ def test_corrupt_or_edited_store_is_refused_with_the_fix(tmp_path):
     assert_one_line_error(run("cache", "--verify", str(store), cwd=tmp_path), "manifest.json was edited", "--rebuild")
 
 
-def test_a_store_is_extended_with_missing_layers_never_refused(tmp_path):
-    assert run("cache", *TINY_ARGS, "--task", "synth-colour", "--layers", "3", cwd=tmp_path).returncode == 0
+def test_a_store_is_extended_with_missing_layers_never_refused(tmp_path, monkeypatch):
+    from inca.cli import cache_main
+
+    monkeypatch.setenv("INCA_CACHE", str(tmp_path / "cache"))
+    assert cache_main([*TINY_ARGS, "--task", "synth-colour", "--layers", "3"]) == 0  # the store a user has
     trained = train(tmp_path, "synth-colour", "--layers", "2,3")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "extending it with layers [2]" in trained.stderr
@@ -129,9 +132,11 @@ def test_folder_hygiene_symlink_loops_duplicates_and_classes(tmp_path):
     (tmp_path / "data" / "dark" / "loop").symlink_to(tmp_path / "data")  # a loop back to the root
     duplicate = tmp_path / "data" / "bright" / "copy.png"
     duplicate.write_bytes((tmp_path / "data" / "bright" / "00.png").read_bytes())
-    assert run("cache", *TINY_ARGS, "--task", f"folder:{tmp_path / 'data'}", "--layers", "3",
-               cwd=tmp_path).returncode == 0
+    from inca.cli import cache_main
     from inca.tasks import load_task
+
+    assert cache_main([*TINY_ARGS, "--task", f"folder:{tmp_path / 'data'}", "--layers", "3",
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
 
     task = load_task(f"folder:{tmp_path / 'data'}")
     assert sum(task.sizes().values()) == 25  # 24 images + the copy; the loop adds nothing
@@ -304,7 +309,7 @@ def test_full_disk_through_the_command_line_keeps_the_previous_state(tmp_path):
      "m.VisionTransformer.forward_intermediates = _oom", "cache"),
 ])
 def test_out_of_memory_is_one_line_with_the_fix(tmp_path, environment_patch, command):
-    args = ["--tasks", "digits", "--out", "out"] if command == "train" else ["--task", "digits"]
+    args = ["--tasks", "digits", "--out", "out", "--cache", "never"] if command == "train" else ["--task", "digits"]
     failed = run_under(environment_patch, command, *TINY_ARGS, *args, "--layers", "-1", "--batch-size", "32",
                        cwd=tmp_path)
     assert_one_line_error(failed, "out of memory", "lower --batch-size (now 32)")
