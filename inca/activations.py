@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .backbone import Backbone
-from .cache import ActivationCache, build_cache, find_cache, store_bytes, verify_cache
+from .cache import ActivationCache, build_cache, find_cache, open_cache, store_bytes, verify_cache
 from .distributed import current
 from .errors import InCAError
 from .io import cache_root
@@ -278,37 +278,37 @@ def open_source(
         return LiveSource(backbone, task, layers, num_workers, train_transform=train_transform)
     if cache == "never":
         return LiveSource(backbone, task, layers, num_workers)
-    world = current()  # ranks training one task data-parallel must take the same decision: rank 0's
-    reason = world.broadcast(
+    world = current()  # ranks training one task data-parallel take rank 0's decision, and read its store
+    reason, found = world.broadcast(
         _why_not_read_or_build(backbone, task, layers, epochs, cache, cache_dir, dtype, max_gb, verify)
         if world.is_main else None
     )
     if reason:
         _logger.info("%s: streaming live activations (%s)", task.spec, reason)
         return LiveSource(backbone, task, layers, num_workers)
-    found = find_cache(cache_dir, backbone, task, layers)
     if found is not None:
-        _logger.info("%s: reading activations from %s", task.spec, found.path)
-        return CachedSource(found, layers)
+        _logger.info("%s: reading activations from %s", task.spec, found)
+        return CachedSource(open_cache(found, backbone, task, layers), layers)
     return CachedSource(build_cache(backbone, task, layers, cache_dir, dtype=dtype, num_workers=num_workers), layers)
 
 
 def _why_not_read_or_build(
     backbone: Backbone, task: Task, layers: list[int], epochs: int, cache: str,
     cache_dir: str | os.PathLike | None, dtype: str, max_gb: float, verify: bool,
-) -> str | None:  # fmt: skip
-    """None to read the store of ``layers`` (verified first with ``verify``) or build it; else why to stream."""
+) -> tuple[str | None, str | None]:  # fmt: skip
+    """``(why to stream, None)``, ``(None, the store of layers to read)`` (verified first with ``verify``), or
+    ``(None, None)`` to build one."""
     found = find_cache(cache_dir, backbone, task, layers)
     if found is not None:
         if verify:
             verify_cache(found.path)
             _logger.info("%s: every file of %s matches its checksum", task.spec, found.path)
-        return None
+        return None, str(found.path)
     if cache == "reuse":
-        return "no activation store holds these layers, and this command builds none"
+        return "no activation store holds these layers, and this command builds none", None
     if cache == "auto":
-        return _why_not_build(store_bytes(backbone, task, layers, dtype), epochs, max_gb, cache_dir)
-    return None
+        return _why_not_build(store_bytes(backbone, task, layers, dtype), epochs, max_gb, cache_dir), None
+    return None, None
 
 
 def _why_not_build(size: int, epochs: int, max_gb: float, cache_dir: str | os.PathLike | None) -> str | None:

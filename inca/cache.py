@@ -204,6 +204,7 @@ def build_cache(
         raise InCAError(f"cannot create the activation store at {path} ({exc.strerror}): pass a writable "
                         "--cache-dir or set INCA_CACHE") from None
     world = current()  # under torchrun: each rank writes a shard of the rows; rank 0 locks and records
+    path = Path(world.broadcast(str(path)))  # rank 0's store, even if another rank would name it otherwise
     with directory_lock(path, "the activation store") if world.is_main else contextlib.nullcontext():
         if world.is_main:
             remove_stale_temps(path)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import pickle
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,7 +49,8 @@ class World:
     size: int = 1
     local_rank: int = 0
     store: Any = None  # the c10d store (a torch.distributed.Store) of a launched world
-    _claims: int = field(default=0, repr=False)
+    cpu_group: Any = None  # for CPU tensors and objects in a caller's process group (None: the default group)
+    _keys: int = field(default=0, repr=False)  # every rank makes the same calls in order, so the keys agree
 
     @property
     def is_main(self) -> bool:
@@ -58,23 +61,53 @@ class World:
     def is_distributed(self) -> bool:
         return self.size > 1
 
+    def _key(self, kind: str) -> str:
+        self._keys += 1
+        return f"inca/{kind}/{self._keys}"
+
     def barrier(self) -> None:
-        if self.is_distributed:
-            dist.barrier()
+        """Wait for every rank. Through the store, polled, so that waiting for another rank's long unit or a
+        store's checksums never runs into the process group's timeout."""
+        if not self.is_distributed:
+            return
+        if self.store is None:
+            dist.barrier(group=self.cpu_group)
+            return
+        key = self._key("barrier")
+        self.store.add(key, 1)
+        while self.store.add(key, 0) < self.size:
+            time.sleep(POLL_SECONDS)
 
     def broadcast(self, value: T) -> T:
-        """Rank 0's ``value`` on every rank (a picklable object)."""
+        """Rank 0's ``value`` on every rank (a picklable object; polled through the store, as :meth:`barrier`)."""
         if not self.is_distributed:
             return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        if self.store is None:
+            box = [value]
+            dist.broadcast_object_list(box, src=0, group=self.cpu_group)
+            return box[0]
+        key = self._key("broadcast")
+        if self.is_main:
+            self.store.set(key, pickle.dumps(value))
+            return value
+        while not self.store.check([key]):
+            time.sleep(POLL_SECONDS)
+        return pickle.loads(self.store.get(key))
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place."""
         if self.is_distributed:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, group=None if tensor.is_cuda else self.cpu_group)
         return tensor
+
+    def broadcast_parameters(self, params: Iterable[torch.Tensor]) -> None:
+        """Rank 0's values of ``params`` on every rank, as ``DistributedDataParallel`` does at the start: replicas
+        that start bit-identical stay so, whatever small differences their set-up had (SVDs, BLAS kernels)."""
+        if not self.is_distributed:
+            return
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0, group=None if p.is_cuda else self.cpu_group)
 
     def all_reduce_gradients(self, params: Iterable[torch.Tensor]) -> None:
         """Sum the gradients of ``params`` over the ranks (one flat buffer, one collective); a parameter that
@@ -85,7 +118,7 @@ class World:
         params = list(params)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        self.all_reduce_(flat)
         offset = 0
         for p, g in zip(params, grads):
             summed = flat[offset : offset + g.numel()].view_as(g)
@@ -114,8 +147,7 @@ class World:
         if self.store is None:  # one process, or a process group set up by the caller: a fixed stripe each
             yield from range(self.rank, count, self.size)
             return
-        key = f"inca/claims/{self._claims}"  # every rank makes the same calls, so the keys agree
-        self._claims += 1
+        key = self._key("claims")
         while (index := self.store.add(key, 1) - 1) < count:
             yield index
 
@@ -123,6 +155,7 @@ class World:
         return f"rank {self.rank}/{self.size}"
 
 
+POLL_SECONDS = 0.05  # how often a rank waiting on the store looks again
 SOLO = World()
 _launched = SOLO
 _current: contextvars.ContextVar[World] = contextvars.ContextVar("inca_world", default=SOLO)
@@ -136,8 +169,10 @@ def launch(timeout_minutes: float = 60.0) -> World:
     global _launched
     if _launched.is_distributed:
         return _launched
-    if dist.is_available() and dist.is_initialized():  # the caller's own process group: use it as it is
-        _launched = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_available() and dist.is_initialized():  # the caller's own process group, with gloo beside it
+        cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        _launched = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                          cpu_group=cpu_group)
         _current.set(_launched)
         return _launched
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -143,7 +143,9 @@ def run_suite(
             save()
             return report
         report = world.broadcast(report)
-        pending = [unit for unit in units if not finished(report, unit.key)]
+        units = list(units)
+        keys = set(world.broadcast([unit.key for unit in units if not finished(report, unit.key)]))
+        pending = [unit for unit in units if unit.key in keys]  # rank 0's list: every rank claims from the same
         if len(pending) < world.size:
             _logger.info("%d unit(s) for %d ranks: each runs data-parallel on every rank", len(pending), world.size)
             for unit in pending:
@@ -164,6 +166,10 @@ def run_suite(
             world.barrier()
             if world.is_main:
                 _merge_unit_results(out, report, store, save, order=[unit.key for unit in pending])
+                lost = [unit.name for unit in pending if not finished(report, unit.key)]
+                if lost:
+                    raise InCAError(f"no result reached {out / UNITS_DIR} for {', '.join(lost)} (is --out on a file "
+                                    "system every rank shares?); rerun the same command to finish them")
         world.barrier()
     return report
 

@@ -47,7 +47,7 @@ def test_shards_of_a_global_batch_cover_it_once_weighted_by_size():
 
 def inca(*args: str, cwd: Path, ranks: int = 1, env: dict | None = None, wait: bool = True):
     """``python -m inca ...``, under ``torchrun --nproc_per_node ranks`` when ``ranks`` > 1."""
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     command = [sys.executable, *(launcher if ranks > 1 else []), "-m", "inca", *args]
     environment = {**os.environ, "INCA_CACHE": str(cwd / "cache"), **ONE_THREAD, **(env or {})}
     if not wait:
@@ -118,12 +118,21 @@ def test_sharded_store_is_byte_identical_and_data_parallel_training_is_the_globa
     train = ["train", *TINY_ARGS, "--tasks", "synth-count", "--layers", "1,3", "--lr", "1e-3,3e-3", "--epochs", "2",
              "--cache", "always"]
     sharded_env = {"INCA_CACHE": str(tmp_path / "two")}
-    killed = inca(*train, "--batch-size", "16", "--out", "dp", cwd=tmp_path, ranks=2, env=sharded_env, wait=False)
-    assert wait_for(killed, lambda: any(json.loads(p.read_text())["rows"] > 0 for p in
-                                        (tmp_path / "two").glob("*/*/train/progress-*.json")))
-    os.kill(worker_pids(killed.pid)[-1], signal.SIGKILL)  # one rank dies mid-shard; torchrun stops the other
+    killed = inca("cache", *TINY_ARGS, "--task", "synth-count", "--layers", "1,3", "--batch-size", "16",
+                  "--commit-seconds", "0", cwd=tmp_path, ranks=2, env=sharded_env, wait=False)
+
+    def first_shard_half_written() -> bool:  # rank 0's shard of the train split is rows 0..511
+        try:
+            rows = json.loads(next((tmp_path / "two").glob("*/*/train/progress-0.json")).read_text())["rows"]
+        except (StopIteration, OSError, ValueError):
+            return False
+        return 0 < rows < 400
+
+    assert wait_for(killed, first_shard_half_written)
+    os.kill(worker_pids(killed.pid)[0], signal.SIGKILL)  # one rank dies mid-shard; torchrun stops the other
     killed.communicate(timeout=300)
     assert killed.returncode != 0
+    # The training run finds the unfinished store, resumes every shard (whoever wrote it), then trains on it.
     parallel = inca(*train, "--batch-size", "16", "--out", "dp", cwd=tmp_path, ranks=2, env=sharded_env)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     assert "[rank 1/2]" in parallel.stderr and parallel.stdout.count("| synth-count") == 1  # only rank 0 prints
@@ -146,7 +155,7 @@ def test_sharded_store_is_byte_identical_and_data_parallel_training_is_the_globa
 
 @pytest.mark.slow
 def test_shared_units_survive_a_killed_rank_and_equal_a_single_process(tmp_path):
-    tasks = "synth-colour,digits,synth-orientation"
+    tasks = "synth-colour,digits,synth-orientation,synth-shapes"  # two left at least when the first ends
     train = ["train", *TINY_ARGS, "--tasks", tasks, "--layers", "-1", "--epochs", "2", "--cache", "never"]
     running = inca(*train, "--out", "shared", cwd=tmp_path, ranks=2, wait=False)
     assert wait_for(running, lambda: any((tmp_path / "shared" / ".inca-units").glob("*.json")))

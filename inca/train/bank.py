@@ -152,8 +152,9 @@ def train_bank(
     n = _check_source(bank, source, "train")
     bank.to(device)
     world = current()
-    batch_size *= world.size  # the global batch: each rank trains on its shard of it (see inca.distributed)
-    steps_per_epoch = math.ceil(n / batch_size)
+    world.broadcast_parameters(bank.parameters())  # replicas start as rank 0's (a no-op in one process)
+    global_batch = batch_size * world.size  # each rank trains on its shard of it (see inca.distributed)
+    steps_per_epoch = math.ceil(n / global_batch)
     total = epochs * steps_per_epoch
     warmup = round(warmup_ratio * total) if warmup_steps is None else warmup_steps
     schedule = cosine_schedule(total, warmup, min_lr_ratio)
@@ -164,7 +165,7 @@ def train_bank(
         "num_classes": bank.num_classes,
         "train_rows": n,
         "epochs": epochs,
-        "batch_size": batch_size,
+        "batch_size": global_batch,
         "seed": seed,
         "warmup_steps": warmup,
         "min_lr_ratio": min_lr_ratio,
@@ -188,7 +189,7 @@ def train_bank(
     chunks = 1  # micro-batches per batch: doubled whenever a batch runs out of CUDA memory
     for epoch in range(start, epochs):
         loss_sum = torch.zeros(len(bank), device=device)
-        batches = epoch_batches(n, batch_size, seed, epoch)
+        batches = epoch_batches(n, global_batch, seed, epoch)
         for loaded, share in world.sharded(batches, functools.partial(source.loader, "train")):
             losses = torch.zeros(len(bank), device=device)
             if loaded is not None:  # None: this rank's shard of a short last batch is empty

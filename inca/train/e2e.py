@@ -209,6 +209,7 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
     optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type in ("cuda", "cpu"))
     n = data.num_rows("train")
     world = current()  # data-parallel: config.batch_size per rank, each rank its shard of the global batch
+    world.broadcast_parameters([*model.parameters(), *model.buffers()])  # replicas start as rank 0's
     batch_size = config.batch_size * world.size
     steps_per_epoch = math.ceil(n / batch_size)
     total = config.epochs * steps_per_epoch
