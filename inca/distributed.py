@@ -15,7 +15,9 @@ Two ways to use many processes, chosen per suite (:func:`inca.suite.run_suite`):
   global batch and the gradients are summed across ranks (:meth:`World.all_reduce_gradients`), which is the
   gradient of the global batch.
 
-The code a unit runs asks :func:`current` which world it is in.
+The code a unit runs asks :func:`current` which world it is in. Barriers and rank 0's broadcasts go through
+the c10d store, polled, so a rank may wait for another's long unit (or rank 0's checksums) for hours without
+meeting the process group's timeout; tensor sums, made in lockstep inside training loops, use the group.
 """
 
 from __future__ import annotations
