@@ -9,6 +9,7 @@ for ``inca-train`` (:func:`run_train_suite`, below), ``inca-probe`` and ``inca-c
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -163,6 +164,8 @@ def run_suite(
                     result = _trained_by(unit.run(), world, data_parallel=False)
                     atomic_write_json(_unit_file(out, unit.key), {"config": report["config"], "key": unit.key,
                                                                   "result": result})
+                    if world.is_main:  # the reports grow as units finish, not only at the end
+                        _write_interim(out, path, report, store, [unit.key for unit in pending], write_reports)
             world.barrier()
             if world.is_main:
                 _merge_unit_results(out, report, store, save, order=[unit.key for unit in pending])
@@ -182,12 +185,8 @@ def _unit_file(out: Path, key: str) -> Path:
     return out / UNITS_DIR / f"{digest(key)}.json"
 
 
-def _merge_unit_results(
-    out: Path, report: Report, store: Callable[[Report, str, Any], None], save: Callable[[], None],
-    order: list[str] | None = None,
-) -> None:
-    """Move the unit results ranks left in ``out`` (of this configuration) into ``report``: those of ``order``
-    in that order, then any other (left by an interrupted run); results of another configuration are dropped."""
+def _unit_results(out: Path, config: Any) -> tuple[list[Path], dict[str, Any]]:
+    """The unit result files ranks left in ``out`` and, by unit key, the results of ``config`` among them."""
     files = sorted((out / UNITS_DIR).glob("*.json")) if (out / UNITS_DIR).is_dir() else []
     found = {}
     for file in files:
@@ -195,8 +194,18 @@ def _merge_unit_results(
             saved = read_json(file)
         except (OSError, ValueError):
             saved = None  # a result its rank never finished writing cannot exist (atomic writes): skip junk
-        if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(report["config"])):
+        if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(config)):
             found[saved["key"]] = saved["result"]
+    return files, found
+
+
+def _merge_unit_results(
+    out: Path, report: Report, store: Callable[[Report, str, Any], None], save: Callable[[], None],
+    order: list[str] | None = None,
+) -> None:
+    """Move the unit results ranks left in ``out`` (of this configuration) into ``report``: those of ``order``
+    in that order, then any other (left by an interrupted run); results of another configuration are dropped."""
+    files, found = _unit_results(out, report["config"])
     keys = [key for key in order or [] if key in found] + [key for key in found if key not in (order or [])]
     for key in keys:
         store(report, key, found[key])
@@ -205,6 +214,21 @@ def _merge_unit_results(
     save()  # the report holds them before their files go
     for file in files:
         file.unlink(missing_ok=True)
+
+
+def _write_interim(
+    out: Path, path: Path, report: Report, store: Callable[[Report, str, Any], None], order: list[str],
+    write_reports: Callable[[Path, Report], object],
+) -> None:
+    """The reports as they stand while ranks still work: ``report`` plus every unit result that has arrived, in
+    unit order (the files stay until the final merge, so a report left by a killed run loses nothing)."""
+    interim = copy.deepcopy(report)
+    _, found = _unit_results(out, report["config"])
+    for key in order:
+        if key in found:
+            store(interim, key, found[key])
+    atomic_write_json(path, interim)
+    write_reports(out, interim)
 
 
 def _trained_by(result: Any, world: World, *, data_parallel: bool) -> Any:

@@ -113,3 +113,20 @@ def test_custom_layout_of_results(tmp_path):
     run_suite(tmp_path, "r.json", {"config": {}, "results": []}, again.units(["bb"]), lambda out, r: None,
               finished=finished, store=store)
     assert again.ran == []
+
+
+def test_interim_reports_show_results_ranks_left_in_unit_order_and_keep_their_files(tmp_path):
+    from inca.io import atomic_write_json
+    from inca.suite import _put_in_tasks, _unit_file, _write_interim
+
+    report = fresh()
+    report["tasks"]["done"] = {"value": 0}
+    for key in ("b", "a"):  # arrive out of order
+        atomic_write_json(_unit_file(tmp_path, key), {"config": report["config"], "key": key, "result": {"v": key}})
+    atomic_write_json(_unit_file(tmp_path, "c"), {"config": {"lr": 1.0}, "key": "c", "result": {"v": "c"}})
+    rendered = []
+    _write_interim(tmp_path, tmp_path / "report.json", report, _put_in_tasks, ["a", "b", "c"],
+                   lambda out, r: rendered.append(list(r["tasks"])))
+    assert list(json.loads((tmp_path / "report.json").read_text())["tasks"]) == ["done", "a", "b"]
+    assert rendered == [["done", "a", "b"]] and list(report["tasks"]) == ["done"]  # the report itself unchanged
+    assert _unit_file(tmp_path, "a").is_file() and _unit_file(tmp_path, "b").is_file()
