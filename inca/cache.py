@@ -249,9 +249,11 @@ def _start_or_resume(
             _require_space(path, manifest, missing)
             manifest["pending"] = {"layers": missing, "batch_size": batch_size}
             write_manifest(path, manifest)
-        elif manifest["pending"] is not None and manifest["pending"]["batch_size"] != batch_size:
-            _logger.info("resuming with the batch size of the interrupted build (%d)",
-                         manifest["pending"]["batch_size"])
+        elif manifest["pending"] is not None:
+            _require_space(path, manifest, manifest["pending"]["layers"])
+            if manifest["pending"]["batch_size"] != batch_size:
+                _logger.info("resuming with the batch size of the interrupted build (%d)",
+                             manifest["pending"]["batch_size"])
         return manifest
     manifest = {
         "version": CACHE_VERSION,
@@ -265,12 +267,13 @@ def _start_or_resume(
         "complete": False,
         "checksums": {},
     }
+    _require_space(path, manifest, layers)
     write_manifest(path, manifest)
     return manifest
 
 
 def _require_space(path: Path, manifest: dict[str, Any], layers: list[int]) -> None:
-    """Refuse (before anything is written) when the disk cannot hold what ``layers`` still need."""
+    """Refuse (before the manifest records the build) when the disk cannot hold what ``layers`` still need."""
     itemsize = np.dtype(DTYPES[manifest["dtype"]][0]).itemsize
     unwritten = sum(n * t * d for n, t, d in manifest["shapes"].values()) * itemsize * len(layers) - sum(
         f.stat().st_size for split in SPLITS for k in layers if (f := layer_file(path, split, k)).is_file()
@@ -316,7 +319,6 @@ def _plan_build(path: Path, manifest: dict[str, Any], task: Task) -> dict[str, l
     batch size, so every batch is the one an uninterrupted single-process build runs); creates the split's
     labels and, for a split not started, its preallocated layer files."""
     layers, batch_size = manifest["pending"]["layers"], int(manifest["pending"]["batch_size"])
-    _require_space(path, manifest, layers)
     shape = manifest["shapes"]
     plan = {}
     for split in SPLITS:
@@ -481,8 +483,7 @@ def _create_layer(file: Path, shape: tuple[int, ...], dtype: Any) -> None:
     if file.exists() or file.is_symlink():
         file.unlink()
     os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
-    array = open_memmap(file, mode="w+", dtype=dtype, shape=shape)
-    del array
+    open_memmap(file, mode="w+", dtype=dtype, shape=shape)  # writes the .npy header and sizes the file
     fd = os.open(file, os.O_RDWR | os.O_NOFOLLOW)
     try:
         os.posix_fallocate(fd, 0, file.stat().st_size)

@@ -134,6 +134,12 @@ class World:
         """This rank's contiguous part of ``indices`` (parts differ in length by at most one)."""
         return np.array_split(np.asarray(indices), self.size)[self.rank] if self.is_distributed else indices
 
+    def shard_batches(self, num_rows: int, batch_size: int) -> list[np.ndarray]:
+        """This rank's contiguous part of rows ``0..num_rows-1``, cut into batches (evaluation: each rank counts
+        its part and the counts are summed)."""
+        rows = self.shard(np.arange(num_rows))
+        return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
     def sharded(
         self, batches: Sequence[np.ndarray], loader: Callable[[list[np.ndarray]], Iterable[Batch]]
     ) -> Iterator[tuple[Batch | None, float]]:
@@ -171,23 +177,19 @@ def launch(timeout_minutes: float = 60.0) -> World:
     global _launched
     if _launched.is_distributed:
         return _launched
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():  # the caller's own process group, with gloo beside it
         cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        _launched = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                          cpu_group=cpu_group)
-        _current.set(_launched)
-        return _launched
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _launched
-    store, rank, size = next(dist.rendezvous("env://"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
-                            timeout=timedelta(minutes=timeout_minutes))
-    _launched = World(rank, size, local_rank, store)
+        _launched = World(dist.get_rank(), dist.get_world_size(), local_rank, cpu_group=cpu_group)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        store, rank, size = next(dist.rendezvous("env://"))
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                                timeout=timedelta(minutes=timeout_minutes))
+        _launched = World(rank, size, local_rank, store)
     _current.set(_launched)
     return _launched
 

@@ -123,9 +123,11 @@ def run_suite(
     with lock:
         report: Report | None = None
 
-        def save() -> None:
-            atomic_write_json(path, report)
-            write_reports(out, report)
+        def save(content: Report | None = None) -> None:
+            """Write ``content`` (the report by default) and render the rest of the reports from it."""
+            content = report if content is None else content
+            atomic_write_json(path, content)
+            write_reports(out, content)
 
         if world.is_main:
             if removed := remove_stale_temps(out):
@@ -165,7 +167,7 @@ def run_suite(
                     atomic_write_json(_unit_file(out, unit.key), {"config": report["config"], "key": unit.key,
                                                                   "result": result})
                     if world.is_main:  # the reports grow as units finish, not only at the end
-                        _write_interim(out, path, report, store, [unit.key for unit in pending], write_reports)
+                        _write_interim(out, report, store, [unit.key for unit in pending], save)
             world.barrier()
             if world.is_main:
                 _merge_unit_results(out, report, store, save, order=[unit.key for unit in pending])
@@ -206,7 +208,8 @@ def _merge_unit_results(
     """Move the unit results ranks left in ``out`` (of this configuration) into ``report``: those of ``order``
     in that order, then any other (left by an interrupted run); results of another configuration are dropped."""
     files, found = _unit_results(out, report["config"])
-    keys = [key for key in order or [] if key in found] + [key for key in found if key not in (order or [])]
+    order = order or []
+    keys = [key for key in order if key in found] + [key for key in found if key not in order]
     for key in keys:
         store(report, key, found[key])
     if keys:
@@ -217,8 +220,8 @@ def _merge_unit_results(
 
 
 def _write_interim(
-    out: Path, path: Path, report: Report, store: Callable[[Report, str, Any], None], order: list[str],
-    write_reports: Callable[[Path, Report], object],
+    out: Path, report: Report, store: Callable[[Report, str, Any], None], order: list[str],
+    save: Callable[[Report], None],
 ) -> None:
     """The reports as they stand while ranks still work: ``report`` plus every unit result that has arrived, in
     unit order (the files stay until the final merge, so a report left by a killed run loses nothing)."""
@@ -227,8 +230,7 @@ def _write_interim(
     for key in order:
         if key in found:
             store(interim, key, found[key])
-    atomic_write_json(path, interim)
-    write_reports(out, interim)
+    save(interim)
 
 
 def _trained_by(result: Any, world: World, *, data_parallel: bool) -> Any:

@@ -259,9 +259,8 @@ def _eval_logits(
     bank: InCABank, source: ActivationSource, split: str, batch_size: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(logits [E, B, C], labels [B])`` over ``split`` in order, on the bank's device, inference mode."""
-    rows = current().shard(np.arange(_check_source(bank, source, split)))  # each rank its part; callers sum
+    batches = current().shard_batches(_check_source(bank, source, split), batch_size)  # callers sum the counts
     device = bank.diverged.device
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     with torch.inference_mode(), autocast(device):
         for features, labels in source.loader(split, batches):
             yield bank({layer: features[layer].to(device) for layer in bank.layers}), labels.to(device)

@@ -176,8 +176,7 @@ def evaluate(model: nn.Module, data: Batches, split: str, batch_size: int) -> fl
     device = next(model.parameters()).device
     model.eval()
     correct, n = torch.zeros((), dtype=torch.long, device=device), data.num_rows(split)
-    rows = current().shard(np.arange(n))  # data-parallel: each rank counts its part
-    for inputs, labels in data.loader(split, [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]):
+    for inputs, labels in data.loader(split, current().shard_batches(n, batch_size)):  # each rank counts its part
         with autocast(device):
             logits = model(inputs.to(device, non_blocking=True))
         correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()
