@@ -22,10 +22,15 @@ from .test_bad_input import assert_one_line_error
 pytestmark = pytest.mark.slow
 
 
-def run(*args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd, env: dict | None = None, environment_patch: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m inca ARGS`` in a subprocess; with ``environment_patch``, code that first replaces part of the
+    process's environment (the disk, the memory): faults no test machine can be made to have on demand."""
     environment = {**os.environ, "INCA_CACHE": str(cwd / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "inca", *args], capture_output=True, text=True, env=environment,
-                          timeout=600, cwd=cwd)
+    command = [sys.executable, "-m", "inca", *args]
+    if environment_patch is not None:
+        command = [sys.executable, "-c", f"import sys\n{environment_patch}\nfrom inca.__main__ import main\n"
+                   f"sys.argv = ['inca', *{list(args)!r}]\nsys.exit(main())"]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=cwd)
 
 
 def image_folder(root, per_class: int = 12, seed: int = 0) -> None:
@@ -168,16 +173,24 @@ def test_unreadable_images_are_all_named_then_skipped_on_request(tmp_path):
     assert len(predicted.stdout.splitlines()) == 1 + 24  # header + every good image
 
 
-def test_damaged_saved_adapters_are_one_line_errors(tmp_path):
-    from inca.cli import predict_main, train_main
+def saved_adapter(tmp_path) -> tuple[str, Path, Path, Path, dict[Path, bytes]]:
+    """A trained adapter (made in this process, which is quicker; the faults meet the real CLI), an image to
+    predict, its weights and config files and their original bytes."""
+    from inca.cli import train_main
 
     assert train_main([*TINY_ARGS, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1", "--out",
-                       str(tmp_path / "out"), "--cache", "never"]) == 0  # made here (quicker); faults meet the CLI
+                       str(tmp_path / "out"), "--cache", "never"]) == 0
     adapter = str(tmp_path / results(tmp_path)["tasks"]["synth-colour"]["best"]["adapter_dir"])
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
     weights, config = Path(adapter, "adapter.safetensors"), Path(adapter, "adapter_config.json")
-    original = {weights: weights.read_bytes(), config: config.read_bytes()}
+    return adapter, image, weights, config, {weights: weights.read_bytes(), config: config.read_bytes()}
+
+
+def test_damaged_saved_adapters_are_one_line_errors(tmp_path):
+    from inca.cli import predict_main
+
+    adapter, image, weights, config, original = saved_adapter(tmp_path)
     cases = [(weights, original[weights][:-7], "does not match"), (weights, b"", "does not match"),
              (config, b"{not json", "is not valid JSON"), (config, b"[]", "not an adapter config")]
     for file, content, needle in cases:
@@ -194,15 +207,9 @@ def test_consistent_but_wrong_saved_adapters_name_what_is_wrong(tmp_path, capsys
 
     from safetensors.torch import load_file, save_file
 
-    from inca.cli import predict_main, train_main
+    from inca.cli import predict_main
 
-    assert train_main([*TINY_ARGS, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1", "--out",
-                       str(tmp_path / "out"), "--cache", "never"]) == 0
-    adapter = Path(results(tmp_path)["tasks"]["synth-colour"]["best"]["adapter_dir"])
-    image = tmp_path / "x.png"
-    Image.new("RGB", (32, 32)).save(image)
-    weights, config = adapter / "adapter.safetensors", adapter / "adapter_config.json"
-    original = {weights: weights.read_bytes(), config: config.read_bytes()}
+    adapter, image, weights, config, original = saved_adapter(tmp_path)
 
     def rewrite(change_weights=None, change_config=None) -> None:
         tensors, settings = load_file(weights), json.loads(config.read_text())
@@ -264,16 +271,6 @@ def test_full_disk_is_reported_before_writing(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*inca-tmp"))
 
 
-def run_under(environment_patch: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    """The real command line in a subprocess whose environment (the disk, the memory) ``environment_patch``
-    replaces first: faults no test machine can be made to have on demand."""
-    code = f"import sys\n{environment_patch}\nfrom inca.__main__ import main\nsys.argv = ['inca', *{list(args)!r}]\n" \
-           "sys.exit(main())"
-    environment = {**os.environ, "INCA_CACHE": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
-                          timeout=600, cwd=cwd)
-
-
 NEARLY_FULL_DISK = "import shutil\n_usage = shutil.disk_usage\n" \
                    "shutil.disk_usage = lambda path: _usage(path)._replace(free=2**20)"
 NO_SPACE_ON_FLUSH = "import errno, os\n" \
@@ -286,15 +283,15 @@ def test_full_disk_through_the_command_line_keeps_the_previous_state(tmp_path):
     build = ["cache", *TINY_ARGS, "--task", "synth-colour", "--cache-dir", str(tmp_path / "stores"), "--layers"]
     assert cache_main([*build[1:], "3"]) == 0  # the previous good state, made in this process (quicker)
     stores = {p: p.read_bytes() for p in (tmp_path / "stores").rglob("*") if p.is_file() and p.name != ".inca.lock"}
-    refused = run_under(NEARLY_FULL_DISK, *build, "2,3", cwd=tmp_path)
+    refused = run(*build, "2,3", cwd=tmp_path, environment_patch=NEARLY_FULL_DISK)
     assert_one_line_error(refused, "needs", "GiB", "only 0.00 GiB are free", "stores")
     assert [p for p, data in stores.items() if p.read_bytes() != data] == []
 
     assert train_main([*TINY_ARGS, "--tasks", "synth-colour", "--layers", "-1", "--epochs", "1",
                        "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 0
     before = (tmp_path / "out" / "results.json").read_bytes()
-    full = run_under(NO_SPACE_ON_FLUSH, "train", *TINY_ARGS, "--tasks", "synth-colour,digits", "--layers", "-1",
-                     "--epochs", "1", "--out", "out", cwd=tmp_path)
+    full = run("train", *TINY_ARGS, "--tasks", "synth-colour,digits", "--layers", "-1", "--epochs", "1", "--out",
+               "out", cwd=tmp_path, environment_patch=NO_SPACE_ON_FLUSH)
     assert_one_line_error(full, "no space left on", "MiB free there")
     assert (tmp_path / "out" / "results.json").read_bytes() == before
     assert not list((tmp_path / "out").rglob("*.inca-tmp"))
@@ -310,8 +307,8 @@ def test_full_disk_through_the_command_line_keeps_the_previous_state(tmp_path):
 ])
 def test_out_of_memory_is_one_line_with_the_fix(tmp_path, environment_patch, command):
     args = ["--tasks", "digits", "--out", "out", "--cache", "never"] if command == "train" else ["--task", "digits"]
-    failed = run_under(environment_patch, command, *TINY_ARGS, *args, "--layers", "-1", "--batch-size", "32",
-                       cwd=tmp_path)
+    failed = run(command, *TINY_ARGS, *args, "--layers", "-1", "--batch-size", "32", cwd=tmp_path,
+                 environment_patch=environment_patch)
     assert_one_line_error(failed, "out of memory", "lower --batch-size (now 32)")
 
 
