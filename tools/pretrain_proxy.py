@@ -18,17 +18,24 @@ families of formulas, because each teaches what the others lack:
   phases and jitter the rest. Textures teach frequency, orientation and colour, which fractals (drawn in
   random colours) do not.
 
-Views: a random crop of 35-100% of the image resized back, a brightness/contrast jitter, grey-scale now and
-then, and now and then a lower resolution (down to 8-16 pixels and back up, as small images are upscaled); no
-flips or rotations, so orientation stays learnable. Training: AdamW, a linear warm-up then a cosine decay,
-label smoothing, gradient clipping, and the patch projection kept at its random init (MoCo v3, Chen et al.,
-ICCV 2021, fixes it for stability; a random projection also keeps the pixel detail that minutes of training
-would trade away). ``--minutes`` is the budget of the whole run: unless ``--steps`` fixes the number of steps,
-it is calibrated once, after the first steps, to what fits the budget on this machine, and recorded; the run
-is deterministic from ``--seed`` and the number of steps (rerun with ``--steps N`` to repeat it exactly, up to
-floating-point nondeterminism). Writes ``OUT/model.safetensors`` (the backbone without its pretraining head,
-loadable with ``--weights OUT/model.safetensors``) and ``OUT/config.json`` = ``{"backbone": NAME,
-"model_kwargs": {...}}`` plus a record of the run, and prints the ``inca-*`` flags that use it.
+Views: a random crop of 50-100% of the image resized back, a brightness/contrast jitter, grey-scale now and
+then, and half the time a lower resolution (6-16 pixels, upscaled back bicubically, as small images are); no
+flips or rotations, so orientation stays learnable.
+
+Objective: the formula classes, plus the view's pixels reconstructed linearly from the last block's patch
+tokens (``--reconstruction``, the weight of that mean squared error; the masked-image-modelling target of
+MAE, He et al., CVPR 2022, without the masking). Minutes of classification alone trade the pixel detail
+that small images need (digits, colours) for the formulas' invariances, and a linear probe of such features
+loses to random weights there; the reconstruction term keeps the detail in the residual stream. Training:
+AdamW, a linear warm-up then a cosine decay, label smoothing, gradient clipping, and the patch projection
+kept at its random init (MoCo v3, Chen et al., ICCV 2021, fixes it for stability).
+
+``--minutes`` is the budget of the whole run: unless ``--steps`` fixes the number of steps, it is calibrated
+once, after the first steps, to what fits the budget on this machine, and recorded; the run is deterministic
+from ``--seed`` and the number of steps (rerun with ``--steps N`` to repeat it exactly, up to floating-point
+nondeterminism). Writes ``OUT/model.safetensors`` (the backbone without its pretraining head, loadable with
+``--weights OUT/model.safetensors``) and ``OUT/config.json`` = ``{"backbone": NAME, "model_kwargs": {...}}``
+plus a record of the run, and prints the ``inca-*`` flags that use it.
 
     python tools/pretrain_proxy.py --out runs/proxy            (15 minutes at the defaults)
 """
@@ -52,6 +59,8 @@ from timm.optim import param_groups_weight_decay
 SIZE = 32  # images are generated at the proxy's input size
 CALIBRATION_STEPS = 20  # steps timed to size the run to --minutes
 SAVE_SECONDS = 15  # kept from the budget for writing the files
+MIN_CROP_AREA = 0.5  # views keep at least half the image
+LOW_RES_SHARE = 0.5  # views seen at 6-16 pixels and upscaled back, as small images are
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,11 +72,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backbone", default="vit_tiny_patch16_224")
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--fractals", type=int, default=96, help="fractal classes")
-    parser.add_argument("--contours", type=int, default=48, help="contour classes")
-    parser.add_argument("--strokes", type=int, default=64, help="stroke (Bezier glyph) classes")
-    parser.add_argument("--textures", type=int, default=48, help="texture classes")
-    parser.add_argument("--per-class", type=int, default=64, help="images generated per class")
+    parser.add_argument("--fractals", type=int, default=48, help="fractal classes")
+    parser.add_argument("--contours", type=int, default=32, help="contour classes")
+    parser.add_argument("--strokes", type=int, default=96, help="stroke (Bezier glyph) classes")
+    parser.add_argument("--textures", type=int, default=32, help="texture classes")
+    parser.add_argument("--per-class", type=int, default=80, help="images generated per class")
     parser.add_argument("--steps", type=int, default=0,
                         help="training steps (0: as many as fit --minutes, calibrated after the first steps)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -75,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--reconstruction", type=float, default=10.0,
+                        help="weight of the pixel-reconstruction loss from the last block's patch tokens (0: off)")
     parser.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the random patch projection fixed (MoCo v3)")
     parser.add_argument("--threads", type=int, default=1,
@@ -174,7 +185,7 @@ def _render_strokes(rng: np.random.Generator, curves: np.ndarray, n: int) -> np.
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
     grid = np.stack([xx, yy], -1).reshape(1, -1, 1, 2)
     dist = np.sqrt(((grid - path[:, None]) ** 2).sum(-1)).min(-1).reshape(n, SIZE, SIZE)
-    alpha = np.clip(rng.uniform(0.8, 2.2, (n, 1, 1)) - dist, 0, 1)[..., None]
+    alpha = np.clip(rng.uniform(0.8, 4.5, (n, 1, 1)) - dist, 0, 1)[..., None]  # pen to brush widths
     images, foreground = _canvas(rng, n)
     return images * (1 - alpha) + foreground * alpha
 
@@ -229,7 +240,7 @@ def random_views(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     """A random crop of 35-100% of each image (aspect 3/4-4/3) resized back, brightness/contrast jittered, a
     quarter of the images grey-scaled and a quarter seen at 8-16 pixels upscaled back."""
     n = images.shape[0]
-    area = torch.empty(n).uniform_(0.35, 1.0, generator=generator)
+    area = torch.empty(n).uniform_(MIN_CROP_AREA, 1.0, generator=generator)
     aspect = torch.exp(torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator))
     w = torch.sqrt(area * aspect).clamp(max=1.0)
     h = torch.sqrt(area / aspect).clamp(max=1.0)
@@ -243,9 +254,9 @@ def random_views(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     brightness = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator)
     grey = torch.rand(n, 1, 1, 1, generator=generator) < 0.25
     views = torch.where(grey, views.mean(1, keepdim=True).expand_as(views), views)
-    low = int(torch.randint(8, 17, (1,), generator=generator))
-    small = F.interpolate(F.interpolate(views, size=low, mode="area"), size=SIZE, mode="bilinear", align_corners=False)
-    views = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.25, small, views)
+    low = int(torch.randint(6, 17, (1,), generator=generator))
+    small = F.interpolate(F.interpolate(views, size=low, mode="area"), size=SIZE, mode="bicubic", align_corners=False)
+    views = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < LOW_RES_SHARE, small, views)
     mean = views.mean((1, 2, 3), keepdim=True)
     return (views - mean) * contrast + mean + brightness
 
@@ -274,7 +285,10 @@ def main() -> None:
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
     targets = torch.from_numpy(labels)
 
+    patch = args.patch_size
+    decoder = torch.nn.Linear(model.embed_dim, 3 * patch * patch)  # patch tokens -> their view's pixels
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    groups += param_groups_weight_decay(decoder, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     total = args.steps
 
@@ -287,20 +301,25 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     deadline = start + args.minutes * 60 - SAVE_SECONDS
     model.train()
-    step, losses, correct, seen, train_start = 0, [], 0, 0, time.perf_counter()
+    step, losses, reconstruction, correct, seen, train_start = 0, [], [], 0, 0, time.perf_counter()
     while total == 0 or step < total:
         for index in torch.randperm(len(data), generator=generator).split(args.batch_size):
             if (total and step == total) or time.perf_counter() > deadline:
                 break
             x = random_views(data[index].float() / 255, generator)
-            logits = model((x - mean) / std)
+            x = (x - mean) / std
+            tokens = model.forward_features(x)
+            logits = model.forward_head(tokens)
             loss = F.cross_entropy(logits, targets[index], label_smoothing=args.label_smoothing)
+            pixels = F.unfold(x, patch, stride=patch).transpose(1, 2)  # [B, N, 3*p*p], as tokens are ordered
+            error = F.mse_loss(decoder(tokens[:, model.num_prefix_tokens:]), pixels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            (loss + args.reconstruction * error).backward()
+            torch.nn.utils.clip_grad_norm_([*model.parameters(), *decoder.parameters()], 1.0)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+            reconstruction.append(error.item())
             correct += int((logits.argmax(-1) == targets[index]).sum())
             seen += len(index)
             step += 1
@@ -311,7 +330,8 @@ def main() -> None:
                       f"(repeat this run exactly with --steps {total})", flush=True)
             if step % 100 == 0:
                 print(f"step {step}/{total or '?'}: loss {np.mean(losses[-100:]):.3f}, train accuracy "
-                      f"{correct / seen:.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+                      f"{correct / seen:.3f}, reconstruction error {np.mean(reconstruction[-100:]):.3f}, "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
                 correct = seen = 0
         if time.perf_counter() > deadline:
             break
@@ -328,12 +348,14 @@ def main() -> None:
         "pretraining": {
             "data": "formula-driven (FractalDB-style fractals, radial contours, Bezier strokes, wave textures), "
                     "generated offline",
+            "objective": "formula classes + reconstruction of the view's pixels from the last block's patch tokens",
             "classes": counts, "images_per_class": args.per_class, "steps": step, "planned_steps": total,
             "calibrated": args.steps == 0, "finished": finished, "batch_size": args.batch_size, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
-            "label_smoothing": args.label_smoothing, "freeze_patch_embed": args.freeze_patch_embed,
-            "seed": args.seed, "threads": torch.get_num_threads(),
+            "label_smoothing": args.label_smoothing, "reconstruction": args.reconstruction,
+            "freeze_patch_embed": args.freeze_patch_embed, "seed": args.seed, "threads": torch.get_num_threads(),
             "final_loss": float(np.mean(losses[-100:])) if losses else None,
+            "final_reconstruction_error": float(np.mean(reconstruction[-100:])) if reconstruction else None,
             "seconds": round(time.perf_counter() - start),
         },
     }

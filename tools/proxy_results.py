@@ -34,7 +34,7 @@ PROXY = "--backbone vit_tiny_patch16_224 --weights runs/proxy/model.safetensors 
 RANDOM = "--backbone vit_tiny_patch16_224 --weights random --model-kwargs img_size=32 patch_size=8 depth=6"
 COMMANDS = [
     "export OMP_NUM_THREADS=1  # one thread per process: faster on cores shared with other jobs",
-    "python tools/pretrain_proxy.py --out runs/proxy",
+    "python tools/pretrain_proxy.py --out runs/proxy{steps}",
     "inca-compare --recipe recipes/proxy-compare.yaml",
     f"inca-probe {PROXY} --tasks {TASKS} --out runs/proxy-probe",
     f"inca-probe {RANDOM} --tasks {TASKS} --probes linear --out runs/random-probe",
@@ -216,9 +216,19 @@ def wins(proxy: dict[str, Any], random: dict[str, Any]) -> str:
     return f"{len(won)} of {len(proxy['tasks'])} tasks ({', '.join(won) or 'none'})"
 
 
+def objective(pretraining: dict[str, Any]) -> str:
+    """The reconstruction term of the pretraining objective, where it had one."""
+    if not pretraining.get("reconstruction"):
+        return ""
+    return (f"; plus the views' pixels reconstructed from the last block's patch tokens at weight "
+            f"{pretraining['reconstruction']:g}, final error {pretraining['final_reconstruction_error']:.3f}")
+
+
 def sizing(pretraining: dict[str, Any]) -> str:
     """How the proxy's number of steps came about, and how to repeat it."""
     planned = pretraining["planned_steps"]
+    if not pretraining["calibrated"]:
+        return f"The proxy ran a fixed schedule of {planned} steps (`--steps {planned}`), not sized by a time budget."
     if pretraining["finished"]:
         return f"The proxy run was sized by its time budget to {planned} steps; `--steps {planned}` repeats it exactly."
     return (f"The proxy run was sized by its time budget to {planned} steps, and the budget ran out after "
@@ -246,13 +256,14 @@ def main() -> None:
         f"The backbone is `{proxy['backbone']}` with `{kwargs}`, pretrained offline by `tools/pretrain_proxy.py` on "
         f"formula-driven images ({', '.join(f'{n} {k}' for k, n in pretraining['classes'].items())} classes, "
         f"{pretraining['images_per_class']} images each; {pretraining['steps']} steps of batch "
-        f"{pretraining['batch_size']} in {pretraining['seconds']} s, final training loss "
-        f"{pretraining['final_loss']:.3f}). No natural image and no download is involved.",
+        f"{pretraining['batch_size']} in {pretraining['seconds']} s, final classification loss "
+        f"{pretraining['final_loss']:.3f}{objective(pretraining)}). No natural image and no download is involved.",
         "",
         "## Commands",
         "",
         "```",
-        *COMMANDS,
+        *(c.replace("{steps}", "" if pretraining["calibrated"] else f" --steps {pretraining['planned_steps']}")
+          for c in COMMANDS),
         "```",
         "",
         sizing(pretraining) + f" Machine: {os.cpu_count()} CPU cores "
@@ -267,9 +278,8 @@ def main() -> None:
         "These are a 6-block ViT-Ti at 32 pixels, pretrained for minutes on synthetic formulas, on five small "
         "tasks of 1,000-1,300 training images, one seed, on CPU. They show that the methods run as their authors "
         "configure them under one protocol, that the proxy's features are learned (its best linear probe beats "
-        f"random weights' on {wins(probe, random)}; a random ViT keeps the pixels, which a linear probe of "
-        "small images often needs more than the features minutes of pretraining add), and how the three claims "
-        "come out at this scale. They do not reproduce the papers: the InCA "
+        f"random weights' on {wins(probe, random)}), and how the three claims come out at this scale. They do "
+        "not reproduce the papers: the InCA "
         "paper's claims are about ViT-L/16 and larger, pretrained on ImageNet-21k or more, on its 11-dataset "
         "suite; LoRA-GA's are about T5 and Llama on GLUE and instruction data; one seed on small tasks leaves "
         "differences of a few points within noise.",
