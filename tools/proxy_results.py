@@ -130,7 +130,7 @@ def compare_section(summary: dict[str, Any]) -> tuple[list[str], list[dict[str, 
                         "lora_ga_reach": reach.get("lora-ga"), "full_reach": reach.get("full")})
     if any(r.get("activations") == "cache" for r in summary["results"]):
         lines += ["InCA read activation stores: its seconds include building one only where no earlier run had "
-                  "built it (an interrupted earlier run built the first task's).", ""]
+                  "built it.", ""]
     lines += ["Protocol:", "", *protocol_lines(summary["protocol"]), "",
               f"![test accuracy vs trainable parameters]({ACCURACY_PNG})", "",
               f"![training loss, trailing mean over {WINDOW} steps]({LOSS_PNG})", ""]
@@ -227,13 +227,12 @@ def objective(pretraining: dict[str, Any]) -> str:
 def sizing(pretraining: dict[str, Any]) -> str:
     """How the proxy's number of steps came about, and how to repeat it."""
     planned = pretraining["planned_steps"]
-    if not pretraining["calibrated"]:
-        return f"The proxy ran a fixed schedule of {planned} steps (`--steps {planned}`), not sized by a time budget."
-    if pretraining["finished"]:
-        return f"The proxy run was sized by its time budget to {planned} steps; `--steps {planned}` repeats it exactly."
-    return (f"The proxy run was sized by its time budget to {planned} steps, and the budget ran out after "
-            f"{pretraining['steps']} of them, near the end of the cosine decay; `--steps "
-            f"{planned}` reruns the planned schedule.")
+    how = "sized by its time budget to" if pretraining["calibrated"] else "a fixed schedule of"
+    if not pretraining["finished"]:
+        return (f"The proxy run was {how} {planned} steps, and the budget ran out after {pretraining['steps']} of "
+                f"them, near the end of the cosine decay; `--steps {planned}` with a larger `--minutes` reruns "
+                "the planned schedule.")
+    return f"The proxy run was {how} {planned} steps; `--steps {planned}` repeats it exactly."
 
 
 def main() -> None:
@@ -262,7 +261,8 @@ def main() -> None:
         "## Commands",
         "",
         "```",
-        *(c.replace("{steps}", "" if pretraining["calibrated"] else f" --steps {pretraining['planned_steps']}")
+        *(c.replace("{steps}", "" if pretraining["calibrated"] else
+                    f" --steps {pretraining['planned_steps']} --minutes 20  # a budget the fixed schedule fits")
           for c in COMMANDS),
         "```",
         "",
