@@ -30,6 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 import inca.adapters.compacter as compacter
@@ -38,6 +39,7 @@ import inca.probe as probe
 import inca.train.bank as bank
 from inca.cli import compare_main, probe_main
 from inca.errors import InCAError
+from inca.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "compare-demo.yaml"
@@ -113,20 +115,13 @@ def inca_last_epoch() -> contextlib.AbstractContextManager:
 
 def knn_in_place() -> contextlib.AbstractContextManager:
     """Before: kNN L2-normalised its inputs in place, and float32 contiguous inputs are the recorded features."""
+    knn = probe.knn_predict
 
-    def normalising_in_place(train, y_train, queries, num_classes, k, temperature):
-        train = np.ascontiguousarray(train, dtype=np.float32)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        faiss.normalize_L2(train)
-        faiss.normalize_L2(queries)
-        index = faiss.IndexFlatIP(train.shape[1])
-        index.add(train)
-        similarity, neighbours = index.search(queries, min(k, len(train)))
-        weights = np.exp((similarity - similarity[:, :1]) / temperature)
-        votes = np.zeros((len(queries), num_classes))
-        np.add.at(votes, (np.repeat(np.arange(len(queries)), neighbours.shape[1]), y_train[neighbours].ravel()),
-                  weights.ravel())
-        return votes.argmax(1)
+    def normalising_in_place(train: np.ndarray, y_train: np.ndarray, queries: np.ndarray, *args, **kwargs):
+        for features in (train, queries):  # what np.ascontiguousarray handed faiss.normalize_L2 as is
+            if features.dtype == np.float32 and features.flags.c_contiguous:
+                faiss.normalize_L2(features)
+        return knn(train, y_train, queries, *args, **kwargs)
 
     return patched(probe, "knn_predict", normalising_in_place)
 
@@ -209,8 +204,9 @@ def run_compare(out: Path, methods: list[str], fix: Fix | None) -> dict:
     return json.loads((out / "compare.json").read_text())
 
 
-def run_probe(out: Path, probes: str, code: Callable[[], contextlib.AbstractContextManager] | None) -> dict:
-    recipe = _recipe()
+def run_probe(out: Path, recipe: dict, probes: str,
+              code: Callable[[], contextlib.AbstractContextManager] | None) -> dict:
+    """``inca-probe`` of the recipe's backbone and tasks into ``out`` (resuming), under ``code``; its probe.json."""
     argv = ["--backbone", recipe["backbone"], "--weights", recipe["weights"], "--model-kwargs",
             *(f"{k}={v}" for k, v in recipe["model_kwargs"].items()), "--device", recipe["device"],
             "--tasks", ",".join(recipe["tasks"]), "--probes", probes, "--out", str(out), "--quiet"]
@@ -220,22 +216,13 @@ def run_probe(out: Path, probes: str, code: Callable[[], contextlib.AbstractCont
     return json.loads((out / "probe.json").read_text())
 
 
-def _recipe() -> dict:
-    import yaml
-
-    return yaml.safe_load(RECIPE.read_text())
+def _by_pair(summary: dict, value: Callable[[dict], object]) -> dict[tuple[str, str], object]:
+    """``value`` of each compare.json result, by (task, method)."""
+    return {(r["task"], r["method"]): value(r) for r in summary.get("results", [])}
 
 
 def _accuracies(summary: dict) -> dict[tuple[str, str], float]:
-    return {(r["task"], r["method"]): r["test_acc"] for r in summary.get("results", [])}
-
-
-def _best_epochs(summary: dict) -> dict[tuple[str, str], int]:
-    return {(r["task"], r["method"]): r["best_epoch"] for r in summary.get("results", [])}
-
-
-def _final_losses(summary: dict) -> dict[tuple[str, str], str]:
-    return {(r["task"], r["method"]): f"{r['loss_curve'][-1]:.4f}" for r in summary.get("results", [])}
+    return _by_pair(summary, lambda r: r["test_acc"])
 
 
 def _fmt(value: float | None) -> str:
@@ -251,7 +238,8 @@ def fix_section(fix: Fix, before: dict, after: dict, tasks: list[str]) -> list[s
     if "error" in before:
         return [*lines, f"Before, `inca-compare` stopped: `{before['error']}`", ""]
     old, new = _accuracies(before), _accuracies(after)
-    epochs, losses = (_best_epochs(before), _best_epochs(after)), (_final_losses(before), _final_losses(after))
+    epochs = [_by_pair(s, lambda r: r["best_epoch"]) for s in (before, after)]
+    losses = [_by_pair(s, lambda r: f"{r['loss_curve'][-1]:.4f}") for s in (before, after)]
     lines += ["| task | method | before | after | after - before | best epoch before / after | final train loss "
               "before / after |", "|---|---|---|---|---|---|---|"]
     deltas = []
@@ -298,16 +286,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread: faster on 2 shared cores, and the same for every run
     out = Path(args.out)
-    tasks = _recipe()["tasks"]
-    after = run_compare(out / "after", _recipe()["methods"], None)
+    recipe = yaml.safe_load(RECIPE.read_text())
+    tasks = recipe["tasks"]
+    after = run_compare(out / "after", recipe["methods"], None)
     sections = [section for fix in FIXES for section in fix_section(fix, run_compare(out / fix.name, fix.methods, fix),
                                                                    after, tasks)]
     sections += fix_section(EVERY_FIX, run_compare(out / EVERY_FIX.name, EVERY_FIX.methods, EVERY_FIX), after, tasks)
-    knn = {"alone": run_probe(out / "probe-linear", "linear", None),
-           "after": run_probe(out / "probe-knn-linear", "knn,linear", None),
-           "before": run_probe(out / "probe-knn-linear-before", "knn,linear", knn_in_place)}
+    knn = {"alone": run_probe(out / "probe-linear", recipe, "linear", None),
+           "after": run_probe(out / "probe-knn-linear", recipe, "knn,linear", None),
+           "before": run_probe(out / "probe-knn-linear-before", recipe, "knn,linear", knn_in_place)}
     sections += knn_section(tasks, knn)
-    recipe = _recipe()
     header = [
         "# Each fix, before and after", "",
         "Generated by `python tools/ablate_fixes.py` (its docstring says how each fix is reverted). Every table is "
@@ -324,7 +312,7 @@ def main() -> None:
           for task in tasks),
         "", "## One fix at a time", "",
     ]
-    Path(args.doc).write_text("\n".join(header + sections))
+    atomic_write_text(Path(args.doc), "\n".join(header + sections))
     print(f"wrote {args.doc}")
 
 

@@ -237,8 +237,8 @@ def make_dataset(counts: dict[str, int], per_class: int, seed: int) -> tuple[np.
 
 
 def random_views(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random crop of 35-100% of each image (aspect 3/4-4/3) resized back, brightness/contrast jittered, a
-    quarter of the images grey-scaled and a quarter seen at 8-16 pixels upscaled back."""
+    """A random crop of 50-100% of each image (aspect 3/4-4/3) resized back, brightness/contrast jittered, a
+    quarter of the images grey-scaled and half seen at 6-16 pixels upscaled back bicubically."""
     n = images.shape[0]
     area = torch.empty(n).uniform_(MIN_CROP_AREA, 1.0, generator=generator)
     aspect = torch.exp(torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator))
