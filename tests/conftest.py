@@ -16,6 +16,14 @@ TINY_ARGS = ["--backbone", "vit_tiny_patch16_224", "--weights", "random",
              "--model-kwargs", "img_size=32", "patch_size=8", "depth=4"]
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, one thread per worker (``-n auto`` starts one worker per core), and the commands a
+    test starts inherit it; an explicit ``OMP_NUM_THREADS`` wins."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def subset_task(spec: str, sizes: dict[str, int]):
     """The first ``sizes[split]`` rows of each split of task ``spec``: a task small enough for a test."""
     import numpy as np
