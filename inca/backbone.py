@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ import yaml
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from timm.data import create_transform, resolve_data_config
+from timm.layers import to_2tuple
 from torch import nn
 
 from .devices import autocast
@@ -94,15 +96,30 @@ def _parse_int(text: str, spec: Any) -> int:
         raise InCAError(f"layer spec {spec!r} is not valid: use all, -1, 0,5,11 or last:K") from None
 
 
+def returns_prefix_tokens(model: nn.Module) -> bool:
+    """Whether ``model``'s intermediates carry prefix tokens: CaiT and XCiT add their class token only after
+    the token blocks, and SAM's ViT has none, so their intermediates are patch tokens alone."""
+    return int(getattr(model, "num_prefix_tokens", 0) or 0) > 0 and (
+        "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+    )
+
+
 def intermediate_tokens(model: nn.Module, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
     """Output tokens ``[B, T, D]`` of each block in ``layers`` (ascending, non-negative), prefix tokens
     (CLS, registers) first, from one timm ``forward_intermediates`` pass that stops after the last of them.
-    Plain tensor code, no hooks: traceable by ``torch.compile`` and ``torch.export``."""
+    Asked for as a patch grid (the one layout every timm ViT, SAM's included, returns) and flattened
+    row-major, which is timm's token order. Plain tensor code, no hooks: traceable by ``torch.compile``
+    and ``torch.export``."""
+    prefix = {"return_prefix_tokens": True} if returns_prefix_tokens(model) else {}
     outputs = model.forward_intermediates(
-        images, indices=list(layers), output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True,
-        stop_early=True,
-    )  # fmt: skip
-    return [torch.cat([out[1], out[0]], dim=1) if isinstance(out, tuple) else out for out in outputs]
+        images, indices=list(layers), output_fmt="NCHW", intermediates_only=True, stop_early=True, **prefix
+    )
+    tokens = []
+    for out in outputs:
+        grid, extra = out if isinstance(out, tuple) else (out, None)
+        patches = grid.flatten(2).transpose(1, 2)
+        tokens.append(patches if extra is None else torch.cat([extra, patches], dim=1))
+    return tokens
 
 
 @dataclass
@@ -135,11 +152,12 @@ class Backbone:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)
+        """Prefix tokens in front of the patch tokens that :meth:`extract` returns."""
+        return int(self.model.num_prefix_tokens) if returns_prefix_tokens(self.model) else 0
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return tuple(int(s) for s in self.model.patch_embed.grid_size)
+        return patch_grid(self.model)
 
     @property
     def num_tokens(self) -> int:
@@ -149,11 +167,14 @@ class Backbone:
     @property
     def token_layout(self) -> dict[str, Any]:
         """Where each kind of token sits in ``[prefix..., patches...]``; recorded in cache manifests."""
-        num_cls = 1 if getattr(self.model, "cls_token", None) is not None else 0
+        prefix = self.num_prefix_tokens
+        num_cls = 1 if prefix and getattr(self.model, "cls_token", None) is not None else 0
+        num_dist = 1 if prefix and getattr(self.model, "dist_token", None) is not None else 0  # DeiT's, after CLS
         return {
-            "num_prefix_tokens": self.num_prefix_tokens,
+            "num_prefix_tokens": prefix,
             "cls_token": num_cls == 1,
-            "num_register_tokens": self.num_prefix_tokens - num_cls,
+            **({"distillation_token": True} if num_dist else {}),
+            "num_register_tokens": prefix - num_cls - num_dist,
             "grid_size": list(self.grid_size),
             "num_tokens": self.num_tokens,
         }
@@ -235,14 +256,10 @@ def create_backbone(
     kwargs = parse_model_kwargs(model_kwargs)
     _check_model_name(name)
     model = _create_model(name, weights, kwargs)
-    if not all(hasattr(model, attr) for attr in ("forward_intermediates", "blocks", "num_prefix_tokens")):
-        raise InCAError(
-            f"backbone {name!r} is not a ViT-family transformer (no token blocks); "
-            "choose a timm ViT such as vit_base_patch16_224, deit_small_patch16_224 or eva02_base_patch14_224"
-        )
+    _check_token_model(model, name)
     model.eval().requires_grad_(False)
     data_config = resolve_data_config(model=model)
-    data_config["input_size"] = (3, *(int(s) for s in model.patch_embed.img_size))
+    data_config["input_size"] = (3, *(int(s) for s in to_2tuple(model.patch_embed.img_size)))
     backbone = Backbone(
         model=model,
         name=name,
@@ -265,8 +282,34 @@ def state_dict_hash(model: nn.Module) -> str:
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return digest.hexdigest()[:16]
+
+
+def _check_token_model(model: nn.Module, name: str) -> None:
+    """The backbone must be a column of same-width token blocks over a fixed patch grid: what the adapters,
+    the store's fixed ``[T, D]`` rows and the probes assume."""
+    if not all(hasattr(model, attr) for attr in ("forward_intermediates", "blocks", "embed_dim")):
+        raise InCAError(
+            f"backbone {name!r} is not a ViT-family transformer (no column of token blocks; hierarchical models "
+            "such as Swin or MViT change width by stage); choose a timm ViT such as vit_base_patch16_224, "
+            "deit_small_patch16_224 or eva02_base_patch14_224"
+        )
+    if patch_grid(model) is None:
+        raise InCAError(f"backbone {name!r} has no fixed input size and patch grid (a variable-resolution ViT such "
+                        "as NaFlexViT), so its token count varies by image; choose a fixed-resolution ViT")
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int] | None:
+    """The patch grid of the model's fixed input size (``patch_embed.grid_size``, or image size over patch
+    size where the embedding does not record it, as XCiT's); None for variable-resolution models."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "img_size", None) is None:
+        return None
+    if getattr(embed, "grid_size", None) is not None:
+        return tuple(int(s) for s in embed.grid_size)
+    patch = to_2tuple(embed.patch_size)
+    return tuple(int(i) // int(p) for i, p in zip(to_2tuple(embed.img_size), patch))
 
 
 def _check_model_name(name: str) -> None:

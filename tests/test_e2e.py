@@ -92,7 +92,7 @@ def test_best_epoch_is_chosen_on_val_and_test_is_evaluated_once(monkeypatch):
 
 
 def test_bad_pool_is_an_error(tiny_backbone, small_task):
-    with pytest.raises(InCAError, match="pooling 'max'"):
+    with pytest.raises(InCAError, match="linear pool must be auto, cls or mean, got 'max'"):
         train_e2e("linear", tiny_backbone, small_task, {"pool": "max"}, SETTINGS)
 
 

@@ -52,14 +52,26 @@ def select_linear_modules(model: nn.Module, target: str) -> list[tuple[str, nn.L
     return matched
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the classification head (timm's ``get_classifier()``): trained by every method."""
+def classifier_modules(model: nn.Module) -> list[nn.Module]:
+    """timm's ``get_classifier()`` as a list: a distilled DeiT has two heads, whose logits it averages."""
     get_classifier = getattr(model, "get_classifier", None)
     if get_classifier is None:
         raise InCAError(
             f"{type(model).__name__} has no get_classifier(); use a timm model or train_head=False"
         )
-    return list(get_classifier().parameters())
+    heads = get_classifier()
+    return list(heads) if isinstance(heads, (tuple, list)) else [heads]
+
+
+def logit_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that map the pooled features (timm's ``forward_head(pre_logits=True)``) to logits: each
+    classifier, or its final ``fc`` where the classifier pools first (timm's ``ClassifierHead``, as SAM's ViT)."""
+    return [getattr(head, "fc", head) for head in classifier_modules(model)]
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the classification head (timm's ``get_classifier()``): trained by every method."""
+    return [p for head in classifier_modules(model) for p in head.parameters()]
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:

@@ -117,12 +117,14 @@ class AdaptedSublayer(nn.Module):
         return self.adapter(self.base_layer(*args, **kwargs))
 
 
-def _output_width(name: str, sublayer: nn.Module) -> int:
-    """Width of a sub-layer's output: that of its last ``nn.Linear`` (``attn.proj``, ``mlp.fc2``)."""
-    linears = [m for m in sublayer.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise InCAError(f"{name!r} has no nn.Linear giving its output width; Compacter needs timm ViT blocks")
-    return linears[-1].out_features
+def _residual_width(name: str, sublayer: nn.Module) -> int:
+    """Width of the residual stream a sub-layer reads and adds its output back to: the input of its first
+    ``nn.Linear`` (``attn.qkv``, ``mlp.fc1``). Not the last layer's output: CaiT's talking-heads attention
+    registers its head-mixing layers after ``proj``."""
+    first = next((m for m in sublayer.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise InCAError(f"{name!r} has no nn.Linear giving its width; Compacter needs timm ViT blocks")
+    return first.in_features
 
 
 def bottleneck_width(dim: int, reduction: int, phm_dim: int) -> int:
@@ -163,7 +165,7 @@ def apply_compacter(
                 if isinstance(sub, AdaptedSublayer):
                     raise InCAError(f"{name!r} already has a Compacter adapter; apply it once, to a fresh "
                                     f"backbone")
-                dim = _output_width(name, sub)
+                dim = _residual_width(name, sub)
                 _check_width(name, dim, phm_dim)
                 sublayers.append((block, kind, name, dim))
     if not sublayers:

@@ -27,6 +27,7 @@ from torch import nn
 
 from inca.adapters.common import (
     DEFAULT_TARGET,
+    classifier_modules,
     count_parameters,
     head_parameters,
     load_tensors,
@@ -286,10 +287,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     rank, alpha = first.rank, first.alpha
     if first.shifted:  # PEFT's scale at rank 2r must stay ours: alpha / r, or alpha / sqrt(r) with rsLoRA
         rank, alpha = 2 * rank, alpha * (math.sqrt(2) if first.rslora else 2)
-    head = model.get_classifier()
-    head_name = _module_name(model, head) if head.state_dict() else None
-    if head_name is not None:
-        tensors.update({f"{_PEFT_PREFIX}{head_name}.{k}": v for k, v in head.state_dict().items()})
+    head_names = []
+    for head in classifier_modules(model):  # two for a distilled DeiT
+        if head.state_dict():
+            head_names.append(_module_name(model, head))
+            tensors.update({f"{_PEFT_PREFIX}{head_names[-1]}.{k}": v for k, v in head.state_dict().items()})
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -299,7 +301,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         "use_rslora": first.rslora,
         "lora_dropout": first.dropout,
         "target_modules": list(layers),
-        "modules_to_save": [head_name] if head_name else None,
+        "modules_to_save": head_names or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from inca.adapters.common import (
+    classifier_modules,
     head_parameters,
     load_tensors,
     named_tensors,
@@ -15,8 +16,10 @@ from inca.adapters.common import (
     save_adapter,
     set_trainable,
 )
+from inca.errors import InCAError
 from inca.methods.base import ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
+from inca.train.e2e import POOLS
 
 OURS = "ours: no paper's setting applies to this probe"
 
@@ -29,12 +32,20 @@ class LinearConfig(TrainConfig):
     lr: float = hparam(1e-2, source=f"{OURS}; a head on fixed features takes larger steps than fine-tuning "
                                     "(1e-3 left it under-fitted after 5 epochs on the proxy backbone)")
     weight_decay: float = hparam(0.0, source=OURS)
-    pool: str = hparam("cls", help="the head's input: the class token (cls) or the mean of the patch tokens (mean)",
-                       source=OURS)
+    pool: str = hparam(
+        "auto", help="the head's input: the backbone's own pooling (auto: timm's global_pool, the class token of "
+                     "most ViTs), the class token (cls) or the mean of the patch tokens (mean)",
+        source=OURS,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pool not in ("auto", *POOLS):
+            raise InCAError(f"linear pool must be auto, {' or '.join(POOLS)}, got {self.pool!r}")
 
     @property
     def head_pool(self) -> str | None:
-        return self.pool
+        return None if self.pool == "auto" else self.pool
 
 
 def apply(model: nn.Module, config: LinearConfig, context: ApplyContext) -> None:
@@ -56,7 +67,8 @@ def load(model: nn.Module, directory: str | os.PathLike) -> None:
     if pool is not None and getattr(model, "global_pool", None) != pool:
         reference = next(model.parameters())
         model.reset_classifier(model.num_classes, global_pool=pool)
-        model.get_classifier().to(reference.device, reference.dtype)
+        for head in classifier_modules(model):
+            head.to(reference.device, reference.dtype)
     load_tensors(model, tensors, named_tensors(model, head_parameters(model)))
     set_trainable(model, head_parameters(model))
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from inca.adapters.common import count_parameters
+from inca.adapters.common import count_parameters, logit_layers
 from inca.backbone import Backbone
 from inca.distributed import current
 from inca.errors import InCAError
@@ -73,10 +73,20 @@ def probe_head(model: nn.Module, data: Batches, settings: RunSettings) -> dict[s
     ``linear`` method fits its own (its default config, the run's epochs, batches and seed): the start of
     linear-probe-then-fine-tune (Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022).
     Returned as a CPU state dict; ``model`` is left as it was."""
-    head = copy.deepcopy(model.get_classifier()).requires_grad_(True)
+    head = copy.deepcopy(logit_layers(model)[0]).requires_grad_(True)
     features = pooled_features(model, data, settings.batch_size, SPLITS)
     fit(head, features, _fit_config(get_method("linear").make_config(), settings, "linear-probe head"))
     return {k: v.detach().cpu() for k, v in head.state_dict().items()}
+
+
+def fit_head(model: nn.Module, features: Batches, fit_config: FitConfig) -> FitResult:
+    """Fit ``model``'s head on its pooled ``features``. A distilled DeiT's second head takes the same weights,
+    so the average of its two heads' logits is this head's."""
+    first, *others = logit_layers(model)
+    result = fit(first, features, fit_config)
+    for other in others:
+        other.load_state_dict(first.state_dict())
+    return result
 
 
 def _start_head(
@@ -85,12 +95,13 @@ def _start_head(
     """Start the freshly drawn head as ``settings.head_init`` says (``head``: a linear-probe head fitted before)."""
     if settings.head_init == "random":
         return
-    classifier = model.get_classifier()
+    layers = logit_layers(model)
     if settings.head_init == "zero":
-        head = {k: torch.zeros_like(v) for k, v in classifier.state_dict().items()}
+        head = {k: torch.zeros_like(v) for k, v in layers[0].state_dict().items()}
     elif head is None:
         head = probe_head(model, data, settings)
-    classifier.load_state_dict(head)
+    for layer in layers:  # a distilled DeiT's two heads start alike: their averaged logits are the probe's
+        layer.load_state_dict(head)
 
 
 def build_model(
@@ -126,7 +137,7 @@ def train_e2e(
         model = build_model(name, backbone, task.num_classes, config, data, settings, head)
         if method.features_only:
             features = pooled_features(model, data, settings.batch_size, SPLITS)
-            return model, fit(model.get_classifier(), features, fit_config)
+            return model, fit_head(model, features, fit_config)
         return model, fit(model, data, fit_config)
 
 

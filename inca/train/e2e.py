@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from inca.backbone import Backbone
 from inca.devices import autocast
 from inca.distributed import current
-from inca.errors import InCAError
+from inca.errors import InCAError, first_line
 from inca.progress import progress
 from inca.tasks import Task, image_loader, sequential_batches
 from inca.train.bank import epoch_batches
@@ -149,7 +149,11 @@ def trainable_copy(backbone: Backbone, num_classes: int, pool: str | None = None
             raise InCAError(f"pooling {pool!r} is unknown; use one of {', '.join(POOLS)}")
         if pool == "cls" and getattr(model, "cls_token", None) is None:
             raise InCAError(f"backbone {backbone.name!r} has no class token; pool the tokens with pool=mean")
-        model.reset_classifier(num_classes, global_pool=POOLS[pool])
+        try:
+            model.reset_classifier(num_classes, global_pool=POOLS[pool])
+        except (AssertionError, ValueError, TypeError) as exc:  # e.g. a distilled DeiT's head reads fixed tokens
+            raise InCAError(f"backbone {backbone.name!r} cannot pool its head's input as {pool} "
+                            f"({first_line(exc)}); use its own pooling (pool=auto)") from None
     return model.to(backbone.device).requires_grad_(False)
 
 
