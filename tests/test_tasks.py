@@ -204,13 +204,33 @@ def test_hf_single_dataset_and_string_labels(tmp_path):
     assert sum(task.sizes().values()) == 40
 
 
-def test_hf_labels_out_of_range(tmp_path):
+def test_hf_unlabelled_rows_are_left_out_and_an_unlabelled_split_is_carved(tmp_path, caplog):
+    """-1 is how ``datasets`` marks a row without a label (ImageNet-1k's test split): such rows never count as
+    class -1, a split without any label is carved from train like a missing one, and both are logged."""
     import datasets
 
-    ds = datasets.DatasetDict({"train": _hf_dataset(6), "test": _hf_dataset(3, labels=[-1, -1, -1])})
+    ds = datasets.DatasetDict({"train": _hf_dataset(30, labels=[-1, -1] + [i % 3 for i in range(28)]),
+                               "test": _hf_dataset(3, labels=[-1, -1, -1])})
     ds.save_to_disk(tmp_path / "unlabelled")
-    with pytest.raises(InCAError, match="test label -1 is out of range"):
-        load_task(f"hf:{tmp_path / 'unlabelled'}")
+    with caplog.at_level("WARNING"):
+        task = load_task(f"hf:{tmp_path / 'unlabelled'}")
+    _check_task(task, 3)
+    assert sum(task.sizes().values()) == 28 and task.sizes()["test"] > 0
+    assert all((split.labels >= 0).all() for split in task.splits.values())
+    assert not set(task.splits["test"].rows) & set(task.splits["train"].rows)  # carved from train, disjoint
+    assert "'test' split has no labels" in caplog.text and "2 of 30 rows of the 'train' split" in caplog.text
+
+
+def test_hf_labels_beyond_the_named_classes(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict({"train": _hf_dataset(6), "test": _hf_dataset(3)})
+    ds["test"] = ds["test"].cast_column("label", datasets.Value("int64")).map(lambda row: {"label": 7})
+    ds["test"] = ds["test"].cast_column("label", datasets.ClassLabel(num_classes=8))
+    ds.save_to_disk(tmp_path / "wide")
+    with pytest.raises(InCAError, match="label 7") as info:
+        load_task(f"hf:{tmp_path / 'wide'}")
+    assert "\n" not in str(info.value)
 
 
 def test_hf_offline_unknown_dataset():

@@ -3,6 +3,7 @@ or directories written by ``save_to_disk``."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from ..errors import InCAError, first_line
 from .base import Split, Task, make_splits
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+_logger = logging.getLogger(__name__)
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 
 
@@ -46,8 +48,18 @@ def load_hf_task(spec: str, name: str, config: str | None = None, seed: int = 0)
             continue
         dataset = splits_by_name[hf_split].select_columns([image_column, label_column])
         labels = _labels(dataset[label_column], classes)
+        labelled = np.flatnonzero(labels >= 0)  # -1: no label (ImageNet-1k's test split, competitions' tests)
+        if len(labelled) == 0:
+            _logger.warning("%s: the %r split has no labels; %s is carved from train instead", spec, hf_split, split)
+            continue
+        if len(labelled) < len(labels):
+            _logger.warning("%s: %d of %d rows of the %r split have no label (-1) and are left out", spec,
+                            len(labels) - len(labelled), len(labels), hf_split)
+        if labels.max() >= len(classes):
+            raise InCAError(f"task {spec}: the {hf_split!r} split has label {labels.max()} but the dataset names "
+                            f"{len(classes)} classes")
         source = HFSource(dataset.select_columns([image_column]), image_column, f"{spec}[{hf_split}]")
-        available[split] = Split(source, np.arange(len(dataset)), labels)
+        available[split] = Split(source, labelled, labels[labelled])
         identity[split] = getattr(dataset, "_fingerprint", None)
     if "train" not in available:
         raise InCAError(f"task {spec}: the dataset has no train split (it has {sorted(splits_by_name)})")
@@ -91,7 +103,7 @@ def _label_column(spec: str, features: Any, splits: dict[str, Any]) -> tuple[str
             return column, list(feature.names)
     for column in LABEL_COLUMNS:
         if column in features:
-            values = sorted({v for split in splits.values() for v in split.unique(column)})
+            values = sorted({v for split in splits.values() for v in split.unique(column) if v is not None})
             if all(isinstance(v, int) for v in values):
                 return column, [str(i) for i in range(max(values) + 1)]
             return column, [str(v) for v in values]
@@ -99,7 +111,9 @@ def _label_column(spec: str, features: Any, splits: dict[str, Any]) -> tuple[str
 
 
 def _labels(values: list[Any], classes: list[str]) -> np.ndarray:
-    if values and not isinstance(values[0], (int, np.integer)):
-        index = {name: i for i, name in enumerate(classes)}
-        return np.asarray([index[str(v)] for v in values], dtype=np.int64)
-    return np.asarray(values, dtype=np.int64)
+    """Class indices; -1 for a row without a label (None, or -1 as ``datasets`` writes a missing ClassLabel)."""
+    index = {name: i for i, name in enumerate(classes)}
+    return np.asarray(
+        [-1 if v is None else int(v) if isinstance(v, (int, np.integer)) else index[str(v)] for v in values],
+        dtype=np.int64,
+    )
