@@ -235,6 +235,15 @@ def sizing(pretraining: dict[str, Any]) -> str:
     return f"The proxy run was {how} {planned} steps; `--steps {planned}` repeats it exactly."
 
 
+def with_relative_weights(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with its weights file named relative to the working directory (the repository root in the
+    commands above), not by this machine's absolute path."""
+    weights = report["backbone"]["weights"]
+    if weights in ("pretrained", "random"):
+        return report
+    return {**report, "backbone": {**report["backbone"], "weights": os.path.relpath(weights)}}
+
+
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
@@ -286,7 +295,8 @@ def main() -> None:
         "",
         "## The probe report on the proxy",
         "",
-        render_probe_report(probe).replace("# Layer probing", "### Layer probing").replace("\n## ", "\n#### "),
+        render_probe_report(with_relative_weights(probe)).replace("# Layer probing", "### Layer probing")
+        .replace("\n## ", "\n#### "),
     ]
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     shutil.copyfile(Path(args.compare) / ACCURACY_PLOT, out.parent / ACCURACY_PNG)
