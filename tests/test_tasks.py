@@ -233,6 +233,22 @@ def test_hf_labels_beyond_the_named_classes(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_hf_multi_label_column_is_one_line(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(6)],
+         "labels": [[i % 3, (i + 1) % 3] for i in range(6)]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "labels": datasets.Sequence(datasets.ClassLabel(names=["a", "b", "c"]))}),
+    )
+    ds.save_to_disk(tmp_path / "multi")
+    with pytest.raises(InCAError, match="multi-label datasets are not supported") as info:
+        load_task(f"hf:{tmp_path / 'multi'}")
+    assert "\n" not in str(info.value)
+
+
 def test_hf_offline_unknown_dataset():
     with pytest.raises(InCAError, match="local HF cache") as info:
         load_task("hf:nobody/no-such-dataset-xyz")

@@ -103,6 +103,10 @@ def _label_column(spec: str, features: Any, splits: dict[str, Any]) -> tuple[str
             return column, list(feature.names)
     for column in LABEL_COLUMNS:
         if column in features:
+            if not isinstance(features[column], datasets.Value):
+                raise InCAError(f"task {spec}: label column {column!r} holds {type(features[column]).__name__} "
+                                "values, not one label per image (multi-label datasets are not supported); "
+                                "map it to a single ClassLabel column first")
             values = sorted({v for split in splits.values() for v in split.unique(column) if v is not None})
             if all(isinstance(v, int) for v in values):
                 return column, [str(i) for i in range(max(values) + 1)]
