@@ -97,6 +97,36 @@ def test_task_specs_are_checked_before_the_backbone_loads(tmp_path):
     assert_one_line_error(inca(*TRAIN[:-4], "--tasks", "digts", tmp_path=tmp_path), "did you mean digits")
 
 
+def _multi_label_dataset(path) -> None:
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    images = [Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))] * 4
+    features = datasets.Features({"image": datasets.Image(),
+                                  "labels": datasets.Sequence(datasets.ClassLabel(names=["a", "b"]))})
+    datasets.Dataset.from_dict({"image": images, "labels": [[0, 1]] * 4}, features=features).save_to_disk(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["train", "--backbone", "swin_tiny_patch4_window7_224", "--weights", "random", "--tasks", "digits"],
+      "is not a ViT-family transformer"),
+     (["train", "--backbone", "naflexvit_base_patch16_gap", "--weights", "random", "--model-kwargs", "depth=1",
+       "embed_dim=64", "num_heads=2", "--tasks", "digits"], "has no fixed input size and patch grid"),
+     (["compare", *TINY_ARGS, "--tasks", "digits", "--methods", "linear", "--method-args", "linear.pool=max"],
+      "linear pool must be auto, cls or mean"),
+     (["train", *TINY_ARGS, "--tasks", "hf:multi"], "multi-label datasets are not supported")],
+)
+def test_unsupported_backbones_pools_and_label_columns(tmp_path, args, needle):
+    _multi_label_dataset(tmp_path / "multi")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text("previous")
+    assert_one_line_error(inca(*args, "--out", "out", tmp_path=tmp_path), needle)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]
+    assert (tmp_path / "out" / "results.json").read_text() == "previous"
+
+
 def test_offline_pretrained_fails_fast_with_the_fix(tmp_path):
     start = time.monotonic()
     result = inca("cache", "--backbone", "vit_tiny_patch16_224", "--task", "digits", tmp_path=tmp_path,
