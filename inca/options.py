@@ -30,6 +30,12 @@ __all__ = [
 
 Checker = Callable[[Any], Any]
 
+# Pooling of a token sequence into one feature vector, by inca's name -> timm's ``global_pool`` name.
+POOLS = {"cls": "token", "mean": "avg"}
+# The nn.Linear layers the module-selecting methods (LoRA, LoRA-GA) adapt by default: every block's attention
+# and MLP projections (here, not beside the torch code, so a method's config is read without importing torch).
+DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+
 # The forms of a task spec, for --help and error messages (kept light: building a parser imports no torch).
 SYNTH_KINDS = ("shapes", "count", "orientation", "colour")
 TASK_SPEC_FORMS = "digits, synth-{" + ",".join(SYNTH_KINDS) + "}, hf:NAME[:CONFIG], tv:NAME, folder:PATH"

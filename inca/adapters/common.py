@@ -21,7 +21,6 @@ from torch import nn
 from inca.errors import InCAError, first_line
 from inca.io import atomic_write, atomic_write_json, file_sha256, read_json
 
-DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1

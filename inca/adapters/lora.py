@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from inca.adapters.common import (
-    DEFAULT_TARGET,
     classifier_modules,
     count_parameters,
     head_parameters,
@@ -39,6 +38,7 @@ from inca.adapters.common import (
 )
 from inca.errors import InCAError
 from inca.io import atomic_write, atomic_write_json
+from inca.options import DEFAULT_TARGET
 
 __all__ = [
     "DEFAULT_TARGET",

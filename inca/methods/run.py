@@ -26,7 +26,7 @@ from inca.adapters.common import count_parameters, logit_layers
 from inca.backbone import Backbone
 from inca.distributed import current
 from inca.errors import InCAError
-from inca.methods.base import ApplyContext, MethodConfig, RunSettings, TrainConfig
+from inca.methods.base import PEFT_DIR, ApplyContext, MethodConfig, RunSettings, TrainConfig
 from inca.methods.registry import Method, get_method
 from inca.tasks import SPLITS, Task
 from inca.train.e2e import Batches, FitConfig, FitResult, ImageBatches, fit, pooled_features, trainable_copy
@@ -35,7 +35,6 @@ __all__ = ["PEFT_DIR", "build_model", "probe_head", "run_method", "seeded", "tra
 
 logger = logging.getLogger(__name__)
 
-PEFT_DIR = "peft"  # under a run's work_dir: the PEFT export of a LoRA-type model (RunSettings.export_peft)
 
 Hparams = MethodConfig | Mapping[str, Any]
 

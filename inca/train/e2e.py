@@ -30,6 +30,7 @@ from inca.backbone import Backbone
 from inca.devices import autocast
 from inca.distributed import current
 from inca.errors import InCAError, first_line
+from inca.options import POOLS
 from inca.progress import progress
 from inca.tasks import Task, image_loader, sequential_batches
 from inca.train.bank import epoch_batches
@@ -50,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POOLS = {"cls": "token", "mean": "avg"}  # linear-probe pooling -> timm's global_pool
 
 
 class Batches(Protocol):
