@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
+from inca.activations import ImageBatches
 from inca.adapters.common import logit_layers
 from inca.backbone import create_backbone
 from inca.errors import InCAError
 from inca.methods import METHODS, RunSettings, build_model, get_method, run_method, train_e2e
 from inca.tasks import sequential_batches
-from inca.train.e2e import ImageBatches, pooled_features, trainable_copy
+from inca.train.e2e import pooled_features, trainable_copy
 
 from .conftest import subset_task
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import inca.train.e2e as e2e
+from inca.activations import ImageBatches, TensorBatches
 from inca.adapters.lora import lora_layers
 from inca.errors import InCAError
 from inca.methods import RunSettings, train_e2e
 from inca.tasks import SPLITS, Task
-from inca.train.e2e import FitConfig, ImageBatches, TensorBatches, fit, trainable_copy
+from inca.train.e2e import FitConfig, fit, trainable_copy
 from tests.conftest import subset_task
 
 SETTINGS = RunSettings(epochs=1, batch_size=16, seed=3, progress=False)

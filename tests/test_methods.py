@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import inca.methods.run as run
+from inca.activations import TensorBatches
 from inca.adapters.common import CONFIG_FILE, WEIGHTS_FILE, count_parameters, head_parameters, set_trainable
 from inca.errors import InCAError
 from inca.methods import (
@@ -32,7 +33,7 @@ from inca.methods import (
     run_method,
 )
 from inca.tasks import SPLITS
-from inca.train.e2e import FitResult, TensorBatches, trainable_copy
+from inca.train.e2e import FitResult, trainable_copy
 
 CLASSES = 4
 SETTINGS = RunSettings(epochs=1, batch_size=8, seed=5, progress=False)

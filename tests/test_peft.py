@@ -112,11 +112,12 @@ def test_export_needs_lora_layers(tmp_path):
 
 @pytest.mark.slow
 def test_compare_exports_its_lora_models_for_peft(tmp_path):
+    from inca.activations import ImageBatches
     from inca.backbone import create_backbone
     from inca.cli import compare_main
     from inca.suite import task_directory
     from inca.tasks import load_task
-    from inca.train.e2e import ImageBatches, evaluate
+    from inca.train.e2e import evaluate
 
     out = tmp_path / "cmp"
     argv = [*TINY_ARGS, "--device", "cpu", "--tasks", "synth-shapes", "--epochs", "1", "--batch-size", "64",

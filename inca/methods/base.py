@@ -20,7 +20,7 @@ from inca.errors import InCAError
 if TYPE_CHECKING:
     import torch
 
-    from inca.train.e2e import Batches
+    from inca.activations import DataSource
 
 __all__ = ["HEAD_INITS", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunSettings", "TrainConfig", "hparam",
            "lr_candidates", "type_name"]
@@ -120,7 +120,7 @@ class RunSettings:
 class ApplyContext:
     """What a method's ``apply`` may need beyond its config (LoRA-GA: the first training batches)."""
 
-    data: Batches
+    data: DataSource
     batch_size: int
     seed: int
     device: torch.device

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inca.activations import DataSource, ImageBatches
 from inca.adapters.common import count_parameters, logit_layers
 from inca.backbone import Backbone
 from inca.distributed import current
@@ -29,7 +30,7 @@ from inca.errors import InCAError
 from inca.methods.base import PEFT_DIR, ApplyContext, MethodConfig, RunSettings, TrainConfig
 from inca.methods.registry import Method, get_method
 from inca.tasks import SPLITS, Task
-from inca.train.e2e import Batches, FitConfig, FitResult, ImageBatches, fit, pooled_features, trainable_copy
+from inca.train.e2e import FitConfig, FitResult, fit, pooled_features, trainable_copy
 
 __all__ = ["PEFT_DIR", "build_model", "probe_head", "run_method", "seeded", "train_e2e"]
 
@@ -67,7 +68,7 @@ def _fit_config(config: TrainConfig, settings: RunSettings, desc: str) -> FitCon
     )  # fmt: skip
 
 
-def probe_head(model: nn.Module, data: Batches, settings: RunSettings) -> dict[str, torch.Tensor]:
+def probe_head(model: nn.Module, data: DataSource, settings: RunSettings) -> dict[str, torch.Tensor]:
     """The head of ``model`` fitted on its frozen pooled features (un-augmented, computed once) exactly as the
     ``linear`` method fits its own (its default config, the run's epochs, batches and seed): the start of
     linear-probe-then-fine-tune (Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022).
@@ -78,7 +79,7 @@ def probe_head(model: nn.Module, data: Batches, settings: RunSettings) -> dict[s
     return {k: v.detach().cpu() for k, v in head.state_dict().items()}
 
 
-def fit_head(model: nn.Module, features: Batches, fit_config: FitConfig) -> FitResult:
+def fit_head(model: nn.Module, features: DataSource, fit_config: FitConfig) -> FitResult:
     """Fit ``model``'s head on its pooled ``features``. A distilled DeiT's second head takes the same weights,
     so the average of its two heads' logits is this head's."""
     first, *others = logit_layers(model)
@@ -89,7 +90,7 @@ def fit_head(model: nn.Module, features: Batches, fit_config: FitConfig) -> FitR
 
 
 def _start_head(
-    model: nn.Module, settings: RunSettings, head: Mapping[str, torch.Tensor] | None, data: Batches
+    model: nn.Module, settings: RunSettings, head: Mapping[str, torch.Tensor] | None, data: DataSource
 ) -> None:
     """Start the freshly drawn head as ``settings.head_init`` says (``head``: a linear-probe head fitted before)."""
     if settings.head_init == "random":
@@ -104,7 +105,7 @@ def _start_head(
 
 
 def build_model(
-    name: str, backbone: Backbone, num_classes: int, hparams: Hparams, data: Batches, settings: RunSettings,
+    name: str, backbone: Backbone, num_classes: int, hparams: Hparams, data: DataSource, settings: RunSettings,
     head: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:  # fmt: skip
     """A trainable copy of the backbone for end-to-end method ``name`` (``data``: the head's linear probe and
