@@ -14,15 +14,20 @@ then rewrites ``compare.json`` (atomically), ``compare.md``, ``compare_accuracy_
 pair already in ``compare.json`` with the same task data and hyper-parameters, so an interrupted comparison
 loses at most the pair that was running.
 
-Peak memory (:class:`inca.memory.PeakMemory`) is each method's own footprint, measured from a reset just
-before it. Methods train their own copy of the backbone, which that growth includes; a method that runs on the
-shared live backbone (``Method.shares_backbone``: ``inca``) gets the backbone's weight bytes added, so both
-count the weights once.
+Peak memory (:class:`PeakMemory`) is each method's own footprint, measured from a reset just before it:
+on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated at the start; on CPU the growth of the
+process's peak resident set (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with
+freed heap returned to the OS by ``malloc_trim`` first, so memory a previous method freed is not reused
+unseen). Methods train their own copy of the backbone, which that growth includes; a method that runs on the
+shared live backbone (``inca``) gets the backbone's weight bytes added, so both count the weights once.
+Image-decoding worker processes (file-backed tasks) are not included on CPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import json
 import logging
 import os
@@ -38,8 +43,8 @@ from matplotlib.figure import Figure
 from inca.activations import ImageBatches, TensorBatches
 from inca.adapters.common import set_trainable
 from inca.backbone import Backbone
+from inca.errors import first_line
 from inca.io import atomic_write_text, digest
-from inca.memory import PeakMemory, parameter_bytes
 from inca.methods import METHODS, RunSettings, run_method
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
 from inca.suite import Unit, run_suite, task_directory
@@ -51,6 +56,7 @@ __all__ = [
     "LOSS_PLOT",
     "REPORT_FILE",
     "RESULTS_FILE",
+    "PeakMemory",
     "protocol",
     "protocol_lines",
     "render_markdown",
@@ -67,6 +73,62 @@ REPORT_FILE = "compare.md"
 ACCURACY_PLOT = "compare_accuracy_vs_params.png"
 LOSS_PLOT = "compare_loss.png"
 FORMAT_VERSION = 1
+MEMORY_KINDS = {
+    "cuda": "CUDA max allocated during the method, over what was allocated at its start",
+    "cpu": "growth of peak RSS during the method (Linux VmHWM reset before it)",
+}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Peak memory growth of a ``with`` block on ``device`` (see the module docstring), in ``peak_bytes``.
+
+    ``peak_bytes`` is None on a CPU where the peak RSS cannot be reset (not Linux).
+    """
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.peak_bytes: int | None = None
+        self._start: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: give freed heap back to the OS
+        if trim is not None:
+            trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self._start = _status_bytes("VmRSS")
+        except OSError as exc:
+            logger.warning("peak RSS cannot be reset here (%s); CPU peak memory is not measured", first_line(exc))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._start is None:
+            return
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self.peak_bytes = max(0, _status_bytes("VmHWM") - self._start)
 
 
 def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
@@ -79,6 +141,10 @@ def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
         model = trainable_copy(backbone, task.num_classes)
     set_trainable(model, model.parameters())
     fit(model, data, FitConfig(epochs=1, batch_size=settings.batch_size, progress=False, desc="warm-up"))
+
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def protocol(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
@@ -142,7 +208,7 @@ def run_comparison(
     """
     out = Path(out_dir)
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
-    backbone_bytes = parameter_bytes(backbone.model)
+    backbone_bytes = _parameter_bytes(backbone.model)
     warm = False
 
     def run_pair(task: Task, name: str, hparams: dict[str, Any], key: str) -> dict[str, Any]:
@@ -192,7 +258,7 @@ def run_comparison(
         "config": _run_config(backbone, settings),
         "backbone": backbone.describe(),
         "backbone_params": backbone_params,
-        "memory": PeakMemory(backbone.device).measures,
+        "memory": MEMORY_KINDS[PeakMemory(backbone.device).kind],
         "protocol": protocol(backbone, settings),
         "results": [],
     }
