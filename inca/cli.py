@@ -27,18 +27,37 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage + error, shows defaults in
-    ``--help``; every command takes ``-v``."""
+    ``--help``; every command takes ``-v``. ``options`` maps each option's dest to its action (a recipe's keys
+    are checked against them), recorded as options are added to the parser or any of its groups."""
 
     def __init__(self, **kwargs) -> None:
+        self.options: dict[str, argparse.Action] = {}
         super().__init__(formatter_class=_HelpFormatter, **kwargs)
         self.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         self.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress")
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.options[action.dest] = action
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_and_record(*names, **options) -> argparse.Action:
+            action = add(*names, **options)
+            self.options[action.dest] = action
+            return action
+
+        group.add_argument = add_and_record
+        return group
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+def _run(main: Callable[[argparse.Namespace], int], parser: _Parser, argv: Sequence[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
@@ -220,12 +239,12 @@ def compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+def _with_recipe(parser: _Parser, argv: Sequence[str] | None,
                  args: argparse.Namespace) -> argparse.Namespace:
     """Recipe values become the parser's defaults, so flags given on the command line override them."""
     from .recipe import load_recipe
 
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "recipe")}
+    actions = {dest: action for dest, action in parser.options.items() if dest not in ("help", "recipe")}
     recipe = load_recipe(args.recipe, set(actions))
     for key, value in recipe.items():
         if key in ("model_kwargs", "method_args") and isinstance(value, dict):

@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -27,6 +27,12 @@ from .errors import InCAError
 __all__ = ["Config", "add_config_flags", "config_from_args", "hparam", "type_name"]
 
 Check = Callable[[Any], Any]
+
+
+class ArgumentContainer(Protocol):
+    """An :class:`argparse.ArgumentParser` or one of its argument groups."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action: ...
 
 
 def hparam(
@@ -207,7 +213,7 @@ def flag_name(config: type[Config], key: str, prefix: str = "") -> str:
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, config: type[Config], *, prefix: str = "",
+    parser: ArgumentContainer, config: type[Config], *, prefix: str = "",
     where: str = "", exclude: tuple[str, ...] = (),
 ) -> None:  # fmt: skip
     """One flag per field of ``config`` (``--{prefix}{field}``; dest ``{prefix}{field}``), its help with the

@@ -131,7 +131,7 @@ def device(value: Any) -> str:
 
 def check_value(action: argparse.Action, value: Any) -> Any:
     """A recipe's ``value`` for ``action``'s flag, checked and typed as the flag's text would be."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if action.nargs == 0:  # a switch (store_true / store_false)
         if not isinstance(value, bool):
             raise _fail(value, "true or false")
         return value
