@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -43,12 +41,13 @@ from numpy.lib.format import open_memmap
 
 from .backbone import Backbone
 from .distributed import World, current
-from .errors import InCAError, first_line
+from .errors import InCAError, first_line, require_positive
 from .io import (
     LOCK_FILE,
     atomic_write,
     atomic_write_json,
     cache_root,
+    digest,
     directory_lock,
     file_sha256,
     read_json,
@@ -194,8 +193,7 @@ def build_cache(
     ``layers``. ``rebuild`` deletes an existing store of this backbone and task first."""
     if dtype not in DTYPES:
         raise InCAError(f"cache dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise InCAError(f"--batch-size must be positive, got {batch_size}")
+    require_positive(batch_size=batch_size)
     layers = sorted(set(layers))
     path = store_path(cache_dir, backbone, task)
     try:
@@ -345,8 +343,7 @@ _SCHEMA = {"version": int, "backbone": dict, "task": dict, "layers": list, "dtyp
 
 
 def _manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return digest({k: v for k, v in manifest.items() if k != "manifest_sha256"}, length=64)
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:

@@ -133,9 +133,16 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("INCA_CACHE", Path.home() / ".cache" / "inca")).expanduser()
 
 
-def digest(obj: Any) -> str:
-    """16 hex digits identifying a JSON-able value (key order does not matter): fingerprints and skip keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def canonical_json(obj: Any) -> bytes:
+    """The bytes that identify a JSON-able value: keys sorted (their order does not matter), any other value
+    as its ``str``. What every digest of a value hashes."""
+    return json.dumps(obj, sort_keys=True, default=str).encode()
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """``length`` hex digits of the SHA-256 of :func:`canonical_json`: 16 name fingerprints and skip keys, all
+    64 check a manifest."""
+    return hashlib.sha256(canonical_json(obj)).hexdigest()[:length]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

@@ -15,7 +15,7 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .devices import autocast
-from .errors import InCAError
+from .errors import InCAError, require_positive
 from .inference import MultiTaskInCA
 from .tasks import Split, image_loader, sequential_batches
 from .tasks.folder import FileSource, unreadable_images
@@ -41,8 +41,7 @@ def predict_images(
     """Predictions for image files (or directories of them), in file order, under inference mode."""
     if model.transform is None:
         raise InCAError("predict_images needs a MultiTaskInCA built from an inca Backbone (it knows the preprocessing)")
-    if top_k < 1 or batch_size < 1:
-        raise InCAError(f"--top-k ({top_k}) and --batch-size ({batch_size}) must be positive")
+    require_positive(top_k=top_k, batch_size=batch_size)
     files = expand_images(paths)
     split = Split(FileSource(files), np.arange(len(files)), np.zeros(len(files), dtype=np.int64))
     device = next(model.parameters()).device

@@ -33,7 +33,7 @@ from .activations import CachedSource, LiveSource, RecordingSource, open_source
 from .adapters.inca import AdapterSpec, InCABank
 from .backbone import Backbone, resolve_layers
 from .cache import store_bytes
-from .errors import InCAError
+from .errors import InCAError, require_positive
 from .io import atomic_write_text, read_json
 from .report import markdown_table, plot_heatmap, plot_lines
 from .suite import Unit, run_suite
@@ -71,8 +71,8 @@ class ProbeOptions:
             )
         if not self.probes:
             raise InCAError(f"no probes given: use --probes with some of {', '.join(PROBES)}")
-        if self.k < 1 or self.temperature <= 0 or self.inca_epochs < 1 or self.batch_size < 1:
-            raise InCAError("--k, --temperature, --inca-epochs and --batch-size must be positive")
+        require_positive(k=self.k, temperature=self.temperature, inca_epochs=self.inca_epochs,
+                         batch_size=self.batch_size)
 
 
 def linear_probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray, test: np.ndarray,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from inca.config import Config, hparam, type_name
-from inca.errors import InCAError
+from inca.errors import InCAError, require_positive
 
 if TYPE_CHECKING:
     import torch
@@ -105,8 +105,7 @@ class RunSettings:
     lr_grid: int = 1
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InCAError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be positive")
+        require_positive(epochs=self.epochs, batch_size=self.batch_size)
         if self.head_init not in HEAD_INITS:
             raise InCAError(f"--head-init {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
         lr_candidates(1.0, self.lr_grid)  # checks the size

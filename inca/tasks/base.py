@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from ..errors import InCAError, first_line
+from ..io import canonical_json
 
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.2
-
-
-class ImageSource(Protocol):
-    """Random access to the images of a dataset, by row."""
-
-    def load(self, row: int) -> Image.Image: ...
-
-    def describe(self, row: int) -> str:
-        """Where row ``row`` comes from (a file path, a dataset row), for error messages."""
-        ...
 
 
 @dataclass
@@ -113,8 +103,7 @@ class Task:
     def fingerprint(self) -> str:
         """Identifies the data: spec, source identity, class names, and exactly which rows form each split."""
         digest = hashlib.sha256()
-        digest.update(json.dumps({"spec": self.spec, "identity": self.identity, "classes": self.classes},
-                                 sort_keys=True, default=str).encode())
+        digest.update(canonical_json({"spec": self.spec, "identity": self.identity, "classes": self.classes}))
         for name in SPLITS:
             digest.update(name.encode())
             digest.update(self.splits[name].rows.tobytes())

@@ -28,7 +28,7 @@ from inca.activations import DataSource, TensorBatches
 from inca.backbone import Backbone
 from inca.devices import autocast
 from inca.distributed import current
-from inca.errors import InCAError, first_line
+from inca.errors import InCAError, first_line, require_positive
 from inca.options import POOLS
 from inca.progress import progress
 from inca.tasks import sequential_batches
@@ -149,8 +149,7 @@ def fit(model: nn.Module, data: DataSource, config: FitConfig) -> FitResult:
     sees test). A non-finite loss stops training (the step is not applied) and is reported as
     ``diverged_at_step``; the epoch's validation still runs, so the best finite state is kept.
     """
-    if config.epochs < 1 or config.batch_size < 1:
-        raise InCAError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be positive")
+    require_positive(epochs=config.epochs, batch_size=config.batch_size)
     if config.max_grad_norm < 0:
         raise InCAError(f"max_grad_norm must be 0 (no clipping) or positive, got {config.max_grad_norm}")
     params = [p for p in model.parameters() if p.requires_grad]

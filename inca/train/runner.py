@@ -24,7 +24,7 @@ from ..adapters.inca import AdapterSpec, InCABank
 from ..adapters.saved import TaskAdapter, save_adapter
 from ..backbone import Backbone
 from ..distributed import current
-from ..errors import InCAError
+from ..errors import InCAError, require_positive
 from ..tasks import Task
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 
@@ -61,8 +61,7 @@ class InCAOptions:
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
             raise InCAError(f"--cache {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InCAError(f"--epochs ({self.epochs}) and --batch-size ({self.batch_size}) must be positive")
+        require_positive(epochs=self.epochs, batch_size=self.batch_size)
         for name in ("lr", "weight_decay", "queries", "mlp_ratio", "adapter_seeds"):
             if not getattr(self, name):
                 raise InCAError(f"--{name.replace('_', '-')} needs at least one value")
