@@ -26,7 +26,7 @@ from .backbone import Backbone
 from .cache import ActivationCache, build_cache, find_cache, open_cache, store_bytes, verify_cache
 from .distributed import current
 from .errors import InCAError
-from .io import cache_root
+from .io import DEFAULT_MAX_STORE_GB, cache_root
 from .tasks import Task, image_loader
 
 __all__ = [
@@ -322,7 +322,7 @@ def open_source(
     cache: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     dtype: str = "float16",
-    max_gb: float = 64.0,
+    max_gb: float = DEFAULT_MAX_STORE_GB,
     num_workers: int | None = None,
     train_transform: Callable | None = None,
     verify: bool = False,

@@ -29,7 +29,6 @@ from timm.layers import to_2tuple
 from torch import nn
 
 from .devices import autocast
-from .devices import resolve_device as resolve_device  # re-exported for tools/bench_*.py
 from .errors import InCAError, first_line
 from .io import digest
 

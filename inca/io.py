@@ -126,6 +126,12 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+# The largest activation store ``--cache auto`` builds unasked, in GB (1e9 bytes): inca's own choice. A ViT-B/16's
+# tokens at 224 px take 0.3 MB per image and layer in float16, so 64 GB hold 4 layers of 50,000 images; a larger
+# store is built on request (``--cache always``) or streamed.
+DEFAULT_MAX_STORE_GB = 64.0
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where inca keeps stores and file-hash indexes: ``cache_dir``, else ``$INCA_CACHE``, else ``~/.cache/inca``."""
     if cache_dir:
@@ -140,8 +146,8 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def digest(obj: Any, length: int = 16) -> str:
-    """``length`` hex digits of the SHA-256 of :func:`canonical_json`: 16 name fingerprints and skip keys, all
-    64 check a manifest."""
+    """``length`` hex digits of the SHA-256 of :func:`canonical_json`: 16 for fingerprints and skip keys, all 64
+    for a manifest's checksum."""
     return hashlib.sha256(canonical_json(obj)).hexdigest()[:length]
 
 

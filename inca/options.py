@@ -17,7 +17,6 @@ from typing import Any
 __all__ = [
     "check_value",
     "device",
-    "finite_float",
     "grid",
     "layer_spec",
     "names",
@@ -80,7 +79,6 @@ def _checker(parse: Callable[[Any, str], Any], expected: str, ok: Callable[[Any]
 
 positive_int = _checker(_integer, "a positive integer", lambda n: n >= 1)
 non_negative_int = _checker(_integer, "an integer >= 0", lambda n: n >= 0)
-finite_float = _checker(_number, "a finite number")
 positive_float = _checker(_number, "a finite number > 0", lambda x: x > 0)
 non_negative_float = _checker(_number, "a finite number >= 0", lambda x: x >= 0)
 ratio = _checker(_number, "a ratio in [0, 1)", lambda x: 0 <= x < 1)  # e.g. a warm-up ratio

@@ -28,8 +28,9 @@ import logging
 import numpy as np
 import torch
 
-from inca.backbone import create_backbone, resolve_device
+from inca.backbone import create_backbone
 from inca.compare import smoothed_loss
+from inca.devices import resolve_device
 from inca.methods import HEAD_INITS, RunSettings, get_method, train_e2e
 from inca.recipe import as_list
 from inca.tasks import load_task

@@ -22,8 +22,9 @@ import tempfile
 import numpy as np
 import torch
 
-from inca.backbone import create_backbone, resolve_device
+from inca.backbone import create_backbone
 from inca.compare import run_comparison
+from inca.devices import resolve_device
 from inca.methods import METHODS, RunSettings, resolve_methods
 from inca.tasks.base import ArraySource, Split, Task
 
