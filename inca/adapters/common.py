@@ -1,7 +1,7 @@
 """Plumbing shared by the methods' adapters (LoRA, LoRA-GA, Compacter, full fine-tuning, linear probe).
 
 One regex semantic for choosing layers, one way to say which parameters train, one parameter count, and
-one small on-disk adapter format (``adapter.safetensors`` + ``adapter_config.json``, see :func:`save_adapter`)
+one small on-disk adapter format (``adapter.safetensors`` + ``adapter_config.json``, see :func:`write_adapter`)
 so every method saves only what it trained and refuses to load onto something it was not made for.
 """
 
@@ -103,7 +103,7 @@ def named_tensors(model: nn.Module, params: Iterable[torch.Tensor]) -> dict[str,
     return {name: t for name, t in named if id(t) in wanted}
 
 
-def save_adapter(
+def write_adapter(
     directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> None:
     """Write ``tensors`` (safetensors) then ``config`` (JSON), each atomically.
@@ -119,7 +119,7 @@ def save_adapter(
 
 
 def read_adapter(directory: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Config and CPU tensors of an adapter saved by :func:`save_adapter` for ``method``."""
+    """Config and CPU tensors of an adapter written by :func:`write_adapter` for ``method``."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():

@@ -32,9 +32,9 @@ from inca.adapters.common import (
     load_tensors,
     named_tensors,
     read_adapter,
-    save_adapter,
     select_linear_modules,
     set_trainable,
+    write_adapter,
 )
 from inca.errors import InCAError
 from inca.io import atomic_write, atomic_write_json
@@ -223,7 +223,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     }
     shifts = [t for layer in layers.values() for t in layer.buffers(recurse=False)]
     tensors = named_tensors(model, _lora_parameters(model) + head_parameters(model) + shifts)
-    save_adapter(directory, config, tensors)
+    write_adapter(directory, config, tensors)
 
 
 def load_lora(model: nn.Module, directory: str | os.PathLike) -> list[str]:

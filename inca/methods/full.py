@@ -35,9 +35,9 @@ def apply(model: nn.Module, config: FullConfig, context: ApplyContext) -> None:
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Every parameter (backbone and head); buffers are not trained and come from the backbone on load."""
-    from inca.adapters.common import named_tensors, save_adapter
+    from inca.adapters.common import named_tensors, write_adapter
 
-    save_adapter(directory, {"method": "full"}, named_tensors(model, model.parameters()))
+    write_adapter(directory, {"method": "full"}, named_tensors(model, model.parameters()))
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -50,11 +50,11 @@ def apply(model: nn.Module, config: LinearConfig, context: ApplyContext) -> None
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """The head and the pooling it reads (timm's ``global_pool``)."""
-    from inca.adapters.common import head_parameters, named_tensors, save_adapter
+    from inca.adapters.common import head_parameters, named_tensors, write_adapter
 
     pool = getattr(model, "global_pool", None)
     config = {"method": "linear", "global_pool": pool if isinstance(pool, str) else None}
-    save_adapter(directory, config, named_tensors(model, head_parameters(model)))
+    write_adapter(directory, config, named_tensors(model, head_parameters(model)))
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -6,7 +6,7 @@ functions of an end-to-end method, trained by the shared loop of :mod:`inca.meth
 * ``apply(model, config, context)``: decide what a fresh trainable copy of the backbone trains (add the
   method's modules, set ``requires_grad``);
 * ``save(model, directory)`` / ``load(model, directory)``: the method's adapter in the one on-disk format of
-  :func:`inca.adapters.common.save_adapter`, loaded onto a fresh copy of the same backbone;
+  :func:`inca.adapters.common.write_adapter`, loaded onto a fresh copy of the same backbone;
 
 or its own ``run`` (``inca``: a bank of adapters on the live frozen backbone).
 
