@@ -277,7 +277,7 @@ def _task_specs(args: argparse.Namespace) -> list[str]:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import REPORT_FILE, render_markdown, run_comparison
+    from .compare import render_markdown, run_comparison, written_files
     from .methods import METHODS, RunSettings, resolve_methods
 
     methods = resolve_methods(args.methods or list(METHODS), args.method_args)
@@ -287,7 +287,7 @@ def _compare(args: argparse.Namespace) -> int:
     summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
                              overwrite=args.overwrite)
     print(render_markdown(summary), end="")
-    print(f"\nwritten to {args.out}/ ({REPORT_FILE}, compare.json, compare_accuracy_vs_params.png, compare_loss.png)")
+    print(f"\nwritten to {args.out}/ ({', '.join(written_files(args.out, summary))})")
     return 0
 
 

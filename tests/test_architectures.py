@@ -79,7 +79,7 @@ def test_every_method_trains_a_step_from_a_linear_probe_head(backbone, tmp_path)
     for name in METHODS:
         hparams = {"layers": "-1", "cache": "never"} if name == "inca" else {}
         result = run_method(name, backbone, task, hparams, settings, tmp_path / name)
-        assert math.isfinite(result["loss_curve"][-1]), name
+        assert math.isfinite(result.loss_curve[-1]), name
 
 
 def test_distilled_heads_start_and_probe_alike():

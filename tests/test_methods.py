@@ -315,5 +315,5 @@ def test_the_lr_grid_keeps_the_best_on_val_and_ties_keep_the_default(monkeypatch
     settings = RunSettings(epochs=1, head_init="random", lr_grid=3, progress=False)
     metrics = run_method("lora", None, task, {}, settings, tmp_path)
     assert trained == pytest.approx([5e-4, 5e-4 / 3, 1.5e-3], rel=1e-5)
-    assert metrics["tuned"]["lr"] == pytest.approx(5e-4 / 3, rel=1e-5) and metrics["val_acc"] == 0.7
-    assert [g["val_acc"] for g in metrics["grid"]] == [0.5, 0.7, 0.7]
+    assert metrics.tuned["lr"] == pytest.approx(5e-4 / 3, rel=1e-5) and metrics.val_acc == 0.7
+    assert [g["val_acc"] for g in metrics.grid] == [0.5, 0.7, 0.7]

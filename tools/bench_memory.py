@@ -2,7 +2,7 @@
 
 Every method runs through the comparison harness itself (:func:`inca.compare.run_comparison`) on a task of
 random images with ``--steps`` training batches of ``--batch`` images (one epoch, then val and test of one
-batch each), so the figures are exactly what ``inca-compare`` reports (:class:`inca.compare.PeakMemory`):
+batch each), so the figures are exactly what ``inca-compare`` reports (:class:`inca.memory.PeakMemory`):
 on CUDA the max allocated memory during the method over what was allocated at its start; on CPU the growth
 of the process's peak RSS. Methods that train their own copy of the backbone count that copy; InCA, which
 reads the shared live backbone, is charged the backbone's weights, so every method counts the weights once.

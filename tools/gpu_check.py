@@ -181,10 +181,10 @@ def check_methods(setup: Setup, device: torch.device, backbone: Backbone) -> lis
         try:
             with tempfile.TemporaryDirectory() as work_dir:
                 result = run_method(name, backbone, task, hparams, settings, work_dir)
-            loss = result["loss_curve"][-1]
+            loss = result.loss_curve[-1]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss}")
-            measured, ok = f"{result['steps']} step, loss {loss:.3f}, {time.perf_counter() - start:.1f} s", "ok"
+            measured, ok = f"{result.steps} step, loss {loss:.3f}, {time.perf_counter() - start:.1f} s", "ok"
         except TimeoutError:
             raise
         except Exception as exc:  # one method's failure is that row's FAIL

@@ -32,6 +32,7 @@ from inca.methods.registry import (
     register_method,
     resolve_methods,
 )
+from inca.methods.result import EndToEndResult, InCAResult, MethodResult
 
 _TRAINING = ("build_model", "probe_head", "run_method", "seeded", "train_e2e")  # in inca.methods.run (torch)
 
@@ -40,8 +41,11 @@ __all__ = [
     "METHODS",
     "PEFT_DIR",
     "ApplyContext",
+    "EndToEndResult",
+    "InCAResult",
     "Method",
     "MethodConfig",
+    "MethodResult",
     "RunSettings",
     "TrainConfig",
     "get_method",

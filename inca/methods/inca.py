@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from inca.backbone import Backbone, resolve_layers
 from inca.methods.base import MethodConfig, RunSettings, hparam, lr_candidates
 from inca.methods.registry import Method, register_method
+from inca.methods.result import InCAResult
 from inca.methods.run import seeded
 from inca.tasks import Task
 from inca.train.runner import InCAOptions, train_inca_task
@@ -46,7 +46,7 @@ class InCAConfig(MethodConfig):
 def run(
     method: Method, backbone: Backbone, task: Task, config: InCAConfig, settings: RunSettings,
     work_dir: str | os.PathLike,
-) -> dict[str, Any]:  # fmt: skip
+) -> InCAResult:  # fmt: skip
     """Train the config's grid as one bank on the live backbone (each learning rate widened to
     ``settings.lr_grid`` values, as the end-to-end methods are tuned; augmented views streamed live with
     ``settings.augment``); the best adapter on val at its best epoch, and its figures."""
@@ -60,17 +60,17 @@ def run(
     with seeded(settings.seed, backbone.device):  # the augmentation's draws
         result = train_inca_task(backbone, task, layers, options, work_dir)
     best = json.loads(json.dumps(result["best"], default=str))
-    return {
-        "test_acc": float(result["test_acc"]),
-        "val_acc": float(result["val_acc"]),
-        "best_epoch": int(result["best_epoch"]),
-        "trainable_params": int(result["trainable_params"]),
-        "steps": int(result["steps"]),
-        "loss_curve": [float(x) for x in result["loss_curve"]],  # one value per epoch (the bank trainer's)
-        "activations": result["activations"],  # "cache" (a store, maybe built by an earlier run) or "live"
-        "tuned": {"lr": best["lr"], "layer": best["layer"]},
-        "best": best,
-    }
+    return InCAResult(
+        test_acc=float(result["test_acc"]),
+        val_acc=float(result["val_acc"]),
+        best_epoch=int(result["best_epoch"]),
+        trainable_params=int(result["trainable_params"]),
+        steps=int(result["steps"]),
+        loss_curve=[float(x) for x in result["loss_curve"]],  # one value per epoch (the bank trainer's)
+        tuned={"lr": best["lr"], "layer": best["layer"]},
+        activations=result["activations"],
+        best=best,
+    )
 
 
 register_method(

@@ -29,6 +29,7 @@ from inca.distributed import current
 from inca.errors import InCAError
 from inca.methods.base import PEFT_DIR, ApplyContext, MethodConfig, RunSettings, TrainConfig
 from inca.methods.registry import Method, get_method
+from inca.methods.result import EndToEndResult, MethodResult
 from inca.tasks import SPLITS, Task
 from inca.train.e2e import FitConfig, FitResult, fit, pooled_features, trainable_copy
 
@@ -161,7 +162,7 @@ def _tuned(config: TrainConfig, default: TrainConfig) -> dict[str, Any]:
 def run_e2e(
     method: Method, backbone: Backbone, task: Task, config: MethodConfig, settings: RunSettings,
     work_dir: str | os.PathLike,
-) -> dict[str, Any]:  # fmt: skip
+) -> EndToEndResult:  # fmt: skip
     """Train an end-to-end method, over its tuning grid when ``settings.lr_grid`` > 1 (every point from the
     same start, the best on val kept; ties keep the earlier point, the method's own config first); with
     ``settings.export_peft`` also export it (``work_dir/peft``)."""
@@ -177,33 +178,27 @@ def run_e2e(
     point, model, result = best
     if len(grid) > 1:
         logger.info("%s on %s: %s chosen on val out of %d", method.name, task.spec, _tuned(point, config), len(grid))
-    metrics = {
-        "test_acc": result.test_acc,
-        "val_acc": result.val_acc,
-        "best_epoch": result.best_epoch,
-        "trainable_params": count_parameters(model).trainable,
-        "steps": result.steps,
-        "val_curve": result.val_curve,
-        "loss_curve": result.loss_curve,
-        "diverged_at_step": result.diverged_at_step,
-        "tuned": _tuned(point, config),
-        "grid": grid,
-    }
+    peft_dir = None
     if settings.export_peft and method.export is not None:
-        target = Path(work_dir) / PEFT_DIR
+        peft_dir = Path(work_dir) / PEFT_DIR
         if current().is_main:  # data-parallel ranks hold the same model: one writes it
-            method.export(model, target)
-        metrics["peft_dir"] = str(target)
-        logger.info("%s on %s: PEFT adapter written to %s", method.name, task.spec, target)
-    return metrics
+            method.export(model, peft_dir)
+        logger.info("%s on %s: PEFT adapter written to %s", method.name, task.spec, peft_dir)
+    return EndToEndResult(
+        test_acc=result.test_acc, val_acc=result.val_acc, best_epoch=result.best_epoch,
+        trainable_params=count_parameters(model).trainable, steps=result.steps, loss_curve=result.loss_curve,
+        tuned=_tuned(point, config), val_curve=result.val_curve, diverged_at_step=result.diverged_at_step,
+        grid=grid, peft_dir=None if peft_dir is None else str(peft_dir),
+    )  # fmt: skip
 
 
 def run_method(
     name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunSettings,
     work_dir: str | os.PathLike,
-) -> dict[str, Any]:  # fmt: skip
-    """Train method ``name`` on ``task``: test/val accuracy (best epoch by val), trainable parameters, steps,
-    per-step training loss, ... (a JSON-ready dict). ``work_dir`` is where a method may write files."""
+) -> MethodResult:  # fmt: skip
+    """Train method ``name`` on ``task``: its :class:`~inca.methods.result.MethodResult` (test/val accuracy at
+    the best epoch by val, trainable parameters, steps, training loss, ...). ``work_dir`` is where a method may
+    write files."""
     method = get_method(name)
     run = method.run or run_e2e
     return run(method, backbone, task, method.make_config(hparams), settings, work_dir)
