@@ -342,8 +342,8 @@ def train_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .probe import layers_from_report
     from .recipe import as_list
-    from .suite import render_results, run_train_suite
     from .train.runner import InCAOptions
+    from .train_suite import render_summary, run_train_suite, written_files
 
     options = InCAOptions(
         lr=[float(v) for v in as_list(args.lr)],
@@ -360,8 +360,8 @@ def _train(args: argparse.Namespace) -> int:
     layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report)
     results = run_train_suite(backbone, specs, layers_for, str(args.layers), options, args.out,
                               load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
-    print(render_results(results).split("\n## ")[0], end="")
-    print(f"\nwritten to {args.out}/ (results.json, results.md, <task>-<fingerprint>/adapter/)")
+    print(render_summary(results), end="")
+    print(f"\nwritten to {args.out}/ ({', '.join(written_files(results))})")
     return 0
 
 

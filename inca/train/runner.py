@@ -4,7 +4,7 @@ The grid (layers x learning rates x weight decays x queries x heads x MLP ratios
 :class:`~inca.adapters.inca.InCABank` per task. Every adapter is validated after each epoch and ends with
 the weights of its best epoch (the end-to-end methods' model selection); the best adapter on the validation
 split is saved with its metadata and reported with its test accuracy, next to every other adapter's figures.
-Suites of tasks (``inca-train``) are :func:`inca.suite.run_train_suite`.
+Suites of tasks (``inca-train``) are :func:`inca.train_suite.run_train_suite`.
 """
 
 from __future__ import annotations
