@@ -419,42 +419,40 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
 
 def probe_parser() -> argparse.ArgumentParser:
+    from .config import add_config_flags
+    from .probes import PROBES, ProbeRunConfig
+
     parser = _suite_parser(
         "inca-probe", "Which layers hold the most useful representations for a task?",
         out="runs/probe", out_help="output directory (default runs/probe)",
     )
-    parser.add_argument("--probes", type=opt.names, default="linear,knn,inca",
-                        help="some of linear,knn,inca (default: all)")
+    parser.add_argument("--probes", type=opt.names, default=",".join(PROBES),
+                        help=f"comma-separated, some of {','.join(PROBES)} (default: all; see each probe's group)")
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K (default: all)")
-    parser.add_argument("--pool", type=opt.names, default="cls,mean",
-                        help="pooling for linear and knn: cls, mean (default both)")
-    parser.add_argument("--k", type=opt.positive_int, default=20, help="kNN neighbours (default 20)")
-    parser.add_argument("--temperature", type=opt.positive_float, default=0.07,
-                        help="kNN vote temperature (default 0.07)")
-    parser.add_argument("--linear-c", type=opt.grid(opt.positive_float), default="0.01,0.1,1,10",
-                        help="C grid of the linear probe, tuned on val")
-    parser.add_argument("--inca-epochs", type=opt.positive_int, default=5, help="epochs of the InCA probe (default 5)")
-    parser.add_argument("--inca-lr", type=opt.positive_float, default=3e-3, help="learning rate of the InCA probe")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=32)
-    parser.add_argument("--seed", type=opt.non_negative_int, default=0)
-    parser.add_argument("--memory-budget-gb", type=opt.non_negative_float, default=8.0,
-                        help="keep streamed tokens in memory up to this size so later InCA epochs skip the backbone")
-    parser.add_argument("--cache-dir", help="read a matching activation store from here when one exists")
+    pools = ProbeRunConfig.default("pools")
+    parser.add_argument("--pool", type=opt.names, default=",".join(pools),
+                        help=f"{ProbeRunConfig.field_help('pools')} (default: {','.join(pools)}) "
+                             f"[{ProbeRunConfig.field_source('pools')}]")
+    # --num-workers is the data group's; --pool above keeps its singular name.
+    add_config_flags(parser, ProbeRunConfig, where="inca-probe", exclude=("pools", "num_workers"))
+    for probe in PROBES.values():
+        group = parser.add_argument_group(f"{probe.name} probe", probe.summary)
+        add_config_flags(group, probe.config, prefix=probe.prefix, where=probe.name)
     _add_final_norm(parser)
     return parser
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probe import REPORT_JSON, ProbeOptions, run_probe_suite, summary_lines
+    from .config import config_from_args
+    from .probe import REPORT_JSON, run_probe_suite, summary_lines
+    from .probes import PROBES, ProbeOptions, ProbeRunConfig
     from .recipe import as_list
 
-    options = ProbeOptions(
-        probes=[str(p) for p in as_list(args.probes)], pools=[str(p) for p in as_list(args.pool)], k=args.k,
-        temperature=args.temperature, linear_c=[float(c) for c in as_list(args.linear_c)], inca_lr=args.inca_lr,
-        inca_epochs=args.inca_epochs, batch_size=args.batch_size, seed=args.seed,
-        memory_budget_gb=args.memory_budget_gb, cache_dir=args.cache_dir, num_workers=args.num_workers,
-    )
+    run = config_from_args(ProbeRunConfig, args, pools=[str(p) for p in as_list(args.pool)])
+    settings = {probe.key(key): value for probe in PROBES.values()
+                for key, value in config_from_args(probe.config, args, prefix=probe.prefix).to_dict().items()}
+    options = ProbeOptions(probes=[str(p) for p in as_list(args.probes)], **run.to_dict(), **settings)
     specs, backbone = _suite(args)
     report = run_probe_suite(backbone, specs, str(args.layers), options, args.out,
                              load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import inca.adapters.compacter as compacter
-import inca.probe as probe
+import inca.probes.knn as probe
 import inca.train.bank as bank
 from inca.adapters.inca import AdapterSpec, InCABank
 from inca.adapters.lora import LoRALinear

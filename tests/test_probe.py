@@ -11,7 +11,9 @@ from inca.backbone import create_backbone
 from inca.cli import probe_main, train_main
 from inca.errors import InCAError
 from inca.io import digest
-from inca.probe import ProbeOptions, knn_predict, layers_from_report, probe_task, render_probe_report, run_probe_suite
+from inca.probe import layers_from_report, probe_task, render_probe_report, run_probe_suite
+from inca.probes import ProbeOptions
+from inca.probes.knn import knn_predict
 from inca.tasks import SPLITS, image_loader, load_task, sequential_batches
 
 from .conftest import TINY_ARGS, TINY_KWARGS

@@ -35,7 +35,7 @@ from torch import nn
 
 import inca.adapters.compacter as compacter
 import inca.adapters.lora_ga as lora_ga
-import inca.probe as probe
+import inca.probes.knn as probe
 import inca.train.bank as bank
 from inca.cli import compare_main, probe_main
 from inca.errors import InCAError
