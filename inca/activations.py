@@ -15,7 +15,6 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,7 +25,7 @@ from .backbone import Backbone
 from .cache import ActivationCache, build_cache, find_cache, open_cache, store_bytes, verify_cache
 from .distributed import current
 from .errors import InCAError
-from .io import DEFAULT_MAX_STORE_GB, cache_root
+from .io import DEFAULT_MAX_STORE_GB, cache_root, existing_parent
 from .tasks import Task, image_loader
 
 __all__ = [
@@ -54,6 +53,10 @@ CACHE_MODES = ("auto", "always", "never", "reuse")
 # Nothing is kept for a backward pass, so such a batch needs a fraction of a training batch's memory per row;
 # 256 rows amortise the per-batch overhead while a ViT-B's tokens of one layer stay near 150 MB in float32.
 EVAL_BATCH_SIZE = 256
+
+# The largest share of the free disk a store that ``cache="auto"`` builds unasked may take: inca's own choice,
+# leaving the other half to the runs' outputs and to everything else on that disk.
+MAX_FREE_DISK_SHARE = 0.5
 
 
 class DataSource(Protocol):
@@ -378,9 +381,7 @@ def _why_not_build(size: int, epochs: int, max_gb: float, cache_dir: str | os.Pa
         return "one epoch: a store would be read only once"
     if size > max_gb * 1e9:
         return f"a store would take {size / 1e9:.1f} GB > --cache-max-gb {max_gb:g}"
-    root = cache_root(cache_dir)
-    existing = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free
-    if size > 0.5 * free:
+    free = shutil.disk_usage(existing_parent(cache_root(cache_dir))).free
+    if size > MAX_FREE_DISK_SHARE * free:
         return f"a store would take {size / 1e9:.1f} GB of {free / 1e9:.1f} GB free disk"
     return None

@@ -144,7 +144,8 @@ def train_bank(
     """Train every adapter of ``bank`` on the ``train`` split: one forward, one backward (the sum of the
     adapters' mean cross-entropies, so each gets its own gradient) and one :class:`BatchedAdamW` step per
     batch, learning rates from the specs times a cosine schedule with linear warm-up (``warmup_steps``,
-    else ``warmup_ratio`` of all steps). bf16 autocast on CUDA.
+    else ``warmup_ratio`` of all steps; the default is inca-train's, see :mod:`inca.train.config`). bf16 autocast
+    on CUDA.
 
     An adapter whose loss goes non-finite is marked in ``bank.diverged`` and frozen from then on; the
     others go on unchanged. With ``eval_split`` each epoch ends with an accuracy on that split and each adapter

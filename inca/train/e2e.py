@@ -51,7 +51,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FitConfig:
     """Optimisation of one end-to-end run. ``warmup_ratio`` of all steps warm up linearly, then cosine to 0;
-    the gradient's global L2 norm is clipped to ``max_grad_norm`` (0: no clipping) before each step."""
+    the gradient's global L2 norm is clipped to ``max_grad_norm`` (0: no clipping) before each step.
+
+    The defaults serve direct library use (inca's own choice: common AdamW fine-tuning values); every method
+    passes its own config's values, each with its source (:mod:`inca.methods`)."""
 
     epochs: int = 10
     batch_size: int = 32

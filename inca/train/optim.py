@@ -37,7 +37,7 @@ class BatchedAdamW:
 
     Each group is a dict with ``params`` (tensors ``[E, ...]``, one E per group), ``lr`` and
     ``weight_decay`` (E floats), and optionally ``adapters`` (E ids that ``frozen`` is indexed by;
-    default ``0..E-1``).
+    default ``0..E-1``). ``betas`` and ``eps`` default to ``torch.optim.AdamW``'s.
     """
 
     def __init__(
