@@ -1,20 +1,17 @@
 """Task registry: spec strings to :class:`Task` objects, and image loading for the backbone.
 
 Spec strings: ``digits``, ``synth-<kind>`` (shapes, count, orientation, colour), ``hf:NAME[:CONFIG]``,
-``tv:NAME`` (with ``data_root``), ``folder:PATH``.
+``tv:NAME`` (with ``data_root``), ``folder:PATH``. The image loading names (``image_loader``, ``ImageDataset``,
+...) load :mod:`inca.tasks.loading` (torch) on first use.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+import importlib
+from collections.abc import Iterable
 from pathlib import Path
-
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from typing import Any
 
 from ..errors import InCAError
 from ..options import TASK_SPEC_FORMS
@@ -76,73 +73,13 @@ def parse_task_list(specs: str | Iterable[str]) -> list[str]:
     return out
 
 
-@dataclass
-class LoadFailure:
-    """Returned by a worker instead of raising, so the error reaches the user as one line."""
+_LOADING = ("DECODE_WORKERS", "ImageDataset", "LoadFailure", "collate_images", "image_loader", "sequential_batches")
 
-    message: str
-
-
-class ImageDataset(Dataset):
-    """A split's images through the backbone's preprocessing, with their labels."""
-
-    def __init__(self, split: Split, transform: Callable) -> None:
-        self.split = split
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.transform(self.split.image(index)), int(self.split.labels[index])
-        except InCAError as exc:
-            return LoadFailure(str(exc))
+__all__ = ["SPLITS", "SPEC_HELP", "BUILTIN_TASKS", "check_task_spec", "Split", "Task", "load_task", "parse_task_list",
+           *_LOADING]
 
 
-def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor] | LoadFailure:
-    """Stack a batch; a failed image turns the batch into that failure (raised in the main process)."""
-    failure = next((item for item in items if isinstance(item, LoadFailure)), None)
-    if failure is not None:
-        return failure
-    images, labels = zip(*items)
-    return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64)
-
-
-def image_loader(
-    split: Split,
-    transform: Callable,
-    batches: list[np.ndarray],
-    num_workers: int | None = None,
-    pin_memory: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of preprocessed images for the given index arrays, in order.
-
-    In-memory tasks decode in the main process; file-backed ones in workers (``num_workers`` overrides).
-    An unreadable image raises a one-line :class:`InCAError` naming the file.
-    """
-    if num_workers is None:
-        in_memory = type(split.source).__name__ == "ArraySource"
-        num_workers = 0 if in_memory else min(8, os.cpu_count() or 1)
-    loader = DataLoader(
-        ImageDataset(split, transform),
-        batch_sampler=[b.tolist() for b in batches],
-        num_workers=num_workers,
-        collate_fn=collate_images,
-        pin_memory=pin_memory,
-    )
-    for batch in loader:
-        if isinstance(batch, LoadFailure):
-            raise InCAError(batch.message)
-        yield batch
-
-
-def sequential_batches(start: int, stop: int, batch_size: int) -> list[np.ndarray]:
-    """Consecutive index arrays ``[start, start+bs), ...`` up to ``stop``."""
-    return [np.arange(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
-
-
-__all__ = [
-    "SPLITS", "SPEC_HELP", "BUILTIN_TASKS", "check_task_spec", "ImageDataset", "LoadFailure", "Split", "Task",
-    "collate_images", "image_loader", "load_task", "parse_task_list", "sequential_batches",
-]
+def __getattr__(name: str) -> Any:
+    if name in _LOADING:
+        return getattr(importlib.import_module("inca.tasks.loading"), name)
+    raise AttributeError(f"module 'inca.tasks' has no attribute {name!r}")

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from ..errors import InCAError, first_line
 from ..io import canonical_json
@@ -24,6 +23,7 @@ TEST_FRACTION = 0.2
 class ArraySource:
     """Images held in memory as uint8 ``[N, H, W]`` or ``[N, H, W, C]``: built-in and procedural tasks."""
 
+    in_memory = True
     images: np.ndarray
     name: str
 
@@ -36,7 +36,11 @@ class ArraySource:
 
 @dataclass
 class Split:
-    """The rows of one split: which rows of ``source`` and their integer labels."""
+    """The rows of one split: which rows of ``source`` and their integer labels.
+
+    ``source`` has ``load(row)`` (a PIL image), ``describe(row)`` (where the row comes from, for errors) and
+    ``in_memory`` (its images are held in memory: decoded in the main process, where workers would only add
+    start-up and copying)."""
 
     source: Any
     rows: np.ndarray
@@ -124,6 +128,8 @@ def slugify(spec: str) -> str:
 
 def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministically split positions into (kept, carved), stratified by class when every class allows it."""
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes seconds to import
+
     positions = np.arange(len(labels))
     counts = np.bincount(labels) if len(labels) else np.array([])
     stratify = labels if len(counts) and counts[counts > 0].min() >= 2 else None

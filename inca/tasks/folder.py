@@ -35,6 +35,7 @@ SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "
 class FileSource:
     """Images read from files on demand (in DataLoader workers)."""
 
+    in_memory = False
     paths: list[str]
 
     def load(self, row: int) -> Image.Image:

@@ -23,6 +23,7 @@ LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 class HFSource:
     """Rows of one ``datasets.Dataset``; only the image column is decoded."""
 
+    in_memory = False
     dataset: Any
     image_column: str
     name: str

@@ -20,6 +20,7 @@ LABEL_ATTRIBUTES = ("targets", "_labels", "labels", "y")
 
 @dataclass
 class TorchvisionSource:
+    in_memory = False
     dataset: Any
     name: str
 
