@@ -26,6 +26,7 @@ from .cache import ActivationCache, build_cache, find_cache, open_cache, store_b
 from .distributed import current
 from .errors import InCAError
 from .io import DEFAULT_MAX_STORE_GB, cache_root, existing_parent
+from .options import CACHE_MODES
 from .tasks import Task, image_loader
 
 __all__ = [
@@ -44,10 +45,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-# auto: reuse a store, or build one when it pays off (several epochs, fits the budget and the disk), else live;
-# always: reuse or build; never: live; reuse: a store only if one exists, never build one (inca-probe).
-CACHE_MODES = ("auto", "always", "never", "reuse")
 
 # Rows per batch when a split is only read forward (evaluation, recording pooled features): inca's own choice.
 # Nothing is kept for a backward pass, so such a batch needs a fraction of a training batch's memory per row;

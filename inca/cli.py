@@ -20,7 +20,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, [], False, argparse.SUPPRESS):
+        nothing = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if "default" in text or nothing:  # (not `in (..., False)`: a default of 0 equals False)
             return text
         return f"{text} (default: %(default)s)"
 
@@ -304,61 +305,26 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K | best:K with --probe-report (default: all)")
     parser.add_argument("--probe-report", help="probe.json written by inca-probe, for --layers best:K")
+    from .config import add_config_flags
+    from .train.config import InCATrainConfig
+
+    axes = InCATrainConfig.grid_axes()
     grid = parser.add_argument_group("adapter grid (comma-separated or repeated values; the cross product is trained)")
-    grid.add_argument("--lr", nargs="+", type=opt.grid(opt.positive_float), default=["1e-3"],
-                      help="learning rates (default 1e-3)")
-    grid.add_argument("--weight-decay", nargs="+", type=opt.grid(opt.non_negative_float), default=["1e-4"],
-                      help="weight decays (default 1e-4)")
-    grid.add_argument("--queries", nargs="+", type=opt.grid(opt.positive_int), default=["1"],
-                      help="learned queries per adapter (default 1)")
-    grid.add_argument("--heads", nargs="+", type=opt.grid(opt.positive_int), default=[],
-                      help="attention heads (default: the backbone's)")
-    grid.add_argument("--mlp-ratio", nargs="+", type=opt.grid(opt.non_negative_float), default=["0"],
-                      help="adapter MLP ratio, 0 = none (default 0)")
-    grid.add_argument("--adapter-seeds", nargs="+", type=opt.grid(opt.non_negative_int), default=["0"],
-                      help="adapter init seeds (default 0)")
-    run = parser.add_argument_group("training")
-    run.add_argument("--epochs", type=opt.positive_int, default=10)
-    run.add_argument("--batch-size", type=opt.positive_int, default=64)
-    run.add_argument("--warmup-ratio", type=opt.ratio, default=0.1)
-    run.add_argument("--seed", type=opt.non_negative_int, default=0, help="seed of the batch order (default 0)")
-    run.add_argument("--cache", default="auto", choices=["auto", "always", "never", "reuse"],
-                     help="auto: reuse or build a store when it pays off, else stream live activations; "
-                          "reuse: read a store only if one exists")
-    run.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
-    run.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
-    run.add_argument("--cache-max-gb", type=opt.non_negative_float, default=64.0,
-                     help="largest store --cache auto builds")
-    run.add_argument("--verify-cache", action="store_true",
-                     help="re-hash every file of an existing activation store (inca-cache --verify) before training")
-    run.add_argument("--ensemble", type=opt.positive_int, default=1, metavar="K",
-                     help="also report and save (OUT/<task>-<hash>/ensemble) the average of the top-K adapters by val "
-                          "(default 1: the best adapter only)")
-    run.add_argument("--augment", action="store_true",
-                     help="timm's training augmentation on the train split (streams live activations, never a store)")
+    add_config_flags(grid, InCATrainConfig, exclude=tuple(k for k in InCATrainConfig.fields() if k not in axes))
+    add_config_flags(parser.add_argument_group("training"), InCATrainConfig, exclude=(*axes, "num_workers"))
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .config import config_from_args
     from .probe import layers_from_report
-    from .recipe import as_list
-    from .train.runner import InCAOptions
+    from .train.config import InCATrainConfig
     from .train_suite import render_summary, run_train_suite, written_files
 
-    options = InCAOptions(
-        lr=[float(v) for v in as_list(args.lr)],
-        weight_decay=[float(v) for v in as_list(args.weight_decay)],
-        queries=[int(v) for v in as_list(args.queries)],
-        heads=[int(v) for v in as_list(args.heads)],
-        mlp_ratio=[float(v) for v in as_list(args.mlp_ratio)],
-        adapter_seeds=[int(v) for v in as_list(args.adapter_seeds)],
-        epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, seed=args.seed,
-        cache=args.cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, cache_max_gb=args.cache_max_gb,
-        num_workers=args.num_workers, ensemble=args.ensemble, verify_cache=args.verify_cache, augment=args.augment,
-    )
+    config = config_from_args(InCATrainConfig, args)  # --num-workers: the data group's flag
     specs, backbone = _suite(args)
     layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report)
-    results = run_train_suite(backbone, specs, layers_for, str(args.layers), options, args.out,
+    results = run_train_suite(backbone, specs, layers_for, str(args.layers), config, args.out,
                               load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
     print(render_summary(results), end="")
     print(f"\nwritten to {args.out}/ ({', '.join(written_files(results))})")

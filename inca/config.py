@@ -185,21 +185,24 @@ def _flag_values(text: Any) -> list[Any]:
 
 def _flag_type(config: type[Config], key: str, where: str) -> Callable[[Any], Any]:
     """The argparse ``type`` of field ``key``: typed and checked as :meth:`Config.coerce` does, a failure as
-    :class:`argparse.ArgumentTypeError` (argparse names the flag)."""
+    :class:`argparse.ArgumentTypeError` (argparse names the flag). The field's check sees each value first, so a
+    flag's error is in the check's words (``--epochs: expected a positive integer, got 'two'``)."""
     tp = typing.get_type_hints(config)[key]
+    many = typing.get_origin(tp) is list
+    verbatim = not many and _required(tp) is str  # a str (or str | None) field keeps its text as typed
+    check = config._inherited(key, "check")
 
     def parse(text: Any) -> Any:
-        values = _flag_values(text)
-        if typing.get_origin(tp) is not list:
-            if isinstance(text, str) and typing.get_origin(tp) is None and tp is str:
-                values = [text.strip()]  # a string field keeps its commas (a layer spec: 0,5,11)
-            if len(values) != 1:
-                raise argparse.ArgumentTypeError(f"expected one {type_name(tp)}, got {text!r}")
-            values = values[0]
-        elif not values:
+        values = [text.strip()] if verbatim and isinstance(text, str) else _flag_values(text)  # "0,5,11" stays
+        if not many and len(values) != 1:
+            raise argparse.ArgumentTypeError(f"expected one {type_name(tp)}, got {text!r}")
+        if not values:
             raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, got {text!r}")
+        if check is not None:
+            for value in values:
+                check(value)
         try:
-            return config.coerce(where, key, values)
+            return config.coerce(where, key, values if many else values[0])
         except InCAError as exc:
             raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
@@ -230,11 +233,19 @@ def add_config_flags(
             parser.add_argument(flag, dest=dest, action="store_true", default=default, help=help_text)
             continue
         many = typing.get_origin(tp) is list
+        choices = getattr(config._inherited(key, "check"), "choices", None)  # inca.options.choice's names
+        metavar = type_name(typing.get_args(tp)[0] if many else _required(tp)).upper().replace(" ", "_")
         parser.add_argument(
             flag, dest=dest, type=_flag_type(config, key, where or config.__name__), default=default,
-            nargs="+" if many else None, help=help_text,
-            metavar=type_name(typing.get_args(tp)[0] if many else tp).upper().replace(" ", "_"),
+            nargs="+" if many else None, help=help_text, metavar="{" + ",".join(choices) + "}" if choices else metavar,
         )  # fmt: skip
+
+
+def _required(tp: Any) -> Any:
+    """``X`` of an ``X | None`` field (None is the flag left out), else ``tp`` itself."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    return args[0] if optional and len(args) == 1 else tp
 
 
 def config_from_args(config: type[Config], args: argparse.Namespace, *, prefix: str = "", **fixed: Any) -> Config:

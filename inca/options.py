@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "check_value",
+    "choice",
     "device",
     "grid",
     "layer_spec",
@@ -34,6 +35,13 @@ POOLS = {"cls": "token", "mean": "avg"}
 # The nn.Linear layers the module-selecting methods (LoRA, LoRA-GA) adapt by default: every block's attention
 # and MLP projections (here, not beside the torch code, so a method's config is read without importing torch).
 DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+
+# Where a trainer reads activations from (inca.activations.open_source). auto: reuse a store, or build one when it
+# pays off (several epochs, fits the budget and the disk), else live; always: reuse or build; never: live;
+# reuse: a store only if one exists, never build one (inca-probe).
+CACHE_MODES = ("auto", "always", "never", "reuse")
+# The element types an activation store can hold (inca.cache.DTYPES maps each to its numpy and torch types).
+CACHE_DTYPES = ("float16", "bfloat16")
 
 # The forms of a task spec, for --help and error messages (kept light: building a parser imports no torch).
 SYNTH_KINDS = ("shapes", "count", "orientation", "colour")
@@ -82,6 +90,18 @@ non_negative_int = _checker(_integer, "an integer >= 0", lambda n: n >= 0)
 positive_float = _checker(_number, "a finite number > 0", lambda x: x > 0)
 non_negative_float = _checker(_number, "a finite number >= 0", lambda x: x >= 0)
 ratio = _checker(_number, "a ratio in [0, 1)", lambda x: 0 <= x < 1)  # e.g. a warm-up ratio
+
+
+def choice(*allowed: str) -> Checker:
+    """One of the ``allowed`` names (a flag's choices, as a check a recipe's value and a config field share)."""
+
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise _fail(value, f"one of {', '.join(allowed)}")
+        return value
+
+    check.choices = allowed  # type: ignore[attr-defined]  # --help shows them as argparse's choices do
+    return check
 
 
 def grid(element: Checker) -> Checker:

@@ -20,7 +20,8 @@ from inca.io import atomic_write_text
 from inca.report import markdown_table
 from inca.suite import Report, Unit, run_suite, task_directory
 from inca.tasks import Task
-from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, InCAOptions, train_inca_task
+from inca.train.config import InCATrainConfig
+from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, train_inca_task
 
 __all__ = [
     "REPORT_JSON",
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 REPORT_JSON, REPORT_MD = "results.json", "results.md"
 
 
-def train_config(backbone: Backbone, layers_spec: str, options: InCAOptions) -> dict[str, Any]:
+def train_config(backbone: Backbone, layers_spec: str, options: InCATrainConfig) -> dict[str, Any]:
     """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
     keep = {k: v for k, v in asdict(options).items()
             if k not in ("cache", "cache_dir", "num_workers", "verify_cache")}
@@ -50,7 +51,7 @@ def run_train_suite(
     task_specs: Iterable[str],
     layers_for: Callable[[Task], list[int]],
     layers_spec: str,
-    options: InCAOptions,
+    options: InCATrainConfig,
     out: str | os.PathLike,
     load_task: Callable[[str], Task],
     overwrite: bool = False,

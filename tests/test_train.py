@@ -14,7 +14,7 @@ from inca.cache import build_cache
 from inca.cli import predict_main, train_main
 from inca.tasks import load_task
 from inca.train.bank import train_bank
-from inca.train.runner import InCAOptions
+from inca.train.config import InCATrainConfig
 
 from .conftest import TINY_ARGS
 
@@ -35,7 +35,7 @@ def test_cache_and_live_training_agree(tmp_path, tiny_backbone):
 
 
 def test_grid_is_the_cross_product():
-    options = InCAOptions(lr=[1e-3, 3e-4], queries=[1, 2], adapter_seeds=[0, 1])
+    options = InCATrainConfig(lr=[1e-3, 3e-4], queries=[1, 2], adapter_seeds=[0, 1])
     specs = options.grid([0, 5], default_heads=6)
     assert len(specs) == 2 * 2 * 2 * 2
     assert {s.num_heads for s in specs} == {6}

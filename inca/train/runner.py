@@ -9,24 +9,23 @@ Suites of tasks (``inca-train``) are :func:`inca.train_suite.run_train_suite`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..activations import CACHE_MODES, ActivationSource, CachedSource, open_source
-from ..adapters.inca import AdapterSpec, InCABank
+from ..activations import ActivationSource, CachedSource, open_source
+from ..adapters.inca import InCABank
 from ..adapters.saved import TaskAdapter, save_adapter
 from ..backbone import Backbone
 from ..distributed import current
-from ..errors import InCAError, require_positive
 from ..tasks import Task
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
+from .config import InCATrainConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -35,59 +34,11 @@ ADAPTER_DIR = "adapter"
 ENSEMBLE_DIR = "ensemble"
 
 
-@dataclass
-class InCAOptions:
-    """Everything about an InCA run except the backbone, the task and the layers."""
-
-    lr: list[float] = field(default_factory=lambda: [1e-3])
-    weight_decay: list[float] = field(default_factory=lambda: [1e-4])
-    queries: list[int] = field(default_factory=lambda: [1])
-    heads: list[int] = field(default_factory=list)  # empty: the backbone's number of heads
-    mlp_ratio: list[float] = field(default_factory=lambda: [0.0])
-    adapter_seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: int = 10
-    batch_size: int = 64
-    warmup_ratio: float = 0.1
-    seed: int = 0
-    cache: str = "auto"  # one of inca.activations.CACHE_MODES
-    cache_dir: str | None = None
-    cache_dtype: str = "float16"
-    cache_max_gb: float = 64.0
-    num_workers: int | None = None
-    ensemble: int = 1  # also combine the top-K adapters by val (averaged probabilities) when K > 1
-    verify_cache: bool = False  # re-hash an existing store's files before training on it
-    augment: bool = False  # timm's training augmentation on the train split (live activations, never a store)
-
-    def __post_init__(self) -> None:
-        if self.cache not in CACHE_MODES:
-            raise InCAError(f"--cache {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
-        require_positive(epochs=self.epochs, batch_size=self.batch_size)
-        for name in ("lr", "weight_decay", "queries", "mlp_ratio", "adapter_seeds"):
-            if not getattr(self, name):
-                raise InCAError(f"--{name.replace('_', '-')} needs at least one value")
-        if self.ensemble < 1:
-            raise InCAError(f"--ensemble must be at least 1 (1: select one adapter), got {self.ensemble}")
-        if any(lr <= 0 for lr in self.lr):
-            raise InCAError(f"learning rates must be positive, got {self.lr}")
-
-    def grid(self, layers: list[int], default_heads: int) -> list[AdapterSpec]:
-        """One spec per combination, layer-major (the order of the results table)."""
-        heads = self.heads or [default_heads]
-        combos = itertools.product(
-            layers, self.lr, self.weight_decay, self.queries, heads, self.mlp_ratio, self.adapter_seeds
-        )
-        return [
-            AdapterSpec(layer=layer, num_heads=h, num_queries=q, mlp_ratio=float(m), lr=float(lr),
-                        weight_decay=float(wd), seed=int(s))
-            for layer, lr, wd, q, h, m, s in combos
-        ]
-
-
 def train_inca_task(
     backbone: Backbone,
     task: Task,
     layers: list[int],
-    options: InCAOptions,
+    config: InCATrainConfig,
     out_dir: str | os.PathLike,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
@@ -98,11 +49,11 @@ def train_inca_task(
     out_dir = Path(out_dir)
     device = torch.device(device) if device is not None else backbone.device
     start = time.perf_counter()
-    specs = options.grid(layers, backbone.num_heads)
+    specs = config.grid(layers, backbone.num_heads)
     source = open_source(
-        backbone, task, layers, epochs=options.epochs, cache=options.cache, cache_dir=options.cache_dir,
-        dtype=options.cache_dtype, max_gb=options.cache_max_gb, num_workers=options.num_workers,
-        train_transform=backbone.train_transform if options.augment else None, verify=options.verify_cache,
+        backbone, task, layers, epochs=config.epochs, cache=config.cache, cache_dir=config.cache_dir,
+        dtype=config.cache_dtype, max_gb=config.cache_max_gb, num_workers=config.num_workers,
+        train_transform=backbone.train_transform if config.augment else None, verify=config.verify_cache,
     )
     bank = InCABank(specs, backbone.width, task.num_classes)
     _logger.info("%s: training %d adapters together on layers %s", task.spec, len(specs), layers)
@@ -110,20 +61,20 @@ def train_inca_task(
     checkpoint = out_dir / CHECKPOINT_FILE
     cached = isinstance(source, CachedSource)
     history = train_bank(
-        bank, source, epochs=options.epochs, batch_size=options.batch_size, device=device, seed=options.seed,
-        warmup_ratio=options.warmup_ratio, eval_split="val", checkpoint_path=checkpoint,
+        bank, source, epochs=config.epochs, batch_size=config.batch_size, device=device, seed=config.seed,
+        warmup_ratio=config.warmup_ratio, eval_split="val", checkpoint_path=checkpoint,
     )
     best, val_acc = select_best(bank, source, "val")
     test_acc = evaluate_bank(bank, source, "test")
     provenance = {"backbone": backbone.describe(), "task": task.spec,
-                  "training": {"epochs": options.epochs, "batch_size": options.batch_size, "seed": options.seed}}
+                  "training": {"epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed}}
     adapter = TaskAdapter.from_bank(bank, [best], task.classes, {
         **provenance, "val_accuracy": float(val_acc[best]), "test_accuracy": float(test_acc[best]),
     })
     world = current()  # data-parallel: every rank holds the same bank, rank 0 writes it
     if world.is_main:
         save_adapter(adapter, out_dir / ADAPTER_DIR)
-    ensemble = _ensemble(bank, source, val_acc, options.ensemble, out_dir / ENSEMBLE_DIR, task, provenance)
+    ensemble = _ensemble(bank, source, val_acc, config.ensemble, out_dir / ENSEMBLE_DIR, task, provenance)
     if world.is_main:
         checkpoint.unlink(missing_ok=True)  # the results and the adapter are written: nothing left to resume
     trainable = sum(p.numel() for p in adapter.parameters())
@@ -133,7 +84,7 @@ def train_inca_task(
          "best_epoch": history.best_epoch[i], "final_train_loss": _num(history.train_loss[-1][i])}
         for i, s in enumerate(specs)
     ]
-    steps = options.epochs * -(-source.num_rows("train") // (options.batch_size * world.size))
+    steps = config.epochs * -(-source.num_rows("train") // (config.batch_size * world.size))
     return {
         "task": task.spec,
         "classes": task.classes,
