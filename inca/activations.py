@@ -44,7 +44,7 @@ __all__ = [
     "pool_tokens",
 ]
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Rows per batch when a split is only read forward (evaluation, recording pooled features): inca's own choice.
 # Nothing is kept for a backward pass, so such a batch needs a fraction of a training batch's memory per row;
@@ -334,8 +334,8 @@ def open_source(
     if cache not in CACHE_MODES:
         raise InCAError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
     if train_transform is not None:
-        _logger.info("%s: streaming live activations (augmented training images: a store holds one fixed view)",
-                     task.spec)
+        logger.info("%s: streaming live activations (augmented training images: a store holds one fixed view)",
+                    task.spec)
         return LiveSource(backbone, task, layers, num_workers, train_transform=train_transform)
     if cache == "never":
         return LiveSource(backbone, task, layers, num_workers)
@@ -345,10 +345,10 @@ def open_source(
         if world.is_main else None
     )
     if reason:
-        _logger.info("%s: streaming live activations (%s)", task.spec, reason)
+        logger.info("%s: streaming live activations (%s)", task.spec, reason)
         return LiveSource(backbone, task, layers, num_workers)
     if found is not None:
-        _logger.info("%s: reading activations from %s", task.spec, found)
+        logger.info("%s: reading activations from %s", task.spec, found)
         return CachedSource(open_cache(found, backbone, task, layers), layers)
     return CachedSource(build_cache(backbone, task, layers, cache_dir, dtype=dtype, num_workers=num_workers), layers)
 
@@ -363,7 +363,7 @@ def _why_not_read_or_build(
     if found is not None:
         if verify:
             verify_cache(found.path)
-            _logger.info("%s: every file of %s matches its checksum", task.spec, found.path)
+            logger.info("%s: every file of %s matches its checksum", task.spec, found.path)
         return None, str(found.path)
     if cache == "reuse":
         return "no activation store holds these layers, and this command builds none", None

@@ -32,7 +32,7 @@ from .devices import autocast
 from .errors import InCAError, first_line
 from .io import digest
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 RANDOM_INIT_SEED = 0
@@ -272,7 +272,7 @@ def create_backbone(
         weights_hash=state_dict_hash(model),
         final_norm=final_norm,
     )
-    _logger.info(
+    logger.info(
         "backbone %s (%s weights): %d blocks, width %d, %d tokens, input %s",
         name, weights, backbone.num_blocks, backbone.width, backbone.num_tokens, data_config["input_size"],
     )

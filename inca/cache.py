@@ -57,7 +57,7 @@ from .io import (
 from .progress import progress
 from .tasks import SPLITS, Task, image_loader, sequential_batches
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
@@ -227,7 +227,7 @@ def _remove_store(path: Path) -> None:
     for entry in path.iterdir():
         if entry.name != LOCK_FILE:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    _logger.info("removed the activation store %s to rebuild it", path)
+    logger.info("removed the activation store %s to rebuild it", path)
 
 
 def _start_or_resume(
@@ -246,16 +246,16 @@ def _start_or_resume(
                             f"{manifest['dtype']} (--dtype / --cache-dtype) or rebuild with inca-cache --rebuild")
         missing = sorted(set(layers) - set(manifest["layers"]))
         if manifest["pending"] is None and missing:
-            _logger.info("%s holds layers %s: extending it with layers %s (one more pass over the data)",
-                         path, manifest["layers"], missing)
+            logger.info("%s holds layers %s: extending it with layers %s (one more pass over the data)",
+                        path, manifest["layers"], missing)
             _require_space(path, manifest, missing)
             manifest["pending"] = {"layers": missing, "batch_size": batch_size}
             write_manifest(path, manifest)
         elif manifest["pending"] is not None:
             _require_space(path, manifest, manifest["pending"]["layers"])
             if manifest["pending"]["batch_size"] != batch_size:
-                _logger.info("resuming with the batch size of the interrupted build (%d)",
-                             manifest["pending"]["batch_size"])
+                logger.info("resuming with the batch size of the interrupted build (%d)",
+                            manifest["pending"]["batch_size"])
         return manifest
     manifest = {
         "version": CACHE_VERSION,
@@ -313,7 +313,7 @@ def _build_pending(
         for split in SPLITS:
             for file in _progress_files(path, split):
                 file.unlink()
-        _logger.info("activation store complete: %s (layers %s)", path, manifest["layers"])
+        logger.info("activation store complete: %s (layers %s)", path, manifest["layers"])
 
 
 def _plan_build(path: Path, manifest: dict[str, Any], task: Task) -> dict[str, list[tuple[int, int]]]:

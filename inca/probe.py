@@ -30,7 +30,7 @@ from .report import markdown_table, plot_heatmap, plot_lines
 from .suite import Unit, run_suite
 from .tasks import SPLITS, Task
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD, REPORT_PNG, HEATMAP_PNG = "probe.json", "probe.md", "probe.png", "probe_heatmap.png"
 
@@ -47,7 +47,7 @@ def probe_task(
     run = options.run
     pools = [p for p in run.pools if p != "cls" or backbone.token_layout["cls_token"]]
     if len(pools) < len(run.pools):
-        _logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
+        logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
     # epochs only weighs building a store, which "reuse" never does.
     source = open_source(backbone, task, layers, epochs=1, cache="reuse", cache_dir=run.cache_dir,
                          num_workers=run.num_workers)
@@ -207,7 +207,7 @@ def layers_from_report(spec: str, num_blocks: int, report: str | None) -> Callab
             raise InCAError(f"probe report {report} has no task {task.spec!r} (it has {', '.join(tasks) or 'none'})")
         ranking = [int(layer) for layer in tasks[task.spec]["ranking"]]
         chosen = resolve_layers(ranking[:count], num_blocks)
-        _logger.info("%s: training on the %d best probed layers %s", task.spec, len(chosen), chosen)
+        logger.info("%s: training on the %d best probed layers %s", task.spec, len(chosen), chosen)
         return chosen
 
     return best_layers

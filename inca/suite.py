@@ -25,7 +25,7 @@ from .tasks import Task
 
 __all__ = ["UNITS_DIR", "Report", "Unit", "open_report", "run_suite", "task_directory"]
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 UNITS_DIR = ".inca-units"  # under a suite's output directory: results ranks left for rank 0 to merge
 
@@ -57,7 +57,7 @@ def open_report(path: Path, fresh: Report, *, overwrite: bool = False) -> Report
         return saved
     if not overwrite:
         raise InCAError(f"{problem}: use another --out, or --overwrite to replace them")
-    _logger.warning("%s: replacing them (--overwrite)", problem)
+    logger.warning("%s: replacing them (--overwrite)", problem)
     return fresh
 
 
@@ -149,7 +149,7 @@ class _SuiteRun:
     def open(self, fresh: Report, overwrite: bool) -> None:
         """Rank 0: the report to extend (:func:`open_report`), with the results an interrupted run's ranks left."""
         if removed := remove_stale_temps(self.out):
-            _logger.info("removed %d temporary files an interrupted run left in %s", removed, self.out)
+            logger.info("removed %d temporary files an interrupted run left in %s", removed, self.out)
         self.report = open_report(self.path, fresh, overwrite=overwrite)
         if (self.out / UNITS_DIR).is_dir():
             self.merge()
@@ -166,7 +166,7 @@ class _SuiteRun:
         """One process: every unfinished unit in turn, the reports rewritten after each."""
         for unit in units:
             if self.finished(self.report, unit.key):
-                _logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, self.path)
+                logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, self.path)
                 continue
             self.keep(unit, self.run_unit(unit, data_parallel=False))
         self.save()
@@ -178,7 +178,7 @@ class _SuiteRun:
 
     def run_data_parallel(self, pending: list[Unit]) -> None:
         """Fewer units than ranks: every rank runs each unit on its shard of every batch; rank 0 keeps results."""
-        _logger.info("%d unit(s) for %d ranks: each runs data-parallel on every rank", len(pending), self.world.size)
+        logger.info("%d unit(s) for %d ranks: each runs data-parallel on every rank", len(pending), self.world.size)
         for unit in pending:
             result = self.run_unit(unit, data_parallel=True)
             if self.world.is_main:
@@ -193,7 +193,7 @@ class _SuiteRun:
         with acting_as(SOLO):
             for index in self.world.claimed(len(pending)):
                 unit = pending[index]
-                _logger.info("%s: claimed (%d of %d)", unit.name, index + 1, len(pending))
+                logger.info("%s: claimed (%d of %d)", unit.name, index + 1, len(pending))
                 result = self.run_unit(unit, data_parallel=False)
                 atomic_write_json(self.unit_file(unit.key),
                                   {"config": self.report["config"], "key": unit.key, "result": result})
@@ -244,7 +244,7 @@ class _SuiteRun:
         for key in keys:
             self.store(self.report, key, found[key])
         if keys:
-            _logger.info("merged %d result(s) that ranks left in %s", len(keys), self.out / UNITS_DIR)
+            logger.info("merged %d result(s) that ranks left in %s", len(keys), self.out / UNITS_DIR)
         self.save()  # the report holds them before their files go
         for file in files:
             file.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from ..io import atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
@@ -84,7 +84,7 @@ def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool 
     if bad and not skip_bad_images:
         raise InCAError(f"task {spec}: {bad_images_message(bad)}; fix or remove them, or pass --skip-bad-images")
     if bad:
-        _logger.warning("task %s: skipping %s", spec, bad_images_message(bad))
+        logger.warning("task %s: skipping %s", spec, bad_images_message(bad))
         keep = np.array([ok for _, ok in scanned])
         available = {name: split.subset(np.flatnonzero(keep[split.rows])) for name, split in available.items()}
     source = FileSource(paths)
@@ -178,5 +178,5 @@ def _report_duplicates(spec: str, splits: dict[str, Split], paths: list[str], ha
     shared = {h: names for h, names in where.items() if len(names) > 1}
     if shared:
         example = paths[hashes.index(next(iter(shared)))]
-        _logger.warning("task %s: %d images appear (same content) in more than one of train/val/test, e.g. %s; "
-                        "deduplicate the folders so evaluation never sees training images", spec, len(shared), example)
+        logger.warning("task %s: %d images appear (same content) in more than one of train/val/test, e.g. %s; "
+                       "deduplicate the folders so evaluation never sees training images", spec, len(shared), example)

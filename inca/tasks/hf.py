@@ -15,7 +15,7 @@ from ..errors import InCAError, first_line
 from .base import Split, Task, make_splits
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 
 
@@ -51,11 +51,11 @@ def load_hf_task(spec: str, name: str, config: str | None = None, seed: int = 0)
         labels = _labels(dataset[label_column], classes)
         labelled = np.flatnonzero(labels >= 0)  # -1: no label (ImageNet-1k's test split, competitions' tests)
         if len(labelled) == 0:
-            _logger.warning("%s: the %r split has no labels; %s is carved from train instead", spec, hf_split, split)
+            logger.warning("%s: the %r split has no labels; %s is carved from train instead", spec, hf_split, split)
             continue
         if len(labelled) < len(labels):
-            _logger.warning("%s: %d of %d rows of the %r split have no label (-1) and are left out", spec,
-                            len(labels) - len(labelled), len(labels), hf_split)
+            logger.warning("%s: %d of %d rows of the %r split have no label (-1) and are left out", spec,
+                           len(labels) - len(labelled), len(labels), hf_split)
         source = HFSource(dataset.select_columns([image_column]), image_column, f"{spec}[{hf_split}]")
         available[split] = Split(source, labelled, labels[labelled])
         identity[split] = getattr(dataset, "_fingerprint", None)

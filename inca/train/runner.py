@@ -27,7 +27,7 @@ from ..tasks import Task
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 from .config import InCATrainConfig
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 ADAPTER_DIR = "adapter"
@@ -56,7 +56,7 @@ def train_inca_task(
         train_transform=backbone.train_transform if config.augment else None, verify=config.verify_cache,
     )
     bank = InCABank(specs, backbone.width, task.num_classes)
-    _logger.info("%s: training %d adapters together on layers %s", task.spec, len(specs), layers)
+    logger.info("%s: training %d adapters together on layers %s", task.spec, len(specs), layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT_FILE
     cached = isinstance(source, CachedSource)
@@ -116,14 +116,14 @@ def _ensemble(
         return None
     members = top_adapters(val_acc, k)
     if len(members) < k:
-        _logger.warning("%s: only %d adapters did not diverge; the ensemble has %d members", task.spec,
-                        len(members), len(members))
+        logger.warning("%s: only %d adapters did not diverge; the ensemble has %d members", task.spec,
+                       len(members), len(members))
     val, test = (evaluate_ensemble(bank, source, members, split) for split in ("val", "test"))
     ensemble = TaskAdapter.from_bank(bank, members, task.classes,
                                      {**provenance, "val_accuracy": val, "test_accuracy": test})
     if current().is_main:
         save_adapter(ensemble, directory)
-    _logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.spec, len(members), val, test)
+    logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.spec, len(members), val, test)
     params = sum(p.numel() for p in ensemble.parameters())
     return {"k": len(members), "members": members, "val_acc": val, "test_acc": test, "trainable_params": params,
             "adapter_dir": str(directory)}
