@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "create_backbone": "inca.backbone",
     "Task": "inca.tasks",
     "load_task": "inca.tasks",
+    "register_task_source": "inca.tasks",
     "build_cache": "inca.cache",
     "open_cache": "inca.cache",
     # where activations come from

@@ -108,15 +108,25 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags: the loading settings every task source shares (dests named as TaskLoadConfig's fields),
+    the decoding workers, and each source's own settings (``--{source}-{setting}``)."""
+    from .tasks import TaskLoadConfig, add_task_source_flags
+
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", help="root directory for tv:NAME datasets")
-    group.add_argument("--download", action="store_true", help="allow torchvision to download tv: datasets")
-    group.add_argument("--skip-bad-images", action="store_true",
-                       help="drop unreadable image files of folder: tasks (counted in the results) instead of stopping")
-    group.add_argument("--split-seed", type=opt.non_negative_int, default=0,
-                       help="seed of the val/test carving (default 0)")
+    group.add_argument("--data-root", help=TaskLoadConfig.field_help("data_root"))
+    group.add_argument("--download", action="store_true", help=TaskLoadConfig.field_help("download"))
+    group.add_argument("--skip-bad-images", action="store_true", help=TaskLoadConfig.field_help("skip_bad_images"))
+    group.add_argument("--split-seed", type=opt.non_negative_int, default=TaskLoadConfig.default("split_seed"),
+                       help=f"{TaskLoadConfig.field_help('split_seed')} (default %(default)s)")
     group.add_argument("--num-workers", type=opt.non_negative_int, default=None,
                        help="image decoding workers (default: auto)")
+    add_task_source_flags(group)
+
+
+def _tasks_help() -> str:
+    from .tasks import task_sources_help
+
+    return f"task spec(s), comma-separated: {task_sources_help()}".replace("%", "%%")
 
 
 def _suite_parser(prog: str, description: str, out: str, out_help: str) -> argparse.ArgumentParser:
@@ -124,8 +134,7 @@ def _suite_parser(prog: str, description: str, out: str, out_help: str) -> argpa
     parser = _Parser(prog=prog, description=description)
     _add_backbone_args(parser)
     _add_task_args(parser)
-    parser.add_argument("--tasks", "--task", dest="tasks", type=opt.names,
-                        help=f"task spec(s), comma-separated: {opt.TASK_SPEC_FORMS}")
+    parser.add_argument("--tasks", "--task", dest="tasks", type=opt.names, help=_tasks_help())
     parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
     parser.add_argument("--overwrite", action="store_true",
@@ -148,18 +157,16 @@ def _add_final_norm(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_task(args: argparse.Namespace, spec: str):
-    from .tasks import load_task
+    from .tasks import load_task, task_settings
 
-    return load_task(spec, data_root=args.data_root, download=args.download, seed=args.split_seed,
-                     skip_bad_images=args.skip_bad_images)
+    return load_task(spec, settings=task_settings(args, spec))
 
 
 def cache_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="inca-cache", description="Build, resume or verify an on-disk activation store.")
     _add_backbone_args(parser)
     _add_task_args(parser)
-    parser.add_argument("--task", "--tasks", dest="tasks", type=opt.names,
-                        help=f"task spec(s), comma-separated: {opt.TASK_SPEC_FORMS}")
+    parser.add_argument("--task", "--tasks", dest="tasks", type=opt.names, help=_tasks_help())
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K (default: all)")
     parser.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
@@ -269,11 +276,11 @@ def _suite(args: argparse.Namespace):
 
 def _task_specs(args: argparse.Namespace) -> list[str]:
     """The task specs of ``--tasks``, each checked before anything is loaded."""
-    from .tasks import check_task_spec, parse_task_list
+    from .tasks import check_task_spec, parse_task_list, task_settings
 
     specs = parse_task_list(args.tasks or [])
     for spec in specs:
-        check_task_spec(spec, args.data_root)
+        check_task_spec(spec, task_settings(args, spec))
     return specs
 
 

@@ -43,10 +43,6 @@ CACHE_MODES = ("auto", "always", "never", "reuse")
 # The element types an activation store can hold (inca.cache.DTYPES maps each to its numpy and torch types).
 CACHE_DTYPES = ("float16", "bfloat16")
 
-# The forms of a task spec, for --help and error messages (kept light: building a parser imports no torch).
-SYNTH_KINDS = ("shapes", "count", "orientation", "colour")
-TASK_SPEC_FORMS = "digits, synth-{" + ",".join(SYNTH_KINDS) + "}, hf:NAME[:CONFIG], tv:NAME, folder:PATH"
-
 
 def _fail(value: Any, expected: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")

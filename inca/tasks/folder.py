@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from ..errors import InCAError
 from ..io import atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
+from .registry import TaskLoadConfig, register_task_source
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class FileSource:
 def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool = False) -> Task:
     """The task in ``path``; unreadable images are all named in one error, or dropped (and counted in the
     task's identity) with ``skip_bad_images``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
     root = Path(path).expanduser()
     if not root.is_dir():
         raise InCAError(f"task {spec}: {root} is not a directory; give folder:PATH with PATH/<class>/<images>")
@@ -101,6 +103,8 @@ def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool 
 def _image_files(directory: Path, seen: set[str]) -> list[str]:
     """Image files under ``directory``, sorted, recursing into each real directory once (``seen`` holds the
     real paths already walked, shared across the task's splits)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     real = os.path.realpath(directory)
     if real in seen or not os.path.isdir(real):
         return []
@@ -180,3 +184,18 @@ def _report_duplicates(spec: str, splits: dict[str, Split], paths: list[str], ha
         example = paths[hashes.index(next(iter(shared)))]
         logger.warning("task %s: %d images appear (same content) in more than one of train/val/test, e.g. %s; "
                        "deduplicate the folders so evaluation never sees training images", spec, len(shared), example)
+
+
+def _check(spec: str, path: str, settings: TaskLoadConfig) -> None:
+    if not Path(path).expanduser().is_dir():
+        raise InCAError(f"task {spec}: {path} is not a directory; give folder:PATH with PATH/<class>/<images>")
+
+
+def _load(spec: str, path: str, settings: TaskLoadConfig) -> Task:
+    return load_folder_task(spec, path, seed=settings.split_seed, skip_bad_images=settings.skip_bad_images)
+
+
+register_task_source(
+    "folder:", load=_load, check=_check, spec_form="folder:PATH",
+    summary="images in PATH/<class>/ or PATH/{train,val,test}/<class>/",
+)  # fmt: skip

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..errors import InCAError, first_line
 from .base import Split, Task, make_splits
+from .registry import TaskLoadConfig, register_task_source
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 logger = logging.getLogger(__name__)
@@ -119,3 +120,14 @@ def _labels(values: list[Any], classes: list[str]) -> np.ndarray:
         [-1 if v is None else int(v) if isinstance(v, (int, np.integer)) else index[str(v)] for v in values],
         dtype=np.int64,
     )
+
+
+def _load(spec: str, argument: str, settings: TaskLoadConfig) -> Task:
+    name, _, config = argument.partition(":")
+    return load_hf_task(spec, name, config or None, seed=settings.split_seed)
+
+
+register_task_source(
+    "hf:", load=_load, spec_form="hf:NAME[:CONFIG]",
+    summary="a Hugging Face dataset: a hub name (from the local cache offline) or a save_to_disk directory",
+)  # fmt: skip

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..errors import InCAError, first_line
 from .base import Split, Task, make_splits, tree_digest
+from .registry import TaskLoadConfig, register_task_source
 
 # Candidate values of a ``split=`` argument for each of our splits, in order of preference.
 SPLIT_ARGUMENTS = {"train": ("train", "trainval", "balanced"), "val": ("val", "valid"), "test": ("test",)}
@@ -115,3 +116,17 @@ def _targets(dataset: Any) -> np.ndarray:
 def _classes(dataset: Any) -> list[str]:
     classes = getattr(dataset, "classes", None)
     return [str(c) for c in classes] if classes is not None else []
+
+
+def _check(spec: str, name: str, settings: TaskLoadConfig) -> None:
+    torchvision_class(spec, name, settings.data_root)
+
+
+def _load(spec: str, name: str, settings: TaskLoadConfig) -> Task:
+    return load_torchvision_task(spec, name, settings.data_root, download=settings.download, seed=settings.split_seed)
+
+
+register_task_source(
+    "tv:", load=_load, check=_check, spec_form="tv:NAME",
+    summary="a torchvision dataset class under --data-root, e.g. tv:CIFAR10",
+)  # fmt: skip
