@@ -26,6 +26,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class _TableHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """:class:`_HelpFormatter` that keeps the description's and epilog's line breaks (a table of methods)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage + error, shows defaults in
     ``--help``; every command takes ``-v``. ``options`` maps each option's dest to its action (a recipe's keys
@@ -170,8 +174,8 @@ def cache_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K (default: all)")
     parser.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=64)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
+    parser.add_argument("--dtype", default="float16", choices=opt.CACHE_DTYPES, help="element type of the store")
     parser.add_argument("--commit-seconds", type=opt.non_negative_float, default=10.0,
                         help="how often written rows are made durable for resume (default 10)")
     parser.add_argument("--verify", metavar="DIR", help="re-check a finished store instead of building")
@@ -217,7 +221,7 @@ def compare_parser() -> argparse.ArgumentParser:
                       "writes compare.json/.md and two plots.", 78),
         out="compare", out_help="output directory; a rerun skips finished pairs",
     )
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the method table's layout
+    parser.formatter_class = _TableHelpFormatter  # keep the method table's layout
     parser.epilog = methods_help(78)
     parser.add_argument("--methods", type=opt.names, help=f"comma-separated, default all: {','.join(METHODS)}")
     parser.add_argument("--method-args", nargs="*", action="extend", default=[], metavar="METHOD.KEY=VALUE",
@@ -353,7 +357,7 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="backbone weights if not the recorded ones (must be identical)")
     parser.add_argument("--device", type=opt.device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--top-k", type=opt.positive_int, default=1, help="classes reported per task (default 1)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=64)
+    parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
     parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from --output's suffix, else csv")
     parser.add_argument("--output", help="write the rows to this file (atomically) instead of stdout")
     return parser
