@@ -10,7 +10,23 @@ layer ranking are :mod:`inca.probe`'s.
 
 from __future__ import annotations
 
-from inca.probes.base import ProbeConfig, ProbeRunConfig
-from inca.probes.registry import PROBES, READS, Probe, ProbeOptions, get_probe, register_probe
+import importlib
 
-__all__ = ["PROBES", "READS", "Probe", "ProbeConfig", "ProbeOptions", "ProbeRunConfig", "get_probe", "register_probe"]
+from inca.probes.base import ProbeConfig, ProbeRunConfig
+from inca.probes.registry import (
+    BUILTIN_PROBES,
+    PROBES,
+    READS,
+    Probe,
+    ProbeOptions,
+    get_probe,
+    register_probe,
+    setting_keys,
+)
+
+__all__ = ["PROBES", "READS", "Probe", "ProbeConfig", "ProbeOptions", "ProbeRunConfig", "get_probe", "register_probe",
+           "setting_keys"]
+
+# The built-ins register in --probes order before any of them can be imported alone (torch-free imports).
+for _module in BUILTIN_PROBES:
+    importlib.import_module(_module)

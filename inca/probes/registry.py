@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from inca.backbone import Backbone
     from inca.tasks import Task
 
-__all__ = ["PROBES", "READS", "Probe", "ProbeOptions", "get_probe", "register_probe"]
+__all__ = ["BUILTIN_PROBES", "PROBES", "READS", "Probe", "ProbeOptions", "get_probe", "register_probe", "setting_keys"]
 
 READS = ("pooled", "tokens")
 Scores = dict[int, dict[str, float]]
@@ -65,10 +65,12 @@ class Probe:
         return f"{self.prefix}{field}"
 
 
-# Built-in probes in the default ``--probes`` order; other packages' follow, from their entry points.
-PROBES: Registry[Probe] = Registry("probe", "inca.probes", builtins=[
-    f"inca.probes.{name}" for name in ("linear", "knn", "inca")
-])
+# Built-in probes in the default ``--probes`` order (the package imports them in this order, so importing one
+# directly first cannot reorder them); other packages' follow, from their entry points.
+BUILTIN_PROBES = tuple(f"inca.probes.{name}" for name in ("linear", "knn", "inca"))
+PROBES: Registry[Probe] = Registry("probe", "inca.probes", builtins=BUILTIN_PROBES)
+# Names of the settings every run shares (``--probes``, ``--pool`` and ProbeRunConfig's): no probe's may take one.
+SHARED_KEYS = frozenset({"probes", "pool", *ProbeRunConfig.fields()})
 
 
 def register_probe(
@@ -78,18 +80,18 @@ def register_probe(
     """Add a probe to :data:`PROBES` (``--probes`` order is registration order) and return it.
 
     Every setting needs a default, a help text and a source, and a name (``prefix`` + field, by default
-    ``NAME_field``) that no shared setting nor other probe uses: checked here, so a probe missing one fails at
-    import.
+    ``NAME_field``) that no shared setting uses: checked here, so a probe missing one fails at import (a name
+    another probe uses too fails on first use, :func:`setting_keys`).
     """
     if reads not in READS:
         raise ValueError(f"probe {name!r}: reads must be one of {', '.join(READS)}, got {reads!r}")
     config.check_definition(f"probe {name!r}")
     probe = Probe(name, config, summary, fit, reads,
                   f"{name.replace('-', '_')}_" if prefix is None else prefix)
-    taken = {"probes", *ProbeRunConfig.fields()} | {key for other in PROBES.values() for key in _keys(other)}
-    clash = sorted(set(_keys(probe)) & taken)
+    clash = sorted(SHARED_KEYS.intersection(map(probe.key, config.fields())))
     if clash:
-        raise ValueError(f"probe {name!r}: settings {clash} are already named; register it with another prefix")
+        raise ValueError(f"probe {name!r}: settings {clash} are shared settings' names; register it with another "
+                         "prefix")
     return PROBES.register(name, probe)
 
 
@@ -98,8 +100,18 @@ def get_probe(name: str) -> Probe:
     return PROBES.get_entry(name)
 
 
-def _keys(probe: Probe) -> list[str]:
-    return [probe.key(field) for field in probe.config.fields()]
+def setting_keys() -> dict[str, tuple[str, str]]:
+    """Every registered probe's settings: flat name -> (probe, field); two probes naming one setting is a
+    one-line error naming both (checked here, once every plugin is loaded, not when the second registers)."""
+    keys: dict[str, tuple[str, str]] = {}
+    for probe in PROBES.values():
+        for field in probe.config.fields():
+            key = probe.key(field)
+            if key in keys:
+                raise InCAError(f"probes {keys[key][0]!r} and {probe.name!r} both name a setting {key!r}: register "
+                                "one of them with another prefix")
+            keys[key] = (probe.name, field)
+    return keys
 
 
 class ProbeOptions:
@@ -114,7 +126,7 @@ class ProbeOptions:
 
     def __init__(self, *, probes: Sequence[str] | None = None, **values: Any) -> None:
         self.probes = list(PROBES) if probes is None else [str(p).strip() for p in probes]
-        keys = {probe.key(field): (probe.name, field) for probe in PROBES.values() for field in probe.config.fields()}
+        keys = setting_keys()
         for key in values:
             if key not in keys and key not in ProbeRunConfig.fields():
                 raise unknown_name("probe setting", key, [*ProbeRunConfig.fields(), *keys])
