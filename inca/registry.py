@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
@@ -59,6 +60,7 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
         self.kind, self.group = kind, group
         self._builtins = tuple(builtins)
         self._entries: dict[str, Entry] = {}
+        self._rank: dict[str, int] = {}  # the registering built-in's place in ``builtins``; others after them
         self._loaded = False
 
     def register(self, name: str, entry: Entry) -> Entry:
@@ -68,10 +70,24 @@ class Registry(Mapping[str, Entry], Generic[Entry]):
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = entry
+        self._rank[name] = self._registering_builtin()
+        # Built-ins first, in their listed order, whichever module a program happened to import first.
+        self._entries = dict(sorted(self._entries.items(), key=lambda item: self._rank[item[0]]))
         return entry
+
+    def _registering_builtin(self) -> int:
+        """The place in ``builtins`` of the module whose import is registering now (len(builtins) if none)."""
+        frame = inspect.currentframe()
+        while frame is not None:
+            module = frame.f_globals.get("__name__")
+            if module in self._builtins:
+                return self._builtins.index(module)
+            frame = frame.f_back
+        return len(self._builtins)
 
     def pop(self, name: str, *default: Entry) -> Entry:
         """Remove and return the entry ``name`` (as :meth:`dict.pop`): for a test's or a session's own entry."""
+        self._rank.pop(name, None)
         return self._entries.pop(name, *default)
 
     def load(self) -> None:
