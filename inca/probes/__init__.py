@@ -10,8 +10,6 @@ layer ranking are :mod:`inca.probe`'s.
 
 from __future__ import annotations
 
-import importlib
-
 from inca.probes.base import ProbeConfig, ProbeRunConfig
 from inca.probes.registry import (
     BUILTIN_PROBES,
@@ -24,9 +22,5 @@ from inca.probes.registry import (
     setting_keys,
 )
 
-__all__ = ["PROBES", "READS", "Probe", "ProbeConfig", "ProbeOptions", "ProbeRunConfig", "get_probe", "register_probe",
-           "setting_keys"]
-
-# The built-ins register in --probes order before any of them can be imported alone (torch-free imports).
-for _module in BUILTIN_PROBES:
-    importlib.import_module(_module)
+__all__ = ["BUILTIN_PROBES", "PROBES", "READS", "Probe", "ProbeConfig", "ProbeOptions", "ProbeRunConfig", "get_probe",
+           "register_probe", "setting_keys"]

@@ -65,8 +65,7 @@ class Probe:
         return f"{self.prefix}{field}"
 
 
-# Built-in probes in the default ``--probes`` order (the package imports them in this order, so importing one
-# directly first cannot reorder them); other packages' follow, from their entry points.
+# Built-in probes in the default ``--probes`` order; other packages' follow, from their entry points.
 BUILTIN_PROBES = tuple(f"inca.probes.{name}" for name in ("linear", "knn", "inca"))
 PROBES: Registry[Probe] = Registry("probe", "inca.probes", builtins=BUILTIN_PROBES)
 # Names of the settings every run shares (``--probes``, ``--pool`` and ProbeRunConfig's): no probe's may take one.
@@ -80,18 +79,19 @@ def register_probe(
     """Add a probe to :data:`PROBES` (``--probes`` order is registration order) and return it.
 
     Every setting needs a default, a help text and a source, and a name (``prefix`` + field, by default
-    ``NAME_field``) that no shared setting uses: checked here, so a probe missing one fails at import (a name
-    another probe uses too fails on first use, :func:`setting_keys`).
+    ``NAME_field``) that no shared setting nor other probe uses: checked here, so a probe missing one fails at
+    import.
     """
     if reads not in READS:
         raise ValueError(f"probe {name!r}: reads must be one of {', '.join(READS)}, got {reads!r}")
     config.check_definition(f"probe {name!r}")
     probe = Probe(name, config, summary, fit, reads,
                   f"{name.replace('-', '_')}_" if prefix is None else prefix)
-    clash = sorted(SHARED_KEYS.intersection(map(probe.key, config.fields())))
+    taken = SHARED_KEYS.union(key for key, (owner, _) in setting_keys().items() if owner != name)
+    clash = sorted(taken.intersection(map(probe.key, config.fields())))
     if clash:
-        raise ValueError(f"probe {name!r}: settings {clash} are shared settings' names; register it with another "
-                         "prefix")
+        raise ValueError(f"probe {name!r}: settings {clash} are already named (shared or another probe's settings); "
+                         "register it with another prefix")
     return PROBES.register(name, probe)
 
 
@@ -101,17 +101,8 @@ def get_probe(name: str) -> Probe:
 
 
 def setting_keys() -> dict[str, tuple[str, str]]:
-    """Every registered probe's settings: flat name -> (probe, field); two probes naming one setting is a
-    one-line error naming both (checked here, once every plugin is loaded, not when the second registers)."""
-    keys: dict[str, tuple[str, str]] = {}
-    for probe in PROBES.values():
-        for field in probe.config.fields():
-            key = probe.key(field)
-            if key in keys:
-                raise InCAError(f"probes {keys[key][0]!r} and {probe.name!r} both name a setting {key!r}: register "
-                                "one of them with another prefix")
-            keys[key] = (probe.name, field)
-    return keys
+    """Every registered probe's settings: flat name -> (probe, field)."""
+    return {probe.key(field): (probe.name, field) for probe in PROBES.values() for field in probe.config.fields()}
 
 
 class ProbeOptions:
