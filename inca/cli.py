@@ -62,7 +62,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _run(main: Callable[[argparse.Namespace], int], parser: _Parser, argv: Sequence[str] | None) -> int:
+def _run(main: Callable[[argparse.Namespace], int], make_parser: Callable[[], _Parser],
+         argv: Sequence[str] | None) -> int:
+    try:  # a parser lists the registered extensions: an installed plugin that fails to load is one line
+        parser = make_parser()
+    except InCAError as exc:
+        print(f"inca-{main.__name__.strip('_')}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
@@ -207,7 +213,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def cache_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_cache, cache_parser(), argv)
+    return _run(_cache, cache_parser, argv)
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -304,7 +310,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_compare, compare_parser(), argv)
+    return _run(_compare, compare_parser, argv)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -343,7 +349,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_train, train_parser(), argv)
+    return _run(_train, train_parser, argv)
 
 
 def predict_parser() -> argparse.ArgumentParser:
@@ -392,7 +398,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_predict, predict_parser(), argv)
+    return _run(_predict, predict_parser, argv)
 
 
 def probe_parser() -> argparse.ArgumentParser:
@@ -440,4 +446,4 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def probe_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_probe, probe_parser(), argv)
+    return _run(_probe, probe_parser, argv)
