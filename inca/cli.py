@@ -296,11 +296,11 @@ def _task_specs(args: argparse.Namespace) -> list[str]:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import render_markdown, run_comparison, written_files
-    from .methods import METHODS, RunSettings, resolve_methods
+    from .methods import METHODS, RunConfig, resolve_methods
 
     methods = resolve_methods(args.methods or list(METHODS), args.method_args)
     specs, backbone = _suite(args)
-    settings = RunSettings(args.epochs, args.batch_size, args.seed, args.num_workers, export_peft=args.export_peft,
+    settings = RunConfig(args.epochs, args.batch_size, args.seed, args.num_workers, export_peft=args.export_peft,
                            head_init=args.head_init, augment=args.augment, lr_grid=args.lr_grid)
     summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
                              overwrite=args.overwrite)

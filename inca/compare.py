@@ -40,7 +40,7 @@ from inca.adapters.common import set_trainable
 from inca.backbone import Backbone
 from inca.io import atomic_write_text, digest
 from inca.memory import PeakMemory, parameter_bytes
-from inca.methods import METHODS, RunSettings, run_method
+from inca.methods import METHODS, RunConfig, run_method
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
 from inca.suite import Unit, run_suite, task_directory
 from inca.tasks import SPLITS, Task, load_task
@@ -70,7 +70,7 @@ RUNS_DIR = "runs"  # each (task, method)'s own files: RUNS_DIR/<task>-<fingerpri
 FORMAT_VERSION = 1
 
 
-def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
+def _warm_up(backbone: Backbone, task: Task, settings: RunConfig) -> None:
     """One unmeasured fine-tuning step and evaluation on one batch, so one-time lazy allocations (kernel
     and primitive caches, thread pools, cuBLAS workspaces) are not charged to whichever method runs first."""
     images = ImageBatches(task, backbone, settings.num_workers)
@@ -82,7 +82,7 @@ def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
     fit(model, data, FitConfig(epochs=1, batch_size=settings.batch_size, progress=False, desc="warm-up"))
 
 
-def protocol(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
+def protocol(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
     """How every method is trained and selected: what ``compare.json`` records and ``compare.md`` prints."""
     return {"model_selection": "best-val-epoch", **settings.protocol(), "final_norm": backbone.final_norm}
 
@@ -111,7 +111,7 @@ def protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _run_config(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
+def _run_config(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
     """What must match for results to share a comparison (tasks and methods may grow across reruns)."""
     return {
         "backbone": backbone.name,
@@ -129,7 +129,7 @@ def run_comparison(
     backbone: Backbone,
     task_specs: Sequence[str],
     methods: Mapping[str, Mapping[str, Any]],
-    settings: RunSettings,
+    settings: RunConfig,
     out_dir: str | os.PathLike,
     load: Callable[[str], Task] = load_task,
     overwrite: bool = False,

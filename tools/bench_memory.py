@@ -25,7 +25,7 @@ import torch
 from inca.backbone import create_backbone
 from inca.compare import run_comparison
 from inca.devices import resolve_device
-from inca.methods import METHODS, RunSettings, resolve_methods
+from inca.methods import METHODS, RunConfig, resolve_methods
 from inca.tasks.base import ArraySource, Split, Task
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     size = backbone.data_config["input_size"][-1]
     task = random_task({"train": args.batch * args.steps, "val": args.batch, "test": args.batch}, size,
                        args.num_classes)
-    settings = RunSettings(epochs=1, batch_size=args.batch, seed=0, progress=False)
+    settings = RunConfig(epochs=1, batch_size=args.batch, seed=0, progress=False)
     with tempfile.TemporaryDirectory() as out:
         summary = run_comparison(backbone, [task.spec], methods, settings, out, load=lambda _: task)
     records = {r["method"]: r for r in summary["results"]}

@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 
     from inca.activations import DataSource
 
-__all__ = ["HEAD_INITS", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunSettings", "TrainConfig", "hparam",
+__all__ = ["HEAD_INITS", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunConfig", "TrainConfig", "hparam",
            "lr_candidates", "type_name"]
 
 HEAD_INITS = ("linear-probe", "random", "zero")
 LR_STEP = 3.0  # --lr-grid: neighbouring learning rates are this factor apart (inca's own choice: half a decade)
 HF_TRAINER = "HF TrainingArguments' default max_grad_norm=1.0"
-PEFT_DIR = "peft"  # under a run's work_dir: the PEFT export of a LoRA-type model (RunSettings.export_peft)
+PEFT_DIR = "peft"  # under a run's work_dir: the PEFT export of a LoRA-type model (RunConfig.export_peft)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +80,7 @@ class TrainConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class RunConfig:
     """What every method of a comparison shares: epochs, batch size (train and eval), seed, and the protocol:
 
     * ``head_init``: how the new head of a method that trains more than the head starts (``linear-probe``:

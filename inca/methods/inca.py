@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from inca.methods.base import MethodConfig, RunSettings, hparam, lr_candidates
+from inca.methods.base import MethodConfig, RunConfig, hparam, lr_candidates
 from inca.methods.registry import Method, register_method
 from inca.methods.result import InCAResult
 from inca.train.config import InCAGridConfig, InCATrainConfig
@@ -32,7 +32,7 @@ class InCAConfig(InCAGridConfig, MethodConfig):
 
 
 def run(
-    method: Method, backbone: Backbone, task: Task, config: InCAConfig, settings: RunSettings,
+    method: Method, backbone: Backbone, task: Task, config: InCAConfig, settings: RunConfig,
     work_dir: str | os.PathLike,
 ) -> InCAResult:  # fmt: skip
     """Train the config's grid as one bank on the live backbone (each learning rate widened to
