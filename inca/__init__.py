@@ -45,8 +45,9 @@ _EXPORTS: dict[str, str] = {
     # comparison methods on timm blocks
     "apply_compacter": "inca.adapters.compacter",
     "apply_lora": "inca.adapters.lora",
-    "export_peft": "inca.adapters.lora",
+    "export_peft": "inca.adapters.peft_export",
     "init_lora_ga": "inca.adapters.lora_ga",
+    "load_peft_export": "inca.adapters.peft_export",
     "merge_lora": "inca.adapters.lora",
     "MethodConfig": "inca.methods",
     "register_method": "inca.methods",

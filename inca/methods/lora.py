@@ -48,5 +48,5 @@ def apply(model: nn.Module, config: LoRAConfig, context: ApplyContext) -> None:
 register_method(
     "lora", LoRAConfig, "LoRA (Hu et al., 2021): a trainable low-rank update s B A of each target nn.Linear, "
     "B = 0 at init; the head trains too", apply=apply, save=lazy("inca.adapters.lora:save_lora"),
-    load=lazy("inca.adapters.lora:load_lora"), export=lazy("inca.adapters.lora:export_peft"),
+    load=lazy("inca.adapters.lora:load_lora"), export=lazy("inca.adapters.peft_export:export_peft"),
 )  # fmt: skip

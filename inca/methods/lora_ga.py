@@ -70,5 +70,5 @@ register_method(
     "lora-ga", LoRAGAConfig, "LoRA-GA (Wang et al., 2024): LoRA whose A, B start from the SVD of the loss "
     "gradient, the base weight shifted so the output is unchanged at init", apply=apply,
     save=lazy("inca.adapters.lora:save_lora"), load=lazy("inca.adapters.lora:load_lora"),
-    export=lazy("inca.adapters.lora:export_peft"),
+    export=lazy("inca.adapters.peft_export:export_peft"),
 )  # fmt: skip

@@ -35,6 +35,8 @@ from inca.registry import Registry
 if TYPE_CHECKING:
     from torch import nn
 
+    from inca.backbone import Backbone
+
 __all__ = [
     "METHODS",
     "Method",
@@ -47,6 +49,7 @@ __all__ = [
 
 ApplyFn = Callable[["nn.Module", MethodConfig, ApplyContext], None]
 FileFn = Callable[["nn.Module", "str | os.PathLike"], Any]
+ExportFn = Callable[["nn.Module", "str | os.PathLike", "Backbone", "str | None"], Any]
 RunFn = Callable[..., dict[str, Any]]
 
 
@@ -56,8 +59,9 @@ class Method:
 
     ``features_only`` trains the head on pooled features computed once instead of through the backbone;
     ``shares_backbone`` marks a method that runs on the live frozen backbone instead of its own copy (its
-    memory footprint includes the backbone's weights); ``export`` writes a trained model in another
-    library's format (LoRA types: a PEFT adapter, see :func:`inca.adapters.lora.export_peft`).
+    memory footprint includes the backbone's weights); ``export(model, directory, backbone, head_pool)`` writes
+    a trained model in another library's format, with what rebuilds the backbone it was copied from (LoRA
+    types: a PEFT adapter, see :func:`inca.adapters.peft_export.export_peft`).
     """
 
     name: str
@@ -69,7 +73,7 @@ class Method:
     run: RunFn | None = None
     features_only: bool = False
     shares_backbone: bool = False
-    export: FileFn | None = None
+    export: ExportFn | None = None
 
     def make_config(self, values: MethodConfig | Mapping[str, Any] | None = None) -> MethodConfig:
         """The method's config from a config, or from (some of) its hyper-parameters, checked and typed."""
@@ -102,7 +106,7 @@ def register_method(
     run: RunFn | None = None,
     features_only: bool = False,
     shares_backbone: bool = False,
-    export: FileFn | None = None,
+    export: ExportFn | None = None,
 ) -> Method:
     """Add a method to :data:`METHODS` (``--methods`` order is registration order) and return it.
 
