@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     # images -> logits
     "InCAClassifier": "inca.inference",
     "MultiTaskInCA": "inca.inference",
+    "export_onnx": "inca.export",
     # comparison methods on timm blocks
     "apply_compacter": "inca.adapters.compacter",
     "apply_lora": "inca.adapters.lora",

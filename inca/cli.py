@@ -359,7 +359,11 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
                         help="an adapter or ensemble directory (OUT/<task>-<hash>/adapter); repeat for more tasks")
-    parser.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    todo = parser.add_mutually_exclusive_group(required=True)
+    todo.add_argument("--images", nargs="+", help="image files or directories")
+    todo.add_argument("--export-onnx", metavar="FILE",
+                      help="instead of predicting, export the adapters and their backbone as one ONNX model "
+                           "(preprocessed images in, one output per task, any batch size)")
     parser.add_argument("--weights", help="backbone weights if not the recorded ones (must be identical)")
     parser.add_argument("--device", type=opt.device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--top-k", type=opt.positive_int, default=1, help="classes reported per task (default 1)")
@@ -382,6 +386,12 @@ def _predict(args: argparse.Namespace) -> int:
         raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none")
     adapters = named or [directory for _, _, directory in pairs]
     model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
+    if args.export_onnx:
+        from .export import export_onnx
+
+        export_onnx(model, args.export_onnx)
+        print(f"ONNX model of {', '.join(model.tasks)} written to {args.export_onnx}", file=sys.stderr)
+        return 0
     fmt = args.format or ("jsonl" if str(args.output or "").endswith((".json", ".jsonl")) else "csv")
     good, bad = split_readable(expand_images(args.images))
     for path in bad:
