@@ -13,6 +13,7 @@ not know, and would tell the user to upgrade PEFT.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -107,7 +108,8 @@ def export_peft(
     directory = Path(directory)
     base_name = None
     if backbone is not None:
-        base_name = _write_base(directory, backbone, logit_layers(model)[0].out_features, head_pool)
+        num_classes = getattr(logit_layers(model)[0], "out_features", 0)  # 0: timm's headless nn.Identity
+        base_name = _write_base(directory, backbone, num_classes, head_pool)
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -175,8 +177,9 @@ def _readme(name: str, record: dict[str, Any]) -> str:
                f"(in {BASE_STATE_FILE})", "file": f"a local weights file (in {BASE_STATE_FILE})"}[record["weights"]]
     return "\n".join([
         *front, "", f"# {record['model_name']} with a LoRA adapter, exported by inca", "",
-        f"Base model: timm's `{record['model_name']}` with {weights}, model kwargs `{record['model_kwargs']}`, "
-        f"weights hash `{record['weights_hash']}`, a new head `reset_classifier(**{record['reset_classifier']})`.",
+        f"Base model: timm's `{record['model_name']}` with {weights}, model kwargs "
+        f"`{json.dumps(record['model_kwargs'])}`, weights hash `{record['weights_hash']}`, a new head "
+        f"`reset_classifier(**{json.dumps(record['reset_classifier'])})`.",
         "", "Load it with `inca.load_peft_export(DIR)`, which also checks the weights' hash, or with timm, "
         "safetensors and PEFT alone (`DIR`: this directory):", "", "```python", LOAD_RECIPE + "```", "",
     ])  # fmt: skip
