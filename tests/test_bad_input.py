@@ -142,3 +142,29 @@ def test_help_shows_defaults_and_task_forms(tmp_path):
     text = " ".join(result.stdout.split())
     assert "(default: 10)" in text and "(default: runs/train)" in text or "(default runs/train)" in text
     assert "folder:PATH" in text and "hf:NAME[:CONFIG]" in text and "synth-" in text
+
+
+def _billion_laughs() -> str:
+    """YAML's classic alias bomb: nine aliases of nine aliases of ... (10^9 values once expanded)."""
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("tasks: digits\nlr: 1e-3\nepochs: 2\nlr: 0.5\n", "key 'lr' appears twice (lines 2 and 4)"),
+     ("tasks: digits\nweight-decay: 0\nweight_decay: 0.1\n", "weight_decay is given twice"),
+     (_billion_laughs(), "expands to more than"),
+     ("lr: " + "[" * 5000 + "]" * 5000 + "\n", "nests more than"),
+     ("tasks: digits\n" + "#" * (2 << 20) + "\n", "more than a recipe's limit")],
+    ids=["duplicate-key", "duplicate-spelling", "alias-bomb", "5000-deep", "huge"],
+)
+def test_recipes_with_repeated_keys_alias_bombs_or_deep_nesting(tmp_path, text, needle):
+    (tmp_path / "r.yaml").write_text(text, encoding="utf-8")
+    start = time.monotonic()
+    result = inca("train", "--recipe", "r.yaml", tmp_path=tmp_path, timeout=60)
+    assert_one_line_error(result, "r.yaml", needle)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
