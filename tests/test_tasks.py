@@ -228,8 +228,84 @@ def test_hf_labels_beyond_the_named_classes(tmp_path):
     ds["test"] = ds["test"].cast_column("label", datasets.Value("int64")).map(lambda row: {"label": 7})
     ds["test"] = ds["test"].cast_column("label", datasets.ClassLabel(num_classes=8))
     ds.save_to_disk(tmp_path / "wide")
-    with pytest.raises(InCAError, match="label 7") as info:
+    with pytest.raises(InCAError, match="'test' split has class '7' that train does not have") as info:
         load_task(f"hf:{tmp_path / 'wide'}")
+    assert "\n" not in str(info.value)
+
+
+def _hf_split(labels, feature, image_column="img"):
+    """A split whose image at row i is a flat grey of value 10 * (its class's position in ``CLASS_ORDER``)."""
+    import datasets
+
+    images = [Image.new("RGB", (8, 8), (_grey(feature, label),) * 3) for label in labels]
+    features = datasets.Features({image_column: datasets.Image(), "label": feature})
+    return datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
+
+
+CLASS_ORDER = ["cat", "dog", "eel"]
+
+
+def _grey(feature, label):
+    import datasets
+
+    name = feature.names[label] if isinstance(feature, datasets.ClassLabel) else str(label)
+    return 10 * (CLASS_ORDER.index(name) if name in CLASS_ORDER else 20)
+
+
+def _check_names_follow_images(task):
+    """Every row's class name is the one its image was drawn for: labels were mapped by name."""
+    for split in SPLITS:
+        data = task.splits[split]
+        for index in range(len(data)):
+            grey = np.asarray(data.image(index))[0, 0, 0]
+            assert task.classes[data.labels[index]] == CLASS_ORDER[grey // 10], (split, index)
+
+
+def test_hf_splits_are_mapped_by_class_name(tmp_path):
+    """Train names [cat, dog, eel]; test lists them in another order under another image column; validation
+    holds strings. Each split's labels are read by name, into train's class list."""
+    import datasets
+
+    train = _hf_split([0, 1, 2] * 6, datasets.ClassLabel(names=["cat", "dog", "eel"]))
+    test = _hf_split([0, 1, 2, 2], datasets.ClassLabel(names=["eel", "cat", "dog"]), image_column="image")
+    val = _hf_split(["dog", "cat", None], datasets.Value("string"))
+    datasets.DatasetDict({"train": train, "validation": val, "test": test}).save_to_disk(tmp_path / "ds")
+    task = load_task(f"hf:{tmp_path / 'ds'}")
+    assert task.classes == ["cat", "dog", "eel"]
+    assert task.sizes() == {"train": 18, "val": 2, "test": 4}
+    assert [task.classes[i] for i in task.splits["test"].labels] == ["eel", "cat", "dog", "dog"]
+    _check_names_follow_images(task)
+
+
+def test_hf_float_labels_drop_nan_rows(tmp_path, caplog):
+    import datasets
+
+    labels = [0.0, 1.0, float("nan"), 2.0] * 5
+    _hf_split(labels, datasets.Value("float32")).save_to_disk(tmp_path / "floats")
+    with caplog.at_level("WARNING"):
+        task = load_task(f"hf:{tmp_path / 'floats'}")
+    assert task.classes == ["0", "1", "2"] and sum(task.sizes().values()) == 15
+    assert "5 of 20 rows of the 'train' split have no label" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("train", "test", "message"),
+    [(("cat,dog", [0, 1] * 5), ("cat,dog,eel", [2, 0, 1]),
+      "the 'test' split has class 'eel' that train does not have \\(train's classes: cat, dog\\)"),
+     (("int64", [0, 1] * 5), ("string", ["cat", "dog"]), "'test' split is labelled with class names but train"),
+     (("cat,dog", [0, 1] * 5), ("int64", [0, 1]), "labelled with plain integers but train with class names"),
+     (("float32", [0.5, 1.0] * 5), ("float32", [0.0, 1.0]), "holds 0.5, not a class id")],
+)
+def test_hf_splits_that_cannot_be_matched_are_one_line(tmp_path, train, test, message):
+    import datasets
+
+    def split(feature, labels):
+        kind = datasets.ClassLabel(names=feature.split(",")) if "," in feature else datasets.Value(feature)
+        return _hf_split(labels, kind)
+
+    datasets.DatasetDict({"train": split(*train), "test": split(*test)}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(InCAError, match=message) as info:
+        load_task(f"hf:{tmp_path / 'ds'}")
     assert "\n" not in str(info.value)
 
 
