@@ -372,7 +372,11 @@ def test_torchvision_root_rewritten_in_place_changes_the_fingerprint(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "root", "message"),
     [("tv:MNIST", None, "needs --data-root"), ("tv:MNIST", "EMPTY", "not found under.*--download"),
-     ("tv:NoSuchSet", "EMPTY", "torchvision has no dataset")],
+     ("tv:NoSuchSet", "EMPTY", "torchvision has no dataset"),
+     ("tv:imagefolder", None, "torchvision's ImageFolder is not a dataset \\(.*use folder:PATH\\)"),
+     ("tv:FakeData", "EMPTY", "FakeData is not a dataset \\(random images"),
+     ("tv:VisionDataset", "EMPTY", "VisionDataset is not a dataset"),
+     ("tv:DatasetFolder", "EMPTY", "DatasetFolder is not a dataset")],
 )
 def test_torchvision_errors(tmp_path, spec, root, message):
     with pytest.raises(InCAError, match=message):

@@ -16,6 +16,13 @@ from .base import Split, Task, make_splits, tree_digest
 # Candidate values of a ``split=`` argument for each of our splits, in order of preference.
 SPLIT_ARGUMENTS = {"train": ("train", "trainval", "balanced"), "val": ("val", "valid"), "test": ("test",)}
 LABEL_ATTRIBUTES = ("targets", "_labels", "labels", "y")
+# torchvision classes that are building blocks, not datasets a spec can mean: what to use instead.
+NOT_DATASETS = {
+    "ImageFolder": "a loader for a folder of images; use folder:PATH",
+    "DatasetFolder": "a loader for a folder of files; use folder:PATH for images",
+    "FakeData": "random images with random labels, for testing code",
+    "VisionDataset": "the base class of torchvision's datasets",
+}
 
 
 @dataclass
@@ -35,12 +42,16 @@ def torchvision_class(spec: str, name: str, data_root: str | None) -> type:
     """The torchvision dataset class ``tv:NAME`` names (case-insensitive); it needs a ``--data-root``."""
     import torchvision.datasets as tvd
 
+    lookup = {n.lower(): n for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
+    found = lookup.get(name.lower())
+    if found in NOT_DATASETS:
+        raise InCAError(f"task {spec}: torchvision's {found} is not a dataset ({NOT_DATASETS[found]}); name one "
+                        "such as tv:CIFAR10, tv:DTD, tv:Flowers102")
+    if found is None:
+        raise InCAError(f"task {spec}: torchvision has no dataset {name!r} (e.g. tv:CIFAR10, tv:DTD, tv:Flowers102)")
     if not data_root:
         raise InCAError(f"task {spec} needs --data-root DIR (where torchvision keeps the dataset files)")
-    lookup = {n.lower(): n for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
-    if name.lower() not in lookup:
-        raise InCAError(f"task {spec}: torchvision has no dataset {name!r} (e.g. tv:CIFAR10, tv:DTD, tv:Flowers102)")
-    return getattr(tvd, lookup[name.lower()])
+    return getattr(tvd, found)
 
 
 def load_torchvision_task(
