@@ -409,3 +409,125 @@ def test_help_lists_every_synthetic_task():
     from inca.options import SYNTH_KINDS
 
     assert tuple(SYNTH_TASKS) == SYNTH_KINDS
+
+
+def _class_tree(root, classes=("a", "b"), count=3):
+    for cls in classes:
+        for i in range(count):
+            _write_image(root / cls / f"{i}.png", value=10 * i + 100 * classes.index(cls))
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [("splits_beside_classes", "split folders \\(.*/test, .*/train\\) beside other folders \\(.*/c, .*/d\\)"),
+     ("no_train", "/test, .*/val without a train folder"),
+     ("val_twice", "/val, .*/validation are all the val split"),
+     ("train_twice", "/TRAIN, .*/train are all the train split")],
+)
+def test_ambiguous_folder_layouts_are_refused(tmp_path, layout, message):
+    root = tmp_path / "data"
+    splits = {"splits_beside_classes": ["train", "test"], "no_train": ["val", "test"],
+              "val_twice": ["train", "val", "validation"], "train_twice": ["train", "TRAIN"]}[layout]
+    for split in splits:
+        _class_tree(root / split)
+    if layout == "splits_beside_classes":
+        _class_tree(root, classes=("c", "d"))
+    with pytest.raises(InCAError, match=message) as info:
+        load_task(f"folder:{root}")
+    assert "\n" not in str(info.value)
+
+
+def test_hidden_and_system_folders_are_skipped(tmp_path, caplog):
+    """Notebook checkpoints, caches, macOS and NAS litter are never classes or images, at any level."""
+    root = tmp_path / "data"
+    _class_tree(root / "Train")  # split folder names in any letter case
+    _class_tree(root / "test")
+    for litter in [root / ".ipynb_checkpoints", root / "Train" / ".ipynb_checkpoints", root / "__MACOSX" / "a",
+                   root / "Train" / "a" / ".ipynb_checkpoints", root / "test" / "@eaDir"]:
+        _write_image(litter / "0-checkpoint.png")
+    (root / ".cache").mkdir()
+    (root / "Train" / ".cache").mkdir()
+    (root / "Train" / "b" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    _write_image(root / "Train" / "stray.png")
+    with caplog.at_level("WARNING"):
+        task = load_task(f"folder:{root}")
+    assert task.classes == ["a", "b"]
+    assert sum(task.sizes().values()) == 12 and task.sizes()["test"] == 6
+    assert "1 image file(s) directly in" in caplog.text and "stray.png" in caplog.text
+
+
+def test_only_regular_files_are_images(tmp_path):
+    """A FIFO named like an image would block a reader; sockets are no images; a link to an image is one."""
+    import socket
+
+    root = tmp_path / "data"
+    _class_tree(root, count=4)
+    os.mkfifo(root / "a" / "fifo.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "b" / "socket.png"))
+    (root / "b" / "link.png").symlink_to(root / "a" / "0.png")
+    (root / "b" / "dangling.png").symlink_to(root / "nowhere.png")
+    try:
+        task = load_task(f"folder:{root}")
+    finally:
+        server.close()
+    files = {os.path.basename(task.splits[s].source.describe(int(r))) for s in SPLITS for r in task.splits[s].rows}
+    assert sum(task.sizes().values()) == 9 and "link.png" in files
+    from inca.tasks.folder import decode_problem, unreadable_images
+
+    assert decode_problem(str(root / "a" / "fifo.png")) == "not a regular file"
+    fifo = str(root / "a" / "fifo.png")
+    assert unreadable_images([fifo, str(root / "a" / "0.png")]) == [fifo]
+
+
+def test_truncated_jpeg_is_found_before_training(tmp_path):
+    """PIL's verify() reads only the header: the scan decodes in full, as training does."""
+    root = tmp_path / "data"
+    _class_tree(root, count=4)
+    bad = root / "b" / "cut.jpg"
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(bad, quality=95)
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    with Image.open(bad) as image:
+        image.verify()  # the header check alone passes
+    with pytest.raises(InCAError, match=r"1 unreadable image\(s\): .*cut.jpg \(image file is truncated") as info:
+        load_task(f"folder:{root}")
+    assert "\n" not in str(info.value)
+    task = load_task(f"folder:{root}", skip_bad_images=True)
+    assert sum(task.sizes().values()) == 8 and task.identity["skipped_images"] == 1
+
+
+def test_permission_denied_images_and_folders(tmp_path, monkeypatch):
+    """What the system refuses to read: an image is a bad image (named with why; skipped and counted on
+    request, and checked again next time); a class folder is one line naming it. Injected, since tests may
+    run as root, whom permissions do not stop (the real command is tested in test_bad_input)."""
+    import inca.tasks.folder as folder
+
+    root = tmp_path / "data"
+    _class_tree(root, count=4)
+    denied = str(root / "a" / "1.png")
+    real_sha256 = folder.file_sha256
+
+    def refusing(path):
+        if str(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_sha256(path)
+
+    monkeypatch.setattr(folder, "file_sha256", refusing)
+    with pytest.raises(InCAError, match=f"1 unreadable image\\(s\\): {denied} \\(permission denied\\)"):
+        load_task(f"folder:{root}")
+    task = load_task(f"folder:{root}", skip_bad_images=True)
+    assert sum(task.sizes().values()) == 7 and task.identity["skipped_images"] == 1
+    monkeypatch.setattr(folder, "file_sha256", real_sha256)  # permission fixed: read again, not remembered
+    assert load_task(f"folder:{root}").identity["skipped_images"] == 0
+
+    real_scandir = os.scandir
+
+    def refusing_listing(path):
+        if str(path) == str(root / "b"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder.os, "scandir", refusing_listing)
+    with pytest.raises(InCAError, match=f"cannot list folder {root / 'b'} \\(permission denied\\)"):
+        load_task(f"folder:{root}", skip_bad_images=True)
