@@ -48,6 +48,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import InCAError, first_line
+from ..images import open_image
 from ..io import atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
@@ -69,9 +70,7 @@ class FileSource:
     paths: list[str]
 
     def load(self, row: int) -> Image.Image:
-        with Image.open(self.paths[row]) as image:
-            image.load()
-            return image.convert("RGB")
+        return open_image(self.paths[row])  # decoded, upright by its EXIF orientation, as prediction reads it
 
     def describe(self, row: int) -> str:
         return self.paths[row]
