@@ -531,3 +531,38 @@ def test_permission_denied_images_and_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(folder.os, "scandir", refusing_listing)
     with pytest.raises(InCAError, match=f"cannot list folder {root / 'b'} \\(permission denied\\)"):
         load_task(f"folder:{root}", skip_bad_images=True)
+
+
+class _ToyDataset:
+    """A torchvision-style dataset whose test split lists its classes in another order (and, under a root
+    named ``eel``, has a class train lacks); each image's grey level says its class."""
+
+    def __init__(self, root, train=True, download=False):
+        extra = ["eel"] if os.path.basename(root) == "eel" else []
+        self.classes = ["cat", "dog"] if train else ["dog", "cat", *extra]
+        self.names = ["cat", "dog"] * 4 + ["cat"] if train else ["dog", "cat", "cat", "dog", *extra]
+        self.targets = [self.classes.index(name) for name in self.names]
+        if train:
+            self.names.append("cat")
+            self.targets.append(-1)  # a row without a label
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, row):
+        return Image.new("RGB", (8, 8), (10 * CLASS_ORDER.index(self.names[row]),) * 3), self.targets[row]
+
+
+def test_torchvision_splits_are_mapped_by_class_name(tmp_path, monkeypatch, caplog):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "ToyPets", _ToyDataset, raising=False)
+    with caplog.at_level("WARNING"):
+        task = load_task("tv:ToyPets", data_root=str(tmp_path))
+    assert task.classes == ["cat", "dog"] and task.sizes()["test"] == 4
+    assert [task.classes[i] for i in task.splits["test"].labels] == ["dog", "cat", "cat", "dog"]
+    _check_names_follow_images(task)
+    assert "1 of 10 rows of the train split have no label (-1)" in caplog.text
+    with pytest.raises(InCAError, match="the 'test' split has class 'eel' that train does not have") as info:
+        load_task("tv:ToyPets", data_root=str(tmp_path / "eel"))
+    assert "\n" not in str(info.value)

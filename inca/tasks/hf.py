@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InCAError, first_line
-from .base import Split, Task, make_splits
+from .base import Split, Task, indices_by_name, make_splits
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 _logger = logging.getLogger(__name__)
@@ -202,12 +202,4 @@ def _class_indices(
     if labels.named != train.named:
         raise InCAError(f"task {spec}: the {hf_split!r} split is labelled with {labels.kind} but train with "
                         f"{train.kind}, so which is which class is unknown; give both the same ClassLabel names")
-    index = {name: i for i, name in enumerate(classes)}
-    mapping = {value: index.get(str(value)) for value in set(labels.values) if value is not None}
-    unknown = sorted(str(value) for value, i in mapping.items() if i is None)
-    if unknown:
-        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-        raise InCAError(f"task {spec}: the {hf_split!r} split has class {unknown[0]!r}"
-                        f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} that train does not have "
-                        f"(train's classes: {shown}); classes are matched by name across splits")
-    return np.asarray([-1 if value is None else mapping[value] for value in labels.values], dtype=np.int64)
+    return indices_by_name(spec, hf_split, [None if v is None else str(v) for v in labels.values], classes)
