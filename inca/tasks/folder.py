@@ -256,10 +256,8 @@ def _scan_file(path: str) -> list[Any]:
 
 
 def decode_problem(path: str) -> str | None:
-    """Why ``path`` cannot be read the way training reads it (fully decoded, in RGB); ``None`` when it can."""
+    """Why ``path`` cannot be read the way training reads it; ``None`` when it can."""
     try:
-        if not _is_regular(path):
-            return "not a regular file"
         FileSource([path]).load(0)
     except Exception as exc:  # PIL raises many kinds for damaged files
         return _problem(exc)
@@ -267,7 +265,7 @@ def decode_problem(path: str) -> str | None:
 
 
 def _is_regular(path: str) -> bool:
-    """A regular file, or a link to one: opening a FIFO would block, a device or socket is no image."""
+    """A regular file, or a link to one: hashing a FIFO would block, a device or socket is no image."""
     return stat.S_ISREG(os.stat(path).st_mode)
 
 
