@@ -4,7 +4,7 @@ from .compacter import apply_compacter
 from .inca import AdapterSpec, InCA, InCABank, OpenInCA
 from .lora import apply_lora, export_peft, load_lora, merge_lora, save_lora, unmerge_lora
 from .lora_ga import init_lora_ga
-from .saved import TaskAdapter, load_adapter, save_adapter
+from .saved import TaskAdapter, load_adapter, resign_adapter, save_adapter
 
 __all__ = [
     "AdapterSpec",
@@ -19,6 +19,7 @@ __all__ = [
     "load_adapter",
     "load_lora",
     "merge_lora",
+    "resign_adapter",
     "save_adapter",
     "save_lora",
     "unmerge_lora",
