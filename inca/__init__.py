@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "OpenInCA": "inca.adapters.inca",
     "TaskAdapter": "inca.adapters.saved",
     "load_adapter": "inca.adapters.saved",
+    "resign_adapter": "inca.adapters.saved",
     "save_adapter": "inca.adapters.saved",
     "BatchedAdamW": "inca.train.optim",
     "cosine_schedule": "inca.train.optim",

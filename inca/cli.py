@@ -355,11 +355,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def predict_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="inca-predict",
-        description="Classify images with adapters saved by inca-train: every task from one backbone pass per batch.",
+        description="Classify images with adapters saved by inca-train: every task from one backbone pass per batch. "
+                    "Exit code 0: every image predicted; 1: some images could not be read (each is named) and the "
+                    "rows of all the others are written; 2: bad input, nothing written.",
     )
-    parser.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
+    parser.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
                         help="an adapter or ensemble directory (OUT/<task>-<hash>/adapter); repeat for more tasks")
-    todo = parser.add_mutually_exclusive_group(required=True)
+    todo = parser.add_mutually_exclusive_group()
     todo.add_argument("--images", nargs="+", help="image files or directories")
     todo.add_argument("--export-onnx", metavar="FILE",
                       help="instead of predicting, export the adapters and their backbone as one ONNX model "
@@ -370,41 +372,64 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
     parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from --output's suffix, else csv")
     parser.add_argument("--output", help="write the rows to this file (atomically) instead of stdout")
+    parser.add_argument("--resign", nargs="+", metavar="DIR",
+                        help="accept a deliberate edit of these saved adapters' adapter_config.json (say, renamed "
+                             "classes): sign each as it is now, print what changed, and exit")
     return parser
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .adapters.saved import resign_adapter
     from .devices import resolve_device
     from .inference import MultiTaskInCA
     from .io import atomic_write_text
-    from .predict import expand_images, format_predictions, predict_images, split_readable
+    from .predict import check_output_file, expand_images, format_predictions, predict_images
 
+    if args.resign:
+        for directory in args.resign:
+            changed = resign_adapter(directory)
+            print(f"{directory}: signed ({'; '.join(changed)})" if changed else f"{directory}: unchanged")
+        return 0
+    if not args.adapter or not (args.images or args.export_onnx):
+        raise InCAError("--adapter with --images (or --export-onnx FILE) is required (or --resign DIR to accept an "
+                        "edited adapter config)")
     pairs = [item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item)
              for item in args.adapter]
     named = {name: directory for name, _, directory in pairs if name}
     if named and len(named) != len(pairs):
         raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none")
     adapters = named or [directory for _, _, directory in pairs]
-    model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
     if args.export_onnx:
         from .export import export_onnx
 
+        model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
         export_onnx(model, args.export_onnx)
         print(f"ONNX model of {', '.join(model.tasks)} written to {args.export_onnx}", file=sys.stderr)
         return 0
+    if args.output:
+        check_output_file(args.output)
+    files = expand_images(args.images)
+    model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
     fmt = args.format or ("jsonl" if str(args.output or "").endswith((".json", ".jsonl")) else "csv")
-    good, bad = split_readable(expand_images(args.images))
-    for path in bad:
-        print(f"inca-predict: error: {path} is not a readable image; skipped", file=sys.stderr)
-    rows = predict_images(model, good, args.top_k, args.batch_size) if good else []
+    bad: list[str] = []
+
+    def skip(path: str, reason: str) -> None:
+        bad.append(path)
+        print(f"inca-predict: skipped {path}: {reason}", file=sys.stderr)
+
+    rows = list(predict_images(model, files, args.top_k, args.batch_size, on_bad_image=skip))
     text = format_predictions(rows, model.tasks, fmt)
     if args.output:
         atomic_write_text(args.output, text)
-        print(f"predictions for {len(good)} images and {len(model.tasks)} tasks written to {args.output}",
+        print(f"predictions for {len(rows)} images and {len(model.tasks)} tasks written to {args.output}",
               file=sys.stderr)
     else:
         print(text, end="")
-    return 2 if bad else 0
+    if bad:
+        print(f"inca-predict: {len(bad)} of {len(files)} images could not be read (named above); the rows of the "
+              f"other {len(rows)} are written", file=sys.stderr)
+        return 1
+    return 0
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:

@@ -132,6 +132,11 @@ def _backbone_record(adapter: TaskAdapter, task: str) -> dict[str, Any]:
     record = adapter.metadata.get("backbone")
     if not isinstance(record, dict) or "name" not in record:
         raise InCAError(f"the adapter of {task!r} does not record its backbone; it was not saved by inca-train")
+    wrong = [key for key, kinds in (("name", str), ("weights", str), ("model_kwargs", (dict, type(None))))
+             if not isinstance(record.get(key), kinds)]
+    if wrong:
+        raise InCAError(f"the adapter of {task!r} records its backbone without a valid {', '.join(wrong)} (as "
+                        "inca-train writes them); save the adapter again")
     return record
 
 

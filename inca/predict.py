@@ -1,27 +1,35 @@
 """Classify image files for every task of a :class:`~inca.inference.MultiTaskInCA` (one backbone pass per
-batch serves them all) and write one row per image: CSV or JSON Lines."""
+batch serves them all) and write one row per image: CSV or JSON Lines.
+
+Images are read by :func:`inca.images.open_image` (fully decoded, upright by their EXIF orientation, as in
+training) in DataLoader workers; one that cannot be read is skipped and reported, never a reason to lose the
+rows of the others.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .devices import autocast
-from .errors import InCAError, require_positive
+from .errors import InCAError, first_line, require_positive
+from .images import open_image
 from .inference import MultiTaskInCA
-from .tasks import Split, image_loader, sequential_batches
-from .tasks.folder import FileSource, unreadable_images
+from .io import existing_parent
+from .tasks import sequential_batches
 
-__all__ = ["FORMATS", "ImagePrediction", "expand_images", "format_predictions", "predict_images",
-           "split_readable"]
+__all__ = ["FORMATS", "ImagePrediction", "check_output_file", "expand_images", "format_predictions",
+           "predict_images"]
 
 FORMATS = ("csv", "jsonl")
 
@@ -36,18 +44,36 @@ class ImagePrediction:
 
 
 def predict_images(
-    model: MultiTaskInCA, paths: Sequence[str], top_k: int = 1, batch_size: int = 64, num_workers: int | None = None
+    model: MultiTaskInCA,
+    paths: Sequence[str],
+    top_k: int = 1,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    on_bad_image: Callable[[str, str], None] | None = None,
 ) -> Iterator[ImagePrediction]:
-    """Predictions for image files (or directories of them), in file order, under inference mode."""
+    """Predictions for image files (or directories of them), in file order, under inference mode.
+
+    An image that cannot be read (damaged, truncated, not a regular file, no permission) is skipped and
+    ``on_bad_image(path, reason)`` is called; without ``on_bad_image`` it is a one-line :class:`InCAError`.
+    """
     if model.transform is None:
         raise InCAError("predict_images needs a MultiTaskInCA built from an inca Backbone (it knows the preprocessing)")
     require_positive(top_k=top_k, batch_size=batch_size)
     files = expand_images(paths)
-    split = Split(FileSource(files), np.arange(len(files)), np.zeros(len(files), dtype=np.int64))
+    batches = sequential_batches(0, len(files), batch_size)
+    if num_workers is None:  # a worker only pays off when it decodes one batch while the model runs another
+        num_workers = 0 if len(batches) == 1 else min(8, os.cpu_count() or 1, len(batches))
+    loader = DataLoader(_ImageFiles(files, model.transform), batch_sampler=[b.tolist() for b in batches],
+                        num_workers=num_workers, collate_fn=_collate)
     device = next(model.parameters()).device
     model.eval()
-    batches = sequential_batches(0, len(files), batch_size)
-    for rows, (images, _) in zip(batches, image_loader(split, model.transform, batches, num_workers)):
+    for rows, images, failures in loader:
+        for row, reason in failures:
+            if on_bad_image is None:
+                raise InCAError(f"cannot read image {files[row]} ({reason}): remove or replace it")
+            on_bad_image(files[row], reason)
+        if not rows:
+            continue
         with torch.inference_mode(), autocast(device):
             outputs = model(images.to(device))
         ranked = {}
@@ -61,6 +87,32 @@ def predict_images(
                 files[row], {t: labels[j] for t, (labels, _) in ranked.items()},
                 {t: probs[j] for t, (_, probs) in ranked.items()},
             )  # fmt: skip
+
+
+class _ImageFiles(Dataset):
+    """``(row, preprocessed image, None)``, or ``(row, None, why it cannot be read)``: decoded in workers."""
+
+    def __init__(self, files: Sequence[str], transform: Callable) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = open_image(self.files[row])
+        except PermissionError:
+            return row, None, "permission denied"
+        except Exception as exc:  # PIL raises many kinds for damaged files
+            return row, None, f"cannot be read as an image ({first_line(exc)})"
+        return row, self.transform(image), None
+
+
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """The readable rows of a batch, their images stacked, and the others with the reason."""
+    rows = [row for row, image, _ in items if image is not None]
+    images = torch.stack([image for _, image, _ in items if image is not None]) if rows else None
+    return rows, images, [(row, reason) for row, image, reason in items if image is None]
 
 
 def format_predictions(predictions: Iterable[ImagePrediction], tasks: Sequence[str], fmt: str) -> str:
@@ -84,22 +136,36 @@ def format_predictions(predictions: Iterable[ImagePrediction], tasks: Sequence[s
     return buffer.getvalue()
 
 
-def split_readable(files: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``(readable, unreadable)`` image files, each in the given order: one bad file never stops the rest."""
-    bad = set(unreadable_images(list(files)))
-    return [f for f in files if f not in bad], [f for f in files if f in bad]
-
-
 def expand_images(paths: Sequence[str]) -> list[str]:
-    """Image files given directly or found (recursively, sorted) in given directories."""
+    """Image files given directly or found (recursively, sorted) in given directories. Anything that is not a
+    directory is kept, even a FIFO named ``x.png``: reading refuses it (without blocking) and names it."""
     files: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS))
-        elif path.is_file():
+            files.extend(sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS
+                                and not p.is_dir()))
+        elif path.exists() or path.is_symlink():
             files.append(str(path))
         else:
             raise InCAError(f"image {path} does not exist")
     if not files:
         raise InCAError(f"no images found in {', '.join(map(str, paths))} (extensions: {', '.join(IMG_EXTENSIONS)})")
     return files
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, or a place that refuses
+    new files (read-only, no permission). Its missing parent directories are created when it is written."""
+    target = Path(path)
+    if target.is_dir():
+        raise InCAError(f"cannot write predictions to {path}: it is a directory; name a file in it, e.g. "
+                        f"{target / 'predictions.csv'}")
+    place = existing_parent(target.parent)
+    if not place.is_dir():
+        raise InCAError(f"cannot write predictions to {path}: {place} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as exc:
+        raise InCAError(f"cannot write predictions to {path}: {place} refuses new files "
+                        f"({exc.strerror or first_line(exc)}); choose another place") from None

@@ -142,3 +142,144 @@ def test_help_shows_defaults_and_task_forms(tmp_path):
     text = " ".join(result.stdout.split())
     assert "(default: 10)" in text and "(default: runs/train)" in text or "(default runs/train)" in text
     assert "folder:PATH" in text and "hf:NAME[:CONFIG]" in text and "synth-" in text
+
+
+def _billion_laughs() -> str:
+    """YAML's classic alias bomb: nine aliases of nine aliases of ... (10^9 values once expanded)."""
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("tasks: digits\nlr: 1e-3\nepochs: 2\nlr: 0.5\n", "key 'lr' appears twice (lines 2 and 4)"),
+     ("tasks: digits\nweight-decay: 0\nweight_decay: 0.1\n", "weight_decay is given twice"),
+     (_billion_laughs(), "expands to more than"),
+     ("lr: " + "[" * 5000 + "]" * 5000 + "\n", "nests more than"),
+     ("tasks: digits\n" + "#" * (2 << 20) + "\n", "more than a recipe's limit")],
+    ids=["duplicate-key", "duplicate-spelling", "alias-bomb", "5000-deep", "huge"],
+)
+def test_recipes_with_repeated_keys_alias_bombs_or_deep_nesting(tmp_path, text, needle):
+    (tmp_path / "r.yaml").write_text(text, encoding="utf-8")
+    start = time.monotonic()
+    result = inca("train", "--recipe", "r.yaml", tmp_path=tmp_path, timeout=60)
+    assert_one_line_error(result, "r.yaml", needle)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
+
+
+def _image_classes(root, classes=("a", "b"), count=4) -> None:
+    """Class folders of 8x8 PNGs, dark for the first class and bright for the second."""
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (200 * c + i,) * 3).save(root / name / f"{i}.png")
+
+
+def _truncated_jpeg(path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _hf_test_with_a_class_train_lacks(path) -> None:
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    def split(names, labels):
+        images = [Image.fromarray(np.full((8, 8, 3), 40 * label, dtype=np.uint8)) for label in labels]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    datasets.DatasetDict({"train": split(["cat", "dog"], [0, 1] * 4),
+                          "test": split(["eel", "dog", "cat"], [0, 1, 2])}).save_to_disk(path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "needles"),
+    [("splits_beside_classes", ["split folders (", "data/test, ", "data/train) beside other folders (", "data/c, "]),
+     ("no_train", ["data/test, ", "data/val without a train folder"]),
+     ("val_and_validation", ["data/val, ", "data/validation are all the val split"]),
+     ("unknown_test_class", ["data/test has classes ['z'] that train does not have"]),
+     ("truncated", ["1 unreadable image(s): ", "data/b/cut.jpg (image file is truncated", "--skip-bad-images"]),
+     ("hf_class_train_lacks", ["the 'test' split has class 'eel' that train does not have"]),
+     ("tv_imagefolder", ["torchvision's ImageFolder is not a dataset", "use folder:PATH"])],
+)
+def test_data_that_cannot_be_trusted_is_one_line(tmp_path, layout, needles):
+    """Every ambiguous folder layout, a class only val/test has, an image training could not decode, and a
+    torchvision class that is not a dataset: one line naming what and where, before anything is trained."""
+    data = tmp_path / "data"
+    splits = {"splits_beside_classes": ["train", "test"], "no_train": ["val", "test"],
+              "val_and_validation": ["train", "val", "validation"], "unknown_test_class": ["train", "test"]}
+    for split in splits.get(layout, []):
+        _image_classes(data / split)
+    if layout == "splits_beside_classes":
+        _image_classes(data, classes=("c", "d"))
+    elif layout == "unknown_test_class":
+        _image_classes(data / "test", classes=("z",))
+    elif layout == "truncated":
+        _image_classes(data)
+        _truncated_jpeg(data / "b" / "cut.jpg")
+    spec = {"hf_class_train_lacks": "hf:data", "tv_imagefolder": "tv:ImageFolder"}.get(layout, "folder:data")
+    if layout == "hf_class_train_lacks":
+        _hf_test_with_a_class_train_lacks(data)
+    result = inca("train", *TINY_ARGS, "--tasks", spec, "--epochs", "1", "--out", "out", tmp_path=tmp_path)
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_litter_fifos_and_bad_images_do_not_stop_a_folder_task(tmp_path):
+    """Notebook checkpoints, an empty cache folder, macOS litter and a FIFO named like an image are skipped
+    (the FIFO would block a reader forever); a truncated JPEG is left out and counted with --skip-bad-images."""
+    import json
+
+    data = tmp_path / "data"
+    _image_classes(data)
+    _image_classes(data / ".ipynb_checkpoints", classes=("a-checkpoint",))
+    _image_classes(data / "__MACOSX", classes=("a",))
+    (data / ".cache").mkdir()
+    os.mkfifo(data / "a" / "pipe.png")
+    _truncated_jpeg(data / "b" / "cut.jpg")
+    result = inca("train", *TINY_ARGS, "--tasks", "folder:data", "--layers", "-1", "--epochs", "1", "--out", "out",
+                  "--skip-bad-images", tmp_path=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cut.jpg (image file is truncated" in result.stderr
+    task = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["folder:data"]
+    assert task["classes"] == ["a", "b"] and sum(task["sizes"].values()) == 8 and task["skipped_images"] == 1
+
+
+@pytest.mark.parametrize("denied", ["image", "class folder"])
+def test_permission_denied_is_one_line_naming_it(tmp_path, denied):
+    """Run as a user whom permissions stop (root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH when the tests
+    run as root): a denied image is named (or skipped with --skip-bad-images), a denied class folder too."""
+    import shutil
+
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root ignores permissions, and setpriv (to drop that) is missing")
+    data = tmp_path / "data"
+    _image_classes(data)
+    target = data / "a" / "1.png" if denied == "image" else data / "b"
+    target.chmod(0)
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+            "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    command = [*drop, sys.executable, "-m", "inca", "train", *TINY_ARGS, "--tasks", "folder:data", "--epochs", "1",
+               "--out", "out"]
+    environment = {**os.environ, "INCA_CACHE": str(tmp_path / "cache")}
+    try:
+        refused = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=tmp_path)
+        where = target.relative_to(tmp_path)  # as the spec gives the folder: relative to the working directory
+        needle = f"{where} (permission denied)" if denied == "image" else f"cannot list folder {where} (permission"
+        assert_one_line_error(refused, needle)
+        if denied == "image":
+            skipped = subprocess.run([*command, "--layers", "-1", "--skip-bad-images"], capture_output=True,
+                                     text=True, env=environment, timeout=300, cwd=tmp_path)
+            assert skipped.returncode == 0, skipped.stderr[-2000:]
+    finally:
+        target.chmod(0o755)

@@ -167,9 +167,9 @@ def test_unreadable_images_are_all_named_then_skipped_on_request(tmp_path):
     assert result["skipped_images"] == 2
     predicted = run("predict", "--adapter", result["best"]["adapter_dir"], "--images", str(tmp_path / "data"),
                     cwd=tmp_path)
-    assert predicted.returncode == 2
-    assert sorted(line for line in predicted.stderr.splitlines() if "error" in line) == sorted(
-        f"inca-predict: error: {file} is not a readable image; skipped" for file in bad)
+    assert predicted.returncode == 1  # some images skipped, the rows of the others written
+    assert sorted(line.partition(": cannot")[0] for line in predicted.stderr.splitlines() if "skipped" in line) == \
+        sorted(f"inca-predict: skipped {file}" for file in bad)
     assert len(predicted.stdout.splitlines()) == 1 + 24  # header + every good image
 
 
@@ -202,24 +202,24 @@ def test_damaged_saved_adapters_are_one_line_errors(tmp_path):
 
 
 def test_consistent_but_wrong_saved_adapters_name_what_is_wrong(tmp_path, capsys):
-    """Files whose checksum matches but whose content does not fit: each one line naming the problem."""
-    import hashlib
+    """Files whose checksum and signature match but whose content does not fit: each one line naming the
+    problem, found before anything the config asks for is allocated (10^10 queries would be 7 TiB)."""
+    from safetensors.torch import load_file
 
-    from safetensors.torch import load_file, save_file
-
+    from inca.adapters.common import write_adapter
     from inca.cli import predict_main
 
     adapter, image, weights, config, original = saved_adapter(tmp_path)
 
     def rewrite(change_weights=None, change_config=None) -> None:
+        """Saved again, so checksum and signature match the damage."""
         tensors, settings = load_file(weights), json.loads(config.read_text())
         if change_weights:
             change_weights(tensors)
-            save_file(tensors, weights)
-            settings["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
         if change_config:
             change_config(settings)
-        config.write_text(json.dumps(settings))
+        write_adapter(adapter, {k: v for k, v in settings.items() if k not in ("format_version", "weights_sha256")},
+                     tensors)
 
     def first(tensors) -> str:
         return sorted(tensors)[0]
@@ -228,6 +228,14 @@ def test_consistent_but_wrong_saved_adapters_name_what_is_wrong(tmp_path, capsys
         (dict(change_weights=lambda t: t[first(t)].fill_(float("nan"))), "hold NaN or infinity"),
         (dict(change_weights=lambda t: t.update({first(t): t[first(t)][..., :1].clone()})), "wrong shapes"),
         (dict(change_config=lambda c: c["classes"].append("extra")), "class names"),
+        (dict(change_config=lambda c: c["members"][0].update(layer=-100)), "layer=-100; expected an integer in [0, 3]"),
+        (dict(change_config=lambda c: c["members"][0].update(num_heads=0)), "num_heads=0; expected an integer in"),
+        (dict(change_config=lambda c: c["members"][0].update(num_heads="3")), "num_heads='3'; expected an integer"),
+        (dict(change_config=lambda c: c["members"][0].update(num_heads=5)), "num_heads=5, which does not divide"),
+        (dict(change_config=lambda c: c["members"][0].update(num_queries=10**10)),
+         "wrong shapes ['query (1, 192) (expected (10000000000, 192))']"),
+        (dict(change_config=lambda c: c["members"][0].update(dim=96)), "dim=96 but its backbone"),
+        (dict(change_config=lambda c: c["members"][0].update(mlp_ratio=1e300)), "mlp_ratio=1e+300; expected"),
     ]
     for change, needle in cases:
         capsys.readouterr()
@@ -323,3 +331,95 @@ def test_a_store_being_built_is_locked_against_a_second_build(tmp_path):
         busy = run(*build, "--rebuild", cwd=tmp_path)
     assert_one_line_error(busy, "activation store", f"in use by process {os.getpid()}")
     verify_cache(store)  # the store the second build wanted to delete is intact
+
+
+def refusing(error: str, prefix: Path) -> str:
+    """An environment patch: the process's ``os.open`` fails with ``errno.<error>`` under ``prefix``, as a file
+    system does for a user without permission (``EACCES``; root reads any file whatever its mode) or when it
+    is mounted read-only (``EROFS``)."""
+    return (f"import errno, os\n_open = os.open\n"
+            f"def _refusing(path, *args, **kwargs):\n"
+            f"    if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith({str(prefix)!r}):\n"
+            f"        raise OSError(errno.{error}, os.strerror(errno.{error}), os.fspath(path))\n"
+            f"    return _open(path, *args, **kwargs)\n"
+            f"os.open = _refusing")
+
+
+def test_predict_writes_the_good_rows_and_names_each_unreadable_image_or_unwritable_output(tmp_path):
+    """Exit code 1 with the rows of every readable image when some cannot be read (a truncated JPEG, a FIFO
+    that must not block, a file without permission); an output that cannot be written is exit code 2 before
+    the backbone loads. The two readable images are one portrait, stored upright and sideways with its EXIF
+    orientation: they get the same row, as their pixels are the same once turned upright."""
+    import csv
+    import io
+
+    from .test_inference import upright_and_tagged
+
+    adapter, *_ = saved_adapter(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    upright_and_tagged(images / "a.png", images / "b.png")
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (images / "c.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    os.mkfifo(images / "d.png")
+    locked = images / "e.png"
+    Image.new("RGB", (8, 8)).save(locked)
+    locked.chmod(0)
+    predicted = run("predict", "--adapter", adapter, "--images", str(images), "--output", "p.csv", cwd=tmp_path,
+                    environment_patch=refusing("EACCES", locked))
+    assert predicted.returncode == 1, predicted.stderr[-2000:]
+    assert "Traceback" not in predicted.stderr
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [row["path"] for row in rows] == [str(images / "a.png"), str(images / "b.png")]
+    assert rows[0]["synth-colour"] == rows[1]["synth-colour"]
+    assert rows[0]["synth-colour:probability"] == rows[1]["synth-colour:probability"]
+    skipped = [line for line in predicted.stderr.splitlines() if " skipped " in line]
+    assert len(skipped) == 3, predicted.stderr[-2000:]
+    assert skipped[0].startswith(f"inca-predict: skipped {images / 'c.jpg'}: cannot be read as an image (")
+    assert skipped[1] == f"inca-predict: skipped {images / 'd.png'}: cannot be read as an image (not a regular file)"
+    assert skipped[2] == f"inca-predict: skipped {locked}: permission denied"
+    assert "3 of 5 images could not be read" in predicted.stderr.splitlines()[-1]
+
+    (tmp_path / "read-only").mkdir()
+    for output, patch, needle in [
+        (images, None, "is a directory"),
+        (tmp_path / "read-only" / "p.csv", refusing("EROFS", tmp_path / "read-only"), "(Read-only file system)"),
+    ]:
+        refused = run("predict", "--adapter", adapter, "--images", str(images / "a.png"), "--output", str(output),
+                      cwd=tmp_path, environment_patch=patch)
+        assert_one_line_error(refused, f"cannot write predictions to {output}", needle)
+        assert "inca.backbone" not in refused.stderr  # refused before the backbone is built
+    assert not list((tmp_path / "read-only").iterdir())
+
+
+def test_a_hand_edited_adapter_config_is_refused_until_re_signed(tmp_path, capsys):
+    """Swapping two class names in adapter_config.json would relabel every prediction: refused, naming the
+    change, until ``inca-predict --resign`` accepts it; the weights then mean the new names."""
+    import hashlib
+
+    from inca.cli import predict_main
+
+    adapter, image, weights, config, _ = saved_adapter(tmp_path)
+    settings = json.loads(config.read_text())
+    classes = settings["classes"]
+    capsys.readouterr()
+    assert predict_main(["--adapter", adapter, "--images", str(image), "--top-k", "2"]) == 0
+    before = capsys.readouterr().out.splitlines()[1].split(",")[1].split(";")  # this image's top two classes
+    first, second = (classes.index(name) for name in before)
+    classes[first], classes[second] = classes[second], classes[first]
+    config.write_text(json.dumps(settings, indent=2))
+    refused = run("predict", "--adapter", adapter, "--images", str(image), cwd=tmp_path)
+    assert_one_line_error(refused, "adapter_config.json was edited after it was saved with its weights",
+                          f'classes[{min(first, second)}]: "{classes[max(first, second)]}" -> '
+                          f'"{classes[min(first, second)]}"', f"inca-predict --resign {adapter}")
+    signed = run("predict", "--resign", adapter, cwd=tmp_path)
+    assert signed.returncode == 0 and signed.stdout.startswith(f"{adapter}: signed (classes["), signed.stderr[-2000:]
+    assert predict_main(["--adapter", adapter, "--images", str(image), "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split(",")[1].split(";") == before[::-1]
+
+    weights.write_bytes(b"{garbage" * 64)  # damaged weights whose checksum was recorded anyway
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
+    assert_one_line_error(run("predict", "--adapter", adapter, "--images", str(image), cwd=tmp_path),
+                          "is not a readable safetensors file")

@@ -180,3 +180,69 @@ def test_task_adapter_from_bank_keeps_each_member_exact():
         torch.testing.assert_close(one(features), logits[1])
         torch.testing.assert_close(both(features).exp(), logits.softmax(-1).mean(0))
     assert one.layers == [2] and one.member_info == [{"lr": 1e-3, "weight_decay": 1e-4, "seed": 1}]
+
+
+def upright_and_tagged(path_upright, path_tagged, seed: int = 0) -> np.ndarray:
+    """A portrait image saved twice: upright, and as a camera stores it (turned a quarter to the left, with
+    EXIF Orientation 6 saying "turn right to view"). Returns the upright pixels."""
+    upright = np.random.default_rng(seed).integers(0, 255, (40, 24, 3), dtype=np.uint8)
+    Image.fromarray(upright).save(path_upright)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(path_tagged, exif=exif)
+    return upright
+
+
+def test_training_stores_and_prediction_read_the_same_upright_pixels(tiny_backbone, tmp_path):
+    from inca.predict import predict_images
+    from inca.tasks.folder import FileSource
+
+    upright = upright_and_tagged(tmp_path / "upright.png", tmp_path / "tagged.png")
+    with Image.open(tmp_path / "tagged.png") as raw:
+        assert raw.size == (40, 24)  # stored sideways: reading the raw pixels would give a landscape image
+    source = FileSource([str(tmp_path / "tagged.png"), str(tmp_path / "upright.png")])  # folder tasks and stores
+    assert np.array_equal(np.asarray(source.load(0)), upright) and np.array_equal(np.asarray(source.load(1)), upright)
+    model = MultiTaskInCA(tiny_backbone, {"t": adapter_for(tiny_backbone, 2, 5, 0)})
+    tagged, plain = predict_images(model, [str(tmp_path / "tagged.png"), str(tmp_path / "upright.png")], top_k=5)
+    assert tagged.probabilities == plain.probabilities and tagged.labels == plain.labels
+    with torch.no_grad():
+        expected = model(model.transform(Image.fromarray(upright))[None])["t"].softmax(-1)[0]
+    np.testing.assert_allclose(sorted(tagged.probabilities["t"]), sorted(expected.tolist()), atol=1e-6)
+
+
+def test_resign_accepts_a_deliberate_edit_and_old_adapters_load_with_a_warning(tiny_backbone, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from inca import resign_adapter
+    from inca.adapters.common import CONFIG_FILE
+    from inca.io import file_sha256
+
+    save_adapter(adapter_for(tiny_backbone, 1, 3, 0), tmp_path / "a")
+    config_file = tmp_path / "a" / CONFIG_FILE
+    config = json.loads(config_file.read_text())
+    config["classes"] = ["cat", "dog", "eel"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(InCAError, match=r'was edited after it was saved .*classes\[0\]: "c0" -> "cat"'):
+        load_adapter(tmp_path / "a")
+    assert resign_adapter(tmp_path / "a") == ['classes[0]: "c0" -> "cat"', 'classes[1]: "c1" -> "dog"',
+                                              'classes[2]: "c2" -> "eel"']
+    assert load_adapter(tmp_path / "a").classes == ["cat", "dog", "eel"] and resign_adapter(tmp_path / "a") == []
+    config = json.loads(config_file.read_text())
+    config["members"][0]["num_heads"] = 5  # does not divide the width: not re-signed
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(InCAError, match="num_heads=5, which does not divide its width 192"):
+        resign_adapter(tmp_path / "a")
+
+    weights = tmp_path / "a" / WEIGHTS_FILE  # an adapter saved before configs were signed (format 1)
+    save_file(load_file(weights), weights)
+    config["members"][0]["num_heads"] = 3
+    config_file.write_text(json.dumps({**config, "format_version": 1, "weights_sha256": file_sha256(weights)}))
+    with caplog.at_level("WARNING", logger="inca"):
+        assert load_adapter(tmp_path / "a").classes == ["cat", "dog", "eel"]
+    assert "older inca that did not sign" in caplog.text and "--resign" in caplog.text
+    assert resign_adapter(tmp_path / "a") == ["first signature"]
+    assert json.loads(config_file.read_text())["format_version"] == 2
+    downgraded = {**json.loads(config_file.read_text()), "format_version": 1, "classes": ["dog", "cat", "eel"]}
+    config_file.write_text(json.dumps(downgraded))  # claiming the old format does not skip the check
+    with pytest.raises(InCAError, match=r'classes\[0\]: "cat" -> "dog"; classes\[1\]: "dog" -> "cat"\)'):
+        load_adapter(tmp_path / "a")

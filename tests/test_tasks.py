@@ -247,8 +247,84 @@ def test_hf_labels_beyond_the_named_classes(tmp_path):
     ds["test"] = ds["test"].cast_column("label", datasets.Value("int64")).map(lambda row: {"label": 7})
     ds["test"] = ds["test"].cast_column("label", datasets.ClassLabel(num_classes=8))
     ds.save_to_disk(tmp_path / "wide")
-    with pytest.raises(InCAError, match="label 7") as info:
+    with pytest.raises(InCAError, match="'test' split has class '7' that train does not have") as info:
         load_task(f"hf:{tmp_path / 'wide'}")
+    assert "\n" not in str(info.value)
+
+
+def _hf_split(labels, feature, image_column="img"):
+    """A split whose image at row i is a flat grey of value 10 * (its class's position in ``CLASS_ORDER``)."""
+    import datasets
+
+    images = [Image.new("RGB", (8, 8), (_grey(feature, label),) * 3) for label in labels]
+    features = datasets.Features({image_column: datasets.Image(), "label": feature})
+    return datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
+
+
+CLASS_ORDER = ["cat", "dog", "eel"]
+
+
+def _grey(feature, label):
+    import datasets
+
+    name = feature.names[label] if isinstance(feature, datasets.ClassLabel) else str(label)
+    return 10 * (CLASS_ORDER.index(name) if name in CLASS_ORDER else 20)
+
+
+def _check_names_follow_images(task):
+    """Every row's class name is the one its image was drawn for: labels were mapped by name."""
+    for split in SPLITS:
+        data = task.splits[split]
+        for index in range(len(data)):
+            grey = np.asarray(data.image(index))[0, 0, 0]
+            assert task.classes[data.labels[index]] == CLASS_ORDER[grey // 10], (split, index)
+
+
+def test_hf_splits_are_mapped_by_class_name(tmp_path):
+    """Train names [cat, dog, eel]; test lists them in another order under another image column; validation
+    holds strings. Each split's labels are read by name, into train's class list."""
+    import datasets
+
+    train = _hf_split([0, 1, 2] * 6, datasets.ClassLabel(names=["cat", "dog", "eel"]))
+    test = _hf_split([0, 1, 2, 2], datasets.ClassLabel(names=["eel", "cat", "dog"]), image_column="image")
+    val = _hf_split(["dog", "cat", None], datasets.Value("string"))
+    datasets.DatasetDict({"train": train, "validation": val, "test": test}).save_to_disk(tmp_path / "ds")
+    task = load_task(f"hf:{tmp_path / 'ds'}")
+    assert task.classes == ["cat", "dog", "eel"]
+    assert task.sizes() == {"train": 18, "val": 2, "test": 4}
+    assert [task.classes[i] for i in task.splits["test"].labels] == ["eel", "cat", "dog", "dog"]
+    _check_names_follow_images(task)
+
+
+def test_hf_float_labels_drop_nan_rows(tmp_path, caplog):
+    import datasets
+
+    labels = [0.0, 1.0, float("nan"), 2.0] * 5
+    _hf_split(labels, datasets.Value("float32")).save_to_disk(tmp_path / "floats")
+    with caplog.at_level("WARNING"):
+        task = load_task(f"hf:{tmp_path / 'floats'}")
+    assert task.classes == ["0", "1", "2"] and sum(task.sizes().values()) == 15
+    assert "5 of 20 rows of the 'train' split have no label" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("train", "test", "message"),
+    [(("cat,dog", [0, 1] * 5), ("cat,dog,eel", [2, 0, 1]),
+      "the 'test' split has class 'eel' that train does not have \\(train's classes: cat, dog\\)"),
+     (("int64", [0, 1] * 5), ("string", ["cat", "dog"]), "'test' split is labelled with class names but train"),
+     (("cat,dog", [0, 1] * 5), ("int64", [0, 1]), "labelled with plain integers but train with class names"),
+     (("float32", [0.5, 1.0] * 5), ("float32", [0.0, 1.0]), "holds 0.5, not a class id")],
+)
+def test_hf_splits_that_cannot_be_matched_are_one_line(tmp_path, train, test, message):
+    import datasets
+
+    def split(feature, labels):
+        kind = datasets.ClassLabel(names=feature.split(",")) if "," in feature else datasets.Value(feature)
+        return _hf_split(labels, kind)
+
+    datasets.DatasetDict({"train": split(*train), "test": split(*test)}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(InCAError, match=message) as info:
+        load_task(f"hf:{tmp_path / 'ds'}")
     assert "\n" not in str(info.value)
 
 
@@ -315,7 +391,11 @@ def test_torchvision_root_rewritten_in_place_changes_the_fingerprint(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "root", "message"),
     [("tv:MNIST", None, "needs --data-root"), ("tv:MNIST", "EMPTY", "not found under.*--download"),
-     ("tv:NoSuchSet", "EMPTY", "torchvision has no dataset")],
+     ("tv:NoSuchSet", "EMPTY", "torchvision has no dataset"),
+     ("tv:imagefolder", None, "torchvision's ImageFolder is not a dataset \\(.*use folder:PATH\\)"),
+     ("tv:FakeData", "EMPTY", "FakeData is not a dataset \\(random images"),
+     ("tv:VisionDataset", "EMPTY", "VisionDataset is not a dataset"),
+     ("tv:DatasetFolder", "EMPTY", "DatasetFolder is not a dataset")],
 )
 def test_torchvision_errors(tmp_path, spec, root, message):
     with pytest.raises(InCAError, match=message):
@@ -433,3 +513,160 @@ def test_task_source_contract(name):
     with pytest.raises(InCAError, match="unknown task spec") as info:
         check_task_spec(garbage)
     assert "\n" not in str(info.value) and source.spec_form in str(info.value)
+
+
+def _class_tree(root, classes=("a", "b"), count=3):
+    for cls in classes:
+        for i in range(count):
+            _write_image(root / cls / f"{i}.png", value=10 * i + 100 * classes.index(cls))
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [("splits_beside_classes", "split folders \\(.*/test, .*/train\\) beside other folders \\(.*/c, .*/d\\)"),
+     ("no_train", "/test, .*/val without a train folder"),
+     ("val_twice", "/val, .*/validation are all the val split"),
+     ("train_twice", "/TRAIN, .*/train are all the train split")],
+)
+def test_ambiguous_folder_layouts_are_refused(tmp_path, layout, message):
+    root = tmp_path / "data"
+    splits = {"splits_beside_classes": ["train", "test"], "no_train": ["val", "test"],
+              "val_twice": ["train", "val", "validation"], "train_twice": ["train", "TRAIN"]}[layout]
+    for split in splits:
+        _class_tree(root / split)
+    if layout == "splits_beside_classes":
+        _class_tree(root, classes=("c", "d"))
+    with pytest.raises(InCAError, match=message) as info:
+        load_task(f"folder:{root}")
+    assert "\n" not in str(info.value)
+
+
+def test_hidden_and_system_folders_are_skipped(tmp_path, caplog):
+    """Notebook checkpoints, caches, macOS and NAS litter are never classes or images, at any level."""
+    root = tmp_path / "data"
+    _class_tree(root / "Train")  # split folder names in any letter case
+    _class_tree(root / "test")
+    for litter in [root / ".ipynb_checkpoints", root / "Train" / ".ipynb_checkpoints", root / "__MACOSX" / "a",
+                   root / "Train" / "a" / ".ipynb_checkpoints", root / "test" / "@eaDir"]:
+        _write_image(litter / "0-checkpoint.png")
+    (root / ".cache").mkdir()
+    (root / "Train" / ".cache").mkdir()
+    (root / "Train" / "b" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    _write_image(root / "Train" / "stray.png")
+    with caplog.at_level("WARNING"):
+        task = load_task(f"folder:{root}")
+    assert task.classes == ["a", "b"]
+    assert sum(task.sizes().values()) == 12 and task.sizes()["test"] == 6
+    assert "1 image file(s) directly in" in caplog.text and "stray.png" in caplog.text
+
+
+def test_only_regular_files_are_images(tmp_path):
+    """A FIFO named like an image would block a reader; sockets are no images; a link to an image is one."""
+    import socket
+
+    root = tmp_path / "data"
+    _class_tree(root, count=4)
+    os.mkfifo(root / "a" / "fifo.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "b" / "socket.png"))
+    (root / "b" / "link.png").symlink_to(root / "a" / "0.png")
+    (root / "b" / "dangling.png").symlink_to(root / "nowhere.png")
+    try:
+        task = load_task(f"folder:{root}")
+    finally:
+        server.close()
+    files = {os.path.basename(task.splits[s].source.describe(int(r))) for s in SPLITS for r in task.splits[s].rows}
+    assert sum(task.sizes().values()) == 9 and "link.png" in files
+    from inca.tasks.folder import decode_problem, unreadable_images
+
+    assert decode_problem(str(root / "a" / "fifo.png")) == "not a regular file"
+    fifo = str(root / "a" / "fifo.png")
+    assert unreadable_images([fifo, str(root / "a" / "0.png")]) == [fifo]
+
+
+def test_truncated_jpeg_is_found_before_training(tmp_path):
+    """PIL's verify() reads only the header: the scan decodes in full, as training does."""
+    root = tmp_path / "data"
+    _class_tree(root, count=4)
+    bad = root / "b" / "cut.jpg"
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(bad, quality=95)
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    with Image.open(bad) as image:
+        image.verify()  # the header check alone passes
+    with pytest.raises(InCAError, match=r"1 unreadable image\(s\): .*cut.jpg \(image file is truncated") as info:
+        load_task(f"folder:{root}")
+    assert "\n" not in str(info.value)
+    task = load_task(f"folder:{root}", skip_bad_images=True)
+    assert sum(task.sizes().values()) == 8 and task.identity["skipped_images"] == 1
+
+
+def test_permission_denied_images_and_folders(tmp_path, monkeypatch):
+    """What the system refuses to read: an image is a bad image (named with why; skipped and counted on
+    request, and checked again next time); a class folder is one line naming it. Injected, since tests may
+    run as root, whom permissions do not stop (the real command is tested in test_bad_input)."""
+    import inca.tasks.folder as folder
+
+    root = tmp_path / "data"
+    _class_tree(root, count=4)
+    denied = str(root / "a" / "1.png")
+    real_sha256 = folder.file_sha256
+
+    def refusing(path):
+        if str(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_sha256(path)
+
+    monkeypatch.setattr(folder, "file_sha256", refusing)
+    with pytest.raises(InCAError, match=f"1 unreadable image\\(s\\): {denied} \\(permission denied\\)"):
+        load_task(f"folder:{root}")
+    task = load_task(f"folder:{root}", skip_bad_images=True)
+    assert sum(task.sizes().values()) == 7 and task.identity["skipped_images"] == 1
+    monkeypatch.setattr(folder, "file_sha256", real_sha256)  # permission fixed: read again, not remembered
+    assert load_task(f"folder:{root}").identity["skipped_images"] == 0
+
+    real_scandir = os.scandir
+
+    def refusing_listing(path):
+        if str(path) == str(root / "b"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder.os, "scandir", refusing_listing)
+    with pytest.raises(InCAError, match=f"cannot list folder {root / 'b'} \\(permission denied\\)"):
+        load_task(f"folder:{root}", skip_bad_images=True)
+
+
+class _ToyDataset:
+    """A torchvision-style dataset whose test split lists its classes in another order (and, under a root
+    named ``eel``, has a class train lacks); each image's grey level says its class."""
+
+    def __init__(self, root, train=True, download=False):
+        extra = ["eel"] if os.path.basename(root) == "eel" else []
+        self.classes = ["cat", "dog"] if train else ["dog", "cat", *extra]
+        self.names = ["cat", "dog"] * 4 + ["cat"] if train else ["dog", "cat", "cat", "dog", *extra]
+        self.targets = [self.classes.index(name) for name in self.names]
+        if train:
+            self.names.append("cat")
+            self.targets.append(-1)  # a row without a label
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, row):
+        return Image.new("RGB", (8, 8), (10 * CLASS_ORDER.index(self.names[row]),) * 3), self.targets[row]
+
+
+def test_torchvision_splits_are_mapped_by_class_name(tmp_path, monkeypatch, caplog):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "ToyPets", _ToyDataset, raising=False)
+    with caplog.at_level("WARNING"):
+        task = load_task("tv:ToyPets", data_root=str(tmp_path))
+    assert task.classes == ["cat", "dog"] and task.sizes()["test"] == 4
+    assert [task.classes[i] for i in task.splits["test"].labels] == ["dog", "cat", "cat", "dog"]
+    _check_names_follow_images(task)
+    assert "1 of 10 rows of the train split have no label (-1)" in caplog.text
+    with pytest.raises(InCAError, match="the 'test' split has class 'eel' that train does not have") as info:
+        load_task("tv:ToyPets", data_root=str(tmp_path / "eel"))
+    assert "\n" not in str(info.value)

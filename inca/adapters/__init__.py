@@ -5,7 +5,7 @@ from .inca import AdapterSpec, InCA, InCABank, OpenInCA
 from .lora import apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
 from .lora_ga import init_lora_ga
 from .peft_export import export_peft, load_peft_export
-from .saved import TaskAdapter, load_adapter, save_adapter
+from .saved import TaskAdapter, load_adapter, resign_adapter, save_adapter
 
 __all__ = [
     "AdapterSpec",
@@ -21,6 +21,7 @@ __all__ = [
     "load_lora",
     "load_peft_export",
     "merge_lora",
+    "resign_adapter",
     "save_adapter",
     "save_lora",
     "unmerge_lora",

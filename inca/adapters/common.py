@@ -7,15 +7,18 @@ so every method saves only what it trained and refuses to load onto something it
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from inca.errors import InCAError, first_line
@@ -23,7 +26,14 @@ from inca.io import atomic_write, atomic_write_json, file_sha256, read_json
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
-FORMAT_VERSION = 1
+# 2: the weights file's header carries the config they were saved with (1: it did not; still read).
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+SIGNED_CONFIG_KEY = "inca.config"
+MAX_CONFIG_BYTES = 16 << 20  # inca's own bound: configs are a few KiB; refuse a huge file before parsing it
+_UNSIGNED = ("format_version", "weights_sha256")  # recorded by write_adapter about the files themselves
+
+logger = logging.getLogger(__name__)
 
 
 def select_linear_modules(model: nn.Module, target: str) -> list[tuple[str, nn.Linear]]:
@@ -108,40 +118,132 @@ def write_adapter(
 ) -> None:
     """Write ``tensors`` (safetensors) then ``config`` (JSON), each atomically.
 
-    The config records the weights' sha256 and is written last, so a crash between the two files, or a
-    weights file from another save, is detected on load instead of silently mixing two adapters.
+    The weights file carries, in its header metadata (:data:`SIGNED_CONFIG_KEY`), the config they were
+    saved with, and the config records the weights file's SHA-256, written last. So a crash between the two
+    files or a weights file from another save is detected on load, and so is a hand edit of the config (two
+    class names swapped, a layer changed) that would give the same weights another meaning.
     """
     directory = Path(directory)
+    clash = sorted(set(config) & set(_UNSIGNED))
+    if clash:
+        raise InCAError(f"an adapter config may not set {clash}: write_adapter records them")
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp))
+    header = {"format": "pt", SIGNED_CONFIG_KEY: _canonical(config)}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp, metadata=header))
     full = {**config, "format_version": FORMAT_VERSION, "weights_sha256": file_sha256(directory / WEIGHTS_FILE)}
     atomic_write_json(directory / CONFIG_FILE, full)
 
 
 def read_adapter(directory: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Config and CPU tensors of an adapter written by :func:`write_adapter` for ``method``."""
+    """Config and CPU tensors of an adapter written by :func:`write_adapter` for ``method``; a config edited
+    since (see :func:`resign_adapter`) is refused, naming what changed."""
+    config, tensors, signed = _read_files(directory, method)
+    if signed is None:  # saved before configs were signed: still loads, as it always did
+        logger.warning("%s was saved by an older inca that did not sign its %s, so an edit to it cannot be "
+                       "detected; `inca-predict --resign %s` signs it as it is now", directory, CONFIG_FILE, directory)
+    else:
+        changed = config_changes(signed, _signed_part(config))
+        if changed:
+            raise InCAError(
+                f"{Path(directory, CONFIG_FILE)} was edited after it was saved with its weights "
+                f"({_summary(changed)}); restore it, or if the weights really mean this, accept it with "
+                f"`inca-predict --resign {directory}`"
+            )
+    return config, tensors
+
+
+def resign_adapter(
+    directory: str | os.PathLike, check: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None
+) -> list[str]:
+    """Accept a deliberate edit of ``adapter_config.json``: sign the config as it is now (after ``check(config,
+    tensors)`` raises nothing), leaving the weights unchanged. Returns what changed since the last signature
+    (empty if nothing did; an adapter saved before signatures existed gets its first one).
+
+    The weights must still be the ones the config recorded: a damaged weights file is not re-signed.
+    """
+    config, tensors, signed = _read_files(directory, None)
+    if check is not None:
+        check(config, tensors)
+    fresh = _signed_part(config)
+    changed = ["first signature"] if signed is None else config_changes(signed, fresh)
+    if changed:
+        write_adapter(directory, fresh, tensors)
+    return changed
+
+
+def config_changes(before: Any, after: Any, name: str = "") -> list[str]:
+    """What differs between two configs, one entry per changed field (``members[0].num_heads: 3 -> 4``)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for key in sorted(set(before) | set(after), key=str)
+                for change in config_changes(before.get(key, _ABSENT), after.get(key, _ABSENT),
+                                             f"{name}.{key}" if name else str(key))]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [change for k, (b, a) in enumerate(zip(before, after))
+                for change in config_changes(b, a, f"{name}[{k}]")]
+    return [] if before == after else [f"{name}: {_short(before)} -> {_short(after)}"]
+
+
+_ABSENT = object()
+
+
+def _summary(changes: list[str], shown: int = 4) -> str:
+    more = f"; and {len(changes) - shown} more" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "(absent)" if value is _ABSENT else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _canonical(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _signed_part(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key not in _UNSIGNED}
+
+
+def _read_files(
+    directory: str | os.PathLike, method: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Config, CPU tensors and the signed config copy (None for an adapter of format 1) of a saved adapter,
+    checked as a pair (method, format, the weights' checksum) but not against its signature."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
-        raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (files)")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InCAError(f"{config_path} is larger than an adapter config can be ({MAX_CONFIG_BYTES} bytes); save again")
     try:
         config = read_json(config_path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InCAError(f"{config_path} is not valid JSON ({first_line(exc)}); save the adapter again") from None
     if not isinstance(config, dict):
         raise InCAError(f"{config_path} is not an adapter config (a JSON object); save the adapter again")
-    if config.get("method") != method:
+    if method is not None and config.get("method") != method:
         raise InCAError(f"{directory} holds a {config.get('method')!r} adapter, not {method!r}; load it with "
                         f"the matching loader")
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in READABLE_FORMATS:
         raise InCAError(f"{directory} has adapter format {config.get('format_version')}, this inca reads "
-                        f"{FORMAT_VERSION}; re-save it with a matching inca version")
-    if file_sha256(weights_path) != config.get("weights_sha256"):
-        raise InCAError(f"{weights_path} does not match {config_path} (damaged, partial or mixed save); save again")
+                        f"{', '.join(map(str, READABLE_FORMATS))}; re-save it with a matching inca version")
     try:
-        return config, load_file(str(weights_path))
+        if file_sha256(weights_path) != config.get("weights_sha256"):
+            raise InCAError(
+                f"{weights_path} does not match {config_path} (damaged, partial or mixed save); save again"
+            )
+        with safe_open(str(weights_path), framework="pt") as weights:
+            header = weights.metadata() or {}
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (not a dict)
+        signed = json.loads(header[SIGNED_CONFIG_KEY]) if SIGNED_CONFIG_KEY in header else None
+    except InCAError:
+        raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise InCAError(f"{weights_path} is not a readable safetensors file ({first_line(exc)}); save again") from None
+    if signed is None and config["format_version"] >= 2:
+        raise InCAError(f"{weights_path} lacks the signed copy of its config that format "
+                        f"{config['format_version']} adapters carry (replaced by hand?); save the adapter again")
+    return config, tensors, signed
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], expected: Collection[str]) -> None:

@@ -8,7 +8,9 @@ ensemble's prediction), so callers treat both the same way.
 
 On disk it is the format every inca method shares (:func:`inca.adapters.common.write_adapter`):
 ``adapter_config.json`` (``method: "inca"``, the members' layers and shapes, classes, provenance, and the
-SHA-256 of the weights) plus ``adapter.safetensors`` (``members.<k>.<InCA parameter>``).
+SHA-256 of the weights file) plus ``adapter.safetensors`` (``members.<k>.<InCA parameter>``, and in its header
+the config it was saved with). A config edited by hand (two class names swapped) is refused on load, naming
+what changed; :func:`resign_adapter` accepts a deliberate edit.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from torch import Tensor, nn
 
 from inca.adapters import common
 from inca.adapters.inca import InCA, InCABank
-from inca.errors import InCAError
+from inca.errors import InCAError, first_line
 
-__all__ = ["TaskAdapter", "load_adapter", "save_adapter"]
+__all__ = ["TaskAdapter", "load_adapter", "resign_adapter", "save_adapter"]
 
 METHOD = "inca"
 _SHAPE = ("dim", "num_classes", "num_heads", "num_queries", "mlp_ratio")
+MAX_MLP_RATIO = 64  # inca's own bound on a loaded config (ViTs use 4): refuses absurd sizes before building
 _RESERVED = frozenset({"method", "classes", "members", "format_version", "weights_sha256"})
 
 
@@ -112,44 +115,107 @@ def save_adapter(adapter: TaskAdapter, directory: str | os.PathLike) -> None:
 
 
 def load_adapter(directory: str | os.PathLike) -> TaskAdapter:
-    """Read what :func:`save_adapter` wrote (on CPU), refusing damaged, mismatched or non-finite weights."""
+    """Read what :func:`save_adapter` wrote (on CPU), refusing a config edited since it was saved, values that
+    cannot describe an adapter, and damaged, mismatched or non-finite weights, each in one line."""
     config, tensors = common.read_adapter(directory, METHOD)
-    members_info = config.get("members")
-    classes = config.get("classes")
+    return _build(directory, config, tensors)
+
+
+def resign_adapter(directory: str | os.PathLike) -> list[str]:
+    """Accept a deliberate edit of a saved adapter's ``adapter_config.json`` (say, renamed classes) so that it
+    loads again; returns what changed. An InCA adapter must still load (valid values, weights that fit);
+    other methods' adapters are re-signed as they are. Same as ``inca-predict --resign DIR``."""
+
+    def check(config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        if config.get("method") == METHOD:
+            _build(directory, config, tensors)
+
+    return common.resign_adapter(directory, check)
+
+
+def _build(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, Tensor]) -> TaskAdapter:
+    """The adapter ``config`` describes, with ``tensors`` loaded: every value and shape is checked before
+    anything is allocated (a config asking for 10^10 queries is refused, not attempted)."""
+    members_info, classes = config.get("members"), config.get("classes")
     if not isinstance(members_info, list) or not members_info or not isinstance(classes, list):
         raise InCAError(f"{directory}: adapter_config.json lacks its members or classes; save the adapter again")
-    members, layers, extra = [], [], []
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise InCAError(f"{directory}: adapter_config.json's classes must be distinct strings, got {classes[:5]}")
+    backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
+    shapes, layers, states = [], [], []
     for k, info in enumerate(members_info):
-        try:
-            shape = {key: info[key] for key in _SHAPE}
-            layers.append(int(info["layer"]))
-        except (KeyError, TypeError, ValueError):
-            raise InCAError(f"{directory}: member {k} of adapter_config.json is incomplete; save it again") from None
-        if shape["num_classes"] != len(classes):
-            raise InCAError(
-                f"{directory}: member {k} has a head of {shape['num_classes']} classes but the config lists "
-                f"{len(classes)} class names; save the adapter again"
-            )
-        member = InCA(**shape, seed=0)
+        shape, layer = _member_shape(directory, k, info, len(classes), backbone)
         prefix = f"members.{k}."
-        _load_member(directory, member, {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        state = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+        _check_member_tensors(directory, k, shape, state)
+        shapes.append(shape)
+        layers.append(layer)
+        states.append(state)
+    strays = sorted(n for n in tensors if not n.startswith(tuple(f"members.{k}." for k in range(len(shapes)))))
+    if strays:
+        raise InCAError(f"{directory}: adapter.safetensors holds tensors of no member ({strays[:3]}); save it again")
+    members = []
+    for shape, state in zip(shapes, states):
+        member = InCA(**shape, seed=0)
+        member.load_state_dict(state)
         members.append(member)
-        extra.append({key: value for key, value in info.items() if key not in (*_SHAPE, "layer")})
+    extra = [{key: value for key, value in info.items() if key not in (*_SHAPE, "layer")} for info in members_info]
     metadata = {key: value for key, value in config.items() if key not in _RESERVED}
     return TaskAdapter(members, layers, classes, metadata, extra)
 
 
-def _load_member(directory: str | os.PathLike, member: InCA, state: dict[str, Tensor]) -> None:
-    expected = member.state_dict()
+def _member_shape(
+    directory: str | os.PathLike, k: int, info: Any, num_classes: int, backbone: Mapping[str, Any]
+) -> tuple[dict[str, Any], int]:
+    """Member ``k``'s InCA arguments and layer, each of the right type and range for its recorded backbone."""
+    if not isinstance(info, dict) or any(key not in info for key in (*_SHAPE, "layer")):
+        raise InCAError(f"{directory}: member {k} of adapter_config.json is incomplete; save it again")
+    where = f"{directory}: member {k} of adapter_config.json"
+
+    def integer(key: str, low: int, high: int | None = None) -> int:
+        value = info[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or high is not None and value > high:
+            allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+            raise InCAError(f"{where} has {key}={value!r}; expected {allowed}")
+        return value
+
+    depth, width = backbone.get("num_blocks"), backbone.get("width")
+    layer = integer("layer", 0, depth - 1 if isinstance(depth, int) else None)
+    dim = integer("dim", 1)
+    if isinstance(width, int) and dim != width:
+        raise InCAError(f"{where} has dim={dim} but its backbone {backbone.get('name')} has width {width}")
+    num_heads = integer("num_heads", 1, dim)
+    if dim % num_heads:
+        raise InCAError(f"{where} has num_heads={num_heads}, which does not divide its width {dim}")
+    if integer("num_classes", 1) != num_classes:
+        raise InCAError(f"{where} has a head of {info['num_classes']} classes but the config lists {num_classes} "
+                        "class names; save the adapter again")
+    ratio = info["mlp_ratio"]
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= MAX_MLP_RATIO:
+        raise InCAError(f"{where} has mlp_ratio={ratio!r}; expected a number in [0, {MAX_MLP_RATIO}]")
+    shape = {"dim": dim, "num_classes": num_classes, "num_heads": num_heads,
+             "num_queries": integer("num_queries", 1), "mlp_ratio": ratio}
+    return shape, layer
+
+
+def _check_member_tensors(
+    directory: str | os.PathLike, k: int, shape: dict[str, Any], state: dict[str, Tensor]
+) -> None:
+    """Names and shapes from a member built on the meta device (nothing allocated), then finiteness."""
+    try:
+        with torch.device("meta"):
+            expected = InCA(**shape).state_dict()
+    except (RuntimeError, OverflowError, TypeError, ValueError) as exc:  # a size beyond what torch can index
+        raise InCAError(f"{directory}: member {k} of adapter_config.json has an impossible shape {shape} "
+                        f"({first_line(exc)})") from None
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [f"{n} {tuple(state[n].shape)} (expected {tuple(t.shape)})"
              for n, t in expected.items() if n in state and state[n].shape != t.shape]
     if missing or unexpected or wrong:
         raise InCAError(
-            f"{directory}: adapter.safetensors does not fit adapter_config.json: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}; save the adapter again"
+            f"{directory}: adapter.safetensors does not fit member {k} of adapter_config.json: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}; save the adapter again"
         )
     bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise InCAError(f"{directory}: adapter weights {bad[:3]} hold NaN or infinity; retrain or restore them")
-    member.load_state_dict(state)

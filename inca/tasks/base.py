@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,19 @@ class Task:
 def slugify(spec: str) -> str:
     """A filesystem-safe form of a task spec (``hf:org/name`` -> ``hf_org_name``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")[:60] or "task"
+
+
+def indices_by_name(spec: str, split: str, names: Sequence[str | None], classes: list[str]) -> np.ndarray:
+    """Each row's index in the task's ``classes`` (train's), found by class name; -1 where ``names`` holds None
+    (a row without a label). A class that train does not have is one line naming it and the split."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({name for name in names if name is not None and name not in index})
+    if unknown:
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise InCAError(f"task {spec}: the {split!r} split has class {unknown[0]!r}{more} that train does not have "
+                        f"(train's classes: {shown}); classes are matched by name across splits")
+    return np.asarray([-1 if name is None else index[name] for name in names], dtype=np.int64)
 
 
 def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,31 @@
-"""``folder:PATH`` tasks in ImageFolder layout: ``PATH/<class>/*`` or ``PATH/{train,val,test}/<class>/*``.
+"""``folder:PATH`` tasks: images in class folders, optionally under split folders.
+
+Layout rules (also in the README, "Task specs"):
+
+- **Skipped everywhere**: names starting with ``.`` (``.ipynb_checkpoints``, ``.cache``, ``.git``, macOS'
+  ``._x.jpg``) and the system folders in :data:`SYSTEM_NAMES` (``__MACOSX``, ``@eaDir``, ...).
+- **Split folders** are PATH's sub-folders named ``train``, ``val`` / ``valid`` / ``validation`` or ``test``
+  (any letter case). If PATH has one, it is a split layout, ``PATH/<split>/<class>/<images>``: it must have
+  ``train``, nothing but split folders beside it, and each split under one name only. Otherwise every
+  sub-folder of PATH is a class, ``PATH/<class>/<images>``.
+- **A class folder** is a sub-folder of PATH (class layout) or of a split folder. Its images are the regular
+  files (or links to one; never FIFOs, devices or sockets) with an image extension in it and in its
+  sub-folders at any depth. An image file directly in PATH or in a split folder belongs to no class: it is
+  left out, with a warning.
+- **Classes** are train's class folders, sorted by name. A val or test class folder is matched to them by
+  name; one that train does not have is refused. Each train class folder must hold an image; a class may
+  have no val or test images.
+- **Refused**, in one line naming the paths: split folders beside other folders, val/test without train,
+  one split under two names, a class missing from train, a folder that cannot be listed.
+- A missing val or test split is carved from train (``--split-seed``).
+
+Every image is decoded in full up front (in threads: decoding and hashing release the GIL), exactly as
+training reads it, so a truncated file is named before training starts (``--skip-bad-images`` leaves it out).
 
 The task's identity is the SHA-256 of every image's bytes, so a store or result built from images that have
-since changed (even rewritten with the same size) is never reused. Hashes are remembered per file by
-(size, mtime, ctime, inode) in ``$INCA_CACHE/file-hashes``; ctime cannot be set back by a user, so an
-unchanged entry is a file that was not rewritten, and a rerun reads only what changed. Directories are
+since changed (even rewritten with the same size) is never reused. Each file's hash and decode check are
+remembered by (size, mtime, ctime, inode) in ``$INCA_CACHE/file-scans``; ctime cannot be set back by a user,
+so an unchanged entry is a file that was not rewritten, and a rerun reads only what changed. Directories are
 walked in sorted order and each real directory once, so a symlink loop cannot repeat images; the same
 image content in two splits is reported, since it leaks evaluation data into training.
 """
@@ -14,13 +36,18 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from ..errors import InCAError
+from ..errors import InCAError, first_line
+from ..images import open_image
 from ..io import atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
@@ -29,6 +56,11 @@ from .registry import TaskLoadConfig, register_task_source
 logger = logging.getLogger(__name__)
 
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+# Folders that operating systems, NAS boxes and archivers add beside the data (names starting with "." too).
+SYSTEM_NAMES = frozenset({"__MACOSX", "@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
+                          "lost+found", "__pycache__"})
+SCAN_WORKERS = min(8, os.cpu_count() or 1)
+SCAN_CHUNK = 1024  # files in flight at once, so a large dataset does not queue a future per file
 
 
 @dataclass
@@ -39,55 +71,57 @@ class FileSource:
     paths: list[str]
 
     def load(self, row: int) -> Image.Image:
-        with Image.open(self.paths[row]) as image:
-            image.load()
-            return image.convert("RGB")
+        return open_image(self.paths[row])  # decoded, upright by its EXIF orientation, as prediction reads it
 
     def describe(self, row: int) -> str:
         return self.paths[row]
 
 
-def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool = False) -> Task:
-    """The task in ``path``; unreadable images are all named in one error, or dropped (and counted in the
-    task's identity) with ``skip_bad_images``."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+def is_skipped(name: str) -> bool:
+    """Hidden and system entries, which are never classes, splits or images."""
+    return name.startswith(".") or name in SYSTEM_NAMES
 
+
+def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool = False) -> Task:
+    """The task in ``path`` (layout rules in the module docstring); unreadable images are all named in one
+    error, or dropped (and counted in the task's identity) with ``skip_bad_images``."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise InCAError(f"task {spec}: {root} is not a directory; give folder:PATH with PATH/<class>/<images>")
-    split_dirs = {
-        split: root / name for split, names in SPLIT_DIR_NAMES.items() for name in names if (root / name).is_dir()
-    }
-    layout_root = split_dirs.get("train", root)
-    try:
-        classes, class_to_idx = find_classes(os.fspath(layout_root))
-    except FileNotFoundError:
-        raise InCAError(
-            f"task {spec}: no class folders in {layout_root}; expected {layout_root}/<class>/<images>"
-        ) from None
+    folders = split_folders(spec, root) or {"train": root}
+    class_dirs = {split: _class_folders(spec, folder) for split, folder in folders.items()}
+    classes = sorted(class_dirs["train"])
+    if not classes:
+        raise InCAError(f"task {spec}: no class folders in {folders['train']}; expected "
+                        f"{folders['train']}/<class>/<images>")
+    for split, found in class_dirs.items():
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise InCAError(f"task {spec}: {folders[split]} has classes {unknown[:5]} that train does not have "
+                            f"({folders['train']}); class folders are matched by name across splits")
 
     paths: list[str] = []
     seen: set[str] = set()
     available: dict[str, Split] = {}
-    for split, directory in split_dirs.items() if "train" in split_dirs else [("train", root)]:
-        unknown = sorted({p.name for p in directory.iterdir() if p.is_dir()} - set(classes))
-        if unknown:
-            raise InCAError(f"task {spec}: {directory} has classes {unknown} that train does not have")
-        samples = [(file, class_to_idx[c]) for c in classes for file in _image_files(directory / c, seen)]
+    for split, found in class_dirs.items():
+        samples = [(file, label) for label, name in enumerate(classes) if name in found
+                   for file in _image_files(spec, found[name], seen)]
         empty = sorted(set(classes) - {classes[label] for _, label in samples})
         if empty and split == "train":
-            raise InCAError(f"task {spec}: class folders {empty[:5]} under {directory} hold no valid file "
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+
+            raise InCAError(f"task {spec}: class folders {empty[:5]} under {folders[split]} hold no valid file "
                             f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folders")
         start = len(paths)
         paths.extend(p for p, _ in samples)
         available[split] = Split(None, np.arange(start, len(paths)), [label for _, label in samples])
     scanned = scan_files(paths)
-    bad = [p for p, (_, ok) in zip(paths, scanned) if not ok]
+    bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, scanned) if problem]
     if bad and not skip_bad_images:
         raise InCAError(f"task {spec}: {bad_images_message(bad)}; fix or remove them, or pass --skip-bad-images")
     if bad:
         logger.warning("task %s: skipping %s", spec, bad_images_message(bad))
-        keep = np.array([ok for _, ok in scanned])
+        keep = np.array([problem is None for _, problem in scanned])
         available = {name: split.subset(np.flatnonzero(keep[split.rows])) for name, split in available.items()}
     source = FileSource(paths)
     for split in available.values():
@@ -100,68 +134,177 @@ def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool 
     return Task(spec, classes, splits, identity)
 
 
-def _image_files(directory: Path, seen: set[str]) -> list[str]:
+def split_folders(spec: str, root: Path) -> dict[str, Path]:
+    """``{split: folder}`` (train first) when ``root`` is a split layout, ``{}`` when it is a class layout;
+    every ambiguous mix is refused, naming the folders."""
+    split_of = {name: split for split, names in SPLIT_DIR_NAMES.items() for name in names}
+    found: dict[str, list[Path]] = {}
+    others: list[Path] = []
+    for entry in _visible_entries(spec, root):
+        if _is_dir(entry):
+            split = split_of.get(entry.name.lower())
+            (others if split is None else found.setdefault(split, [])).append(Path(entry.path))
+    if not found:
+        return {}
+    for split, named in found.items():
+        if len(named) > 1:
+            raise InCAError(f"task {spec}: {_listing(named)} are all the {split} split; keep one of them")
+    given = _listing([named[0] for named in found.values()])
+    if others:
+        raise InCAError(f"task {spec}: split folders ({given}) beside other folders ({_listing(others)}); put "
+                        f"every class folder under {root / 'train'} (and val/, test/), or move the split folders out")
+    if "train" not in found:
+        raise InCAError(f"task {spec}: {given} without a train folder; add {root / 'train'}/<class>/<images> "
+                        "(split folders are never classes)")
+    _warn_loose_images(spec, root)
+    return {split: found[split][0] for split in SPLIT_DIR_NAMES if split in found}
+
+
+def _class_folders(spec: str, directory: Path) -> dict[str, Path]:
+    """The class folders in ``directory`` by name (a sorted dict)."""
+    _warn_loose_images(spec, directory)
+    return {entry.name: Path(entry.path) for entry in _visible_entries(spec, directory) if _is_dir(entry)}
+
+
+def _warn_loose_images(spec: str, directory: Path) -> None:
+    loose = [entry.path for entry in _visible_entries(spec, directory) if _is_image(entry)]
+    if loose:
+        logger.warning("task %s: %d image file(s) directly in %s belong to no class folder and are left out, "
+                        "e.g. %s", spec, len(loose), directory, loose[0])
+
+
+def _visible_entries(spec: str, directory: str | os.PathLike) -> list[os.DirEntry]:
+    """``directory``'s entries but hidden and system ones, sorted by name; an unlistable folder is one line."""
+    try:
+        with os.scandir(directory) as entries:
+            return sorted((e for e in entries if not is_skipped(e.name)), key=lambda e: e.name)
+    except OSError as exc:
+        raise InCAError(f"task {spec}: cannot list folder {directory} ({_problem(exc)}); fix "
+                        "its permissions or remove it") from None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    """A regular file (or a link to one) with an image extension: never a FIFO, device or socket, which
+    reading would block on or misread."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision's list, as ImageFolder reads
+
+    try:
+        return entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
+    except OSError:
+        return False
+
+
+def _image_files(spec: str, directory: Path, seen: set[str]) -> list[str]:
     """Image files under ``directory``, sorted, recursing into each real directory once (``seen`` holds the
     real paths already walked, shared across the task's splits)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     real = os.path.realpath(directory)
-    if real in seen or not os.path.isdir(real):
+    if real in seen:
         return []
     seen.add(real)
     files: list[str] = []
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if entry.is_dir():
-            files.extend(_image_files(Path(entry.path), seen))
-        elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
+    for entry in _visible_entries(spec, directory):
+        if _is_dir(entry):
+            files.extend(_image_files(spec, Path(entry.path), seen))
+        elif _is_image(entry):
             files.append(entry.path)
     return files
 
 
-def scan_files(paths: list[str]) -> list[tuple[str, bool]]:
-    """For each image file: the SHA-256 of its bytes and whether PIL can read it. Remembered across runs by
-    (size, mtime_ns, ctime_ns, inode), so each file is read once until it changes."""
-    index_file = cache_root() / "file-hashes" / f"{digest(sorted({os.path.dirname(p) for p in paths}))}.json"
+def scan_files(paths: list[str]) -> list[tuple[str, str | None]]:
+    """For each image file: the SHA-256 of its bytes and why it cannot be decoded as training decodes it
+    (``None`` when it can), checked in threads. Remembered across runs by (size, mtime_ns, ctime_ns, inode),
+    so each file is read once until it changes; a file the system refuses to read is checked again."""
+    index_file = cache_root() / "file-scans" / f"{digest(sorted({os.path.dirname(p) for p in paths}))}.json"
     try:
         known = read_json(index_file)
     except (OSError, ValueError):
         known = {}
-    scanned, fresh = [], {}
-    for path in progress(paths, desc="scanning images", unit="file", enabled=len(paths) >= 1000):
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise InCAError(f"cannot read {path} ({exc.strerror}); fix its permissions or remove it") from None
-        key = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
-        entry = known.get(path)
-        if isinstance(entry, list) and len(entry) == 3 and entry[0] == key:
-            fresh[path] = entry
-        else:
-            fresh[path] = [key, file_sha256(path), _readable(path)]
-        scanned.append((fresh[path][1], bool(fresh[path][2])))
+    if not isinstance(known, dict):
+        known = {}
+    remembered = {path: known[path] for path in paths
+                  if isinstance(known.get(path), list) and len(known[path]) == 3 and known[path][0] == _stat_key(path)}
+    todo = [path for path in paths if path not in remembered]
+    checked = progress(_threaded(_scan_file, todo), total=len(todo), desc="checking images", unit="file",
+                       enabled=len(todo) >= 1000)
+    entries = {**remembered, **dict(zip(todo, checked))}
+    fresh = {path: entries[path] for path in paths if entries[path][0] is not None}
     if fresh != known:
         with contextlib.suppress(OSError, InCAError):  # the index only saves time: never fail a run over it
             atomic_write_json(index_file, fresh)
-    return scanned
+    return [(entries[path][1], entries[path][2]) for path in paths]
 
 
-def _readable(path: str) -> bool:
+def _stat_key(path: str) -> str | None:
     try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # PIL raises many kinds for damaged files
-        return False
+        info = os.stat(path)
+    except OSError:
+        return None
+    return f"{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}"
+
+
+def _scan_file(path: str) -> list[Any]:
+    """``[stat key, SHA-256, problem]``; the key is None when the system refuses the file (its permissions can
+    be fixed without changing it), so that answer is not remembered."""
+    key = _stat_key(path)
+    try:
+        sha = file_sha256(path) if _is_regular(path) else ""
+    except OSError as exc:
+        return [None, "", _problem(exc)]
+    return [key, sha, decode_problem(path)]
+
+
+def decode_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read the way training reads it; ``None`` when it can."""
+    try:
+        FileSource([path]).load(0)
+    except Exception as exc:  # PIL raises many kinds for damaged files
+        return _problem(exc)
+    return None
+
+
+def _is_regular(path: str) -> bool:
+    """A regular file, or a link to one: hashing a FIFO would block, a device or socket is no image."""
+    return stat.S_ISREG(os.stat(path).st_mode)
+
+
+def _problem(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return first_line(exc, limit=80)
+
+
+def _threaded(function: Callable[[str], Any], items: Sequence[str]) -> Iterator[Any]:
+    """``map(function, items)`` in order, in up to :data:`SCAN_WORKERS` threads (PIL's decoders and hashlib
+    release the GIL)."""
+    if not items:
+        return
+    with ThreadPoolExecutor(min(SCAN_WORKERS, len(items))) as pool:
+        for start in range(0, len(items), SCAN_CHUNK):
+            yield from pool.map(function, items[start:start + SCAN_CHUNK])
 
 
 def unreadable_images(paths: list[str]) -> list[str]:
-    """The files among ``paths`` that PIL cannot read."""
-    return [path for path in paths if not _readable(path)]
+    """The files among ``paths`` that cannot be decoded in full."""
+    return [path for path, problem in zip(paths, _threaded(decode_problem, paths)) if problem]
 
 
 def bad_images_message(bad: list[str]) -> str:
-    """One line naming every unreadable image."""
+    """One line naming every unreadable image (each given as ``path (why)`` or a path)."""
     return f"{len(bad)} unreadable image(s): {', '.join(bad)}"
+
+
+def _listing(paths: list[Path], limit: int = 5) -> str:
+    shown = ", ".join(map(str, paths[:limit]))
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def _files_digest(paths: list[str], root: Path, hashes: list[str]) -> str:

@@ -1,8 +1,13 @@
-"""``tv:NAME`` tasks: torchvision datasets under ``--data-root`` (never downloaded unless asked)."""
+"""``tv:NAME`` tasks: torchvision datasets under ``--data-root`` (never downloaded unless asked).
+
+Train's ``classes`` (else ``"0".."max"`` of its integer labels) are the task's classes; a split whose own
+class list differs is matched to them by name, and a class train lacks is refused. Rows labelled -1 are
+left out with a warning, as in ``hf:`` tasks."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -11,12 +16,20 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InCAError, first_line
-from .base import Split, Task, make_splits, tree_digest
+from .base import Split, Task, indices_by_name, make_splits, tree_digest
 from .registry import TaskLoadConfig, register_task_source
 
 # Candidate values of a ``split=`` argument for each of our splits, in order of preference.
 SPLIT_ARGUMENTS = {"train": ("train", "trainval", "balanced"), "val": ("val", "valid"), "test": ("test",)}
 LABEL_ATTRIBUTES = ("targets", "_labels", "labels", "y")
+_logger = logging.getLogger(__name__)
+# torchvision classes that are building blocks, not datasets a spec can mean: what to use instead.
+NOT_DATASETS = {
+    "ImageFolder": "a loader for a folder of images; use folder:PATH",
+    "DatasetFolder": "a loader for a folder of files; use folder:PATH for images",
+    "FakeData": "random images with random labels, for testing code",
+    "VisionDataset": "the base class of torchvision's datasets",
+}
 
 
 @dataclass
@@ -37,12 +50,16 @@ def torchvision_class(spec: str, name: str, data_root: str | None) -> type:
     """The torchvision dataset class ``tv:NAME`` names (case-insensitive); it needs a ``--data-root``."""
     import torchvision.datasets as tvd
 
+    lookup = {n.lower(): n for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
+    found = lookup.get(name.lower())
+    if found in NOT_DATASETS:
+        raise InCAError(f"task {spec}: torchvision's {found} is not a dataset ({NOT_DATASETS[found]}); name one "
+                        "such as tv:CIFAR10, tv:DTD, tv:Flowers102")
+    if found is None:
+        raise InCAError(f"task {spec}: torchvision has no dataset {name!r} (e.g. tv:CIFAR10, tv:DTD, tv:Flowers102)")
     if not data_root:
         raise InCAError(f"task {spec} needs --data-root DIR (where torchvision keeps the dataset files)")
-    lookup = {n.lower(): n for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
-    if name.lower() not in lookup:
-        raise InCAError(f"task {spec}: torchvision has no dataset {name!r} (e.g. tv:CIFAR10, tv:DTD, tv:Flowers102)")
-    return getattr(tvd, lookup[name.lower()])
+    return getattr(tvd, found)
 
 
 def load_torchvision_task(
@@ -64,14 +81,16 @@ def load_torchvision_task(
             raise InCAError(f"task {spec}: found no train split under {data_root}; check the dataset files")
     else:
         datasets = {"train": _construct(spec, cls, data_root, download)}
-    classes = _classes(datasets["train"])
-    available = {
-        split: Split(TorchvisionSource(dataset, f"{spec}[{split}]"), np.arange(len(dataset)), _targets(dataset))
-        for split, dataset in datasets.items()
-    }
-    if not classes:
-        count = int(max(s.labels.max() for s in available.values())) + 1
-        classes = [str(i) for i in range(count)]
+    targets = {split: _targets(dataset) for split, dataset in datasets.items()}
+    classes = _class_names(datasets["train"], targets["train"])
+    available: dict[str, Split] = {}
+    for split, dataset in datasets.items():
+        labels = _by_name(spec, split, _class_names(dataset, targets[split]), targets[split], classes)
+        labelled = np.flatnonzero(labels >= 0)
+        if len(labelled) < len(labels):
+            _logger.warning("%s: %d of %d rows of the %s split have no label (-1) and are left out", spec,
+                            len(labels) - len(labelled), len(labels), split)
+        available[split] = Split(TorchvisionSource(dataset, f"{spec}[{split}]"), labelled, labels[labelled])
     identity = {"dataset": cls.__name__, "root": os.path.abspath(data_root),
                 "sizes": {split: len(d) for split, d in datasets.items()}, "files": tree_digest(data_root)}
     return Task(spec, classes, make_splits(available, seed=seed), identity)
@@ -113,9 +132,23 @@ def _targets(dataset: Any) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
-def _classes(dataset: Any) -> list[str]:
+def _class_names(dataset: Any, targets: np.ndarray) -> list[str]:
+    """The dataset's class names, else ``"0".."max"`` for its integer labels."""
     classes = getattr(dataset, "classes", None)
-    return [str(c) for c in classes] if classes is not None else []
+    if classes is not None:
+        return [str(c) for c in classes]
+    return [str(i) for i in range(int(targets.max(initial=-1)) + 1)]
+
+
+def _by_name(spec: str, split: str, names: list[str], targets: np.ndarray, classes: list[str]) -> np.ndarray:
+    """A split's labels as indices into train's class list, matched by name when its own list differs; -1
+    (no label) stays -1."""
+    if names == classes:
+        return targets
+    beyond = targets[targets >= len(names)]
+    if len(beyond):
+        raise InCAError(f"task {spec}: {split} label {int(beyond[0])} is out of range for its {len(names)} classes")
+    return indices_by_name(spec, split, [names[t] if t >= 0 else None for t in targets], classes)
 
 
 def _check(spec: str, name: str, settings: TaskLoadConfig) -> None:
