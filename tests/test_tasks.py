@@ -670,3 +670,15 @@ def test_torchvision_splits_are_mapped_by_class_name(tmp_path, monkeypatch, capl
     with pytest.raises(InCAError, match="the 'test' split has class 'eel' that train does not have") as info:
         load_task("tv:ToyPets", data_root=str(tmp_path / "eel"))
     assert "\n" not in str(info.value)
+
+
+def test_images_turned_by_exif_are_part_of_a_folder_task_identity(tmp_path):
+    """A photo read upright by its EXIF orientation yields other activations than its stored pixels: a store
+    built by a reader that ignored the tag must not be reused, so the task records how many images turn."""
+    _class_tree(tmp_path / "plain")
+    assert "turned_by_exif" not in load_task(f"folder:{tmp_path / 'plain'}").identity
+    _class_tree(tmp_path / "photos")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    Image.open(tmp_path / "photos" / "a" / "1.png").save(tmp_path / "photos" / "a" / "1.png", exif=exif)
+    assert load_task(f"folder:{tmp_path / 'photos'}").identity["turned_by_exif"] == 1
