@@ -181,7 +181,10 @@ def cache_parser() -> argparse.ArgumentParser:
                         help="all | -1 | 0,5,11 | last:K (default: all)")
     parser.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
     parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
-    parser.add_argument("--dtype", default="float16", choices=opt.CACHE_DTYPES, help="element type of the store")
+    parser.add_argument("--dtype", default="float16", choices=opt.CACHE_DTYPES,
+                        help="element type of the store: float16 and bfloat16 take 2 bytes a value, int8 0.54x "
+                             "float16's bytes (per-token scales over channel groups, each token's largest values "
+                             "kept in float16)")
     parser.add_argument("--commit-seconds", type=opt.non_negative_float, default=10.0,
                         help="how often written rows are made durable for resume (default 10)")
     parser.add_argument("--verify", metavar="DIR", help="re-check a finished store instead of building")
@@ -196,8 +199,9 @@ def _cache(args: argparse.Namespace) -> int:
 
     if args.verify:
         summary = verify_cache(args.verify)
+        scheme = f" ({summary['scheme']})" if summary["scheme"] else ""
         print(f"ok: {summary['path']}: {summary['backbone']} on {summary['task']}, layers {summary['layers']}, "
-              f"rows {summary['rows']}, {summary['files']} files match their checksums")
+              f"{summary['dtype']}{scheme}, rows {summary['rows']}, {summary['files']} files match their checksums")
         return 0
     if not args.backbone:
         raise InCAError("--backbone is required to build a store (or pass --verify DIR)")
@@ -208,7 +212,7 @@ def _cache(args: argparse.Namespace) -> int:
         task = _load_task(args, spec)
         cache = build_cache(backbone, task, layers, args.cache_dir, args.batch_size, args.dtype,
                             args.num_workers, args.commit_seconds, rebuild=args.rebuild)
-        print(f"{task.spec}: {cache.path} (layers {cache.layers}, rows {task.sizes()})")
+        print(f"{task.spec}: {cache.path} ({cache.dtype}, layers {cache.layers}, rows {task.sizes()})")
     return 0
 
 
@@ -462,10 +466,9 @@ def probe_parser() -> argparse.ArgumentParser:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .config import config_from_args
+    from .config import as_list, config_from_args
     from .probe import REPORT_JSON, run_probe_suite, summary_lines
     from .probes import PROBES, ProbeOptions, ProbeRunConfig
-    from .recipe import as_list
 
     run = config_from_args(ProbeRunConfig, args, pools=[str(p) for p in as_list(args.pool)])
     settings = {probe.key(key): value for probe in PROBES.values()

@@ -24,7 +24,7 @@ import yaml
 
 from .errors import InCAError
 
-__all__ = ["Config", "add_config_flags", "config_from_args", "hparam", "type_name"]
+__all__ = ["Config", "add_config_flags", "as_list", "config_from_args", "hparam", "type_name"]
 
 Check = Callable[[Any], Any]
 
@@ -174,13 +174,16 @@ def _coerce(value: Any, tp: Any, where: str, default: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _flag_values(text: Any) -> list[Any]:
-    """A flag's text (or a recipe's value) as YAML-typed values: ``1e-3,3e-4`` -> [0.001, 0.0003]."""
-    if isinstance(text, (list, tuple)):
-        return [v for item in text for v in _flag_values(item)]
-    if isinstance(text, str):
-        return [yaml.safe_load(part) for part in text.split(",") if part.strip()]
-    return [text]
+def as_list(value: Any) -> list[Any]:
+    """A flag's text, a recipe's value or a list of them as YAML-typed values: ``1e-3,3e-4`` -> [0.001, 0.0003],
+    ``[1e-3, "3e-4,1e-4"]`` -> three values, a scalar -> [scalar], None -> []."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in as_list(item)]
+    if isinstance(value, str):
+        return [yaml.safe_load(part) for part in value.split(",") if part.strip()]
+    return [value]
 
 
 def _flag_type(config: type[Config], key: str, where: str) -> Callable[[Any], Any]:
@@ -193,7 +196,7 @@ def _flag_type(config: type[Config], key: str, where: str) -> Callable[[Any], An
     check = config._inherited(key, "check")
 
     def parse(text: Any) -> Any:
-        values = [text.strip()] if verbatim and isinstance(text, str) else _flag_values(text)  # "0,5,11" stays
+        values = [text.strip()] if verbatim and isinstance(text, str) else as_list(text)  # "0,5,11" stays
         if not many and len(values) != 1:
             raise argparse.ArgumentTypeError(f"expected one {type_name(tp)}, got {text!r}")
         if not values:

@@ -30,9 +30,9 @@ import torch
 
 from inca.backbone import create_backbone
 from inca.compare import smoothed_loss
+from inca.config import as_list
 from inca.devices import resolve_device
 from inca.methods import HEAD_INITS, RunConfig, get_method, train_e2e
-from inca.recipe import as_list
 from inca.tasks import load_task
 
 
