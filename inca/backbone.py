@@ -30,7 +30,7 @@ from torch import nn
 
 from .devices import autocast
 from .errors import InCAError, first_line
-from .io import digest
+from .io import FINGERPRINT_LENGTH, digest
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def state_dict_hash(model: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
 
 
 def _check_token_model(model: nn.Module, name: str) -> None:
