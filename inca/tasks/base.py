@@ -16,6 +16,8 @@ from ..errors import InCAError, first_line
 from ..io import FINGERPRINT_LENGTH, canonical_json
 
 SPLITS = ("train", "val", "test")
+# The shares carved out as test and val when a dataset lacks those splits: inca's own choice, a common hold-out.
+# Test is a fifth of the rows, then val a tenth of what is left (72/8/20 of the whole), each stratified by class.
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.2
 
