@@ -15,10 +15,11 @@ and the table in ``inca/cache.py``) quantises each token on its own:
   symmetrically to int8 with one float16 scale (absmax / 127) per group, as per-group scales do for weights
   (GPTQ and AWQ use groups of 128; 64 halves the reach of an outlier the top-K missed).
 
-A token is one packed row of ``W = D + 2 D/G + 4 K`` bytes: ``[int8 values | float16 scales | int16 outlier
-channels | float16 outlier values]``, 0.536x a float16 row for any ViT width (``D + D/32 + D/24`` bytes against
-``2 D``). Dequantising is one conversion, one broadcast multiply and one scatter of K values per token: the
-adapters do it inside the standardisation every batch already goes through.
+A token is one packed row of ``W = D + 2 D/G + 4 K`` bytes: ``[int8 values | float16 scales | float16 outlier
+values | int16 outlier channels]``, 0.536x a float16 row for any ViT width (``D + D/32 + D/24`` bytes against
+``2 D``). Dequantising is one conversion, one broadcast multiply and one scatter of K values per token (the small
+parts after the values are copied out together): the adapters do it inside the standardisation every batch already
+goes through.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["INT8_SCHEME", "Int8Layout", "QuantizedTokens", "quantize"]
 
 # What a store's manifest records about its 8-bit rows (a store of any other scheme is refused, never misread).
 INT8_SCHEME = {"name": "token-groups+outliers", "max_group": 64, "channels_per_outlier": 96, "scale": "float16",
-               "row": "int8 values | float16 group scales | int16 outlier channels | float16 outlier values"}
+               "row": "int8 values | float16 group scales | float16 outlier values | int16 outlier channels"}
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,6 @@ class Int8Layout:
         """Bytes of one packed token row."""
         return self.dim + 2 * self.groups + 4 * self.outliers
 
-    def parts(self) -> tuple[slice, slice, slice, slice]:
-        """The byte ranges of the values, the group scales, the outlier channels and the outlier values."""
-        d, s, k = self.dim, 2 * self.groups, 2 * self.outliers
-        return slice(0, d), slice(d, d + s), slice(d + s, d + s + k), slice(d + s + k, d + s + 2 * k)
-
 
 def quantize(tokens: Tensor) -> QuantizedTokens:
     """``[..., D]`` float tokens -> :class:`QuantizedTokens` (on the tokens' device; deterministic for a given
@@ -84,8 +80,8 @@ def quantize(tokens: Tensor) -> QuantizedTokens:
     step = scales.float().unsqueeze(-1)
     values = torch.where(step > 0, rest / step.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     values = values.round_().clamp_(-127, 127).to(torch.int8).flatten(-2)
-    raw = torch.cat([values, scales.view(torch.int8), top.to(torch.int16).view(torch.int8),
-                     outlier_values.view(torch.int8)], -1)
+    raw = torch.cat([values, scales.view(torch.int8), outlier_values.view(torch.int8),
+                     top.to(torch.int16).view(torch.int8)], -1)
     return QuantizedTokens(raw, layout)
 
 
@@ -123,12 +119,12 @@ class QuantizedTokens:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float tokens ``[..., D]`` in ``dtype``: values times their group's scale, outliers put back."""
-        values, scales, channels, outliers = (self.raw[..., part] for part in self.layout.parts())
-        out = values.to(dtype)
-        out.unflatten(-1, (self.layout.groups, self.layout.group)).mul_(
-            scales.contiguous().view(torch.float16).to(dtype).unsqueeze(-1))
-        index = channels.contiguous().view(torch.int16).long()
-        return out.scatter_(-1, index, outliers.contiguous().view(torch.float16).to(dtype))
+        d, s, k = self.layout.dim, self.layout.groups, self.layout.outliers
+        small = self.raw[..., d:].contiguous().view(torch.int16)  # [..., S + 2K]: 2-byte values, one copy
+        halves = small[..., : s + k].view(torch.float16).to(dtype)  # the group scales, then the outlier values
+        out = self.raw[..., :d].to(dtype)
+        out.unflatten(-1, (self.layout.groups, self.layout.group)).mul_(halves[..., :s].unsqueeze(-1))
+        return out.scatter_(-1, small[..., s + k :].long(), halves[..., s:])
 
     def to(self, *args: Any, **kwargs: Any) -> QuantizedTokens | Tensor:
         """To a device: still 8-bit. To a dtype: the dequantised tensor in it (then on the device asked)."""
