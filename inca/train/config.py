@@ -105,7 +105,7 @@ class InCAGridConfig(SearchConfig):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        SuccessiveHalving(self.halving_rate, self.min_epochs or None)  # refused by itself, as a flag would be
+        super().__post_init__()
         for key in self.grid_axes():
             if not getattr(self, key) and key != "heads":  # no heads: the backbone's number
                 raise InCAError(f"--{key.replace('_', '-')} needs at least one value")
