@@ -171,8 +171,9 @@ def train_bank(
     their best accuracy on ``eval_split`` so far go on training (:meth:`SuccessiveHalving.survivors`): the others'
     rows leave the trained bank's stacks and the optimizer's states, and a layer no survivor reads is no longer
     read, so later epochs cost only the survivors. Each survivor trains exactly as it would in a bank that prunes
-    nothing. At the end every adapter, pruned or not, is back in ``bank`` with the weights of its best epoch; the
-    history says how long each trained (``epochs_trained``, ``stopped_rung``) and what each rung did (``rungs``).
+    nothing (bit for bit on a CPU: see :data:`inca.adapters.inca.ATTEND_ROWS`; CUDA's kernels round by shape).
+    At the end every adapter, pruned or not, is back in ``bank`` with the weights of its best epoch; the history
+    says how long each trained (``epochs_trained``, ``stopped_rung``) and what each rung did (``rungs``).
     """
     require_positive(epochs=epochs, batch_size=batch_size, micro_batches=micro_batches)
     if halving is not None and eval_split is None:

@@ -40,7 +40,9 @@ class SearchConfig(Config):
     )  # fmt: skip
     halving_rate: int = hparam(
         3, check=opt.int_at_least(2), help="ETA of the halving search: keep the best ceil(n/ETA) adapters at each rung",
-        source=f"{HALVING}: ETA = 3, the rate their experiments use",
+        source="Hyperband (Li et al., JMLR 2018) suggests ETA = 3 or 4 and runs its experiments at 3; successive "
+               "halving as Jamieson & Talwalkar (AISTATS 2016) state it is ETA = 2; ASHA (Li et al., MLSys 2020) "
+               "prunes the same way, asynchronously",
     )  # fmt: skip
     min_epochs: int = hparam(
         0, check=opt.non_negative_int,
