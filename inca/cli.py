@@ -68,13 +68,23 @@ def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
         print(f"{parser.prog}: interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(exc, MemoryError) and "out of memory" not in str(exc).lower():
+        if not _is_out_of_memory(exc):
             raise
         batch = getattr(args, "batch_size", None)
         advice = f"lower --batch-size (now {batch})" if batch else "use a smaller model or fewer adapters"
         print(f"{parser.prog}: error: out of memory ({first_line(exc, 80)}): {advice}; finished work is kept and "
               "a rerun resumes it", file=sys.stderr)
         return 2
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: ``MemoryError``, ``torch.OutOfMemoryError``, or the ``RuntimeError`` torch's CPU
+    allocator raises ("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in ("out of memory", "not enough memory", "can't allocate memory",
+                                             "defaultcpuallocator"))
 
 
 def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +103,7 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--download", action="store_true", help="allow torchvision to download tv: datasets")
     group.add_argument("--skip-bad-images", action="store_true",
                        help="drop unreadable image files of folder: tasks (counted in the results) instead of stopping")
-    group.add_argument("--split-seed", type=opt.non_negative_int, default=0,
+    group.add_argument("--split-seed", type=opt.seed, default=0,
                        help="seed of the val/test carving (default 0)")
     group.add_argument("--num-workers", type=opt.non_negative_int, default=None,
                        help="image decoding workers (default: auto)")
@@ -199,7 +209,7 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=opt.positive_int, default=10, help="epochs for every method (default 10)")
     parser.add_argument("--batch-size", type=opt.positive_int, default=32,
                         help="batch size for every method (default 32)")
-    parser.add_argument("--seed", type=opt.non_negative_int, default=0,
+    parser.add_argument("--seed", type=opt.seed, default=0,
                         help="seed of heads, adapters and batch order (default 0)")
     exporters = ", ".join(name for name, method in METHODS.items() if method.export is not None)
     parser.add_argument("--export-peft", action="store_true",
@@ -244,6 +254,9 @@ def _suite(args: argparse.Namespace):
     """The task specs and the loaded backbone of a multi-task command (flags or recipe)."""
     if not args.backbone:
         raise InCAError("--backbone is required (on the command line or as backbone: in the --recipe)")
+    from .io import check_directory
+
+    check_directory(args.out, "--out")  # before anything loads
     return _task_specs(args), _backbone(args)
 
 
@@ -296,13 +309,13 @@ def train_parser() -> argparse.ArgumentParser:
                       help="attention heads (default: the backbone's)")
     grid.add_argument("--mlp-ratio", nargs="+", type=opt.grid(opt.non_negative_float), default=["0"],
                       help="adapter MLP ratio, 0 = none (default 0)")
-    grid.add_argument("--adapter-seeds", nargs="+", type=opt.grid(opt.non_negative_int), default=["0"],
+    grid.add_argument("--adapter-seeds", nargs="+", type=opt.grid(opt.seed), default=["0"],
                       help="adapter init seeds (default 0)")
     run = parser.add_argument_group("training")
     run.add_argument("--epochs", type=opt.positive_int, default=10)
     run.add_argument("--batch-size", type=opt.positive_int, default=64)
     run.add_argument("--warmup-ratio", type=opt.ratio, default=0.1)
-    run.add_argument("--seed", type=opt.non_negative_int, default=0, help="seed of the batch order (default 0)")
+    run.add_argument("--seed", type=opt.seed, default=0, help="seed of the batch order (default 0)")
     run.add_argument("--cache", default="auto", choices=["auto", "always", "never", "reuse"],
                      help="auto: reuse or build a store when it pays off, else stream live activations; "
                           "reuse: read a store only if one exists")
@@ -441,7 +454,7 @@ def probe_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inca-epochs", type=opt.positive_int, default=5, help="epochs of the InCA probe (default 5)")
     parser.add_argument("--inca-lr", type=opt.positive_float, default=3e-3, help="learning rate of the InCA probe")
     parser.add_argument("--batch-size", type=opt.positive_int, default=32)
-    parser.add_argument("--seed", type=opt.non_negative_int, default=0)
+    parser.add_argument("--seed", type=opt.seed, default=0)
     parser.add_argument("--memory-budget-gb", type=opt.non_negative_float, default=8.0,
                         help="keep streamed tokens in memory up to this size so later InCA epochs skip the backbone")
     parser.add_argument("--cache-dir", help="read a matching activation store from here when one exists")

@@ -26,6 +26,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "ratio",
+    "seed",
 ]
 
 Checker = Callable[[Any], Any]
@@ -78,6 +79,10 @@ finite_float = _checker(_number, "a finite number")
 positive_float = _checker(_number, "a finite number > 0", lambda x: x > 0)
 non_negative_float = _checker(_number, "a finite number >= 0", lambda x: x >= 0)
 ratio = _checker(_number, "a ratio in [0, 1)", lambda x: 0 <= x < 1)  # e.g. a warm-up ratio
+# Seeds reach numpy, torch and scikit-learn; the narrowest of them (numpy's legacy seeding behind scikit-learn's
+# random_state) takes 0..2**32 - 1, so every seed flag does.
+SEED_MAX = 2**32 - 1
+seed = _checker(_integer, f"an integer >= 0 and <= {SEED_MAX} (a seed)", lambda n: 0 <= n <= SEED_MAX)
 
 
 def grid(element: Checker) -> Checker:
