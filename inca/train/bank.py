@@ -28,7 +28,7 @@ from inca.activations import ActivationSource
 from inca.adapters.inca import InCABank
 from inca.devices import autocast
 from inca.distributed import current
-from inca.errors import InCAError
+from inca.errors import InCAError, first_line
 from inca.io import atomic_write
 from inca.progress import progress as progress_bar
 from inca.train.optim import BatchedAdamW, cosine_schedule
@@ -132,6 +132,7 @@ def train_bank(
     min_lr_ratio: float = 0.0,
     eval_split: str | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_identity: Mapping[str, object] | None = None,
     progress: bool = True,
 ) -> BankHistory:
     """Train every adapter of ``bank`` on the ``train`` split: one forward, one backward (the sum of the
@@ -145,6 +146,8 @@ def train_bank(
     end-to-end methods; on live activations that costs one pass over the split per epoch. With
     ``checkpoint_path`` the bank, optimizer state, best-epoch weights and history are saved atomically after
     each epoch, and a run finding its checkpoint resumes from it (same result as an uninterrupted run).
+    ``checkpoint_identity`` is what else that checkpoint must have been made with (the backbone's and the data's
+    fingerprints, the run's options): the checkpoint of any other run, or a damaged one, is discarded.
     """
     if epochs < 1 or batch_size < 1:
         raise InCAError(f"epochs ({epochs}) and batch_size ({batch_size}) must be positive")
@@ -171,12 +174,14 @@ def train_bank(
         "min_lr_ratio": min_lr_ratio,
         "eval_split": eval_split,
         "restores_best_epoch": eval_split is not None,  # checkpoints hold best-epoch weights since then
+        "identity": dict(checkpoint_identity or {}),
     }
     config = json.loads(json.dumps(config))
     history, start = BankHistory(), 0
     best = _BestEpochs(bank) if eval_split is not None else None
-    if checkpoint_path is not None and _resumable(Path(checkpoint_path), config):
-        start, history, saved_best = _load_checkpoint(Path(checkpoint_path), bank, optimizer, config)
+    resumed = _resume(Path(checkpoint_path), bank, optimizer, config) if checkpoint_path is not None else None
+    if resumed is not None:
+        start, history, saved_best = resumed
         if best is not None:
             best.state = {name: saved_best[name].to(device) for name in best.state}
             for epoch, accuracy in enumerate(history.val_accuracy):
@@ -355,27 +360,55 @@ def _check_finite(features: Mapping[int, Tensor], epoch: int) -> None:
         )
 
 
+def _resume(
+    path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict
+) -> tuple[int, BankHistory, dict[str, Tensor]] | None:
+    """The checkpoint at ``path`` loaded into ``bank`` and ``optimizer`` when it is one of this very run; else None,
+    ``bank`` and ``optimizer`` untouched. A checkpoint is inca's own cache: one of another run is discarded (logged),
+    and so is a damaged one (garbage, truncated, tensors of other shapes), with a warning, not an error."""
+    try:
+        if not _resumable(path, config):
+            return None
+        return _load_checkpoint(path, bank, optimizer, config)
+    except Exception as exc:  # whatever a damaged file makes safetensors, json or the checks below raise
+        logger.warning("%s is damaged (%s): starting this run from scratch", path, first_line(exc))
+        return None
+
+
 def _resumable(path: Path, config: dict) -> bool:
     """Whether ``path`` holds a checkpoint of this very run. One of another run (say, of a run whose adapters all
-    diverged, rerun with other learning rates) is stale: it is replaced, not allowed to block the new run."""
+    diverged, rerun with other learning rates, or one made from other backbone weights or data) is stale: it is
+    replaced, not allowed to block the new run, nor resumed by it."""
     if not path.is_file():
         return False
     with safe_open(path, framework="pt") as f:
         saved = (f.metadata() or {}).get("config")
     if saved is not None and json.loads(saved) == config:
         return True
-    logger.warning("%s is a checkpoint of another configuration: starting this run from scratch", path)
+    logger.info("%s is a checkpoint of another configuration: starting this run from scratch", path)
     return False
 
 
 def _load_checkpoint(
     path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict
 ) -> tuple[int, BankHistory, dict[str, Tensor]]:
-    """Load the bank and optimizer state; the epochs done, the history and the best-epoch weights."""
+    """Load the bank and optimizer state; the epochs done, the history and the best-epoch weights. Everything is
+    checked before anything is loaded (a ``ValueError`` names what does not fit)."""
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    bank.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")})
-    optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+    epoch, history = int(metadata["epoch"]), BankHistory(**json.loads(metadata["history"]))
+    if not 0 < epoch <= config["epochs"] or len(history.train_loss) != epoch:
+        raise ValueError(f"it records epoch {epoch} of {config['epochs']} and {len(history.train_loss)} of history")
+    state = {k[5:]: v for k, v in tensors.items() if k.startswith("bank.")}
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-    return int(metadata["epoch"]), BankHistory(**json.loads(metadata["history"])), best
+    params = dict(bank.named_parameters()) if config["eval_split"] is not None else {}
+    if not _same_shapes(state, bank.state_dict()) or not _same_shapes(best, params):
+        raise ValueError("its tensors do not fit this bank")
+    optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})  # checks first
+    bank.load_state_dict(state)
+    return epoch, history, best
+
+
+def _same_shapes(saved: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> bool:
+    return saved.keys() == expected.keys() and all(saved[k].shape == expected[k].shape for k in expected)

@@ -25,6 +25,7 @@ from ..adapters.saved import TaskAdapter, save_adapter
 from ..backbone import Backbone
 from ..distributed import current
 from ..errors import InCAError
+from ..io import refuse_symlink
 from ..tasks import Task
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 
@@ -84,6 +85,18 @@ class InCAOptions:
         ]
 
 
+# Options that say where activations come from or how fast, not what is trained: they may change between a run
+# and its resumption, and a finished result is reused whatever they were.
+SOURCE_OPTIONS = ("cache", "cache_dir", "num_workers", "verify_cache")
+
+
+def run_identity(backbone: Backbone, task: Task, layers: list[int], options: InCAOptions) -> dict[str, Any]:
+    """What a task's bank training depends on beyond the bank itself: the backbone's weights, the task's data,
+    the layers and every training option. Only a checkpoint made with all of it the same is resumed."""
+    kept = {k: v for k, v in asdict(options).items() if k not in SOURCE_OPTIONS}
+    return {"backbone": backbone.fingerprint, "task": task.fingerprint, "layers": list(layers), "options": kept}
+
+
 def train_inca_task(
     backbone: Backbone,
     task: Task,
@@ -105,14 +118,17 @@ def train_inca_task(
         dtype=options.cache_dtype, max_gb=options.cache_max_gb, num_workers=options.num_workers,
         train_transform=backbone.train_transform if options.augment else None, verify=options.verify_cache,
     )
+    require_memory_for_bank(specs, backbone.width, task.num_classes, device)
     bank = InCABank(specs, backbone.width, task.num_classes)
     _logger.info("%s: training %d adapters together on layers %s", task.spec, len(specs), layers)
+    refuse_symlink(out_dir, "the task's output directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT_FILE
     cached = isinstance(source, CachedSource)
     history = train_bank(
         bank, source, epochs=options.epochs, batch_size=options.batch_size, device=device, seed=options.seed,
         warmup_ratio=options.warmup_ratio, eval_split="val", checkpoint_path=checkpoint,
+        checkpoint_identity=run_identity(backbone, task, layers, options),
     )
     best, val_acc = select_best(bank, source, "val")
     test_acc = evaluate_bank(bank, source, "test")
@@ -155,6 +171,28 @@ def train_inca_task(
         "loss_curve": [epoch[best] for epoch in history.train_loss],
         "seconds": time.perf_counter() - start,
     }
+
+
+# Bytes training keeps per bank parameter: fp32 weights, gradient, AdamW's two moments and the best epoch's copy.
+TRAINING_BYTES_PER_PARAMETER = 5 * 4
+
+
+def require_memory_for_bank(specs: list[AdapterSpec], width: int, num_classes: int, device: torch.device) -> None:
+    """Refuse in one line, before allocating anything, a grid whose bank cannot fit in ``device``'s memory at all
+    (say ``--queries 1000000000``): its parameters are counted on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in InCABank(specs, width, num_classes).parameters())
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > total:
+        raise InCAError(
+            f"the bank of {len(specs)} adapter(s) has {parameters:,} parameters, {needed / 2**30:,.1f} GiB to train, "
+            f"more than the {total / 2**30:,.1f} GiB of memory {device} has: lower --queries, --mlp-ratio or the "
+            "grid's size"
+        )
 
 
 def _ensemble(
