@@ -33,10 +33,10 @@ from .activations import CachedSource, LiveSource, RecordingSource, open_source
 from .adapters.inca import AdapterSpec, InCABank
 from .backbone import Backbone, resolve_layers
 from .cache import store_bytes
-from .errors import InCAError
+from .errors import InCAError, first_line
 from .io import atomic_write_text, read_json
 from .report import markdown_table, plot_heatmap, plot_lines
-from .suite import Unit, run_suite
+from .suite import Unit, finished_on_same_data, run_suite
 from .tasks import SPLITS, Task
 from .train.bank import evaluate_bank, train_bank
 
@@ -113,7 +113,7 @@ def probe_task(
 ) -> dict[str, Any]:
     """Every requested probe on every layer of ``task``; returns per probe/pool/layer val and test accuracy."""
     start = time.perf_counter()
-    pools = [p for p in options.pools if p != "cls" or backbone.token_layout["cls_token"]]
+    pools = usable_pools(backbone, options)
     if len(pools) < len(options.pools):
         _logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
     source = open_source(backbone, task, layers, epochs=options.inca_epochs, cache="reuse",
@@ -147,6 +147,16 @@ def probe_task(
         "ranking": rank_layers(results["inca"]) if "inca" in results else _mean_ranking(results),
         "seconds": time.perf_counter() - start,
     }
+
+
+def usable_pools(backbone: Backbone, options: ProbeOptions) -> list[str]:
+    """The requested pools the backbone has tokens for (without a class token there is no cls pool); refused in
+    one line when the pooled probes asked for would be left with none."""
+    pools = [p for p in options.pools if p != "cls" or backbone.token_layout["cls_token"]]
+    if not pools and any(probe != "inca" for probe in options.probes):
+        raise InCAError(f"{backbone.name} has no class token, so the linear and kNN probes cannot pool it: use "
+                        "--pool mean (or --probes inca alone)")
+    return pools
 
 
 def rank_layers(by_layer: dict[int, dict[str, float]]) -> list[int]:
@@ -221,14 +231,17 @@ def run_probe_suite(
     """Probe each task; the reports are rewritten atomically after each task, and a rerun with the same
     configuration skips the finished ones (another configuration needs ``overwrite``)."""
     layers = resolve_layers(layers_spec, backbone.num_blocks)
+    usable_pools(backbone, options)  # before any data loads
+    tasks = {spec: load_task(spec) for spec in task_specs}  # fingerprinted: a finished task is skipped only as is
 
-    def probe(spec: str) -> dict[str, Any]:
-        return probe_task(backbone, load_task(spec), layers, options)
+    def probe(task: Task) -> dict[str, Any]:
+        return {**probe_task(backbone, task, layers, options), "fingerprint": task.fingerprint}
 
     fresh = {"backbone": backbone.describe(), "config": probe_config(backbone, layers, options),
              "probes": options.probes, "tasks": {}}
-    units = (Unit(spec, spec, functools.partial(probe, spec)) for spec in task_specs)
-    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite)
+    units = (Unit(spec, spec, functools.partial(probe, task)) for spec, task in tasks.items())
+    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite,
+                     finished=finished_on_same_data(tasks, "probed"))
 
 
 def write_reports(out: Path, report: dict[str, Any]) -> None:
@@ -299,19 +312,45 @@ def layers_from_report(spec: str, num_blocks: int, report: str | None) -> Callab
         raise InCAError(f"--layers {spec!r}: K must be at least 1")
     if not report:
         raise InCAError(f"--layers {spec} needs --probe-report OUT/probe.json (written by inca-probe)")
-    if not Path(report).is_file():
-        raise InCAError(f"probe report {report} does not exist; run inca-probe first")
-    tasks = read_json(report).get("tasks", {})
+    tasks = _read_rankings(report)
 
     def best_layers(task: Task) -> list[int]:
         if task.spec not in tasks:
             raise InCAError(f"probe report {report} has no task {task.spec!r} (it has {', '.join(tasks) or 'none'})")
-        ranking = [int(layer) for layer in tasks[task.spec]["ranking"]]
+        ranking = tasks[task.spec]
         chosen = resolve_layers(ranking[:count], num_blocks)
         _logger.info("%s: training on the %d best probed layers %s", task.spec, len(chosen), chosen)
         return chosen
 
     return best_layers
+
+
+def _read_rankings(report: str) -> dict[str, list[int]]:
+    """Each task's layer ranking (best first) in the ``inca-probe`` report ``report``; a file that is not one
+    (missing, not JSON, not a report, a task without its ranking) is refused in one line."""
+    if not Path(report).is_file():
+        raise InCAError(f"probe report {report} does not exist; run inca-probe first")
+    try:
+        content = read_json(report)
+    except (OSError, ValueError) as exc:
+        raise InCAError(f"probe report {report} is not readable JSON ({first_line(exc)}): pass the {REPORT_JSON} "
+                        "that inca-probe wrote") from None
+    tasks = content.get("tasks") if isinstance(content, dict) else None
+    if not isinstance(tasks, dict):
+        raise InCAError(f"probe report {report} is not an inca-probe report (no tasks in it): pass the {REPORT_JSON} "
+                        "that inca-probe wrote")
+    rankings = {}
+    for spec, result in tasks.items():
+        ranking = result.get("ranking") if isinstance(result, dict) else None
+        if not isinstance(ranking, list) or not ranking or not all(_is_int(layer) for layer in ranking):
+            raise InCAError(f"probe report {report}: task {spec!r} has no valid layer ranking; probe it again with "
+                            "inca-probe")
+        rankings[spec] = ranking
+    return rankings
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # Probes on pooled features: name -> fit(features, labels, layers, pool, num_classes, options), one score dict

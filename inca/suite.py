@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,12 +26,13 @@ from .errors import InCAError, first_line
 from .io import atomic_write_json, atomic_write_text, digest, directory_lock, read_json, remove_stale_temps
 from .report import markdown_table
 from .tasks import Task
-from .train.runner import InCAOptions, train_inca_task
+from .train.runner import SOURCE_OPTIONS, InCAOptions, train_inca_task
 
 __all__ = [
     "RESULTS_JSON",
     "RESULTS_MD",
     "Unit",
+    "finished_on_same_data",
     "open_report",
     "render_results",
     "run_suite",
@@ -119,20 +121,24 @@ def run_suite(
     out = Path(out)
     path = out / report_file
     world = launched()
+    if world.is_distributed:
+        units = list(units)
+        _require_same_suite(world, fresh, units)
     lock = directory_lock(out, "the output directory") if world.is_main else contextlib.nullcontext()
     with lock:
         report: Report | None = None
+        target = path  # where the reports go while units run (see _open_target)
 
         def save(content: Report | None = None) -> None:
             """Write ``content`` (the report by default) and render the rest of the reports from it."""
             content = report if content is None else content
-            atomic_write_json(path, content)
-            write_reports(out, content)
+            atomic_write_json(target, content)
+            write_reports(target.parent, content)
 
         if world.is_main:
             if removed := remove_stale_temps(out):
                 _logger.info("removed %d temporary files an interrupted run left in %s", removed, out)
-            report = open_report(path, fresh, overwrite=overwrite)
+            report, target = _open_target(path, fresh, overwrite)
             if (out / UNITS_DIR).is_dir():
                 _merge_unit_results(out, report, store, save)
 
@@ -144,6 +150,7 @@ def run_suite(
                 store(report, unit.key, _trained_by(unit.run(), world, data_parallel=False))
                 save()
             save()
+            _complete_replacement(path, target, report, write_reports)
             return report
         report = world.broadcast(report)
         units = list(units)
@@ -175,8 +182,69 @@ def run_suite(
                 if lost:
                     raise InCAError(f"no result reached {out / UNITS_DIR} for {', '.join(lost)} (is --out on a file "
                                     "system every rank shares?); rerun the same command to finish them")
+        if world.is_main:
+            _complete_replacement(path, target, report, write_reports)
         world.barrier()
     return report
+
+
+REPLACING_DIR = ".inca-replacing"
+
+
+def _open_target(path: Path, fresh: Report, overwrite: bool) -> tuple[Report, Path]:
+    """The report to extend (see :func:`open_report`) and the file to write it to while units run.
+
+    A run that replaces another configuration's report (``overwrite``) writes its reports to
+    ``OUT/.inca-replacing/`` and moves them over the previous ones only once every unit has finished: what a user
+    expects of ``--overwrite`` is a good result replaced by a complete one, never by a fragment, so the previous
+    report stays as it is through a run that fails or is interrupted. A rerun of that configuration resumes the
+    replacement from there."""
+    pending = path.parent / REPLACING_DIR / path.name
+    if pending.is_file():
+        try:
+            saved = read_json(pending)
+        except (OSError, ValueError):
+            saved = None
+        if _mismatch(pending, saved, fresh) is None:
+            _logger.info("resuming the replacement of %s: the new results stay in %s until every unit has finished",
+                         path, pending.parent)
+            return saved, pending
+    report = open_report(path, fresh, overwrite=overwrite)
+    if report is not fresh or not path.exists():
+        return report, path
+    if pending.parent.is_dir():
+        shutil.rmtree(pending.parent)  # an abandoned replacement by yet another configuration
+    _logger.info("%s keeps the previous results until every unit has finished; until then the new ones are in %s",
+                 path, pending.parent)
+    return report, pending
+
+
+def _complete_replacement(
+    path: Path, target: Path, report: Report, write_reports: Callable[[Path, Report], object]
+) -> None:
+    """Once every unit has finished, the reports of a replacing run (see :func:`_open_target`) take the place of
+    the previous ones."""
+    if target == path:
+        return
+    atomic_write_json(path, report)
+    write_reports(path.parent, report)
+    shutil.rmtree(target.parent)
+    _logger.info("%s now holds the new results; the previous ones are replaced", path)
+
+
+def _require_same_suite(world: World, fresh: Report, units: list[Unit]) -> None:
+    """Under ``torchrun`` every rank must run the same suite: ranks started with other flags (say, another --lr)
+    would otherwise train under settings the report does not record. Each rank's configuration and unit keys are
+    compared with rank 0's before any work starts, and every rank refuses in one line if one differs."""
+    mine = {"config": json.loads(json.dumps(fresh["config"])), "units": [unit.key for unit in units]}
+    everyone = world.gather(mine)
+    reference = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        if theirs != reference:
+            old, new = reference["config"], theirs["config"]
+            differ = sorted(k for k in {*old, *new} if old.get(k) != new.get(k)) or ["the tasks"]
+            raise InCAError(f"rank {rank} was started with another configuration than rank 0 (differs in "
+                            f"{', '.join(differ)}): start every rank with the same command")
 
 
 UNITS_DIR = ".inca-units"
@@ -197,8 +265,19 @@ def _unit_results(out: Path, config: Any) -> tuple[list[Path], dict[str, Any]]:
         except (OSError, ValueError):
             saved = None  # a result its rank never finished writing cannot exist (atomic writes): skip junk
         if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(config)):
-            found[saved["key"]] = saved["result"]
+            if _written_by_a_rank(file, saved):
+                found[saved["key"]] = saved["result"]
+            else:
+                _logger.warning("%s is not a unit result a rank wrote (no key naming the file, or no result): "
+                                "skipped", file)
     return files, found
+
+
+def _written_by_a_rank(file: Path, saved: dict[str, Any]) -> bool:
+    """Whether ``saved`` has what a rank writes to ``file``: its unit's key, whose digest names the file, and the
+    unit's result (a dict, as every suite's units return)."""
+    key = saved.get("key")
+    return isinstance(key, str) and file.name == f"{digest(key)}.json" and isinstance(saved.get("result"), dict)
 
 
 def _merge_unit_results(
@@ -247,8 +326,7 @@ def _trained_by(result: Any, world: World, *, data_parallel: bool) -> Any:
 
 def train_config(backbone: Backbone, layers_spec: str, options: InCAOptions) -> dict[str, Any]:
     """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
-    keep = {k: v for k, v in asdict(options).items()
-            if k not in ("cache", "cache_dir", "num_workers", "verify_cache")}
+    keep = {k: v for k, v in asdict(options).items() if k not in SOURCE_OPTIONS}
     return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **keep}
 
 
@@ -273,17 +351,24 @@ def run_train_suite(
                      result["val_acc"], result["test_acc"], result["seconds"])
         return {**result, "fingerprint": task.fingerprint, "skipped_images": task.identity.get("skipped_images", 0)}
 
-    def finished(report: Report, spec: str) -> bool:
-        """A task counts as done only if its data is the same as when it was trained."""
-        done = report["tasks"].get(spec)
-        if done is not None and done.get("fingerprint") != tasks[spec].fingerprint:
-            _logger.warning("%s: its data changed since it was trained; training it again", spec)
-            return False
-        return done is not None
-
     fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
     units = (Unit(spec, spec, functools.partial(train, task)) for spec, task in tasks.items())
-    return run_suite(out, RESULTS_JSON, fresh, units, _write_markdown, overwrite=overwrite, finished=finished)
+    return run_suite(out, RESULTS_JSON, fresh, units, _write_markdown, overwrite=overwrite,
+                     finished=finished_on_same_data(tasks, "trained"))
+
+
+def finished_on_same_data(tasks: dict[str, Task], done: str) -> Callable[[Report, str], bool]:
+    """A suite's ``finished`` test for results by task spec: a task counts as finished only if its data is the
+    same as when it was ``done`` (its result records the task's fingerprint), else it runs again."""
+
+    def finished(report: Report, spec: str) -> bool:
+        result = report["tasks"].get(spec)
+        if result is not None and result.get("fingerprint") != tasks[spec].fingerprint:
+            _logger.warning("%s: its data changed since it was %s; running it again", spec, done)
+            return False
+        return result is not None
+
+    return finished
 
 
 def task_directory(task: Task) -> str:
