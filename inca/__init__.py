@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "create_backbone": "inca.backbone",
     "Task": "inca.tasks",
     "load_task": "inca.tasks",
+    "register_task_source": "inca.tasks",
     "build_cache": "inca.cache",
     "open_cache": "inca.cache",
     # where activations come from
@@ -42,11 +43,13 @@ _EXPORTS: dict[str, str] = {
     # images -> logits
     "InCAClassifier": "inca.inference",
     "MultiTaskInCA": "inca.inference",
+    "export_onnx": "inca.export",
     # comparison methods on timm blocks
     "apply_compacter": "inca.adapters.compacter",
     "apply_lora": "inca.adapters.lora",
-    "export_peft": "inca.adapters.lora",
+    "export_peft": "inca.adapters.peft_export",
     "init_lora_ga": "inca.adapters.lora_ga",
+    "load_peft_export": "inca.adapters.peft_export",
     "merge_lora": "inca.adapters.lora",
     "MethodConfig": "inca.methods",
     "register_method": "inca.methods",

@@ -1,8 +1,11 @@
-"""Where adapters and probes read activations from: memory, a finished on-disk store, or the live backbone.
+"""Where every trainer reads its labelled data from: one :class:`DataSource` protocol for all of them.
 
-Every source yields the same batches for the same index arrays (trainers pass sorted indices), so a bank
-trained from a cache and one trained live (rounded to the cache dtype) see identical data. :func:`open_source`
-is the one place that decides between a store and the live backbone.
+The end-to-end methods read images (:class:`ImageBatches`) or model inputs held in memory
+(:class:`TensorBatches`); adapters and probes read a backbone's activations, ``{layer: tokens}``
+(:class:`ActivationSource`): from memory, a finished on-disk store, or the live backbone. Every source yields
+the same batches for the same index arrays (trainers pass sorted indices), so a bank trained from a cache and
+one trained live (rounded to the cache dtype) see identical data. :func:`open_source` is the one place that
+decides between a store and the live backbone.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,40 +25,108 @@ from .backbone import Backbone
 from .cache import ActivationCache, build_cache, find_cache, open_cache, store_bytes, verify_cache
 from .distributed import current
 from .errors import InCAError
-from .io import cache_root
+from .io import DEFAULT_MAX_STORE_GB, cache_root, existing_parent
+from .options import CACHE_MODES
 from .tasks import Task, image_loader
 
 __all__ = [
     "CACHE_MODES",
+    "EVAL_BATCH_SIZE",
     "ActivationSource",
     "CachedSource",
+    "DataSource",
+    "ImageBatches",
     "LiveSource",
     "RecordingSource",
+    "TensorBatches",
     "TensorSource",
     "open_source",
     "pool_tokens",
 ]
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-# auto: reuse a store, or build one when it pays off (several epochs, fits the budget and the disk), else live;
-# always: reuse or build; never: live; reuse: a store only if one exists, never build one (inca-probe).
-CACHE_MODES = ("auto", "always", "never", "reuse")
+# Rows per batch when a split is only read forward (evaluation, recording pooled features): inca's own choice.
+# Nothing is kept for a backward pass, so such a batch needs a fraction of a training batch's memory per row;
+# 256 rows amortise the per-batch overhead while a ViT-B's tokens of one layer stay near 150 MB in float32.
+EVAL_BATCH_SIZE = 256
+
+# The largest share of the free disk a store that ``cache="auto"`` builds unasked may take: inca's own choice,
+# leaving the other half to the runs' outputs and to everything else on that disk.
+MAX_FREE_DISK_SHARE = 0.5
 
 
-class ActivationSource(Protocol):
-    """Where a bank's activations come from (an activation cache, a live backbone, memory)."""
+class DataSource(Protocol):
+    """Labelled rows of a task's splits, served for arrays of row indices: what every trainer reads.
 
-    layers: list[int]
+    A batch's inputs are what the model being trained takes: one tensor ``[B, ...]`` (images, or other model
+    inputs such as pooled features), or a backbone's activations ``{layer: tokens [B, T, D]}``
+    (an :class:`ActivationSource`)."""
 
     def num_rows(self, split: str) -> int: ...
 
-    def labels(self, split: str) -> np.ndarray: ...
+    def labels(self, split: str) -> np.ndarray:
+        """The ``[N]`` int64 labels of ``split``, in row order."""
+        ...
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[Any, Tensor]]:
+        """Yield ``(inputs, labels [B] int64)`` CPU tensors for each index array of ``batches``, in order."""
+        ...
+
+
+class ActivationSource(DataSource, Protocol):
+    """A source of a backbone's activations (an activation store, the live backbone, memory): what InCA
+    banks and the probes read."""
+
+    layers: list[int]
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[dict[int, Tensor], Tensor]]:
         """Yield ``(features {layer: [B, T, D] float16/float32 CPU tensor}, labels [B] int64)`` for each
         index array in ``batches``, in order. Index arrays arrive sorted ascending."""
         ...
+
+
+class ImageBatches:
+    """A task's images through the backbone's eval preprocessing; with ``augment`` the train split goes
+    through timm's training augmentation instead (:attr:`~inca.backbone.Backbone.train_transform`), drawn
+    from torch's and Python's global RNGs (seed them for reproducibility)."""
+
+    def __init__(self, task: Task, backbone: Backbone, num_workers: int | None = None, augment: bool = False) -> None:
+        self.task = task
+        self.transform = backbone.transform
+        self.train_transform = backbone.train_transform if augment else self.transform
+        self.num_workers = num_workers
+        self.pin_memory = backbone.device.type == "cuda"
+
+    def num_rows(self, split: str) -> int:
+        return len(self.task.splits[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.task.splits[split].labels
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        transform = self.train_transform if split == "train" else self.transform
+        return image_loader(self.task.splits[split], transform, batches, self.num_workers, self.pin_memory)
+
+
+class TensorBatches:
+    """Model inputs held in memory per split, ``inputs[split]`` ``[N, ...]`` with ``labels[split]`` ``[N]``
+    (e.g. pooled backbone features for a linear probe)."""
+
+    def __init__(self, inputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> None:
+        self.inputs = dict(inputs)
+        self._labels = dict(labels)
+
+    def num_rows(self, split: str) -> int:
+        return len(self._labels[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._labels[split].numpy()
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in batches:
+            index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            yield self.inputs[split][index], self._labels[split][index]
 
 
 class TensorSource:
@@ -130,8 +200,8 @@ class CachedSource:
                 yield pending.result()
 
 
-class LiveSource:
-    """Activations computed on the fly: one backbone pass per batch feeds every layer.
+class LiveSource(ImageBatches):
+    """Activations computed on the fly: the task's images, one backbone pass per batch feeding every layer.
 
     ``round_to`` rounds activations to a storage dtype (e.g. float16) so that results match a cache.
     ``train_transform`` (e.g. :attr:`~inca.backbone.Backbone.train_transform`) preprocesses the train split
@@ -149,25 +219,16 @@ class LiveSource:
         round_to: torch.dtype | None = None,
         train_transform: Callable | None = None,
     ) -> None:
+        super().__init__(task, backbone, num_workers)
+        if train_transform is not None:
+            self.train_transform = train_transform
         self.backbone = backbone
-        self.task = task
         self.layers = sorted(layers)
-        self.num_workers = num_workers
         self.round_to = round_to
-        self.train_transform = train_transform
         self.forward_calls = 0
 
-    def num_rows(self, split: str) -> int:
-        return len(self.task.splits[split])
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.task.splits[split].labels
-
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
-        pin = self.backbone.device.type == "cuda"
-        transform = self.train_transform if split == "train" and self.train_transform else self.backbone.transform
-        loader = image_loader(self.task.splits[split], transform, batches, self.num_workers, pin)
-        for images, labels in loader:
+        for images, labels in super().loader(split, batches):
             features = self.backbone.extract(images, self.layers)
             self.forward_calls += 1
             if self.round_to is not None:
@@ -246,7 +307,7 @@ class RecordingSource:
         The recorded array itself, shared by every caller: read it, never modify it in place."""
         if not self._complete(split):
             missing = np.flatnonzero(~self._seen[split]) if split in self._seen else np.arange(self.num_rows(split))
-            batches = [missing[i : i + 256] for i in range(0, len(missing), 256)]
+            batches = [missing[i : i + EVAL_BATCH_SIZE] for i in range(0, len(missing), EVAL_BATCH_SIZE)]
             for _ in self.loader(split, batches):
                 pass
         return self._pooled[split][(layer, pool)]
@@ -261,7 +322,7 @@ def open_source(
     cache: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     dtype: str = "float16",
-    max_gb: float = 64.0,
+    max_gb: float = DEFAULT_MAX_STORE_GB,
     num_workers: int | None = None,
     train_transform: Callable | None = None,
     verify: bool = False,
@@ -273,8 +334,8 @@ def open_source(
     if cache not in CACHE_MODES:
         raise InCAError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
     if train_transform is not None:
-        _logger.info("%s: streaming live activations (augmented training images: a store holds one fixed view)",
-                     task.spec)
+        logger.info("%s: streaming live activations (augmented training images: a store holds one fixed view)",
+                    task.spec)
         return LiveSource(backbone, task, layers, num_workers, train_transform=train_transform)
     if cache == "never":
         return LiveSource(backbone, task, layers, num_workers)
@@ -284,10 +345,10 @@ def open_source(
         if world.is_main else None
     )
     if reason:
-        _logger.info("%s: streaming live activations (%s)", task.spec, reason)
+        logger.info("%s: streaming live activations (%s)", task.spec, reason)
         return LiveSource(backbone, task, layers, num_workers)
     if found is not None:
-        _logger.info("%s: reading activations from %s", task.spec, found)
+        logger.info("%s: reading activations from %s", task.spec, found)
         return CachedSource(open_cache(found, backbone, task, layers), layers)
     return CachedSource(build_cache(backbone, task, layers, cache_dir, dtype=dtype, num_workers=num_workers), layers)
 
@@ -302,7 +363,7 @@ def _why_not_read_or_build(
     if found is not None:
         if verify:
             verify_cache(found.path)
-            _logger.info("%s: every file of %s matches its checksum", task.spec, found.path)
+            logger.info("%s: every file of %s matches its checksum", task.spec, found.path)
         return None, str(found.path)
     if cache == "reuse":
         return "no activation store holds these layers, and this command builds none", None
@@ -317,9 +378,7 @@ def _why_not_build(size: int, epochs: int, max_gb: float, cache_dir: str | os.Pa
         return "one epoch: a store would be read only once"
     if size > max_gb * 1e9:
         return f"a store would take {size / 1e9:.1f} GB > --cache-max-gb {max_gb:g}"
-    root = cache_root(cache_dir)
-    existing = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free
-    if size > 0.5 * free:
+    free = shutil.disk_usage(existing_parent(cache_root(cache_dir))).free
+    if size > MAX_FREE_DISK_SHARE * free:
         return f"a store would take {size / 1e9:.1f} GB of {free / 1e9:.1f} GB free disk"
     return None

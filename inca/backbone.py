@@ -29,14 +29,17 @@ from timm.layers import to_2tuple
 from torch import nn
 
 from .devices import autocast
-from .devices import resolve_device as resolve_device  # re-exported for tools/bench_*.py
 from .errors import InCAError, first_line
 from .io import digest
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 RANDOM_INIT_SEED = 0
+# How long reaching the hub may take before a missing download is reported as unreachable: inca's own choice, a
+# reachable host accepts a TCP connection well within it, and an offline machine hears so in seconds rather than
+# after huggingface_hub's minute of retries.
+HUB_CONNECT_SECONDS = 5
 
 
 def parse_model_kwargs(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
@@ -269,7 +272,7 @@ def create_backbone(
         weights_hash=state_dict_hash(model),
         final_norm=final_norm,
     )
-    _logger.info(
+    logger.info(
         "backbone %s (%s weights): %d blocks, width %d, %d tokens, input %s",
         name, weights, backbone.num_blocks, backbone.width, backbone.num_tokens, data_config["input_size"],
     )
@@ -369,7 +372,7 @@ def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
                         + HUB_HINT.format(name=name))
     host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, 443), timeout=HUB_CONNECT_SECONDS).close()
     except OSError as exc:
         raise InCAError(f"pretrained weights for {name!r} are not in the local cache and {host} cannot be reached "
                         f"({first_line(exc)}): " + HUB_HINT.format(name=name)) from None

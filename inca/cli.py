@@ -20,25 +20,55 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, [], False, argparse.SUPPRESS):
+        nothing = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if "default" in text or nothing:  # (not `in (..., False)`: a default of 0 equals False)
             return text
         return f"{text} (default: %(default)s)"
 
 
+class _TableHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """:class:`_HelpFormatter` that keeps the description's and epilog's line breaks (a table of methods)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage + error, shows defaults in
-    ``--help``; every command takes ``-v``."""
+    ``--help``; every command takes ``-v``. ``options`` maps each option's dest to its action (a recipe's keys
+    are checked against them), recorded as options are added to the parser or any of its groups."""
 
     def __init__(self, **kwargs) -> None:
+        self.options: dict[str, argparse.Action] = {}
         super().__init__(formatter_class=_HelpFormatter, **kwargs)
         self.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         self.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress")
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.options[action.dest] = action
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_and_record(*names, **options) -> argparse.Action:
+            action = add(*names, **options)
+            self.options[action.dest] = action
+            return action
+
+        group.add_argument = add_and_record
+        return group
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+def _run(main: Callable[[argparse.Namespace], int], make_parser: Callable[[], _Parser],
+         argv: Sequence[str] | None) -> int:
+    try:  # a parser lists the registered extensions: an installed plugin that fails to load is one line
+        parser = make_parser()
+    except InCAError as exc:
+        print(f"inca-{main.__name__.strip('_')}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
@@ -98,15 +128,25 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags: the loading settings every task source shares (dests named as TaskLoadConfig's fields),
+    the decoding workers, and each source's own settings (``--{source}-{setting}``)."""
+    from .tasks import TaskLoadConfig, add_task_source_flags
+
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", help="root directory for tv:NAME datasets")
-    group.add_argument("--download", action="store_true", help="allow torchvision to download tv: datasets")
-    group.add_argument("--skip-bad-images", action="store_true",
-                       help="drop unreadable image files of folder: tasks (counted in the results) instead of stopping")
-    group.add_argument("--split-seed", type=opt.seed, default=0,
-                       help="seed of the val/test carving (default 0)")
+    group.add_argument("--data-root", help=TaskLoadConfig.field_help("data_root"))
+    group.add_argument("--download", action="store_true", help=TaskLoadConfig.field_help("download"))
+    group.add_argument("--skip-bad-images", action="store_true", help=TaskLoadConfig.field_help("skip_bad_images"))
+    group.add_argument("--split-seed", type=opt.seed, default=TaskLoadConfig.default("split_seed"),
+                       help=f"{TaskLoadConfig.field_help('split_seed')} (default %(default)s)")
     group.add_argument("--num-workers", type=opt.non_negative_int, default=None,
                        help="image decoding workers (default: auto)")
+    add_task_source_flags(group)
+
+
+def _tasks_help() -> str:
+    from .tasks import task_sources_help
+
+    return f"task spec(s), comma-separated: {task_sources_help()}".replace("%", "%%")
 
 
 def _suite_parser(prog: str, description: str, out: str, out_help: str) -> argparse.ArgumentParser:
@@ -114,8 +154,7 @@ def _suite_parser(prog: str, description: str, out: str, out_help: str) -> argpa
     parser = _Parser(prog=prog, description=description)
     _add_backbone_args(parser)
     _add_task_args(parser)
-    parser.add_argument("--tasks", "--task", dest="tasks", type=opt.names,
-                        help=f"task spec(s), comma-separated: {opt.TASK_SPEC_FORMS}")
+    parser.add_argument("--tasks", "--task", dest="tasks", type=opt.names, help=_tasks_help())
     parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--recipe", help="YAML file of these options (keys as the flags); flags override it")
     parser.add_argument("--overwrite", action="store_true",
@@ -138,23 +177,21 @@ def _add_final_norm(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_task(args: argparse.Namespace, spec: str):
-    from .tasks import load_task
+    from .tasks import load_task, task_settings
 
-    return load_task(spec, data_root=args.data_root, download=args.download, seed=args.split_seed,
-                     skip_bad_images=args.skip_bad_images)
+    return load_task(spec, settings=task_settings(args, spec))
 
 
 def cache_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="inca-cache", description="Build, resume or verify an on-disk activation store.")
     _add_backbone_args(parser)
     _add_task_args(parser)
-    parser.add_argument("--task", "--tasks", dest="tasks", type=opt.names,
-                        help=f"task spec(s), comma-separated: {opt.TASK_SPEC_FORMS}")
+    parser.add_argument("--task", "--tasks", dest="tasks", type=opt.names, help=_tasks_help())
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K (default: all)")
     parser.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=64)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
+    parser.add_argument("--dtype", default="float16", choices=opt.CACHE_DTYPES, help="element type of the store")
     parser.add_argument("--commit-seconds", type=opt.non_negative_float, default=10.0,
                         help="how often written rows are made durable for resume (default 10)")
     parser.add_argument("--verify", metavar="DIR", help="re-check a finished store instead of building")
@@ -186,7 +223,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def cache_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_cache, cache_parser(), argv)
+    return _run(_cache, cache_parser, argv)
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -200,7 +237,7 @@ def compare_parser() -> argparse.ArgumentParser:
                       "writes compare.json/.md and two plots.", 78),
         out="compare", out_help="output directory; a rerun skips finished pairs",
     )
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the method table's layout
+    parser.formatter_class = _TableHelpFormatter  # keep the method table's layout
     parser.epilog = methods_help(78)
     parser.add_argument("--methods", type=opt.names, help=f"comma-separated, default all: {','.join(METHODS)}")
     parser.add_argument("--method-args", nargs="*", action="extend", default=[], metavar="METHOD.KEY=VALUE",
@@ -230,12 +267,12 @@ def compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+def _with_recipe(parser: _Parser, argv: Sequence[str] | None,
                  args: argparse.Namespace) -> argparse.Namespace:
     """Recipe values become the parser's defaults, so flags given on the command line override them."""
     from .recipe import load_recipe
 
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "recipe")}
+    actions = {dest: action for dest, action in parser.options.items() if dest not in ("help", "recipe")}
     recipe = load_recipe(args.recipe, set(actions))
     for key, value in recipe.items():
         if key in ("model_kwargs", "method_args") and isinstance(value, dict):
@@ -262,31 +299,31 @@ def _suite(args: argparse.Namespace):
 
 def _task_specs(args: argparse.Namespace) -> list[str]:
     """The task specs of ``--tasks``, each checked before anything is loaded."""
-    from .tasks import check_task_spec, parse_task_list
+    from .tasks import check_task_spec, parse_task_list, task_settings
 
     specs = parse_task_list(args.tasks or [])
     for spec in specs:
-        check_task_spec(spec, args.data_root)
+        check_task_spec(spec, task_settings(args, spec))
     return specs
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import REPORT_FILE, render_markdown, run_comparison
-    from .methods import METHODS, RunSettings, resolve_methods
+    from .compare import render_markdown, run_comparison, written_files
+    from .methods import METHODS, RunConfig, resolve_methods
 
     methods = resolve_methods(args.methods or list(METHODS), args.method_args)
     specs, backbone = _suite(args)
-    settings = RunSettings(args.epochs, args.batch_size, args.seed, args.num_workers, export_peft=args.export_peft,
+    settings = RunConfig(args.epochs, args.batch_size, args.seed, args.num_workers, export_peft=args.export_peft,
                            head_init=args.head_init, augment=args.augment, lr_grid=args.lr_grid)
     summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
                              overwrite=args.overwrite)
     print(render_markdown(summary), end="")
-    print(f"\nwritten to {args.out}/ ({REPORT_FILE}, compare.json, compare_accuracy_vs_params.png, compare_loss.png)")
+    print(f"\nwritten to {args.out}/ ({', '.join(written_files(args.out, summary))})")
     return 0
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_compare, compare_parser(), argv)
+    return _run(_compare, compare_parser, argv)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -298,69 +335,34 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K | best:K with --probe-report (default: all)")
     parser.add_argument("--probe-report", help="probe.json written by inca-probe, for --layers best:K")
+    from .config import add_config_flags
+    from .train.config import InCATrainConfig
+
+    axes = InCATrainConfig.grid_axes()
     grid = parser.add_argument_group("adapter grid (comma-separated or repeated values; the cross product is trained)")
-    grid.add_argument("--lr", nargs="+", type=opt.grid(opt.positive_float), default=["1e-3"],
-                      help="learning rates (default 1e-3)")
-    grid.add_argument("--weight-decay", nargs="+", type=opt.grid(opt.non_negative_float), default=["1e-4"],
-                      help="weight decays (default 1e-4)")
-    grid.add_argument("--queries", nargs="+", type=opt.grid(opt.positive_int), default=["1"],
-                      help="learned queries per adapter (default 1)")
-    grid.add_argument("--heads", nargs="+", type=opt.grid(opt.positive_int), default=[],
-                      help="attention heads (default: the backbone's)")
-    grid.add_argument("--mlp-ratio", nargs="+", type=opt.grid(opt.non_negative_float), default=["0"],
-                      help="adapter MLP ratio, 0 = none (default 0)")
-    grid.add_argument("--adapter-seeds", nargs="+", type=opt.grid(opt.seed), default=["0"],
-                      help="adapter init seeds (default 0)")
-    run = parser.add_argument_group("training")
-    run.add_argument("--epochs", type=opt.positive_int, default=10)
-    run.add_argument("--batch-size", type=opt.positive_int, default=64)
-    run.add_argument("--warmup-ratio", type=opt.ratio, default=0.1)
-    run.add_argument("--seed", type=opt.seed, default=0, help="seed of the batch order (default 0)")
-    run.add_argument("--cache", default="auto", choices=["auto", "always", "never", "reuse"],
-                     help="auto: reuse or build a store when it pays off, else stream live activations; "
-                          "reuse: read a store only if one exists")
-    run.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
-    run.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16"])
-    run.add_argument("--cache-max-gb", type=opt.non_negative_float, default=64.0,
-                     help="largest store --cache auto builds")
-    run.add_argument("--verify-cache", action="store_true",
-                     help="re-hash every file of an existing activation store (inca-cache --verify) before training")
-    run.add_argument("--ensemble", type=opt.positive_int, default=1, metavar="K",
-                     help="also report and save (OUT/<task>-<hash>/ensemble) the average of the top-K adapters by val "
-                          "(default 1: the best adapter only)")
-    run.add_argument("--augment", action="store_true",
-                     help="timm's training augmentation on the train split (streams live activations, never a store)")
+    add_config_flags(grid, InCATrainConfig, exclude=tuple(k for k in InCATrainConfig.fields() if k not in axes))
+    add_config_flags(parser.add_argument_group("training"), InCATrainConfig, exclude=(*axes, "num_workers"))
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .config import config_from_args
     from .probe import layers_from_report
-    from .recipe import as_list
-    from .suite import render_results, run_train_suite
-    from .train.runner import InCAOptions
+    from .train.config import InCATrainConfig
+    from .train_suite import render_summary, run_train_suite, written_files
 
-    options = InCAOptions(
-        lr=[float(v) for v in as_list(args.lr)],
-        weight_decay=[float(v) for v in as_list(args.weight_decay)],
-        queries=[int(v) for v in as_list(args.queries)],
-        heads=[int(v) for v in as_list(args.heads)],
-        mlp_ratio=[float(v) for v in as_list(args.mlp_ratio)],
-        adapter_seeds=[int(v) for v in as_list(args.adapter_seeds)],
-        epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, seed=args.seed,
-        cache=args.cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, cache_max_gb=args.cache_max_gb,
-        num_workers=args.num_workers, ensemble=args.ensemble, verify_cache=args.verify_cache, augment=args.augment,
-    )
+    config = config_from_args(InCATrainConfig, args)  # --num-workers: the data group's flag
     specs, backbone = _suite(args)
     layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report)
-    results = run_train_suite(backbone, specs, layers_for, str(args.layers), options, args.out,
+    results = run_train_suite(backbone, specs, layers_for, str(args.layers), config, args.out,
                               load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
-    print(render_results(results).split("\n## ")[0], end="")
-    print(f"\nwritten to {args.out}/ (results.json, results.md, <task>-<fingerprint>/adapter/)")
+    print(render_summary(results), end="")
+    print(f"\nwritten to {args.out}/ ({', '.join(written_files(results))})")
     return 0
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_train, train_parser(), argv)
+    return _run(_train, train_parser, argv)
 
 
 def predict_parser() -> argparse.ArgumentParser:
@@ -372,11 +374,15 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
                         help="an adapter or ensemble directory (OUT/<task>-<hash>/adapter); repeat for more tasks")
-    parser.add_argument("--images", nargs="+", help="image files or directories")
+    todo = parser.add_mutually_exclusive_group()
+    todo.add_argument("--images", nargs="+", help="image files or directories")
+    todo.add_argument("--export-onnx", metavar="FILE",
+                      help="instead of predicting, export the adapters and their backbone as one ONNX model "
+                           "(preprocessed images in, one output per task, any batch size)")
     parser.add_argument("--weights", help="backbone weights if not the recorded ones (must be identical)")
     parser.add_argument("--device", type=opt.device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--top-k", type=opt.positive_int, default=1, help="classes reported per task (default 1)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=64)
+    parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
     parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from --output's suffix, else csv")
     parser.add_argument("--output", help="write the rows to this file (atomically) instead of stdout")
     parser.add_argument("--resign", nargs="+", metavar="DIR",
@@ -397,14 +403,22 @@ def _predict(args: argparse.Namespace) -> int:
             changed = resign_adapter(directory)
             print(f"{directory}: signed ({'; '.join(changed)})" if changed else f"{directory}: unchanged")
         return 0
-    if not args.adapter or not args.images:
-        raise InCAError("--adapter and --images are required (or --resign DIR to accept an edited adapter config)")
+    if not args.adapter or not (args.images or args.export_onnx):
+        raise InCAError("--adapter with --images (or --export-onnx FILE) is required (or --resign DIR to accept an "
+                        "edited adapter config)")
     pairs = [item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item)
              for item in args.adapter]
     named = {name: directory for name, _, directory in pairs if name}
     if named and len(named) != len(pairs):
         raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none")
     adapters = named or [directory for _, _, directory in pairs]
+    if args.export_onnx:
+        from .export import export_onnx
+
+        model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
+        export_onnx(model, args.export_onnx)
+        print(f"ONNX model of {', '.join(model.tasks)} written to {args.export_onnx}", file=sys.stderr)
+        return 0
     if args.output:
         check_output_file(args.output)
     files = expand_images(args.images)
@@ -432,46 +446,44 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_predict, predict_parser(), argv)
+    return _run(_predict, predict_parser, argv)
 
 
 def probe_parser() -> argparse.ArgumentParser:
+    from .config import add_config_flags
+    from .probes import PROBES, ProbeRunConfig
+
     parser = _suite_parser(
         "inca-probe", "Which layers hold the most useful representations for a task?",
         out="runs/probe", out_help="output directory (default runs/probe)",
     )
-    parser.add_argument("--probes", type=opt.names, default="linear,knn,inca",
-                        help="some of linear,knn,inca (default: all)")
+    parser.add_argument("--probes", type=opt.names, default=",".join(PROBES),
+                        help=f"comma-separated, some of {','.join(PROBES)} (default: all; see each probe's group)")
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K (default: all)")
-    parser.add_argument("--pool", type=opt.names, default="cls,mean",
-                        help="pooling for linear and knn: cls, mean (default both)")
-    parser.add_argument("--k", type=opt.positive_int, default=20, help="kNN neighbours (default 20)")
-    parser.add_argument("--temperature", type=opt.positive_float, default=0.07,
-                        help="kNN vote temperature (default 0.07)")
-    parser.add_argument("--linear-c", type=opt.grid(opt.positive_float), default="0.01,0.1,1,10",
-                        help="C grid of the linear probe, tuned on val")
-    parser.add_argument("--inca-epochs", type=opt.positive_int, default=5, help="epochs of the InCA probe (default 5)")
-    parser.add_argument("--inca-lr", type=opt.positive_float, default=3e-3, help="learning rate of the InCA probe")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=32)
-    parser.add_argument("--seed", type=opt.seed, default=0)
-    parser.add_argument("--memory-budget-gb", type=opt.non_negative_float, default=8.0,
-                        help="keep streamed tokens in memory up to this size so later InCA epochs skip the backbone")
-    parser.add_argument("--cache-dir", help="read a matching activation store from here when one exists")
+    pools = ProbeRunConfig.default("pools")
+    parser.add_argument("--pool", type=opt.names, default=",".join(pools),
+                        help=f"{ProbeRunConfig.field_help('pools')} (default: {','.join(pools)}) "
+                             f"[{ProbeRunConfig.field_source('pools')}]")
+    # --num-workers is the data group's; --pool above keeps its singular name.
+    add_config_flags(parser, ProbeRunConfig, where="inca-probe", exclude=("pools", "num_workers"))
+    for probe in PROBES.values():
+        group = parser.add_argument_group(f"{probe.name} probe", probe.summary)
+        add_config_flags(group, probe.config, prefix=probe.prefix, where=probe.name)
     _add_final_norm(parser)
     return parser
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probe import REPORT_JSON, ProbeOptions, run_probe_suite, summary_lines
+    from .config import config_from_args
+    from .probe import REPORT_JSON, run_probe_suite, summary_lines
+    from .probes import PROBES, ProbeOptions, ProbeRunConfig
     from .recipe import as_list
 
-    options = ProbeOptions(
-        probes=[str(p) for p in as_list(args.probes)], pools=[str(p) for p in as_list(args.pool)], k=args.k,
-        temperature=args.temperature, linear_c=[float(c) for c in as_list(args.linear_c)], inca_lr=args.inca_lr,
-        inca_epochs=args.inca_epochs, batch_size=args.batch_size, seed=args.seed,
-        memory_budget_gb=args.memory_budget_gb, cache_dir=args.cache_dir, num_workers=args.num_workers,
-    )
+    run = config_from_args(ProbeRunConfig, args, pools=[str(p) for p in as_list(args.pool)])
+    settings = {probe.key(key): value for probe in PROBES.values()
+                for key, value in config_from_args(probe.config, args, prefix=probe.prefix).to_dict().items()}
+    options = ProbeOptions(probes=[str(p) for p in as_list(args.probes)], **run.to_dict(), **settings)
     specs, backbone = _suite(args)
     report = run_probe_suite(backbone, specs, str(args.layers), options, args.out,
                              load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
@@ -482,4 +494,4 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def probe_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_probe, probe_parser(), argv)
+    return _run(_probe, probe_parser, argv)

@@ -14,20 +14,15 @@ then rewrites ``compare.json`` (atomically), ``compare.md``, ``compare_accuracy_
 pair already in ``compare.json`` with the same task data and hyper-parameters, so an interrupted comparison
 loses at most the pair that was running.
 
-Peak memory (:class:`PeakMemory`) is each method's own footprint, measured from a reset just before it:
-on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated at the start; on CPU the growth of the
-process's peak resident set (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with
-freed heap returned to the OS by ``malloc_trim`` first, so memory a previous method freed is not reused
-unseen). Methods train their own copy of the backbone, which that growth includes; a method that runs on the
-shared live backbone (``inca``) gets the backbone's weight bytes added, so both count the weights once.
-Image-decoding worker processes (file-backed tasks) are not included on CPU.
+Peak memory (:class:`inca.memory.PeakMemory`) is each method's own footprint, measured from a reset just
+before it. Methods train their own copy of the backbone, which that growth includes; a method that runs on the
+shared live backbone (``Method.shares_backbone``: ``inca``) gets the backbone's weight bytes added, so both
+count the weights once.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import json
 import logging
 import os
@@ -40,22 +35,23 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from inca.activations import ImageBatches, TensorBatches
 from inca.adapters.common import set_trainable
 from inca.backbone import Backbone
-from inca.errors import first_line
 from inca.io import atomic_write_text, digest
-from inca.methods import METHODS, RunSettings, run_method
+from inca.memory import PeakMemory, parameter_bytes
+from inca.methods import METHODS, RunConfig, run_method
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
 from inca.suite import Unit, run_suite, task_directory
 from inca.tasks import SPLITS, Task, load_task
-from inca.train.e2e import FitConfig, ImageBatches, TensorBatches, fit, trainable_copy
+from inca.train.e2e import FitConfig, fit, trainable_copy
 
 __all__ = [
-    "ACCURACY_PLOT",
-    "LOSS_PLOT",
-    "REPORT_FILE",
-    "RESULTS_FILE",
-    "PeakMemory",
+    "ACCURACY_PNG",
+    "LOSS_PNG",
+    "REPORT_JSON",
+    "REPORT_MD",
+    "RUNS_DIR",
     "protocol",
     "protocol_lines",
     "render_markdown",
@@ -63,74 +59,18 @@ __all__ = [
     "smoothed_loss",
     "steps_to_reach",
     "write_reports",
+    "written_files",
 ]
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "compare.json"
-REPORT_FILE = "compare.md"
-ACCURACY_PLOT = "compare_accuracy_vs_params.png"
-LOSS_PLOT = "compare_loss.png"
+REPORT_JSON, REPORT_MD = "compare.json", "compare.md"
+ACCURACY_PNG, LOSS_PNG = "compare_accuracy_vs_params.png", "compare_loss.png"
+RUNS_DIR = "runs"  # each (task, method)'s own files: RUNS_DIR/<task>-<fingerprint>/<method>/ (adapters, PEFT exports)
 FORMAT_VERSION = 1
-MEMORY_KINDS = {
-    "cuda": "CUDA max allocated during the method, over what was allocated at its start",
-    "cpu": "growth of peak RSS during the method (Linux VmHWM reset before it)",
-}
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-class PeakMemory:
-    """Peak memory growth of a ``with`` block on ``device`` (see the module docstring), in ``peak_bytes``.
-
-    ``peak_bytes`` is None on a CPU where the peak RSS cannot be reset (not Linux).
-    """
-
-    def __init__(self, device: str | torch.device) -> None:
-        self.device = torch.device(device)
-        self.peak_bytes: int | None = None
-        self._start: int | None = None
-
-    @property
-    def kind(self) -> str:
-        return "cuda" if self.device.type == "cuda" else "cpu"
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.kind == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: give freed heap back to the OS
-        if trim is not None:
-            trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self._start = _status_bytes("VmRSS")
-        except OSError as exc:
-            logger.warning("peak RSS cannot be reset here (%s); CPU peak memory is not measured", first_line(exc))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._start is None:
-            return
-        if self.kind == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
-        else:
-            self.peak_bytes = max(0, _status_bytes("VmHWM") - self._start)
-
-
-def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
+def _warm_up(backbone: Backbone, task: Task, settings: RunConfig) -> None:
     """One unmeasured fine-tuning step and evaluation on one batch, so one-time lazy allocations (kernel
     and primitive caches, thread pools, cuBLAS workspaces) are not charged to whichever method runs first."""
     images = ImageBatches(task, backbone, settings.num_workers)
@@ -142,11 +82,7 @@ def _warm_up(backbone: Backbone, task: Task, settings: RunSettings) -> None:
     fit(model, data, FitConfig(epochs=1, batch_size=settings.batch_size, progress=False, desc="warm-up"))
 
 
-def _parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-def protocol(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
+def protocol(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
     """How every method is trained and selected: what ``compare.json`` records and ``compare.md`` prints."""
     return {"model_selection": "best-val-epoch", **settings.protocol(), "final_norm": backbone.final_norm}
 
@@ -175,7 +111,7 @@ def protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _run_config(backbone: Backbone, settings: RunSettings) -> dict[str, Any]:
+def _run_config(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
     """What must match for results to share a comparison (tasks and methods may grow across reruns)."""
     return {
         "backbone": backbone.name,
@@ -193,7 +129,7 @@ def run_comparison(
     backbone: Backbone,
     task_specs: Sequence[str],
     methods: Mapping[str, Mapping[str, Any]],
-    settings: RunSettings,
+    settings: RunConfig,
     out_dir: str | os.PathLike,
     load: Callable[[str], Task] = load_task,
     overwrite: bool = False,
@@ -207,7 +143,7 @@ def run_comparison(
     """
     out = Path(out_dir)
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
-    backbone_bytes = _parameter_bytes(backbone.model)
+    backbone_bytes = parameter_bytes(backbone.model)
     warm = False
 
     def run_pair(task: Task, name: str, hparams: dict[str, Any], key: str) -> dict[str, Any]:
@@ -218,7 +154,7 @@ def run_comparison(
         logger.info("%s on %s: training", name, task.spec)
         with PeakMemory(backbone.device) as memory:
             start = time.perf_counter()
-            metrics = run_method(name, backbone, task, hparams, settings, out / "runs" / task_directory(task) / name)
+            result = run_method(name, backbone, task, hparams, settings, out / RUNS_DIR / task_directory(task) / name)
             seconds = time.perf_counter() - start
         peak = memory.peak_bytes
         if peak is not None and METHODS[name].shares_backbone:
@@ -226,20 +162,20 @@ def run_comparison(
         record = {
             "task": task.spec,
             "method": name,
-            "test_acc": metrics["test_acc"],
-            "val_acc": metrics["val_acc"],
-            "best_epoch": metrics.get("best_epoch"),
-            "trainable_params": metrics["trainable_params"],
-            "trainable_pct": 100.0 * metrics["trainable_params"] / backbone_params,
+            "test_acc": result.test_acc,
+            "val_acc": result.val_acc,
+            "best_epoch": result.best_epoch,
+            "trainable_params": result.trainable_params,
+            "trainable_pct": 100.0 * result.trainable_params / backbone_params,
             "seconds": seconds,
             "peak_memory_mb": None if peak is None else peak / 2**20,
-            "steps": metrics["steps"],
-            "tuned": metrics.get("tuned"),
+            "steps": result.steps,
+            "tuned": result.tuned,
             "hparams": hparams,
             "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
             "key": key,
         }
-        record.update({k: v for k, v in metrics.items() if k not in record})
+        record.update({k: v for k, v in result.to_dict().items() if k not in record})
         logger.info("%s on %s: test accuracy %.4f (val %.4f), %d trainable parameters, %.1f s", name,
                     task.spec, record["test_acc"], record["val_acc"], record["trainable_params"], seconds)
         return record
@@ -257,11 +193,11 @@ def run_comparison(
         "config": _run_config(backbone, settings),
         "backbone": backbone.describe(),
         "backbone_params": backbone_params,
-        "memory": MEMORY_KINDS[PeakMemory(backbone.device).kind],
+        "memory": PeakMemory(backbone.device).measures,
         "protocol": protocol(backbone, settings),
         "results": [],
     }
-    return run_suite(out, RESULTS_FILE, fresh, pairs(), write_reports, overwrite=overwrite, finished=_finished,
+    return run_suite(out, REPORT_JSON, fresh, pairs(), write_reports, overwrite=overwrite, finished=_finished,
                      store=_store)
 
 
@@ -296,7 +232,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         f"{config['device']}. Test accuracy is measured once, at the epoch with the best validation accuracy. "
         f"Trainable parameters include the classification head; % is of the backbone's "
         f"{summary['backbone_params']:,} parameters. Peak memory: {summary['memory']}, plus the backbone's "
-        f"weights for methods that run on the shared backbone (inca).",
+        f"weights for methods that run on the shared backbone ({_sharing_methods()}).",
     ]
     headers = ["method", "test acc", "val acc", "best epoch", "chosen", "trainable params", "% of backbone",
                "seconds", "peak memory (MB)", "steps"]
@@ -323,6 +259,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines += ["", "## Hyper-parameters", ""]
     lines += [f"- `{m}`: " + ", ".join(f"{k}={fmt(v)}" for k, v in hp.items()) for m, hp in hparams.items()]
     return "\n".join(lines) + "\n"
+
+
+def _sharing_methods() -> str:
+    """The registered methods that run on the shared live backbone (charged its weights' memory)."""
+    return ", ".join(name for name, method in METHODS.items() if method.shares_backbone)
 
 
 def smoothed_loss(curve: Sequence[float], window: int = 10) -> np.ndarray:
@@ -365,7 +306,7 @@ def write_reports(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> str
     """Write ``compare.md`` and both plots from ``summary`` (``compare.json``'s content); return the Markdown."""
     out = Path(out_dir)
     text = render_markdown(summary)
-    atomic_write_text(out / REPORT_FILE, text)
+    atomic_write_text(out / REPORT_MD, text)
     if summary["results"]:
         per_method: dict[str, list[dict[str, Any]]] = {}
         for r in summary["results"]:
@@ -376,6 +317,16 @@ def write_reports(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> str
             for m, rs in per_method.items()
         }
         title = "test accuracy vs trainable parameters" + (f" (mean over {n_tasks} tasks)" if n_tasks > 1 else "")
-        plot_scatter(out / ACCURACY_PLOT, points, "trainable parameters (log scale)", "test accuracy", title)
-        _plot_losses(out / LOSS_PLOT, summary)
+        plot_scatter(out / ACCURACY_PNG, points, "trainable parameters (log scale)", "test accuracy", title)
+        _plot_losses(out / LOSS_PNG, summary)
     return text
+
+
+def written_files(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> list[str]:
+    """What the comparison wrote under ``out_dir``, as paths relative to it (the methods' own files by pattern)."""
+    files = [REPORT_MD, REPORT_JSON]
+    if summary["results"]:
+        files += [ACCURACY_PNG, LOSS_PNG]
+    if any(path.is_dir() for path in Path(out_dir, RUNS_DIR).glob("*/*")):
+        files.append(f"{RUNS_DIR}/<task>-<fingerprint>/<method>/")
+    return files

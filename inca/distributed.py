@@ -184,13 +184,20 @@ class World:
         return f"rank {self.rank}/{self.size}"
 
 
-POLL_SECONDS = 0.05  # how often a rank waiting on the store looks again
+# How often a rank waiting on the store looks again: inca's own choice, 20 reads a second cost the store nothing
+# and add at most 50 ms to a wait.
+POLL_SECONDS = 0.05
+# How long a collective of the process group waits for the slowest rank: inca's own choice, twice torch's default
+# (30 minutes, torch.distributed.constants.default_pg_timeout). Tensor sums inside training loops wait for every
+# rank's step, which a first pass over cold image files can stretch; waits between units go through the store
+# (polled, never timed out).
+PROCESS_GROUP_TIMEOUT_MINUTES = 60.0
 SOLO = World()
 _launched = SOLO
 _current: contextvars.ContextVar[World] = contextvars.ContextVar("inca_world", default=SOLO)
 
 
-def launch(timeout_minutes: float = 60.0) -> World:
+def launch(timeout_minutes: float = PROCESS_GROUP_TIMEOUT_MINUTES) -> World:
     """Join the process group ``torchrun`` set up (once per process), or a world of one when not launched.
 
     A process group the caller initialised already is used as it is (units are then striped over the ranks

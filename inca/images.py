@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import stat
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["open_image"]
+__all__ = ["open_image", "turned_by_exif"]
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -39,3 +39,10 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return image.convert("RGB")  # a copy, which outlives the closed file
+
+
+def turned_by_exif(path: str | os.PathLike) -> bool:
+    """Whether :func:`open_image` turns this file (its EXIF orientation is set and not "as stored"): such files
+    read differently here than through loaders that ignore the tag, so a task records how many it has."""
+    with Image.open(path) as image:  # the header only
+        return image.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1)

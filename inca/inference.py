@@ -73,7 +73,8 @@ class MultiTaskInCA(_FrozenBackbone):
     :class:`~inca.adapters.saved.TaskAdapter` (one adapter or an ensemble) reads its layers from that
     pass. Adapters recorded against different backbones or weights are refused, as is a backbone whose
     width, depth or (for an :class:`~inca.backbone.Backbone`) weights differ from what they recorded.
-    ``transform`` is the backbone's eval preprocessing when it is given as a ``Backbone``.
+    ``transform`` is the backbone's eval preprocessing when it is given as a ``Backbone`` (``preprocessing``:
+    its settings, timm's data config).
     """
 
     def __init__(self, backbone: Backbone | nn.Module, adapters: Mapping[str, TaskAdapter]) -> None:
@@ -88,6 +89,7 @@ class MultiTaskInCA(_FrozenBackbone):
         self.adapters = nn.ModuleList(adapters.values())
         self.layers = sorted({layer for adapter in self.adapters for layer in adapter.reads})
         self.transform = backbone.transform if isinstance(backbone, Backbone) else None
+        self.preprocessing = backbone.preprocessing if isinstance(backbone, Backbone) else None
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         features = dict(zip(self.layers, intermediate_tokens(self.backbone, images, self.layers)))

@@ -178,6 +178,12 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+# The largest activation store ``--cache auto`` builds unasked, in GB (1e9 bytes): inca's own choice. A ViT-B/16's
+# tokens at 224 px take 0.3 MB per image and layer in float16, so 64 GB hold 4 layers of 50,000 images; a larger
+# store is built on request (``--cache always``) or streamed.
+DEFAULT_MAX_STORE_GB = 64.0
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where inca keeps stores and file-hash indexes: ``cache_dir``, else ``$INCA_CACHE``, else ``~/.cache/inca``."""
     if cache_dir:
@@ -185,9 +191,16 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("INCA_CACHE", Path.home() / ".cache" / "inca")).expanduser()
 
 
-def digest(obj: Any) -> str:
-    """16 hex digits identifying a JSON-able value (key order does not matter): fingerprints and skip keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def canonical_json(obj: Any) -> bytes:
+    """The bytes that identify a JSON-able value: keys sorted (their order does not matter), any other value
+    as its ``str``. What every digest of a value hashes."""
+    return json.dumps(obj, sort_keys=True, default=str).encode()
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """``length`` hex digits of the SHA-256 of :func:`canonical_json`: 16 for fingerprints and skip keys, all 64
+    for a manifest's checksum."""
+    return hashlib.sha256(canonical_json(obj)).hexdigest()[:length]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

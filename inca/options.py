@@ -16,8 +16,8 @@ from typing import Any
 
 __all__ = [
     "check_value",
+    "choice",
     "device",
-    "finite_float",
     "grid",
     "layer_spec",
     "names",
@@ -31,9 +31,18 @@ __all__ = [
 
 Checker = Callable[[Any], Any]
 
-# The forms of a task spec, for --help and error messages (kept light: building a parser imports no torch).
-SYNTH_KINDS = ("shapes", "count", "orientation", "colour")
-TASK_SPEC_FORMS = "digits, synth-{" + ",".join(SYNTH_KINDS) + "}, hf:NAME[:CONFIG], tv:NAME, folder:PATH"
+# Pooling of a token sequence into one feature vector, by inca's name -> timm's ``global_pool`` name.
+POOLS = {"cls": "token", "mean": "avg"}
+# The nn.Linear layers the module-selecting methods (LoRA, LoRA-GA) adapt by default: every block's attention
+# and MLP projections (here, not beside the torch code, so a method's config is read without importing torch).
+DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+
+# Where a trainer reads activations from (inca.activations.open_source). auto: reuse a store, or build one when it
+# pays off (several epochs, fits the budget and the disk), else live; always: reuse or build; never: live;
+# reuse: a store only if one exists, never build one (inca-probe).
+CACHE_MODES = ("auto", "always", "never", "reuse")
+# The element types an activation store can hold (inca.cache.DTYPES maps each to its numpy and torch types).
+CACHE_DTYPES = ("float16", "bfloat16")
 
 
 def _fail(value: Any, expected: str) -> argparse.ArgumentTypeError:
@@ -75,7 +84,6 @@ def _checker(parse: Callable[[Any, str], Any], expected: str, ok: Callable[[Any]
 
 positive_int = _checker(_integer, "a positive integer", lambda n: n >= 1)
 non_negative_int = _checker(_integer, "an integer >= 0", lambda n: n >= 0)
-finite_float = _checker(_number, "a finite number")
 positive_float = _checker(_number, "a finite number > 0", lambda x: x > 0)
 non_negative_float = _checker(_number, "a finite number >= 0", lambda x: x >= 0)
 ratio = _checker(_number, "a ratio in [0, 1)", lambda x: 0 <= x < 1)  # e.g. a warm-up ratio
@@ -83,6 +91,18 @@ ratio = _checker(_number, "a ratio in [0, 1)", lambda x: 0 <= x < 1)  # e.g. a w
 # random_state) takes 0..2**32 - 1, so every seed flag does.
 SEED_MAX = 2**32 - 1
 seed = _checker(_integer, f"an integer >= 0 and <= {SEED_MAX} (a seed)", lambda n: 0 <= n <= SEED_MAX)
+
+
+def choice(*allowed: str) -> Checker:
+    """One of the ``allowed`` names (a flag's choices, as a check a recipe's value and a config field share)."""
+
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise _fail(value, f"one of {', '.join(allowed)}")
+        return value
+
+    check.choices = allowed  # type: ignore[attr-defined]  # --help shows them as argparse's choices do
+    return check
 
 
 def grid(element: Checker) -> Checker:
@@ -130,7 +150,7 @@ def device(value: Any) -> str:
 
 def check_value(action: argparse.Action, value: Any) -> Any:
     """A recipe's ``value`` for ``action``'s flag, checked and typed as the flag's text would be."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if action.nargs == 0:  # a switch (store_true / store_false)
         if not isinstance(value, bool):
             raise _fail(value, "true or false")
         return value

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .devices import autocast
-from .errors import InCAError, first_line
+from .errors import InCAError, first_line, require_positive
 from .images import open_image
 from .inference import MultiTaskInCA
 from .io import existing_parent
@@ -58,8 +58,7 @@ def predict_images(
     """
     if model.transform is None:
         raise InCAError("predict_images needs a MultiTaskInCA built from an inca Backbone (it knows the preprocessing)")
-    if top_k < 1 or batch_size < 1:
-        raise InCAError(f"--top-k ({top_k}) and --batch-size ({batch_size}) must be positive")
+    require_positive(top_k=top_k, batch_size=batch_size)
     files = expand_images(paths)
     batches = sequential_batches(0, len(files), batch_size)
     if num_workers is None:  # a worker only pays off when it decodes one batch while the model runs another

@@ -3,12 +3,9 @@
 One backbone pass per batch feeds every layer's probes: a :class:`~inca.activations.RecordingSource` wraps
 the activation source (a matching store when one exists, else the live backbone; probing never builds a store)
 and, the first time it serves a split's rows, records what the probes need: pooled features (CLS token, mean
-of patch tokens) for the linear and kNN probes, and, within a memory budget, the tokens themselves so that
-further InCA epochs cost no backbone pass. Probes:
-
-- ``linear``: scikit-learn logistic regression on standardised pooled features, C tuned on val;
-- ``knn``: faiss cosine-similarity search, k neighbours, temperature-weighted vote;
-- ``inca``: an :class:`~inca.adapters.inca.InCABank` with one adapter per layer, trained together.
+of patch tokens) for the probes on pooled features (linear, kNN), and, within a memory budget, the tokens
+themselves so that further epochs of a probe training on tokens (InCA) cost no backbone pass. The probes are
+the registered ones (:mod:`inca.probes`); this module runs them, task after task, and writes the reports.
 """
 
 from __future__ import annotations
@@ -18,122 +15,61 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
-from joblib import Parallel, delayed
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from .activations import CachedSource, LiveSource, RecordingSource, open_source
-from .adapters.inca import AdapterSpec, InCABank
 from .backbone import Backbone, resolve_layers
 from .cache import store_bytes
 from .errors import InCAError, first_line
 from .io import atomic_write_text, read_json
+from .probes import ProbeOptions, get_probe
 from .report import markdown_table, plot_heatmap, plot_lines
 from .suite import Unit, finished_on_same_data, run_suite
 from .tasks import SPLITS, Task
-from .train.bank import evaluate_bank, train_bank
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-PROBES = ("linear", "knn", "inca")
-POOLS = ("cls", "mean")
-LINEAR_C_GRID = (0.01, 0.1, 1.0, 10.0)
 REPORT_JSON, REPORT_MD, REPORT_PNG, HEATMAP_PNG = "probe.json", "probe.md", "probe.png", "probe_heatmap.png"
-
-
-@dataclass
-class ProbeOptions:
-    probes: list[str] = field(default_factory=lambda: list(PROBES))
-    pools: list[str] = field(default_factory=lambda: list(POOLS))
-    k: int = 20
-    temperature: float = 0.07
-    linear_c: list[float] = field(default_factory=lambda: list(LINEAR_C_GRID))
-    inca_lr: float = 3e-3
-    inca_epochs: int = 5
-    batch_size: int = 32
-    seed: int = 0
-    memory_budget_gb: float = 8.0
-    cache_dir: str | None = None
-    num_workers: int | None = None
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.probes) - set(PROBES)) + sorted(set(self.pools) - set(POOLS))
-        if unknown:
-            raise InCAError(
-                f"unknown probe or pool {unknown}: probes are {', '.join(PROBES)}, pools {', '.join(POOLS)}"
-            )
-        if not self.probes:
-            raise InCAError(f"no probes given: use --probes with some of {', '.join(PROBES)}")
-        if self.k < 1 or self.temperature <= 0 or self.inca_epochs < 1 or self.batch_size < 1:
-            raise InCAError("--k, --temperature, --inca-epochs and --batch-size must be positive")
-
-
-def linear_probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray, test: np.ndarray,
-                 y_test: np.ndarray, c_grid: Sequence[float], seed: int = 0) -> dict[str, float]:
-    """Logistic regression on standardised features; C chosen on val, reported on test."""
-    scaler = StandardScaler().fit(train)
-    train, val, test = scaler.transform(train), scaler.transform(val), scaler.transform(test)
-    best: tuple[float, float, LogisticRegression] | None = None
-    for c in c_grid:
-        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(train, y_train)
-        accuracy = float((model.predict(val) == y_val).mean())
-        if best is None or accuracy > best[0]:
-            best = (accuracy, c, model)
-    accuracy, c, model = best
-    return {"val": accuracy, "test": float((model.predict(test) == y_test).mean()), "C": c}
-
-
-def knn_predict(train: np.ndarray, y_train: np.ndarray, queries: np.ndarray, num_classes: int, k: int,
-                temperature: float) -> np.ndarray:
-    """Cosine-similarity kNN with a temperature-weighted vote (weights ``exp(sim / T)``), via faiss."""
-    # Copies: normalize_L2 works in place, and the inputs are the recorded features other probes read too.
-    train = np.array(train, dtype=np.float32, order="C")
-    queries = np.array(queries, dtype=np.float32, order="C")
-    faiss.normalize_L2(train)
-    faiss.normalize_L2(queries)
-    index = faiss.IndexFlatIP(train.shape[1])
-    index.add(train)
-    k = min(k, len(train))
-    similarity, neighbours = index.search(queries, k)
-    weights = np.exp((similarity - similarity[:, :1]) / temperature)  # shifted by the row max: same argmax
-    votes = np.zeros((len(queries), num_classes))
-    np.add.at(votes, (np.repeat(np.arange(len(queries)), k), y_train[neighbours].ravel()), weights.ravel())
-    return votes.argmax(1)
 
 
 def probe_task(
     backbone: Backbone, task: Task, layers: list[int], options: ProbeOptions
 ) -> dict[str, Any]:
-    """Every requested probe on every layer of ``task``; returns per probe/pool/layer val and test accuracy."""
+    """Every chosen probe on every layer of ``task``; returns per probe/pool/layer val and test accuracy.
+
+    Probes training on tokens run first (their passes over the data also record the pooled features), then the
+    probes on pooled features, once per pooling. The layers are ranked by the token probes when any ran (they
+    train what ``inca-train`` trains), else by every probe's mean val accuracy."""
     start = time.perf_counter()
+    run = options.run
     pools = usable_pools(backbone, options)
-    if len(pools) < len(options.pools):
-        _logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
-    source = open_source(backbone, task, layers, epochs=options.inca_epochs, cache="reuse",
-                         cache_dir=options.cache_dir, num_workers=options.num_workers)
+    if len(pools) < len(run.pools):
+        logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
+    # epochs only weighs building a store, which "reuse" never does.
+    source = open_source(backbone, task, layers, epochs=1, cache="reuse", cache_dir=run.cache_dir,
+                         num_workers=run.num_workers)
     # Tokens are kept as float16, exactly the size of a float16 store of these layers.
-    keep = isinstance(source, LiveSource) and store_bytes(backbone, task, layers) <= options.memory_budget_gb * 1e9
-    pooled_probes = [p for p in options.probes if p != "inca"]
+    keep = isinstance(source, LiveSource) and store_bytes(backbone, task, layers) <= run.memory_budget_gb * 1e9
+    probes = [get_probe(name) for name in options.probes]
+    token_probes = [probe for probe in probes if probe.reads == "tokens"]
+    pooled_probes = [probe for probe in probes if probe.reads == "pooled"]
     recorded_pools = pools if pooled_probes else []
     probe_source = RecordingSource(source, recorded_pools, backbone.num_prefix_tokens, keep_tokens=keep)
     results: dict[str, dict[int, dict[str, float]]] = {}
-    if "inca" in options.probes:
-        results["inca"] = _inca_probe(backbone, task, layers, probe_source, options)
+    for probe in token_probes:
+        results[probe.name] = probe.fit(probe_source, backbone, task, layers, options.configs[probe.name], run)
     if pooled_probes:
-        features = {split: {(layer, pool): probe_source.pooled(split, layer, pool) for layer in layers
-                            for pool in pools} for split in SPLITS}
+        features = {pool: {split: {layer: probe_source.pooled(split, layer, pool) for layer in layers}
+                           for split in SPLITS} for pool in pools}
         labels = {split: task.splits[split].labels for split in SPLITS}
         for probe in pooled_probes:
             for pool in pools:
-                scores = POOLED_PROBES[probe](features, labels, layers, pool, task.num_classes, options)
-                results[f"{probe}/{pool}"] = dict(zip(layers, scores))
+                scores = probe.fit(features[pool], labels, task.num_classes, options.configs[probe.name], run)
+                results[f"{probe.name}/{pool}"] = {layer: scores[layer] for layer in layers}
+    rankers = [probe.name for probe in token_probes] or list(results)
     forward_calls = source.forward_calls if isinstance(source, LiveSource) else 0
     return {
         "task": task.spec,
@@ -144,7 +80,7 @@ def probe_task(
         "backbone_forward_calls": forward_calls,
         "results": {key: {str(layer): value for layer, value in by_layer.items()} for key, by_layer in results.items()},
         "best_layers": {key: rank_layers(by_layer) for key, by_layer in results.items()},
-        "ranking": rank_layers(results["inca"]) if "inca" in results else _mean_ranking(results),
+        "ranking": _mean_ranking({key: results[key] for key in rankers}),
         "seconds": time.perf_counter() - start,
     }
 
@@ -152,10 +88,11 @@ def probe_task(
 def usable_pools(backbone: Backbone, options: ProbeOptions) -> list[str]:
     """The requested pools the backbone has tokens for (without a class token there is no cls pool); refused in
     one line when the pooled probes asked for would be left with none."""
-    pools = [p for p in options.pools if p != "cls" or backbone.token_layout["cls_token"]]
-    if not pools and any(probe != "inca" for probe in options.probes):
-        raise InCAError(f"{backbone.name} has no class token, so the linear and kNN probes cannot pool it: use "
-                        "--pool mean (or --probes inca alone)")
+    pools = [p for p in options.run.pools if p != "cls" or backbone.token_layout["cls_token"]]
+    pooled = [name for name in options.probes if get_probe(name).reads == "pooled"]
+    if not pools and pooled:
+        raise InCAError(f"{backbone.name} has no class token, so the {', '.join(pooled)} probe(s) cannot pool it: "
+                        "use --pool mean (or --probes with token probes only, such as inca)")
     return pools
 
 
@@ -170,43 +107,6 @@ def _mean_ranking(results: dict[str, dict[int, dict[str, float]]]) -> list[int]:
     return rank_layers(mean)
 
 
-def _inca_probe(backbone: Backbone, task: Task, layers: list[int], source: RecordingSource,
-                options: ProbeOptions) -> dict[int, dict[str, float]]:
-    specs = [AdapterSpec(layer=layer, num_heads=backbone.num_heads, lr=options.inca_lr, seed=options.seed)
-             for layer in layers]
-    bank = InCABank(specs, backbone.width, task.num_classes)
-    train_bank(bank, source, epochs=options.inca_epochs, batch_size=options.batch_size, device=backbone.device,
-               seed=options.seed)
-    val = evaluate_bank(bank, source, "val", options.batch_size)
-    test = evaluate_bank(bank, source, "test", options.batch_size)
-    return {layer: {"val": float(val[i]), "test": float(test[i])} for i, layer in enumerate(layers)}
-
-
-def _fit_linear(features, labels, layers, pool, num_classes, options) -> list[dict[str, float]]:
-    jobs = (
-        delayed(linear_probe)(features["train"][(layer, pool)], labels["train"], features["val"][(layer, pool)],
-                              labels["val"], features["test"][(layer, pool)], labels["test"], options.linear_c,
-                              options.seed)
-        for layer in layers
-    )
-    # Small BLAS calls in many threads: one BLAS thread each (oversubscription made fits ~100x slower).
-    with threadpool_limits(1):
-        return Parallel(n_jobs=min(len(layers), os.cpu_count() or 1), prefer="threads")(jobs)
-
-
-def _fit_knn(features, labels, layers, pool, num_classes, options) -> list[dict[str, float]]:
-    scores = []
-    for layer in layers:
-        train = features["train"][(layer, pool)]
-        accuracy = {
-            split: float((knn_predict(train, labels["train"], features[split][(layer, pool)], num_classes,
-                                      options.k, options.temperature) == labels[split]).mean())
-            for split in ("val", "test")
-        }
-        scores.append(accuracy)
-    return scores
-
-
 # ----------------------------------------------------------------------------------------------------
 # Suites, reports, and the bridge to inca-train
 # ----------------------------------------------------------------------------------------------------
@@ -215,7 +115,7 @@ def _fit_knn(features, labels, layers, pool, num_classes, options) -> list[dict[
 def probe_config(backbone: Backbone, layers: list[int], options: ProbeOptions) -> dict[str, Any]:
     """What must match for a finished task's probes to be reused by a rerun (not where activations come from,
     nor the memory budget)."""
-    keep = {k: v for k, v in asdict(options).items() if k not in ("memory_budget_gb", "cache_dir", "num_workers")}
+    keep = {k: v for k, v in options.to_dict().items() if k not in ("memory_budget_gb", "cache_dir", "num_workers")}
     return {"backbone": backbone.fingerprint, "layers": layers, **keep}
 
 
@@ -319,7 +219,7 @@ def layers_from_report(spec: str, num_blocks: int, report: str | None) -> Callab
             raise InCAError(f"probe report {report} has no task {task.spec!r} (it has {', '.join(tasks) or 'none'})")
         ranking = tasks[task.spec]
         chosen = resolve_layers(ranking[:count], num_blocks)
-        _logger.info("%s: training on the %d best probed layers %s", task.spec, len(chosen), chosen)
+        logger.info("%s: training on the %d best probed layers %s", task.spec, len(chosen), chosen)
         return chosen
 
     return best_layers
@@ -352,7 +252,3 @@ def _read_rankings(report: str) -> dict[str, list[int]]:
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-# Probes on pooled features: name -> fit(features, labels, layers, pool, num_classes, options), one score dict
-# ({"val": accuracy, "test": accuracy, ...}) per layer. A new pooled probe is one function and one entry here.
-POOLED_PROBES: dict[str, Callable[..., list[dict[str, float]]]] = {"linear": _fit_linear, "knn": _fit_knn}

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["progress", "set_quiet"]
 
-_logger = logging.getLogger("inca.progress")
+logger = logging.getLogger(__name__)
 _quiet = False
 
 
@@ -40,7 +40,7 @@ class _LogProgress:
         if self.total and self._tenth() > self._reported:
             self._reported = self._tenth()
             extra = f", {self.postfix}" if self.postfix else ""
-            _logger.info("%s: %d%% (%d/%d %s%s)", self.desc, 10 * self._reported, self.n, self.total, self.unit, extra)
+            logger.info("%s: %d%% (%d/%d %s%s)", self.desc, 10 * self._reported, self.n, self.total, self.unit, extra)
 
     def set_postfix_str(self, text: str) -> None:
         self.postfix = text

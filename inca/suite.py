@@ -3,47 +3,34 @@
 After each unit the suite's report is rewritten atomically, so an interrupted suite loses at most the unit that
 was running, and a rerun into the same directory with the same configuration skips every finished unit. A report
 of another configuration is never silently replaced: that takes ``overwrite``. :func:`run_suite` is that loop
-for ``inca-train`` (:func:`run_train_suite`, below), ``inca-probe`` and ``inca-compare``.
+for ``inca-train`` (:mod:`inca.train_suite`), ``inca-probe`` and ``inca-compare``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backbone import Backbone
 from .distributed import SOLO, World, acting_as, launched
 from .errors import InCAError, first_line
-from .io import atomic_write_json, atomic_write_text, digest, directory_lock, read_json, remove_stale_temps
-from .report import markdown_table
+from .io import atomic_write_json, digest, directory_lock, read_json, remove_stale_temps
 from .tasks import Task
-from .train.runner import SOURCE_OPTIONS, InCAOptions, train_inca_task
 
-__all__ = [
-    "RESULTS_JSON",
-    "RESULTS_MD",
-    "Unit",
-    "finished_on_same_data",
-    "open_report",
-    "render_results",
-    "run_suite",
-    "run_train_suite",
-    "task_directory",
-    "train_config",
-]
+__all__ = ["REPLACING_DIR", "UNITS_DIR", "Report", "Unit", "finished_on_same_data", "open_report", "run_suite",
+           "task_directory"]
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+UNITS_DIR = ".inca-units"  # under a suite's output directory: results ranks left for rank 0 to merge
+REPLACING_DIR = ".inca-replacing"  # under it: the reports of an --overwrite run until every unit has finished
 
 Report = dict[str, Any]
 
@@ -73,7 +60,7 @@ def open_report(path: Path, fresh: Report, *, overwrite: bool = False) -> Report
         return saved
     if not overwrite:
         raise InCAError(f"{problem}: use another --out, or --overwrite to replace them")
-    _logger.warning("%s: replacing them (--overwrite)", problem)
+    logger.warning("%s: replacing them (--overwrite)", problem)
     return fresh
 
 
@@ -87,6 +74,20 @@ def _mismatch(path: Path, saved: Any, fresh: Report) -> str | None:
         return None
     differ = sorted(k for k in {*config, *old} if old.get(k) != config.get(k))
     return f"{path} holds results of another configuration (differs in {', '.join(differ)})"
+
+
+def finished_on_same_data(tasks: dict[str, Task], done: str) -> Callable[[Report, str], bool]:
+    """A suite's ``finished`` test for results by task spec: a task counts as finished only if its data is the
+    same as when it was ``done`` (its result records the task's fingerprint), else it runs again."""
+
+    def finished(report: Report, spec: str) -> bool:
+        result = report["tasks"].get(spec)
+        if result is not None and result.get("fingerprint") != tasks[spec].fingerprint:
+            logger.warning("%s: its data changed since it was %s; running it again", spec, done)
+            return False
+        return result is not None
+
+    return finished
 
 
 def _in_tasks(report: Report, key: str) -> bool:
@@ -119,117 +120,205 @@ def run_suite(
     and ``world_size`` that produced it.
     """
     out = Path(out)
-    path = out / report_file
     world = launched()
     if world.is_distributed:
         units = list(units)
         _require_same_suite(world, fresh, units)
-    lock = directory_lock(out, "the output directory") if world.is_main else contextlib.nullcontext()
-    with lock:
-        report: Report | None = None
-        target = path  # where the reports go while units run (see _open_target)
-
-        def save(content: Report | None = None) -> None:
-            """Write ``content`` (the report by default) and render the rest of the reports from it."""
-            content = report if content is None else content
-            atomic_write_json(target, content)
-            write_reports(target.parent, content)
-
+    suite = _SuiteRun(out, out / report_file, write_reports, finished, store, world)
+    with directory_lock(out, "the output directory") if world.is_main else contextlib.nullcontext():
         if world.is_main:
-            if removed := remove_stale_temps(out):
-                _logger.info("removed %d temporary files an interrupted run left in %s", removed, out)
-            report, target = _open_target(path, fresh, overwrite)
-            if (out / UNITS_DIR).is_dir():
-                _merge_unit_results(out, report, store, save)
-
+            suite.open(fresh, overwrite)
         if not world.is_distributed:
-            for unit in units:
-                if finished(report, unit.key):
-                    _logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, path)
-                    continue
-                store(report, unit.key, _trained_by(unit.run(), world, data_parallel=False))
-                save()
-            save()
-            _complete_replacement(path, target, report, write_reports)
-            return report
-        report = world.broadcast(report)
-        units = list(units)
-        keys = set(world.broadcast([unit.key for unit in units if not finished(report, unit.key)]))
-        pending = [unit for unit in units if unit.key in keys]  # rank 0's list: every rank claims from the same
+            suite.run_in_order(units)
+            suite.complete_replacement(out / report_file)
+            return suite.report
+        suite.report = world.broadcast(suite.report)
+        pending = suite.pending(list(units))
         if len(pending) < world.size:
-            _logger.info("%d unit(s) for %d ranks: each runs data-parallel on every rank", len(pending), world.size)
-            for unit in pending:
-                result = _trained_by(unit.run(), world, data_parallel=True)
-                if world.is_main:
-                    store(report, unit.key, result)
-                    save()
-            if world.is_main:
-                save()
+            suite.run_data_parallel(pending)
         else:
-            with acting_as(SOLO):
-                for index in world.claimed(len(pending)):
-                    unit = pending[index]
-                    _logger.info("%s: claimed (%d of %d)", unit.name, index + 1, len(pending))
-                    result = _trained_by(unit.run(), world, data_parallel=False)
-                    atomic_write_json(_unit_file(out, unit.key), {"config": report["config"], "key": unit.key,
-                                                                  "result": result})
-                    if world.is_main:  # the reports grow as units finish, not only at the end
-                        _write_interim(out, report, store, [unit.key for unit in pending], save)
-            world.barrier()
-            if world.is_main:
-                _merge_unit_results(out, report, store, save, order=[unit.key for unit in pending])
-                lost = [unit.name for unit in pending if not finished(report, unit.key)]
-                if lost:
-                    raise InCAError(f"no result reached {out / UNITS_DIR} for {', '.join(lost)} (is --out on a file "
-                                    "system every rank shares?); rerun the same command to finish them")
-        if world.is_main:
-            _complete_replacement(path, target, report, write_reports)
+            suite.share(pending)
         world.barrier()
-    return report
+        if world.is_main:
+            suite.complete_replacement(out / report_file)
+    return suite.report
 
 
-REPLACING_DIR = ".inca-replacing"
+def task_directory(task: Task) -> str:
+    """A task's output directory name in any suite: readable, and unique by construction (specs that slug alike,
+    or a task whose data changed, get different directories)."""
+    return f"{task.slug}-{task.fingerprint[:8]}"
 
 
-def _open_target(path: Path, fresh: Report, overwrite: bool) -> tuple[Report, Path]:
-    """The report to extend (see :func:`open_report`) and the file to write it to while units run.
+@dataclass(eq=False)
+class _SuiteRun:
+    """One run of a suite into ``out``: the report as it stands (rank 0's; other ranks hold a copy to decide
+    what is pending) and how results get into it and onto disk. ``path`` is where the report is written while
+    units run: ``out/report_file``, or under ``out/.inca-replacing/`` while an ``--overwrite`` run replaces
+    another configuration's report (see :meth:`open`)."""
 
-    A run that replaces another configuration's report (``overwrite``) writes its reports to
-    ``OUT/.inca-replacing/`` and moves them over the previous ones only once every unit has finished: what a user
-    expects of ``--overwrite`` is a good result replaced by a complete one, never by a fragment, so the previous
-    report stays as it is through a run that fails or is interrupted. A rerun of that configuration resumes the
-    replacement from there."""
-    pending = path.parent / REPLACING_DIR / path.name
-    if pending.is_file():
-        try:
-            saved = read_json(pending)
-        except (OSError, ValueError):
-            saved = None
-        if _mismatch(pending, saved, fresh) is None:
-            _logger.info("resuming the replacement of %s: the new results stay in %s until every unit has finished",
-                         path, pending.parent)
-            return saved, pending
-    report = open_report(path, fresh, overwrite=overwrite)
-    if report is not fresh or not path.exists():
-        return report, path
-    if pending.parent.is_dir():
-        shutil.rmtree(pending.parent)  # an abandoned replacement by yet another configuration
-    _logger.info("%s keeps the previous results until every unit has finished; until then the new ones are in %s",
-                 path, pending.parent)
-    return report, pending
+    out: Path
+    path: Path
+    write_reports: Callable[[Path, Report], object]
+    finished: Callable[[Report, str], bool]
+    store: Callable[[Report, str, Any], None]
+    world: World
+    report: Report | None = None
+
+    def save(self, content: Report | None = None) -> None:
+        """Write ``content`` (the report by default) and render the rest of the reports from it."""
+        content = self.report if content is None else content
+        atomic_write_json(self.path, content)
+        self.write_reports(self.path.parent, content)
+
+    def open(self, fresh: Report, overwrite: bool) -> None:
+        """Rank 0: the report to extend (:func:`open_report`), with the results an interrupted run's ranks left.
+
+        A run that replaces another configuration's report (``overwrite``) writes its reports to
+        ``OUT/.inca-replacing/`` and moves them over the previous ones only once every unit has finished
+        (:meth:`complete_replacement`): what a user expects of ``--overwrite`` is a good result replaced by a
+        complete one, never by a fragment, so the previous report stays as it is through a run that fails or is
+        interrupted. A rerun of that configuration resumes the replacement from there."""
+        if removed := remove_stale_temps(self.out):
+            logger.info("removed %d temporary files an interrupted run left in %s", removed, self.out)
+        self.report, self.path = self._target(fresh, overwrite)
+        if (self.out / UNITS_DIR).is_dir():
+            self.merge()
+
+    def _target(self, fresh: Report, overwrite: bool) -> tuple[Report, Path]:
+        replacing = self.out / REPLACING_DIR / self.path.name
+        if replacing.is_file():
+            try:
+                saved = read_json(replacing)
+            except (OSError, ValueError):
+                saved = None
+            if _mismatch(replacing, saved, fresh) is None:
+                logger.info("resuming the replacement of %s: the new results stay in %s until every unit has "
+                            "finished", self.path, replacing.parent)
+                return saved, replacing
+        report = open_report(self.path, fresh, overwrite=overwrite)
+        if report is not fresh or not self.path.exists():
+            return report, self.path
+        if replacing.parent.is_dir():
+            shutil.rmtree(replacing.parent)  # an abandoned replacement by yet another configuration
+        logger.info("%s keeps the previous results until every unit has finished; until then the new ones are in "
+                    "%s", self.path, replacing.parent)
+        return report, replacing
+
+    def complete_replacement(self, final: Path) -> None:
+        """Rank 0, every unit finished: the reports of a replacing run take the place of the previous ones."""
+        if self.path == final:
+            return
+        replacing, self.path = self.path, final
+        self.save()
+        shutil.rmtree(replacing.parent)
+        logger.info("%s now holds the new results; the previous ones are replaced", final)
+
+    def run_unit(self, unit: Unit, *, data_parallel: bool) -> Any:
+        return _trained_by(unit.run(), self.world, data_parallel=data_parallel)
+
+    def keep(self, unit: Unit, result: Any) -> None:
+        """Put ``result`` into the report and rewrite the reports."""
+        self.store(self.report, unit.key, result)
+        self.save()
+
+    def run_in_order(self, units: Iterable[Unit]) -> None:
+        """One process: every unfinished unit in turn, the reports rewritten after each."""
+        for unit in units:
+            if self.finished(self.report, unit.key):
+                logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, self.path)
+                continue
+            self.keep(unit, self.run_unit(unit, data_parallel=False))
+        self.save()
+
+    def pending(self, units: list[Unit]) -> list[Unit]:
+        """The units rank 0's report lacks, the same list on every rank (each claims from it)."""
+        keys = set(self.world.broadcast([unit.key for unit in units if not self.finished(self.report, unit.key)]))
+        return [unit for unit in units if unit.key in keys]
+
+    def run_data_parallel(self, pending: list[Unit]) -> None:
+        """Fewer units than ranks: every rank runs each unit on its shard of every batch; rank 0 keeps results."""
+        logger.info("%d unit(s) for %d ranks: each runs data-parallel on every rank", len(pending), self.world.size)
+        for unit in pending:
+            result = self.run_unit(unit, data_parallel=True)
+            if self.world.is_main:
+                self.keep(unit, result)
+        if self.world.is_main:
+            self.save()
+
+    def share(self, pending: list[Unit]) -> None:
+        """Work sharing: each rank claims units alone and leaves their results in files; rank 0 rewrites the
+        reports with every result that has arrived after each unit it finishes, and merges them at the end."""
+        order = [unit.key for unit in pending]
+        with acting_as(SOLO):
+            for index in self.world.claimed(len(pending)):
+                unit = pending[index]
+                logger.info("%s: claimed (%d of %d)", unit.name, index + 1, len(pending))
+                result = self.run_unit(unit, data_parallel=False)
+                atomic_write_json(self.unit_file(unit.key),
+                                  {"config": self.report["config"], "key": unit.key, "result": result})
+                if self.world.is_main:  # the reports grow as units finish, not only at the end
+                    self.write_interim(order)
+        self.world.barrier()
+        if self.world.is_main:
+            self.merge(order)
+            lost = [unit.name for unit in pending if not self.finished(self.report, unit.key)]
+            if lost:
+                raise InCAError(f"no result reached {self.out / UNITS_DIR} for {', '.join(lost)} (is --out on a file "
+                                "system every rank shares?); rerun the same command to finish them")
+
+    def unit_file(self, key: str) -> Path:
+        """Where a rank leaves the result of a unit it ran (merged into the report by rank 0)."""
+        return self.out / UNITS_DIR / f"{digest(key)}.json"
+
+    def left_results(self) -> tuple[list[Path], dict[str, Any]]:
+        """The unit result files ranks left in ``out`` and, by unit key, the results of this configuration."""
+        directory = self.out / UNITS_DIR
+        files = sorted(directory.glob("*.json")) if directory.is_dir() else []
+        config = json.loads(json.dumps(self.report["config"]))
+        found = {}
+        for file in files:
+            try:
+                saved = read_json(file)
+            except (OSError, ValueError):
+                saved = None  # a result its rank never finished writing cannot exist (atomic writes): skip junk
+            if isinstance(saved, dict) and saved.get("config") == config:
+                if _written_by_a_rank(file, saved):
+                    found[saved["key"]] = saved["result"]
+                else:
+                    logger.warning("%s is not a unit result a rank wrote (no key naming the file, or no result): "
+                                   "skipped", file)
+        return files, found
+
+    def write_interim(self, order: Sequence[str]) -> None:
+        """The reports as they stand while ranks still work: the report plus every unit result that has arrived,
+        in unit order (the files stay until the final merge, so a report left by a killed run loses nothing)."""
+        interim = copy.deepcopy(self.report)
+        _, found = self.left_results()
+        for key in order:
+            if key in found:
+                self.store(interim, key, found[key])
+        self.save(interim)
+
+    def merge(self, order: Sequence[str] = ()) -> None:
+        """Move the unit results ranks left in ``out`` (of this configuration) into the report: those of ``order``
+        in that order, then any other (left by an interrupted run); results of another configuration are dropped."""
+        files, found = self.left_results()
+        keys = [key for key in order if key in found] + [key for key in found if key not in order]
+        for key in keys:
+            self.store(self.report, key, found[key])
+        if keys:
+            logger.info("merged %d result(s) that ranks left in %s", len(keys), self.out / UNITS_DIR)
+        self.save()  # the report holds them before their files go
+        for file in files:
+            file.unlink(missing_ok=True)
 
 
-def _complete_replacement(
-    path: Path, target: Path, report: Report, write_reports: Callable[[Path, Report], object]
-) -> None:
-    """Once every unit has finished, the reports of a replacing run (see :func:`_open_target`) take the place of
-    the previous ones."""
-    if target == path:
-        return
-    atomic_write_json(path, report)
-    write_reports(path.parent, report)
-    shutil.rmtree(target.parent)
-    _logger.info("%s now holds the new results; the previous ones are replaced", path)
+def _written_by_a_rank(file: Path, saved: dict[str, Any]) -> bool:
+    """Whether ``saved`` has what a rank writes to ``file``: its unit's key, whose digest names the file, and the
+    unit's result (a dict, as every suite's units return)."""
+    key = saved.get("key")
+    return isinstance(key, str) and file.name == f"{digest(key)}.json" and isinstance(saved.get("result"), dict)
 
 
 def _require_same_suite(world: World, fresh: Report, units: list[Unit]) -> None:
@@ -247,163 +336,8 @@ def _require_same_suite(world: World, fresh: Report, units: list[Unit]) -> None:
                             f"{', '.join(differ)}): start every rank with the same command")
 
 
-UNITS_DIR = ".inca-units"
-
-
-def _unit_file(out: Path, key: str) -> Path:
-    """Where a rank leaves the result of a unit it ran (merged into the report by rank 0)."""
-    return out / UNITS_DIR / f"{digest(key)}.json"
-
-
-def _unit_results(out: Path, config: Any) -> tuple[list[Path], dict[str, Any]]:
-    """The unit result files ranks left in ``out`` and, by unit key, the results of ``config`` among them."""
-    files = sorted((out / UNITS_DIR).glob("*.json")) if (out / UNITS_DIR).is_dir() else []
-    found = {}
-    for file in files:
-        try:
-            saved = read_json(file)
-        except (OSError, ValueError):
-            saved = None  # a result its rank never finished writing cannot exist (atomic writes): skip junk
-        if isinstance(saved, dict) and saved.get("config") == json.loads(json.dumps(config)):
-            if _written_by_a_rank(file, saved):
-                found[saved["key"]] = saved["result"]
-            else:
-                _logger.warning("%s is not a unit result a rank wrote (no key naming the file, or no result): "
-                                "skipped", file)
-    return files, found
-
-
-def _written_by_a_rank(file: Path, saved: dict[str, Any]) -> bool:
-    """Whether ``saved`` has what a rank writes to ``file``: its unit's key, whose digest names the file, and the
-    unit's result (a dict, as every suite's units return)."""
-    key = saved.get("key")
-    return isinstance(key, str) and file.name == f"{digest(key)}.json" and isinstance(saved.get("result"), dict)
-
-
-def _merge_unit_results(
-    out: Path, report: Report, store: Callable[[Report, str, Any], None], save: Callable[[], None],
-    order: list[str] | None = None,
-) -> None:
-    """Move the unit results ranks left in ``out`` (of this configuration) into ``report``: those of ``order``
-    in that order, then any other (left by an interrupted run); results of another configuration are dropped."""
-    files, found = _unit_results(out, report["config"])
-    order = order or []
-    keys = [key for key in order if key in found] + [key for key in found if key not in order]
-    for key in keys:
-        store(report, key, found[key])
-    if keys:
-        _logger.info("merged %d result(s) that ranks left in %s", len(keys), out / UNITS_DIR)
-    save()  # the report holds them before their files go
-    for file in files:
-        file.unlink(missing_ok=True)
-
-
-def _write_interim(
-    out: Path, report: Report, store: Callable[[Report, str, Any], None], order: list[str],
-    save: Callable[[Report], None],
-) -> None:
-    """The reports as they stand while ranks still work: ``report`` plus every unit result that has arrived, in
-    unit order (the files stay until the final merge, so a report left by a killed run loses nothing)."""
-    interim = copy.deepcopy(report)
-    _, found = _unit_results(out, report["config"])
-    for key in order:
-        if key in found:
-            store(interim, key, found[key])
-    save(interim)
-
-
 def _trained_by(result: Any, world: World, *, data_parallel: bool) -> Any:
     """``result`` (a dict) with the rank and world size of the process(es) that produced it."""
     if not isinstance(result, dict):
         return result
     return {**result, "rank": world.rank, "world_size": world.size, "data_parallel": data_parallel}
-
-
-# ----------------------------------------------------------------------------------------------------
-# inca-train: one InCA bank per task
-# ----------------------------------------------------------------------------------------------------
-
-
-def train_config(backbone: Backbone, layers_spec: str, options: InCAOptions) -> dict[str, Any]:
-    """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
-    keep = {k: v for k, v in asdict(options).items() if k not in SOURCE_OPTIONS}
-    return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **keep}
-
-
-def run_train_suite(
-    backbone: Backbone,
-    task_specs: Iterable[str],
-    layers_for: Callable[[Task], list[int]],
-    layers_spec: str,
-    options: InCAOptions,
-    out: str | os.PathLike,
-    load_task: Callable[[str], Task],
-    overwrite: bool = False,
-) -> Report:
-    """:func:`~inca.train.runner.train_inca_task` on each task into ``out/<task>/``; ``results.json`` and
-    ``results.md`` after each task (a rerun with the same configuration skips the finished ones)."""
-    out = Path(out)
-    tasks = {spec: load_task(spec) for spec in task_specs}  # every spec loads before any training starts
-
-    def train(task: Task) -> dict[str, Any]:
-        result = train_inca_task(backbone, task, layers_for(task), options, out / task_directory(task))
-        _logger.info("%s: best layer %d, val %.4f, test %.4f (%.1fs)", task.spec, result["best"]["layer"],
-                     result["val_acc"], result["test_acc"], result["seconds"])
-        return {**result, "fingerprint": task.fingerprint, "skipped_images": task.identity.get("skipped_images", 0)}
-
-    fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
-    units = (Unit(spec, spec, functools.partial(train, task)) for spec, task in tasks.items())
-    return run_suite(out, RESULTS_JSON, fresh, units, _write_markdown, overwrite=overwrite,
-                     finished=finished_on_same_data(tasks, "trained"))
-
-
-def finished_on_same_data(tasks: dict[str, Task], done: str) -> Callable[[Report, str], bool]:
-    """A suite's ``finished`` test for results by task spec: a task counts as finished only if its data is the
-    same as when it was ``done`` (its result records the task's fingerprint), else it runs again."""
-
-    def finished(report: Report, spec: str) -> bool:
-        result = report["tasks"].get(spec)
-        if result is not None and result.get("fingerprint") != tasks[spec].fingerprint:
-            _logger.warning("%s: its data changed since it was %s; running it again", spec, done)
-            return False
-        return result is not None
-
-    return finished
-
-
-def task_directory(task: Task) -> str:
-    """A task's output directory name: readable, and unique by construction (specs that slug alike, or a
-    task whose data changed, get different directories)."""
-    return f"{task.slug}-{task.fingerprint[:8]}"
-
-
-def _write_markdown(out: Path, results: Report) -> None:
-    atomic_write_text(out / RESULTS_MD, render_results(results))
-
-
-def render_results(results: Report) -> str:
-    """The summary table (best adapter per task) then, per task, every adapter of its bank."""
-    backbone = results["backbone"]
-    lines = [f"# InCA results: {backbone['name']} ({backbone['weights']} weights)\n"]
-    headers = ["task", "best layer", "lr", "queries", "val acc", "test acc", "params", "% backbone", "adapters",
-               "activations", "seconds"]
-    rows = [
-        [spec, r["best"]["layer"], r["best"]["lr"], r["best"]["num_queries"], r["val_acc"], r["test_acc"],
-         r["trainable_params"], f"{r['trainable_percent']:.2f}%", len(r["adapters"]), r["activations"],
-         f"{r['seconds']:.1f}"]
-        for spec, r in results["tasks"].items()
-    ]
-    if any(r.get("ensemble") for r in results["tasks"].values()):
-        headers[6:6] = ["ensemble", "ens. val acc", "ens. test acc"]
-        for row, r in zip(rows, results["tasks"].values()):
-            ensemble = r.get("ensemble") or {}
-            row[6:6] = [f"top {ensemble['k']}" if ensemble else "-", ensemble.get("val_acc"), ensemble.get("test_acc")]
-    lines.append(markdown_table(headers, rows))
-    for spec, r in results["tasks"].items():
-        lines.append(f"## {spec}\n")
-        lines.append(markdown_table(
-            ["layer", "lr", "wd", "queries", "heads", "mlp", "seed", "val acc", "test acc", "diverged"],
-            [[a["layer"], a["lr"], a["weight_decay"], a["num_queries"], a["num_heads"], a["mlp_ratio"], a["seed"],
-              a["val_acc"], a["test_acc"], "yes" if a["diverged"] else ""] for a in r["adapters"]],
-        ))
-    return "\n".join(lines)

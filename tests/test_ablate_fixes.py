@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import inca.adapters.compacter as compacter
-import inca.probe as probe
+import inca.probes.knn as probe
 import inca.train.bank as bank
 from inca.adapters.inca import AdapterSpec, InCABank
 from inca.adapters.lora import LoRALinear
@@ -45,7 +45,7 @@ def test_every_fix_reverts_through_valid_flags_and_names_real_methods(ablate):
 
 def test_old_code_is_reinstated_for_the_run_only(ablate):
     originals = (compacter.FACTOR_INIT_GAIN, compacter.CompacterAdapter.__init__, compacter.bottleneck_width,
-                 bank._BestEpochs.improved, probe.knn_predict, ablate.lora_ga.estimate_gradients)
+                 bank.BestEpochs, probe.knn_predict, ablate.lora_ga.estimate_gradients)
     rule = torch.ones(4, 1, 1)
     with ablate.compacter_plain_xavier_exact_gelu():
         assert compacter.FACTOR_INIT_GAIN == 1.0
@@ -57,10 +57,10 @@ def test_old_code_is_reinstated_for_the_run_only(ablate):
 
     adapters = InCABank([AdapterSpec(layer=0, num_heads=2), AdapterSpec(layer=1, num_heads=2)], 8, 3)
     with ablate.inca_last_epoch():
-        tracker = bank._BestEpochs(adapters)
+        tracker = bank.BestEpochs(adapters)
         tracker.improved([0.9, 0.5], 1)
         assert tracker.improved([0.1, 0.6], 2) == [0, 1] and tracker.epoch == [2, 2]  # last epoch, worse or not
-    tracker = bank._BestEpochs(adapters)
+    tracker = bank.BestEpochs(adapters)
     tracker.improved([0.9, 0.5], 1)
     assert tracker.improved([0.1, 0.6], 2) == [1] and tracker.epoch == [1, 2]
 
@@ -82,4 +82,4 @@ def test_old_code_is_reinstated_for_the_run_only(ablate):
     probe.knn_predict(features, np.zeros(4, dtype=np.int64), features[:2].copy(), 2, 2, 0.07)
     assert np.all(features == 1)
     assert originals == (compacter.FACTOR_INIT_GAIN, compacter.CompacterAdapter.__init__, compacter.bottleneck_width,
-                         bank._BestEpochs.improved, probe.knn_predict, ablate.lora_ga.estimate_gradients)
+                         bank.BestEpochs, probe.knn_predict, ablate.lora_ga.estimate_gradients)

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
+from inca.activations import ImageBatches
 from inca.adapters.common import logit_layers
 from inca.backbone import create_backbone
 from inca.errors import InCAError
-from inca.methods import METHODS, RunSettings, build_model, get_method, run_method, train_e2e
+from inca.methods import METHODS, RunConfig, build_model, get_method, run_method, train_e2e
 from inca.tasks import sequential_batches
-from inca.train.e2e import ImageBatches, pooled_features, trainable_copy
+from inca.train.e2e import pooled_features, trainable_copy
 
 from .conftest import subset_task
 
@@ -74,11 +75,11 @@ def test_extract_equals_each_block_output_with_the_recorded_layout(backbone):
 
 def test_every_method_trains_a_step_from_a_linear_probe_head(backbone, tmp_path):
     task = subset_task("synth-shapes", {"train": 8, "val": 4, "test": 4})
-    settings = RunSettings(epochs=1, batch_size=4, seed=0, progress=False, head_init="linear-probe")
+    settings = RunConfig(epochs=1, batch_size=4, seed=0, progress=False, head_init="linear-probe")
     for name in METHODS:
         hparams = {"layers": "-1", "cache": "never"} if name == "inca" else {}
         result = run_method(name, backbone, task, hparams, settings, tmp_path / name)
-        assert math.isfinite(result["loss_curve"][-1]), name
+        assert math.isfinite(result.loss_curve[-1]), name
 
 
 def test_distilled_heads_start_and_probe_alike():
@@ -87,7 +88,7 @@ def test_distilled_heads_start_and_probe_alike():
     backbone = create_backbone("deit_tiny_distilled_patch16_224", "random", TINY)
     task = subset_task("synth-shapes", {"train": 8, "val": 4, "test": 4})
     data = ImageBatches(task, backbone, 0, augment=False)
-    settings = RunSettings(epochs=1, batch_size=4, seed=0, progress=False, head_init="linear-probe")
+    settings = RunConfig(epochs=1, batch_size=4, seed=0, progress=False, head_init="linear-probe")
     started = build_model("lora", backbone, task.num_classes, {}, data, settings)  # LoRA's B = 0: the probe's logits
     trained, _ = train_e2e("linear", backbone, task, {}, settings)
     images = torch.cat([x for x, _ in data.loader("val", sequential_batches(0, 4, 4))])

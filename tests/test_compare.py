@@ -10,7 +10,7 @@ import timm
 import inca.tasks
 from inca.cli import compare_main, compare_parser
 from inca.compare import protocol_lines, smoothed_loss, steps_to_reach
-from inca.methods import METHODS, RunSettings, methods_help
+from inca.methods import METHODS, RunConfig, methods_help
 from inca.recipe import load_recipe
 from inca.tasks import SPLITS, Task
 
@@ -158,7 +158,7 @@ def test_help_lists_every_registered_method():
 
 
 def test_the_protocol_is_stated_under_the_tables():
-    settings = RunSettings(head_init="zero", augment=True, lr_grid=3)
+    settings = RunConfig(head_init="zero", augment=True, lr_grid=3)
     lines = protocol_lines({"model_selection": "best-val-epoch", **settings.protocol(), "final_norm": True})
     text = "\n".join(lines)
     assert "best-validation epoch" in text and "zeros" in text and "timm's training transform" in text

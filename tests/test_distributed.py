@@ -193,10 +193,11 @@ def _lora_ga_rank(rank: int, size: int, port: int, out: str) -> None:
 def _lora_ga_init(batch_size: int) -> dict[str, torch.Tensor]:
     import timm
 
+    from inca.activations import TensorBatches
     from inca.adapters.lora import apply_lora, lora_layers
     from inca.adapters.lora_ga import estimate_gradients, init_lora_ga
     from inca.methods.base import ApplyContext
-    from inca.train.e2e import TensorBatches, batch_loss
+    from inca.train.e2e import batch_loss
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3)

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 import inca.train.e2e as e2e
+from inca.activations import ImageBatches, TensorBatches
 from inca.adapters.lora import lora_layers
 from inca.errors import InCAError
-from inca.methods import RunSettings, train_e2e
+from inca.methods import RunConfig, train_e2e
 from inca.tasks import SPLITS, Task
-from inca.train.e2e import FitConfig, ImageBatches, TensorBatches, fit, trainable_copy
+from inca.train.e2e import FitConfig, fit, trainable_copy
 from tests.conftest import subset_task
 
-SETTINGS = RunSettings(epochs=1, batch_size=16, seed=3, progress=False)
+SETTINGS = RunConfig(epochs=1, batch_size=16, seed=3, progress=False)
 SIZES = {"train": 96, "val": 32, "test": 32}
 
 
@@ -59,7 +60,7 @@ def test_same_seed_same_result_other_seed_differs(tiny_backbone, small_task):
     assert a.loss_curve == b.loss_curve and a.test_acc == b.test_acc and a.val_curve == b.val_curve
     for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(p, q), name
-    _, c = train_e2e("lora", tiny_backbone, small_task, {}, RunSettings(1, 16, seed=4, progress=False))
+    _, c = train_e2e("lora", tiny_backbone, small_task, {}, RunConfig(1, 16, seed=4, progress=False))
     assert c.loss_curve != a.loss_curve
 
 

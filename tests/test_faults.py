@@ -206,7 +206,7 @@ def test_consistent_but_wrong_saved_adapters_name_what_is_wrong(tmp_path, capsys
     problem, found before anything the config asks for is allocated (10^10 queries would be 7 TiB)."""
     from safetensors.torch import load_file
 
-    from inca.adapters.common import save_adapter
+    from inca.adapters.common import write_adapter
     from inca.cli import predict_main
 
     adapter, image, weights, config, original = saved_adapter(tmp_path)
@@ -218,7 +218,7 @@ def test_consistent_but_wrong_saved_adapters_name_what_is_wrong(tmp_path, capsys
             change_weights(tensors)
         if change_config:
             change_config(settings)
-        save_adapter(adapter, {k: v for k, v in settings.items() if k not in ("format_version", "weights_sha256")},
+        write_adapter(adapter, {k: v for k, v in settings.items() if k not in ("format_version", "weights_sha256")},
                      tensors)
 
     def first(tensors) -> str:

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 import inca.methods.run as run
+from inca.activations import TensorBatches
 from inca.adapters.common import CONFIG_FILE, WEIGHTS_FILE, count_parameters, head_parameters, set_trainable
 from inca.errors import InCAError
 from inca.methods import (
     HEAD_INITS,
     METHODS,
     MethodConfig,
-    RunSettings,
+    RunConfig,
     TrainConfig,
     build_model,
     get_method,
@@ -32,10 +33,10 @@ from inca.methods import (
     run_method,
 )
 from inca.tasks import SPLITS
-from inca.train.e2e import FitResult, TensorBatches, trainable_copy
+from inca.train.e2e import FitResult, trainable_copy
 
 CLASSES = 4
-SETTINGS = RunSettings(epochs=1, batch_size=8, seed=5, progress=False)
+SETTINGS = RunConfig(epochs=1, batch_size=8, seed=5, progress=False)
 E2E = [name for name, method in METHODS.items() if method.apply is not None]
 OVERRIDES = {"lora-ga": {"rank": 2, "init_batches": 2}}  # small enough for the tiny ViT and the test data
 CASES = [(name, OVERRIDES.get(name, {})) for name in E2E] + [("linear", {"pool": "mean"})]
@@ -74,7 +75,7 @@ def data() -> TensorBatches:
     )
 
 
-def build(backbone, name: str, overrides: dict, data: TensorBatches, settings: RunSettings = SETTINGS) -> nn.Module:
+def build(backbone, name: str, overrides: dict, data: TensorBatches, settings: RunConfig = SETTINGS) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         return build_model(name, backbone, CLASSES, overrides, data, settings).eval()
@@ -267,9 +268,9 @@ def test_lr_grid_is_log_spaced_around_the_default_and_compacter_also_tunes_its_r
     assert grid[0] == compacter and len(grid) == 9
     assert {(c.lr, c.reduction) for c in grid} == {(lr, r) for lr in lr_candidates(3e-3, 3) for r in (32, 16, 8)}
     with pytest.raises(InCAError, match="--lr-grid must be at least 1"):
-        RunSettings(lr_grid=0)
+        RunConfig(lr_grid=0)
     with pytest.raises(InCAError, match="--head-init 'ones'"):
-        RunSettings(head_init="ones")
+        RunConfig(head_init="ones")
 
 
 @pytest.mark.parametrize("head_init", HEAD_INITS)
@@ -311,8 +312,8 @@ def test_the_lr_grid_keeps_the_best_on_val_and_ties_keep_the_default(monkeypatch
 
     monkeypatch.setattr(run, "train_e2e", fake_train)
     task = types.SimpleNamespace(spec="fake", num_classes=2)
-    settings = RunSettings(epochs=1, head_init="random", lr_grid=3, progress=False)
+    settings = RunConfig(epochs=1, head_init="random", lr_grid=3, progress=False)
     metrics = run_method("lora", None, task, {}, settings, tmp_path)
     assert trained == pytest.approx([5e-4, 5e-4 / 3, 1.5e-3], rel=1e-5)
-    assert metrics["tuned"]["lr"] == pytest.approx(5e-4 / 3, rel=1e-5) and metrics["val_acc"] == 0.7
-    assert [g["val_acc"] for g in metrics["grid"]] == [0.5, 0.7, 0.7]
+    assert metrics.tuned["lr"] == pytest.approx(5e-4 / 3, rel=1e-5) and metrics.val_acc == 0.7
+    assert [g["val_acc"] for g in metrics.grid] == [0.5, 0.7, 0.7]

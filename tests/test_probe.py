@@ -1,4 +1,5 @@
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -8,13 +9,17 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from inca.backbone import create_backbone
-from inca.cli import probe_main, train_main
+from inca.cli import probe_main, probe_parser, train_main
+from inca.config import hparam
 from inca.errors import InCAError
 from inca.io import digest
-from inca.probe import ProbeOptions, knn_predict, layers_from_report, probe_task, render_probe_report, run_probe_suite
+from inca.options import POOLS
+from inca.probe import layers_from_report, probe_config, probe_task, render_probe_report, run_probe_suite
+from inca.probes import PROBES, READS, ProbeConfig, ProbeOptions, register_probe
+from inca.probes.knn import KNNProbeConfig, knn_predict
 from inca.tasks import SPLITS, image_loader, load_task, sequential_batches
 
-from .conftest import TINY_ARGS, TINY_KWARGS
+from .conftest import TINY_ARGS, TINY_KWARGS, subset_task
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +209,118 @@ def test_final_norm_reaches_the_last_block_only_and_is_recorded_only_when_on(tin
     assert tiny_backbone.fingerprint == digest(unchanged) != normed.fingerprint
     assert "through the backbone's final norm" in render_probe_report({"backbone": normed.describe(), "tasks": {}})
     assert "no final norm" in render_probe_report({"backbone": tiny_backbone.describe(), "tasks": {}})
+
+
+@dataclass(frozen=True, kw_only=True)
+class CentroidConfig(ProbeConfig):
+    shrink: float = hparam(0.0, help="pull each class mean this far towards the mean of all rows", source="a test")
+
+
+def _nearest_centroid(features, labels, num_classes, config, run):
+    scores = {}
+    for layer, train in features["train"].items():
+        centroids = np.stack([train[labels["train"] == c].mean(0) for c in range(num_classes)])
+        centroids = (1 - config.shrink) * centroids + config.shrink * train.mean(0)
+        scores[layer] = {
+            split: float((np.linalg.norm(features[split][layer][:, None] - centroids, axis=-1).argmin(1)
+                          == labels[split]).mean())
+            for split in ("val", "test")
+        }
+    return scores
+
+
+def test_a_new_probe_is_one_registration(tmp_path, capsys):
+    try:
+        register_probe("centroid", CentroidConfig, "nearest class mean of pooled features (a test probe)",
+                       fit=_nearest_centroid)
+        assert list(PROBES)[-1] == "centroid"
+        help_text = " ".join(probe_parser().format_help().split())
+        assert "nearest class mean of pooled features (a test probe)" in help_text
+        assert "--centroid-shrink FLOAT pull each class mean" in help_text
+        args = [*TINY_ARGS, "--tasks", "digits", "--out", str(tmp_path), "--probes", "centroid,knn", "--layers", "-1"]
+        assert probe_main([*args, "--centroid-shrink", "0.5"]) == 0
+        assert "digits: centroid/cls" in capsys.readouterr().out
+        report = json.loads((tmp_path / "probe.json").read_text())
+        assert report["probes"] == ["centroid", "knn"] and report["config"]["centroid_shrink"] == 0.5
+        result = report["tasks"]["digits"]
+        assert list(result["results"]) == ["centroid/cls", "centroid/mean", "knn/cls", "knn/mean"]
+        assert result["results"]["centroid/mean"]["3"]["test"] > 0.2  # chance is 0.1
+        assert "centroid/cls (val / test)" in (tmp_path / "probe.md").read_text()
+        assert probe_main([*args, "--centroid-shrink", "0"]) == 2  # another configuration
+        assert "differs in centroid_shrink" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="registered twice"):
+            register_probe("centroid", CentroidConfig, "again", fit=_nearest_centroid)
+    finally:
+        PROBES.pop("centroid", None)
+    assert "--centroid-shrink" not in probe_parser().format_help()
+
+
+def test_registration_checks_the_config_names_and_reads():
+    @dataclass(frozen=True, kw_only=True)
+    class Undocumented(ProbeConfig):
+        size: int = 3
+
+    @dataclass(frozen=True, kw_only=True)
+    class Size(ProbeConfig):
+        size: int = hparam(3, help="a size", source="a test")
+
+    with pytest.raises(ValueError, match="'size' needs help and source"):
+        register_probe("undocumented", Undocumented, "x", fit=_nearest_centroid)
+    with pytest.raises(ValueError, match="reads must be one of pooled, tokens"):
+        register_probe("pixels", Size, "x", fit=_nearest_centroid, reads="images")
+    with pytest.raises(ValueError, match=r"settings \['batch_size'\] are already named"):
+        register_probe("batch", Size, "x", fit=_nearest_centroid)  # batch_size: a shared setting's name
+    with pytest.raises(ValueError, match=r"settings \['k', 'temperature'\] are already named"):
+        register_probe("neighbours", KNNProbeConfig, "x", fit=_nearest_centroid, prefix="")  # kNN's
+    assert not {"undocumented", "pixels", "batch", "neighbours"} & set(PROBES)
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_every_probe_is_documented_and_runs_on_a_tiny_task(name, tiny_backbone):
+    probe = PROBES[name]
+    assert probe.reads in READS and probe.summary
+    help_text = probe_parser().format_help()
+    for key in probe.config.fields():
+        assert probe.config.field_help(key) and probe.config.field_source(key), key
+        assert f"--{probe.key(key)}".replace("_", "-") in help_text, key
+    options = ProbeOptions(probes=[name])
+    assert json.loads(json.dumps(options.to_dict())) == options.to_dict()
+    task = subset_task("digits", {"train": 100, "val": 50, "test": 50})
+    result = probe_task(tiny_backbone, task, [0, 3], options)
+    keys = [name] if probe.reads == "tokens" else [f"{name}/{pool}" for pool in POOLS]
+    assert list(result["results"]) == keys
+    for key in keys:
+        assert set(result["results"][key]) == {"0", "3"}
+        assert all(0 <= score[split] <= 1 for score in result["results"][key].values() for split in ("val", "test"))
+    assert sorted(result["ranking"]) == [0, 3]
+
+
+def test_probe_json_keys_and_flags_are_those_of_earlier_reports(tiny_backbone):
+    """A rerun into an earlier run's directory with the same flags matches its recorded configuration."""
+    config = probe_config(tiny_backbone, [0], ProbeOptions())
+    assert {k: v for k, v in config.items() if k not in ("backbone", "layers")} == {
+        "probes": ["linear", "knn", "inca"], "pools": ["cls", "mean"], "k": 20, "temperature": 0.07,
+        "linear_c": [0.01, 0.1, 1.0, 10.0], "inca_lr": 3e-3, "inca_epochs": 5, "batch_size": 32, "seed": 0,
+    }
+    args = probe_parser().parse_args(["--probes", "knn,inca", "--pool", "mean", "--k", "5", "--temperature", "0.1",
+                                      "--linear-c", "0.1,1", "--inca-epochs", "2", "--inca-lr", "1e-3",
+                                      "--batch-size", "8", "--seed", "3", "--memory-budget-gb", "0"])
+    assert (args.probes, args.pool, args.k, args.temperature, args.inca_epochs, args.inca_lr) == (
+        "knn,inca", "mean", 5, 0.1, 2, 1e-3)
+    assert [c for item in args.linear_c for c in item] == [0.1, 1.0]
+    assert (args.batch_size, args.seed, args.memory_budget_gb) == (8, 3, 0.0)
+    with pytest.raises(InCAError, match="unknown probe setting 'kk' \\(did you mean k\\?\\)"):
+        ProbeOptions(kk=5)
+    with pytest.raises(InCAError, match="knn.k: expected a positive integer"):
+        ProbeOptions(k=0)
+
+
+def test_probe_modules_import_nothing_heavy_and_keep_their_order():
+    import subprocess
+    import sys
+
+    script = ("import sys; import inca.probes.inca; from inca.probes import PROBES; print(list(PROBES)); "
+              "print(sorted({'torch', 'faiss', 'sklearn'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["['linear', 'knn', 'inca']", "[]"]

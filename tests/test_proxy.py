@@ -58,14 +58,14 @@ def test_a_short_run_writes_weights_inca_loads(tmp_path):
     assert backbone.weights_hash != random.weights_hash and backbone.num_blocks == 2
 
 
-def test_reconstruction_targets_are_the_pixels_each_patch_token_embeds():
-    """The tool's targets ``F.unfold(x, p, stride=p)`` line up with timm's patch tokens, token by token."""
+def test_reconstruction_targets_are_the_pixels_each_patch_token_embeds(proxy):
+    """The tool's reconstruction targets line up with timm's patch tokens, token by token."""
     import timm
-    import torch.nn.functional as F
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=0)
     x = torch.randn(2, 3, 32, 32)
-    targets = F.unfold(x, 8, stride=8).transpose(1, 2)  # [B, 16, 3*8*8]
+    targets = proxy.patch_pixels(x, 8)
+    assert targets.shape == (2, 16, 3 * 8 * 8)
     conv = model.patch_embed.proj
     embedded = targets @ conv.weight.reshape(conv.out_channels, -1).t() + conv.bias
     assert torch.allclose(model.patch_embed(x), embedded, atol=1e-5)

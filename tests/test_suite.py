@@ -1,11 +1,18 @@
 """The suite runner: skips finished units, writes after each, refuses another configuration unless overwrite."""
 
+import functools
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from inca.errors import InCAError
-from inca.suite import Unit, run_suite
+from inca.suite import UNITS_DIR, Unit, run_suite
+
+from .test_distributed import free_port
 
 
 class Recorder:
@@ -115,17 +122,62 @@ def test_custom_layout_of_results(tmp_path):
     assert again.ran == []
 
 
-def test_interim_reports_show_results_ranks_left_in_unit_order_and_keep_their_files(tmp_path):
-    from inca.io import atomic_write_json
-    from inca.suite import _put_in_tasks, _unit_file, _write_interim
+def _suite_rank(rank: int, size: int, port: int, out: str, names: list[str], fail: str | None, writes: str) -> None:
+    """One rank of a shared suite: units ``names`` (``fail`` raises), rank 0 finishing each unit only once another
+    rank has left a result; rank 0 records every report it writes and how many unit result files it saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
+                      LOCAL_RANK=str(rank))
+    from inca.distributed import launch
 
-    report = fresh()
-    report["tasks"]["done"] = {"value": 0}
-    for key in ("b", "a"):  # arrive out of order
-        atomic_write_json(_unit_file(tmp_path, key), {"config": report["config"], "key": key, "result": {"v": key}})
-    atomic_write_json(_unit_file(tmp_path, "c"), {"config": {"lr": 1.0}, "key": "c", "result": {"v": "c"}})
-    saved = []
-    _write_interim(tmp_path, report, _put_in_tasks, ["a", "b", "c"], saved.append)
-    assert [list(r["tasks"]) for r in saved] == [["done", "a", "b"]]
-    assert list(report["tasks"]) == ["done"]  # the report itself unchanged
-    assert _unit_file(tmp_path, "a").is_file() and _unit_file(tmp_path, "b").is_file()
+    launch()
+    left = Path(out) / UNITS_DIR
+
+    def run(name: str) -> dict:
+        if name == fail:
+            raise RuntimeError(f"{name} failed")
+        while rank == 0 and fail is None and not any(left.glob("*.json")):
+            time.sleep(0.01)
+        return {"value": len(name)}
+
+    def write(out: Path, report: dict) -> None:
+        with open(writes, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"tasks": list(report["tasks"]), "left": len(list(left.glob("*.json")))}) + "\n")
+
+    units = [Unit(name, name, functools.partial(run, name)) for name in names]
+    run_suite(out, "report.json", fresh(), units, write)
+
+
+def shared_suite(tmp_path, names, fail=None):
+    """The suite on two ranks (torch.multiprocessing) into ``tmp_path / "out"``; the reports rank 0 wrote."""
+    out, writes = tmp_path / "out", tmp_path / "writes.jsonl"
+    torch.multiprocessing.spawn(_suite_rank, args=(2, free_port(), str(out), names, fail, str(writes)), nprocs=2)
+    return out, [json.loads(line) for line in writes.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_shared_units_show_in_interim_reports_in_unit_order_while_their_files_stay(tmp_path):
+    out, writes = shared_suite(tmp_path, ["a", "bb", "ccc"])
+    interim = writes[0]  # after rank 0's first unit, which ends only once the other rank has left a result
+    assert len(interim["tasks"]) >= 2 and interim["tasks"] == [k for k in ("a", "bb", "ccc") if k in interim["tasks"]]
+    assert interim["left"] == len(interim["tasks"])  # what the report shows is still in its rank's file
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["tasks"]) == ["a", "bb", "ccc"] == writes[-1]["tasks"]
+    assert writes[-1]["left"] == 3 and not list((out / UNITS_DIR).glob("*.json"))  # files go once the report holds them
+    assert {r["rank"] for r in report["tasks"].values()} == {0, 1}
+    assert all(r["world_size"] == 2 and not r["data_parallel"] for r in report["tasks"].values())
+
+
+@pytest.mark.slow
+def test_results_a_failed_shared_run_left_are_merged_by_the_next_run(tmp_path):
+    names = ["a", "bb", "ccc", "dddd"]
+    with pytest.raises(Exception, match="dddd failed"):  # claimed last: a rank that claims it has left a result
+        shared_suite(tmp_path, names, fail="dddd")
+    out = tmp_path / "out"
+    resumed = Recorder()
+    report = suite(out, resumed, names)
+    shared = [name for name in names if name not in resumed.ran]
+    assert shared and "dddd" in resumed.ran
+    assert set(report["tasks"]) == set(names)
+    assert all(report["tasks"][name]["world_size"] == 2 for name in shared)
+    assert all(report["tasks"][name]["world_size"] == 1 for name in resumed.ran)
+    assert not list((out / UNITS_DIR).glob("*.json"))

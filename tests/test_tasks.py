@@ -1,12 +1,31 @@
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from inca import options as opt
+from inca.config import hparam
 from inca.errors import InCAError
-from inca.tasks import SPLITS, image_loader, load_task, parse_task_list, sequential_batches
+from inca.tasks import (
+    SPLITS,
+    TASK_SOURCES,
+    Task,
+    TaskLoadConfig,
+    check_task_spec,
+    find_task_source,
+    image_loader,
+    load_task,
+    parse_task_list,
+    register_task_source,
+    sequential_batches,
+    task_settings,
+    task_sources_help,
+    task_spec_forms,
+)
+from inca.tasks.base import ArraySource, Split, make_splits
 from inca.tasks.builtin import SYNTH_TASKS
 
 
@@ -406,9 +425,94 @@ def test_image_loader_batches(tiny_backbone):
 
 
 def test_help_lists_every_synthetic_task():
-    from inca.options import SYNTH_KINDS
+    forms = task_spec_forms()
+    for kind in SYNTH_TASKS:
+        assert kind in forms
+        check_task_spec(f"synth-{kind}")
 
-    assert tuple(SYNTH_TASKS) == SYNTH_KINDS
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseConfig(TaskLoadConfig):
+    level: float = hparam(30.0, help="noise standard deviation", source="a test's own", check=opt.non_negative_float)
+
+
+def _check_noise(spec: str, argument: str, settings: TaskLoadConfig) -> None:
+    if not argument.isdigit() or int(argument) < 2:
+        raise InCAError(f"task {spec}: give noise:K with K >= 2 classes")
+
+
+def _load_noise(spec: str, argument: str, settings: NoiseConfig) -> Task:
+    """K classes of 8x8 images, class k a grey level of 60 + 40k under Gaussian noise of the level asked."""
+    classes = int(argument)
+    labels = np.arange(30 * classes) % classes
+    rng = np.random.default_rng(settings.split_seed)
+    images = np.clip(60 + 40 * labels[:, None, None] + rng.normal(0, settings.level, (len(labels), 8, 8)), 0, 255)
+    split = Split(ArraySource(images.astype(np.uint8), spec), np.arange(len(labels)), labels)
+    return Task(spec, [str(k) for k in range(classes)], make_splits({"train": split}, seed=settings.split_seed),
+                {"level": settings.level, "seed": settings.split_seed})
+
+
+@pytest.fixture
+def noise_source():
+    """A task source added by one registration, as another package's module would through its entry point."""
+    source = register_task_source("noise:", load=_load_noise, check=_check_noise, spec_form="noise:K",
+                                  summary="K grey levels under Gaussian noise", config=NoiseConfig)
+    yield source
+    TASK_SOURCES.pop("noise")
+
+
+def test_a_new_task_source_is_one_registration(noise_source):
+    from inca.cli import cache_parser
+
+    task = load_task("noise:3")
+    _check_task(task, 3)
+    assert task.identity == {"level": 30.0, "seed": 0}
+    assert load_task("noise:3", settings=NoiseConfig(level=5.0)).fingerprint != task.fingerprint
+    assert load_task("noise:3", seed=1).fingerprint != task.fingerprint
+    with pytest.raises(InCAError, match=r"unknown task spec 'nose:3' \(did you mean noise:3\?\).*noise:K") as typo:
+        load_task("nose:3")
+    with pytest.raises(InCAError, match="give noise:K") as bad:
+        check_task_spec("noise:one")
+    assert "\n" not in str(typo.value) + str(bad.value)
+    assert "noise:K" in task_spec_forms() and "noise:K (K grey levels under Gaussian noise)" in task_sources_help()
+
+    parser = cache_parser()
+    assert "noise:K" in parser.format_help() and "--noise-level" in parser.format_help()
+    args = parser.parse_args(["--task", "noise:3,digits", "--noise-level", "5", "--split-seed", "2"])
+    assert task_settings(args, "noise:3") == NoiseConfig(level=5.0, split_seed=2)
+    assert task_settings(args, "digits") == TaskLoadConfig(split_seed=2)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--noise-level", "-1"])
+
+
+def test_a_source_is_refused_without_its_form_or_settings_metadata():
+    @dataclass(frozen=True, kw_only=True)
+    class Undocumented(TaskLoadConfig):
+        level: float = 1.0
+
+    with pytest.raises(ValueError, match="needs help and source"):
+        register_task_source("quiet:", load=_load_noise, spec_form="quiet:K", summary="s", config=Undocumented)
+    with pytest.raises(ValueError, match="spec_form and a summary"):
+        register_task_source("quiet:", load=_load_noise, spec_form="", summary="s")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_task_source("hf:", load=_load_noise, spec_form="hf:X", summary="s")
+    assert "quiet" not in TASK_SOURCES
+
+
+@pytest.mark.parametrize("name", list(TASK_SOURCES))
+def test_task_source_contract(name):
+    """Every registered source shows a form and a summary, claims its own specs only, takes settings that
+    extend the shared ones, and a spec of its form with nothing valid after it is refused in one line."""
+    source = TASK_SOURCES[name]
+    assert source.spec_form and source.summary and source.spec_form in task_spec_forms()
+    assert issubclass(source.config, TaskLoadConfig)
+    source.config.check_definition(f"task source {name!r}")
+    for spec in [*source.names, *([f"{source.prefix}x"] if source.prefix else [])]:
+        assert find_task_source(spec)[0] is source
+    garbage = source.prefix or f"{source.names[0]}-garbage"
+    with pytest.raises(InCAError, match="unknown task spec") as info:
+        check_task_spec(garbage)
+    assert "\n" not in str(info.value) and source.spec_form in str(info.value)
 
 
 def _class_tree(root, classes=("a", "b"), count=3):
@@ -566,3 +670,15 @@ def test_torchvision_splits_are_mapped_by_class_name(tmp_path, monkeypatch, capl
     with pytest.raises(InCAError, match="the 'test' split has class 'eel' that train does not have") as info:
         load_task("tv:ToyPets", data_root=str(tmp_path / "eel"))
     assert "\n" not in str(info.value)
+
+
+def test_images_turned_by_exif_are_part_of_a_folder_task_identity(tmp_path):
+    """A photo read upright by its EXIF orientation yields other activations than its stored pixels: a store
+    built by a reader that ignored the tag must not be reused, so the task records how many images turn."""
+    _class_tree(tmp_path / "plain")
+    assert "turned_by_exif" not in load_task(f"folder:{tmp_path / 'plain'}").identity
+    _class_tree(tmp_path / "photos")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    Image.open(tmp_path / "photos" / "a" / "1.png").save(tmp_path / "photos" / "a" / "1.png", exif=exif)
+    assert load_task(f"folder:{tmp_path / 'photos'}").identity["turned_by_exif"] == 1

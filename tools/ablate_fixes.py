@@ -35,7 +35,7 @@ from torch import nn
 
 import inca.adapters.compacter as compacter
 import inca.adapters.lora_ga as lora_ga
-import inca.probe as probe
+import inca.probes.knn as probe
 import inca.train.bank as bank
 from inca.cli import compare_main, probe_main
 from inca.errors import InCAError
@@ -102,15 +102,18 @@ def compacter_strict_bottleneck() -> contextlib.AbstractContextManager:
     return patched(compacter, "bottleneck_width", strict)
 
 
-def inca_last_epoch() -> contextlib.AbstractContextManager:
-    """Before: each InCA adapter ended with its last epoch's weights (every epoch counted as its best)."""
+class LastEpochs(bank.BestEpochs):
+    """Every epoch counts as each adapter's best, so each ends with its last epoch's weights."""
 
-    def every_epoch(self, accuracy, epoch: int) -> list[int]:
+    def improved(self, accuracy, epoch: int) -> list[int]:
         for i, value in enumerate(accuracy):
             self.accuracy[i], self.epoch[i] = value, epoch
         return list(range(len(accuracy)))
 
-    return patched(bank._BestEpochs, "improved", every_epoch)
+
+def inca_last_epoch() -> contextlib.AbstractContextManager:
+    """Before: each InCA adapter ended with its last epoch's weights (every epoch counted as its best)."""
+    return patched(bank, "BestEpochs", LastEpochs)
 
 
 def knn_in_place() -> contextlib.AbstractContextManager:

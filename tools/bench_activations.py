@@ -31,9 +31,11 @@ import torch
 
 from inca.activations import ActivationSource, CachedSource, LiveSource
 from inca.adapters.inca import AdapterSpec, InCABank
-from inca.backbone import Backbone, create_backbone, resolve_device, resolve_layers
+from inca.backbone import Backbone, create_backbone, resolve_layers
 from inca.cache import ActivationCache, build_cache
-from inca.probe import ProbeOptions, probe_task
+from inca.devices import resolve_device
+from inca.probe import probe_task
+from inca.probes import ProbeOptions
 from inca.tasks import SPLITS, Split, Task, image_loader, load_task, sequential_batches
 from inca.train.bank import epoch_batches, train_bank
 

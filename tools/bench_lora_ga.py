@@ -28,9 +28,10 @@ import logging
 import numpy as np
 import torch
 
-from inca.backbone import create_backbone, resolve_device
+from inca.backbone import create_backbone
 from inca.compare import smoothed_loss
-from inca.methods import HEAD_INITS, RunSettings, get_method, train_e2e
+from inca.devices import resolve_device
+from inca.methods import HEAD_INITS, RunConfig, get_method, train_e2e
 from inca.recipe import as_list
 from inca.tasks import load_task
 
@@ -58,7 +59,7 @@ def parse_args() -> argparse.Namespace:
 
 def tune(name: str, lrs: list[float], backbone, task, args) -> tuple[float, np.ndarray, dict[float, float]]:
     """Train ``name`` at each lr; return the best lr (lowest final smoothed loss), its curve, all finals."""
-    settings = RunSettings(args.epochs, args.batch_size, args.seed, progress=False, head_init=args.head_init)
+    settings = RunConfig(args.epochs, args.batch_size, args.seed, progress=False, head_init=args.head_init)
     curves, finals = {}, {}
     for lr in lrs:
         hparams = {"lr": lr} if args.warmup_ratio is None else {"lr": lr, "warmup_ratio": args.warmup_ratio}

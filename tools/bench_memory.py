@@ -2,7 +2,7 @@
 
 Every method runs through the comparison harness itself (:func:`inca.compare.run_comparison`) on a task of
 random images with ``--steps`` training batches of ``--batch`` images (one epoch, then val and test of one
-batch each), so the figures are exactly what ``inca-compare`` reports (:class:`inca.compare.PeakMemory`):
+batch each), so the figures are exactly what ``inca-compare`` reports (:class:`inca.memory.PeakMemory`):
 on CUDA the max allocated memory during the method over what was allocated at its start; on CPU the growth
 of the process's peak RSS. Methods that train their own copy of the backbone count that copy; InCA, which
 reads the shared live backbone, is charged the backbone's weights, so every method counts the weights once.
@@ -22,9 +22,10 @@ import tempfile
 import numpy as np
 import torch
 
-from inca.backbone import create_backbone, resolve_device
+from inca.backbone import create_backbone
 from inca.compare import run_comparison
-from inca.methods import METHODS, RunSettings, resolve_methods
+from inca.devices import resolve_device
+from inca.methods import METHODS, RunConfig, resolve_methods
 from inca.tasks.base import ArraySource, Split, Task
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     size = backbone.data_config["input_size"][-1]
     task = random_task({"train": args.batch * args.steps, "val": args.batch, "test": args.batch}, size,
                        args.num_classes)
-    settings = RunSettings(epochs=1, batch_size=args.batch, seed=0, progress=False)
+    settings = RunConfig(epochs=1, batch_size=args.batch, seed=0, progress=False)
     with tempfile.TemporaryDirectory() as out:
         summary = run_comparison(backbone, [task.spec], methods, settings, out, load=lambda _: task)
     records = {r["method"]: r for r in summary["results"]}

@@ -46,7 +46,7 @@ from inca.backbone import Backbone, create_backbone, intermediate_tokens, resolv
 from inca.compare import run_comparison
 from inca.devices import autocast, resolve_device
 from inca.inference import MultiTaskInCA
-from inca.methods import METHODS, RunSettings, resolve_methods, run_method
+from inca.methods import METHODS, RunConfig, resolve_methods, run_method
 
 Row = tuple[str, str, str, str]  # check, measured, target, verdict
 
@@ -135,7 +135,7 @@ def check_memory(setup: Setup, device: torch.device, backbone: Backbone) -> list
     methods = resolve_methods("inca,full", inca_grid(backbone.num_blocks, 20))
     size = backbone.data_config["input_size"][-1]
     task = random_task({"train": 2 * setup.batch, "val": setup.batch, "test": setup.batch}, size, 10)
-    settings = RunSettings(epochs=1, batch_size=setup.batch, seed=0, progress=False, head_init="random")
+    settings = RunConfig(epochs=1, batch_size=setup.batch, seed=0, progress=False, head_init="random")
     with tempfile.TemporaryDirectory() as out:
         summary = run_comparison(backbone, [task.spec], methods, settings, out, load=lambda _: task)
     mb = {r["method"]: r["peak_memory_mb"] for r in summary["results"]}
@@ -172,7 +172,7 @@ def check_methods(setup: Setup, device: torch.device, backbone: Backbone) -> lis
     size = backbone.data_config["input_size"][-1]
     batch = max(2, setup.batch // 4)
     task = random_task({"train": batch, "val": batch, "test": batch}, size, 10)  # one training step
-    settings = RunSettings(epochs=1, batch_size=batch, seed=0, progress=False, head_init="random")
+    settings = RunConfig(epochs=1, batch_size=batch, seed=0, progress=False, head_init="random")
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     rows = []
     for name in METHODS:
@@ -181,10 +181,10 @@ def check_methods(setup: Setup, device: torch.device, backbone: Backbone) -> lis
         try:
             with tempfile.TemporaryDirectory() as work_dir:
                 result = run_method(name, backbone, task, hparams, settings, work_dir)
-            loss = result["loss_curve"][-1]
+            loss = result.loss_curve[-1]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss}")
-            measured, ok = f"{result['steps']} step, loss {loss:.3f}, {time.perf_counter() - start:.1f} s", "ok"
+            measured, ok = f"{result.steps} step, loss {loss:.3f}, {time.perf_counter() - start:.1f} s", "ok"
         except TimeoutError:
             raise
         except Exception as exc:  # one method's failure is that row's FAIL

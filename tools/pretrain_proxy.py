@@ -28,7 +28,11 @@ MAE, He et al., CVPR 2022, without the masking). Minutes of classification alone
 that small images need (digits, colours) for the formulas' invariances, and a linear probe of such features
 loses to random weights there; the reconstruction term keeps the detail in the residual stream. Training:
 AdamW, a linear warm-up then a cosine decay, label smoothing, gradient clipping, and the patch projection
-kept at its random init (MoCo v3, Chen et al., ICCV 2021, fixes it for stability).
+kept at its random init (MoCo v3, Chen et al., ICCV 2021, fixes it for stability). Weight decay 0.05 and label
+smoothing 0.1 are DeiT's (Touvron et al., ICML 2021); gradient clipping at norm 1.0 is HF TrainingArguments'
+default; the other settings (learning rate, warm-up, batch, reconstruction weight, class counts, the views'
+strengths) are inca's own choice, sized so that a run of about 15 minutes on 2 CPU cores shows each image about
+ten times (docs/results.md: 1300 steps of 128 views of the 16,640 images in 995 s).
 
 ``--minutes`` is the budget of the whole run: unless ``--steps`` fixes the number of steps, it is calibrated
 once, after the first steps, to what fits the budget on this machine, and recorded; the run is deterministic
@@ -59,8 +63,10 @@ from timm.optim import param_groups_weight_decay
 SIZE = 32  # images are generated at the proxy's input size
 CALIBRATION_STEPS = 20  # steps timed to size the run to --minutes
 SAVE_SECONDS = 15  # kept from the budget for writing the files
-MIN_CROP_AREA = 0.5  # views keep at least half the image
+MIN_CROP_AREA = 0.5  # views keep at least half the image: a formula's shape fills it, a smaller crop loses it
 LOW_RES_SHARE = 0.5  # views seen at 6-16 pixels and upscaled back, as small images are
+GREY_SHARE = 0.25  # views turned grey, so colour alone never names a class
+MAX_GRAD_NORM = 1.0
 
 
 def parse_args() -> argparse.Namespace:
@@ -252,13 +258,19 @@ def random_views(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     views = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     contrast = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
     brightness = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator)
-    grey = torch.rand(n, 1, 1, 1, generator=generator) < 0.25
+    grey = torch.rand(n, 1, 1, 1, generator=generator) < GREY_SHARE
     views = torch.where(grey, views.mean(1, keepdim=True).expand_as(views), views)
     low = int(torch.randint(6, 17, (1,), generator=generator))
     small = F.interpolate(F.interpolate(views, size=low, mode="area"), size=SIZE, mode="bicubic", align_corners=False)
     views = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < LOW_RES_SHARE, small, views)
     mean = views.mean((1, 2, 3), keepdim=True)
     return (views - mean) * contrast + mean + brightness
+
+
+def patch_pixels(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B, N, 3*p*p]``: each patch's pixels, patches in the order of the ViT's patch tokens (row-major), each
+    flattened channel-major as the patch embedding's weights read them: the reconstruction target of token n."""
+    return F.unfold(images, patch, stride=patch).transpose(1, 2)
 
 
 def main() -> None:
@@ -311,11 +323,11 @@ def main() -> None:
             tokens = model.forward_features(x)
             logits = model.forward_head(tokens)
             loss = F.cross_entropy(logits, targets[index], label_smoothing=args.label_smoothing)
-            pixels = F.unfold(x, patch, stride=patch).transpose(1, 2)  # [B, N, 3*p*p], as tokens are ordered
+            pixels = patch_pixels(x, patch)
             error = F.mse_loss(decoder(tokens[:, model.num_prefix_tokens:]), pixels)
             optimizer.zero_grad(set_to_none=True)
             (loss + args.reconstruction * error).backward()
-            torch.nn.utils.clip_grad_norm_([*model.parameters(), *decoder.parameters()], 1.0)
+            torch.nn.utils.clip_grad_norm_([*model.parameters(), *decoder.parameters()], MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())

@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from inca.compare import ACCURACY_PLOT, RESULTS_FILE, protocol_lines, smoothed_loss, steps_to_reach
+from inca.compare import ACCURACY_PNG as COMPARE_ACCURACY_PNG
+from inca.compare import REPORT_JSON as COMPARE_JSON
+from inca.compare import protocol_lines, smoothed_loss, steps_to_reach
 from inca.io import atomic_write_text, read_json
-from inca.probe import REPORT_JSON, render_probe_report
+from inca.probe import REPORT_JSON as PROBE_JSON
+from inca.probe import render_probe_report
 from inca.report import fmt, markdown_table, save_figure
 
 TASKS = "digits,synth-shapes,synth-count,synth-orientation,synth-colour"
@@ -248,10 +251,10 @@ def main() -> None:
     args = parse_args()
     out = Path(args.out)
     proxy = read_json(Path(args.proxy) / "config.json")
-    summary = read_json(Path(args.compare) / RESULTS_FILE)
-    probe = read_json(Path(args.probe) / REPORT_JSON)
-    random = read_json(Path(args.random_probe) / REPORT_JSON)
-    norm = read_json(Path(args.norm_probe) / REPORT_JSON)
+    summary = read_json(Path(args.compare) / COMPARE_JSON)
+    probe = read_json(Path(args.probe) / PROBE_JSON)
+    random = read_json(Path(args.random_probe) / PROBE_JSON)
+    norm = read_json(Path(args.norm_probe) / PROBE_JSON)
     compare_lines, figures = compare_section(summary)
     pretraining = proxy["pretraining"]
     kwargs = " ".join(f"{k}={v}" for k, v in proxy["model_kwargs"].items())
@@ -299,7 +302,7 @@ def main() -> None:
         .replace("\n## ", "\n#### "),
     ]
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
-    shutil.copyfile(Path(args.compare) / ACCURACY_PLOT, out.parent / ACCURACY_PNG)
+    shutil.copyfile(Path(args.compare) / COMPARE_ACCURACY_PNG, out.parent / ACCURACY_PNG)
     plot_losses(out.parent / LOSS_PNG, summary)
     print(f"wrote {out} and its two plots")
     for f in figures:

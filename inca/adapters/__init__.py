@@ -2,8 +2,9 @@
 
 from .compacter import apply_compacter
 from .inca import AdapterSpec, InCA, InCABank, OpenInCA
-from .lora import apply_lora, export_peft, load_lora, merge_lora, save_lora, unmerge_lora
+from .lora import apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
 from .lora_ga import init_lora_ga
+from .peft_export import export_peft, load_peft_export
 from .saved import TaskAdapter, load_adapter, resign_adapter, save_adapter
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "init_lora_ga",
     "load_adapter",
     "load_lora",
+    "load_peft_export",
     "merge_lora",
     "resign_adapter",
     "save_adapter",

@@ -1,7 +1,7 @@
 """Plumbing shared by the methods' adapters (LoRA, LoRA-GA, Compacter, full fine-tuning, linear probe).
 
 One regex semantic for choosing layers, one way to say which parameters train, one parameter count, and
-one small on-disk adapter format (``adapter.safetensors`` + ``adapter_config.json``, see :func:`save_adapter`)
+one small on-disk adapter format (``adapter.safetensors`` + ``adapter_config.json``, see :func:`write_adapter`)
 so every method saves only what it trained and refuses to load onto something it was not made for.
 """
 
@@ -24,7 +24,6 @@ from torch import nn
 from inca.errors import InCAError, first_line
 from inca.io import atomic_write, atomic_write_json, file_sha256, read_json
 
-DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 # 2: the weights file's header carries the config they were saved with (1: it did not; still read).
@@ -32,7 +31,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 SIGNED_CONFIG_KEY = "inca.config"
 MAX_CONFIG_BYTES = 16 << 20  # inca's own bound: configs are a few KiB; refuse a huge file before parsing it
-_UNSIGNED = ("format_version", "weights_sha256")  # recorded by save_adapter about the files themselves
+_UNSIGNED = ("format_version", "weights_sha256")  # recorded by write_adapter about the files themselves
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def named_tensors(model: nn.Module, params: Iterable[torch.Tensor]) -> dict[str,
     return {name: t for name, t in named if id(t) in wanted}
 
 
-def save_adapter(
+def write_adapter(
     directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> None:
     """Write ``tensors`` (safetensors) then ``config`` (JSON), each atomically.
@@ -127,7 +126,7 @@ def save_adapter(
     directory = Path(directory)
     clash = sorted(set(config) & set(_UNSIGNED))
     if clash:
-        raise InCAError(f"an adapter config may not set {clash}: save_adapter records them")
+        raise InCAError(f"an adapter config may not set {clash}: write_adapter records them")
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     header = {"format": "pt", SIGNED_CONFIG_KEY: _canonical(config)}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp, metadata=header))
@@ -136,7 +135,7 @@ def save_adapter(
 
 
 def read_adapter(directory: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Config and CPU tensors of an adapter saved by :func:`save_adapter` for ``method``; a config edited
+    """Config and CPU tensors of an adapter written by :func:`write_adapter` for ``method``; a config edited
     since (see :func:`resign_adapter`) is refused, naming what changed."""
     config, tensors, signed = _read_files(directory, method)
     if signed is None:  # saved before configs were signed: still loads, as it always did
@@ -168,7 +167,7 @@ def resign_adapter(
     fresh = _signed_part(config)
     changed = ["first signature"] if signed is None else config_changes(signed, fresh)
     if changed:
-        save_adapter(directory, fresh, tensors)
+        write_adapter(directory, fresh, tensors)
     return changed
 
 

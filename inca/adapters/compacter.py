@@ -37,8 +37,8 @@ from inca.adapters.common import (
     load_tensors,
     named_tensors,
     read_adapter,
-    save_adapter,
     set_trainable,
+    write_adapter,
 )
 from inca.errors import InCAError
 
@@ -230,7 +230,7 @@ def save_compacter(model: nn.Module, directory: str | os.PathLike) -> None:
         "train_norms": any(p.requires_grad for p in _norm_parameters(model)),
         "wrapped": list(wrapped),
     }
-    save_adapter(directory, config, named_tensors(model, _saved_parameters(model)))
+    write_adapter(directory, config, named_tensors(model, _saved_parameters(model)))
 
 
 def load_compacter(model: nn.Module, directory: str | os.PathLike, train_norms: bool | None = None) -> list[str]:

@@ -8,8 +8,8 @@ an adapted model as they are. Layers are chosen by ``re.fullmatch`` on module na
 
 Saved adapters hold only ``lora_A``/``lora_B``, the head, and for layers whose base weight was shifted by an
 initialisation such as LoRA-GA (:meth:`LoRALinear.shift_base`) the ``lora_A0``/``lora_B0`` that shifted it, so
-:func:`load_lora` on the original backbone rebuilds the trained model exactly. :func:`export_peft` writes the
-same model as a PEFT adapter directory, for ``peft.PeftModel.from_pretrained`` on the original timm model.
+:func:`load_lora` on the original backbone rebuilds the trained model exactly.
+:func:`inca.adapters.peft_export.export_peft` writes the same model as a PEFT adapter directory.
 """
 
 from __future__ import annotations
@@ -18,33 +18,28 @@ import logging
 import math
 import os
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from inca.adapters.common import (
-    DEFAULT_TARGET,
-    classifier_modules,
     count_parameters,
     head_parameters,
     load_tensors,
     named_tensors,
     read_adapter,
-    save_adapter,
     select_linear_modules,
     set_trainable,
+    write_adapter,
 )
 from inca.errors import InCAError
-from inca.io import atomic_write, atomic_write_json
+from inca.options import DEFAULT_TARGET
 
 __all__ = [
     "DEFAULT_TARGET",
     "LoRALinear",
     "apply_lora",
-    "export_peft",
     "load_lora",
     "lora_layers",
     "mark_trainable",
@@ -223,7 +218,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     }
     shifts = [t for layer in layers.values() for t in layer.buffers(recurse=False)]
     tensors = named_tensors(model, _lora_parameters(model) + head_parameters(model) + shifts)
-    save_adapter(directory, config, tensors)
+    write_adapter(directory, config, tensors)
 
 
 def load_lora(model: nn.Module, directory: str | os.PathLike) -> list[str]:
@@ -250,66 +245,3 @@ def load_lora(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     expected = named_tensors(model, _lora_parameters(model) + head_parameters(model))
     load_tensors(model, tensors, expected)
     return names
-
-
-PEFT_CONFIG_FILE = "adapter_config.json"  # PEFT's CONFIG_NAME and SAFETENSORS_WEIGHTS_NAME
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in model.named_modules() if m is module)
-
-
-def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
-    """Write a LoRA (or LoRA-GA) timm model as a PEFT LoRA adapter directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``).
-
-    ``peft.PeftModel.from_pretrained(timm.create_model(name, num_classes=C, **same_kwargs), directory)`` on the
-    backbone's original weights then computes what ``model`` computes (up to float rounding). The head goes
-    in ``modules_to_save``. A shifted base (LoRA-GA: ``W' = W - s B0 A0``) is exported relative to the
-    original ``W`` as one LoRA of rank 2r: ``s (B A - B0 A0) = s [B, -B0] [A; A0]``, with ``lora_alpha``
-    adjusted so that PEFT's scale for rank 2r is still ``s``. Merged layers export the same way.
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise InCAError("the model has no LoRA layers to export; call apply_lora(model) first")
-    first = next(iter(layers.values()))
-    if len({layer.shifted for layer in layers.values()}) > 1:
-        raise InCAError("only some LoRA layers have a shifted base weight; export a model initialised as a whole")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        A, B = layer.lora_A.detach(), layer.lora_B.detach()
-        if layer.shifted:
-            A, B = torch.cat([A, layer.lora_A0]), torch.cat([B, -layer.lora_B0], dim=1)
-        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A
-        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B
-    rank, alpha = first.rank, first.alpha
-    if first.shifted:  # PEFT's scale at rank 2r must stay ours: alpha / r, or alpha / sqrt(r) with rsLoRA
-        rank, alpha = 2 * rank, alpha * (math.sqrt(2) if first.rslora else 2)
-    head_names = []
-    for head in classifier_modules(model):  # two for a distilled DeiT
-        if head.state_dict():
-            head_names.append(_module_name(model, head))
-            tensors.update({f"{_PEFT_PREFIX}{head_names[-1]}.{k}": v for k, v in head.state_dict().items()})
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": rank,
-        "lora_alpha": alpha,
-        "use_rslora": first.rslora,
-        "lora_dropout": first.dropout,
-        "target_modules": list(layers),
-        "modules_to_save": head_names or None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    directory = Path(directory)
-    cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    atomic_write(directory / PEFT_WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
-    atomic_write_json(directory / PEFT_CONFIG_FILE, config)
-    logger.info("PEFT LoRA adapter (r=%d, %d layers%s) written to %s", rank, len(layers),
-                ", base shift folded in" if first.shifted else "", directory)

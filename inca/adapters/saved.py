@@ -6,7 +6,7 @@ The InCA paper (Dukler et al., 2023) trains many adapters on one backbone pass a
 ``log(mean_k softmax(logits_k))``, whose softmax is the averaged probability (and whose argmax is the
 ensemble's prediction), so callers treat both the same way.
 
-On disk it is the format every inca method shares (:func:`inca.adapters.common.save_adapter`):
+On disk it is the format every inca method shares (:func:`inca.adapters.common.write_adapter`):
 ``adapter_config.json`` (``method: "inca"``, the members' layers and shapes, classes, provenance, and the
 SHA-256 of the weights file) plus ``adapter.safetensors`` (``members.<k>.<InCA parameter>``, and in its header
 the config it was saved with). A config edited by hand (two class names swapped) is refused on load, naming
@@ -111,7 +111,7 @@ def save_adapter(adapter: TaskAdapter, directory: str | os.PathLike) -> None:
     ]
     config = {**adapter.metadata, "method": METHOD, "classes": adapter.classes, "members": members}
     tensors = {f"members.{k}.{name}": t for k, m in enumerate(adapter.members) for name, t in m.state_dict().items()}
-    common.save_adapter(directory, config, tensors)
+    common.write_adapter(directory, config, tensors)
 
 
 def load_adapter(directory: str | os.PathLike) -> TaskAdapter:

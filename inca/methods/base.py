@@ -1,80 +1,39 @@
-"""What every method's hyper-parameters are made of: typed dataclass fields that say what they do and where
-their default comes from, checked and coerced from the command line or a recipe by their declared type.
+"""What every method's hyper-parameters are made of: a typed :class:`~inca.config.Config` whose
+:func:`~inca.config.hparam` fields say what they do and where their default comes from.
 
-A method declares its hyper-parameters once, as a frozen dataclass of :func:`hparam` fields (the defaults,
-the ``--help`` text and the sources all live there); ``inca-compare --method-args lora.rank=4`` and a recipe's
-``method_args: {lora: {rank: 4}}`` are coerced to the field's type (``bool``, ``int``, ``float``, ``str``,
-``list[...]`` of those) with a one-line :class:`~inca.errors.InCAError` when they do not fit.
+``inca-compare --method-args lora.rank=4`` and a recipe's ``method_args: {lora: {rank: 4}}`` are coerced to
+the field's type (``bool``, ``int``, ``float``, ``str``, ``list[...]`` of those) with a one-line
+:class:`~inca.errors.InCAError` when they do not fit. This module imports no torch (``--help`` lists every
+method's hyper-parameters without it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from inca.distributed import current
-from inca.errors import InCAError
-from inca.train.bank import epoch_batches
+from inca.config import Config, hparam, type_name
+from inca.errors import InCAError, require_positive
 
 if TYPE_CHECKING:
     import torch
 
-    from inca.train.e2e import Batches
+    from inca.activations import DataSource
 
-__all__ = ["HEAD_INITS", "ApplyContext", "MethodConfig", "RunSettings", "TrainConfig", "hparam", "lr_candidates"]
+__all__ = ["HEAD_INITS", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunConfig", "TrainConfig", "hparam",
+           "lr_candidates", "type_name"]
 
 HEAD_INITS = ("linear-probe", "random", "zero")
-LR_STEP = 3.0  # --lr-grid: neighbouring learning rates are this factor apart
+LR_STEP = 3.0  # --lr-grid: neighbouring learning rates are this factor apart (inca's own choice: half a decade)
 HF_TRAINER = "HF TrainingArguments' default max_grad_norm=1.0"
-
-
-def hparam(default: Any = dataclasses.MISSING, *, help: str = "", source: str = "") -> Any:
-    """A hyper-parameter field: its ``default``, what it does (``help``) and where the default comes from
-    (``source``: a paper's section or the authors' repository and file, or "ours").
-
-    A subclass that only changes the default may leave ``help`` empty: it is inherited from the base field.
-    A list default is copied for every instance.
-    """
-    metadata = {"help": help, "source": source}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=functools.partial(list, default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+PEFT_DIR = "peft"  # under a run's work_dir: the PEFT export of a LoRA-type model (RunConfig.export_peft)
 
 
 @dataclass(frozen=True, kw_only=True)
-class MethodConfig:
+class MethodConfig(Config):
     """Base of every method's hyper-parameters (a frozen, keyword-only dataclass of :func:`hparam` fields)."""
-
-    @classmethod
-    def fields(cls) -> dict[str, dataclasses.Field]:
-        """The hyper-parameters by name, in declaration order."""
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def field_help(cls, name: str) -> str:
-        """What ``name`` does: its own help, else that of the nearest base class declaring it."""
-        for klass in cls.__mro__:
-            own = getattr(klass, "__dataclass_fields__", {}).get(name)
-            if own is not None and own.metadata.get("help"):
-                return own.metadata["help"]
-        return ""
-
-    @classmethod
-    def coerce(cls, where: str, key: str, value: Any) -> Any:
-        """``value`` as field ``key``'s type (YAML reads ``1e-3`` as a string, ``3`` as an int); ``where``
-        names the method in the error."""
-        field = cls.fields()[key]
-        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        return _coerce(value, typing.get_type_hints(cls)[key], f"{where}.{key}", default)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every hyper-parameter, JSON-ready (what ``compare.json`` records and hashes)."""
-        return dataclasses.asdict(self)
 
 
 def lr_candidates(lr: float, size: int) -> list[float]:
@@ -121,7 +80,7 @@ class TrainConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class RunConfig:
     """What every method of a comparison shares: epochs, batch size (train and eval), seed, and the protocol:
 
     * ``head_init``: how the new head of a method that trains more than the head starts (``linear-probe``:
@@ -146,8 +105,7 @@ class RunSettings:
     lr_grid: int = 1
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InCAError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be positive")
+        require_positive(epochs=self.epochs, batch_size=self.batch_size)
         if self.head_init not in HEAD_INITS:
             raise InCAError(f"--head-init {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
         lr_candidates(1.0, self.lr_grid)  # checks the size
@@ -161,7 +119,7 @@ class RunSettings:
 class ApplyContext:
     """What a method's ``apply`` may need beyond its config (LoRA-GA: the first training batches)."""
 
-    data: Batches
+    data: DataSource
     batch_size: int
     seed: int
     device: torch.device
@@ -169,49 +127,9 @@ class ApplyContext:
     def train_batches(self, count: int) -> Iterator:
         """The first ``count`` batches of epoch 1, in the order training will see them (data-parallel: this
         rank's shards of the global batches)."""
+        from inca.distributed import current
+        from inca.train.bank import epoch_batches
+
         world = current()
         order = epoch_batches(self.data.num_rows("train"), self.batch_size * world.size, self.seed, 0)
         return iter(self.data.loader("train", [world.shard(batch) for batch in order[:count]]))
-
-
-def type_name(tp: Any) -> str:
-    """``int``, ``list of float``, ``str or None``: a field type in words, for help and errors."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is list:
-        return f"list of {type_name(args[0])}"
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return " or ".join("None" if a is type(None) else type_name(a) for a in args)
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str, default: Any) -> Any:
-    bad = InCAError(f"{where} expects a {type_name(tp)} like {default!r}, got {value!r}")
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is list:  # a grid: one value or several
-        try:
-            return [_coerce(v, args[0], where, default) for v in (value if isinstance(value, list) else [value])]
-        except InCAError:
-            raise bad from None
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:  # X | None
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where, default)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-    if tp is str:
-        return ",".join(map(str, value)) if isinstance(value, list) else str(value)  # layers: [0, 5] -> "0,5"
-    raise TypeError(f"{where}: hyper-parameters of type {type_name(tp)} are not supported")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from inca.adapters.compacter import apply_compacter, load_compacter, save_compacter
 from inca.methods.base import HF_TRAINER, ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
+from inca.registry import lazy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PAPER = "Mahabadi et al. 2021, Section 4"
 CONFIG = "rabeehk/compacter, seq2seq/configs/compacter.json"
@@ -59,15 +61,17 @@ class CompacterPlusConfig(CompacterConfig):
 
 def apply(model: nn.Module, config: CompacterConfig, context: ApplyContext) -> None:
     """Wrap the blocks' sub-layers with adapters sharing one rule tensor; adapters, norms and head train."""
+    from inca.adapters.compacter import apply_compacter
+
     apply_compacter(model, config.phm_dim, config.rank, config.reduction, config.plus, config.train_norms)
 
 
+SAVE, LOAD = lazy("inca.adapters.compacter:save_compacter"), lazy("inca.adapters.compacter:load_compacter")
 register_method(
     "compacter", CompacterConfig, "Compacter (Mahabadi et al., 2021): bottleneck adapters of low-rank "
-    "hypercomplex (LPHM) layers after each block's attention and MLP", apply=apply, save=save_compacter,
-    load=load_compacter,
+    "hypercomplex (LPHM) layers after each block's attention and MLP", apply=apply, save=SAVE, load=LOAD,
 )  # fmt: skip
 register_method(
     "compacter++", CompacterPlusConfig, "Compacter++ (Mahabadi et al., 2021): Compacter after each block's MLP "
-    "only", apply=apply, save=save_compacter, load=load_compacter,
+    "only", apply=apply, save=SAVE, load=LOAD,
 )  # fmt: skip

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from inca.adapters.common import load_tensors, named_tensors, read_adapter, save_adapter, set_trainable
 from inca.methods.base import ApplyContext, TrainConfig, hparam
+
+if TYPE_CHECKING:
+    from torch import nn
 from inca.methods.registry import register_method
 
 BASELINE = "Outsider565/LoRA-GA, reproduce/utils.py (train_text_to_text_model, the trainer of its full fine-tuning"
@@ -27,16 +28,22 @@ class FullConfig(TrainConfig):
 
 def apply(model: nn.Module, config: FullConfig, context: ApplyContext) -> None:
     """Everything trains."""
+    from inca.adapters.common import set_trainable
+
     set_trainable(model, model.parameters())
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Every parameter (backbone and head); buffers are not trained and come from the backbone on load."""
-    save_adapter(directory, {"method": "full"}, named_tensors(model, model.parameters()))
+    from inca.adapters.common import named_tensors, write_adapter
+
+    write_adapter(directory, {"method": "full"}, named_tensors(model, model.parameters()))
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> None:
     """Load a saved full fine-tuning onto a copy of its backbone with the same ``num_classes`` head."""
+    from inca.adapters.common import load_tensors, named_tensors, read_adapter, set_trainable
+
     _, tensors = read_adapter(directory, "full")
     load_tensors(model, tensors, named_tensors(model, model.parameters()))
     set_trainable(model, model.parameters())

@@ -10,67 +10,59 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from inca.backbone import Backbone, resolve_layers
-from inca.methods.base import MethodConfig, RunSettings, hparam, lr_candidates
+from inca.methods.base import MethodConfig, RunConfig, hparam, lr_candidates
 from inca.methods.registry import Method, register_method
-from inca.methods.run import seeded
-from inca.tasks import Task
-from inca.train.runner import InCAOptions, train_inca_task
+from inca.methods.result import InCAResult
+from inca.train.config import InCAGridConfig, InCATrainConfig
 
-PAPER = "Dukler et al. 2023"
-OPTIONS = "inca.train.runner.InCAOptions' default"
+if TYPE_CHECKING:
+    from inca.backbone import Backbone
+    from inca.tasks import Task
 
 
 @dataclass(frozen=True, kw_only=True)
-class InCAConfig(MethodConfig):
-    """InCA's hyper-parameters: the layers, and the grid of adapters the bank trains at once."""
+class InCAConfig(InCAGridConfig, MethodConfig):
+    """InCA's hyper-parameters in a comparison: ``inca-train``'s grid of adapters (the bank trains every
+    combination at once) and the layers they read; epochs, batch size and seed are the comparison's."""
 
     layers: str = hparam("all", help="layers read by an adapter each: all | -1 | 0,5,11 | last:K",
-                         source="ours: one adapter per layer in one bank, the best chosen on val")
-    lr: list[float] = hparam([1e-3], help="learning rates (a grid: the bank trains every combination)",
-                             source=OPTIONS)
-    weight_decay: list[float] = hparam([1e-4], help="weight decays (grid)", source=OPTIONS)
-    warmup_ratio: float = hparam(0.1, help="fraction of all steps that warm the learning rate up linearly",
-                                 source=OPTIONS)
-    queries: list[int] = hparam([1], help="learned queries per adapter (grid)", source=f"{PAPER}: one query")
-    heads: list[int] = hparam([], help="attention heads (grid); empty: the backbone's number of heads",
-                              source=f"{PAPER}: the backbone's number of heads")
-    mlp_ratio: list[float] = hparam([0.0], help="adapter MLP width / model width, 0 = no MLP (grid)",
-                                    source=f"{PAPER}: no MLP")
-    cache: str = hparam("auto", help="activations from an on-disk store: auto | always | never",
-                        source=OPTIONS)
+                         source="inca's own choice: one adapter per layer in one bank, the best chosen on val")
 
 
 def run(
-    method: Method, backbone: Backbone, task: Task, config: InCAConfig, settings: RunSettings,
+    method: Method, backbone: Backbone, task: Task, config: InCAConfig, settings: RunConfig,
     work_dir: str | os.PathLike,
-) -> dict[str, Any]:  # fmt: skip
+) -> InCAResult:  # fmt: skip
     """Train the config's grid as one bank on the live backbone (each learning rate widened to
     ``settings.lr_grid`` values, as the end-to-end methods are tuned; augmented views streamed live with
     ``settings.augment``); the best adapter on val at its best epoch, and its figures."""
+    from inca.backbone import resolve_layers
+    from inca.methods.run import seeded
+    from inca.train.runner import train_inca_task
+
     layers = resolve_layers(config.layers, backbone.num_blocks)
-    grid = {key: value for key, value in config.to_dict().items() if key != "layers"}
+    grid = {key: getattr(config, key) for key in InCAGridConfig.fields()}
     grid["lr"] = sorted({lr for base in config.lr for lr in lr_candidates(base, settings.lr_grid)})
-    options = InCAOptions(
+    train_config = InCATrainConfig(
         **grid, adapter_seeds=[settings.seed], epochs=settings.epochs, batch_size=settings.batch_size,
         seed=settings.seed, num_workers=settings.num_workers, augment=settings.augment,
     )  # fmt: skip
     with seeded(settings.seed, backbone.device):  # the augmentation's draws
-        result = train_inca_task(backbone, task, layers, options, work_dir)
+        result = train_inca_task(backbone, task, layers, train_config, work_dir)
     best = json.loads(json.dumps(result["best"], default=str))
-    return {
-        "test_acc": float(result["test_acc"]),
-        "val_acc": float(result["val_acc"]),
-        "best_epoch": int(result["best_epoch"]),
-        "trainable_params": int(result["trainable_params"]),
-        "steps": int(result["steps"]),
-        "loss_curve": [float(x) for x in result["loss_curve"]],  # one value per epoch (the bank trainer's)
-        "activations": result["activations"],  # "cache" (a store, maybe built by an earlier run) or "live"
-        "tuned": {"lr": best["lr"], "layer": best["layer"]},
-        "best": best,
-    }
+    return InCAResult(
+        test_acc=float(result["test_acc"]),
+        val_acc=float(result["val_acc"]),
+        best_epoch=int(result["best_epoch"]),
+        trainable_params=int(result["trainable_params"]),
+        steps=int(result["steps"]),
+        loss_curve=[float(x) for x in result["loss_curve"]],  # one value per epoch (the bank trainer's)
+        tuned={"lr": best["lr"], "layer": best["layer"]},
+        activations=result["activations"],
+        best=best,
+    )
 
 
 register_method(

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from inca.adapters.common import (
-    classifier_modules,
-    head_parameters,
-    load_tensors,
-    named_tensors,
-    read_adapter,
-    save_adapter,
-    set_trainable,
-)
 from inca.errors import InCAError
 from inca.methods.base import ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
-from inca.train.e2e import POOLS
+from inca.options import POOLS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 OURS = "ours: no paper's setting applies to this probe"
 
@@ -50,18 +43,31 @@ class LinearConfig(TrainConfig):
 
 def apply(model: nn.Module, config: LinearConfig, context: ApplyContext) -> None:
     """Only the head trains."""
+    from inca.adapters.common import head_parameters, set_trainable
+
     set_trainable(model, head_parameters(model))
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """The head and the pooling it reads (timm's ``global_pool``)."""
+    from inca.adapters.common import head_parameters, named_tensors, write_adapter
+
     pool = getattr(model, "global_pool", None)
     config = {"method": "linear", "global_pool": pool if isinstance(pool, str) else None}
-    save_adapter(directory, config, named_tensors(model, head_parameters(model)))
+    write_adapter(directory, config, named_tensors(model, head_parameters(model)))
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> None:
     """Load a saved probe onto a copy of its backbone with a ``num_classes`` head (its pooling is restored)."""
+    from inca.adapters.common import (
+        classifier_modules,
+        head_parameters,
+        load_tensors,
+        named_tensors,
+        read_adapter,
+        set_trainable,
+    )
+
     config, tensors = read_adapter(directory, "linear")
     pool = config["global_pool"]
     if pool is not None and getattr(model, "global_pool", None) != pool:

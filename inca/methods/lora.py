@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from inca.adapters.common import DEFAULT_TARGET
-from inca.adapters.lora import apply_lora, export_peft, load_lora, save_lora
 from inca.methods.base import HF_TRAINER, ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
+from inca.options import DEFAULT_TARGET
+from inca.registry import lazy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TABLE_9 = "Hu et al. 2021, Table 9 (RoBERTa-base on GLUE)"
 GLUE = "microsoft/LoRA, examples/NLU/roberta_base_mnli.sh"
@@ -38,10 +40,13 @@ class LoRAConfig(TrainConfig):
 
 def apply(model: nn.Module, config: LoRAConfig, context: ApplyContext) -> None:
     """Wrap the target layers with zero-initialised LoRA; only LoRA and the head train."""
+    from inca.adapters.lora import apply_lora
+
     apply_lora(model, config.rank, config.alpha, config.target, config.rslora, config.dropout)
 
 
 register_method(
     "lora", LoRAConfig, "LoRA (Hu et al., 2021): a trainable low-rank update s B A of each target nn.Linear, "
-    "B = 0 at init; the head trains too", apply=apply, save=save_lora, load=load_lora, export=export_peft,
+    "B = 0 at init; the head trains too", apply=apply, save=lazy("inca.adapters.lora:save_lora"),
+    load=lazy("inca.adapters.lora:load_lora"), export=lazy("inca.adapters.peft_export:export_peft"),
 )  # fmt: skip

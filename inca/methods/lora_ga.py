@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from inca.adapters.lora import export_peft, load_lora, save_lora
-from inca.adapters.lora_ga import init_lora_ga
 from inca.errors import InCAError
 from inca.methods import lora
 from inca.methods.base import HF_TRAINER, ApplyContext, hparam
 from inca.methods.registry import register_method
-from inca.train.e2e import batch_loss
+from inca.registry import lazy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 REPO = "Outsider565/LoRA-GA"
 TRAINER = f"{REPO}, reproduce/utils.py (train_text_to_text_model)"
@@ -57,6 +57,9 @@ class LoRAGAConfig(lora.LoRAConfig):
 
 def apply(model: nn.Module, config: LoRAGAConfig, context: ApplyContext) -> None:
     """LoRA, then A and B from the gradient of the first training batches; the base weight absorbs s B A."""
+    from inca.adapters.lora_ga import init_lora_ga
+    from inca.train.e2e import batch_loss
+
     lora.apply(model, config, context)
     loss = functools.partial(batch_loss, device=context.device)
     init_lora_ga(model, context.train_batches(config.init_batches), loss, config.gamma, config.direction,
@@ -65,6 +68,7 @@ def apply(model: nn.Module, config: LoRAGAConfig, context: ApplyContext) -> None
 
 register_method(
     "lora-ga", LoRAGAConfig, "LoRA-GA (Wang et al., 2024): LoRA whose A, B start from the SVD of the loss "
-    "gradient, the base weight shifted so the output is unchanged at init", apply=apply, save=save_lora,
-    load=load_lora, export=export_peft,
+    "gradient, the base weight shifted so the output is unchanged at init", apply=apply,
+    save=lazy("inca.adapters.lora:save_lora"), load=lazy("inca.adapters.lora:load_lora"),
+    export=lazy("inca.adapters.peft_export:export_peft"),
 )  # fmt: skip

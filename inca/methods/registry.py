@@ -6,9 +6,13 @@ functions of an end-to-end method, trained by the shared loop of :mod:`inca.meth
 * ``apply(model, config, context)``: decide what a fresh trainable copy of the backbone trains (add the
   method's modules, set ``requires_grad``);
 * ``save(model, directory)`` / ``load(model, directory)``: the method's adapter in the one on-disk format of
-  :func:`inca.adapters.common.save_adapter`, loaded onto a fresh copy of the same backbone;
+  :func:`inca.adapters.common.write_adapter`, loaded onto a fresh copy of the same backbone;
 
 or its own ``run`` (``inca``: a bank of adapters on the live frozen backbone).
+
+:data:`METHODS` is a :class:`~inca.registry.Registry`: the built-in methods below, then those other packages
+register through the ``inca.methods`` entry-point group. Method modules import torch only inside their
+functions, so ``inca-compare --help`` lists every method without loading it.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from inca.config import type_name
 from inca.errors import InCAError
-from inca.methods.base import ApplyContext, MethodConfig, type_name
+from inca.methods.base import ApplyContext, MethodConfig
+from inca.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from inca.backbone import Backbone
 
 __all__ = [
     "METHODS",
@@ -41,6 +49,7 @@ __all__ = [
 
 ApplyFn = Callable[["nn.Module", MethodConfig, ApplyContext], None]
 FileFn = Callable[["nn.Module", "str | os.PathLike"], Any]
+ExportFn = Callable[["nn.Module", "str | os.PathLike", "Backbone", "str | None"], Any]
 RunFn = Callable[..., dict[str, Any]]
 
 
@@ -50,8 +59,9 @@ class Method:
 
     ``features_only`` trains the head on pooled features computed once instead of through the backbone;
     ``shares_backbone`` marks a method that runs on the live frozen backbone instead of its own copy (its
-    memory footprint includes the backbone's weights); ``export`` writes a trained model in another
-    library's format (LoRA types: a PEFT adapter, see :func:`inca.adapters.lora.export_peft`).
+    memory footprint includes the backbone's weights); ``export(model, directory, backbone, head_pool)`` writes
+    a trained model in another library's format, with what rebuilds the backbone it was copied from (LoRA
+    types: a PEFT adapter, see :func:`inca.adapters.peft_export.export_peft`).
     """
 
     name: str
@@ -63,7 +73,7 @@ class Method:
     run: RunFn | None = None
     features_only: bool = False
     shares_backbone: bool = False
-    export: FileFn | None = None
+    export: ExportFn | None = None
 
     def make_config(self, values: MethodConfig | Mapping[str, Any] | None = None) -> MethodConfig:
         """The method's config from a config, or from (some of) its hyper-parameters, checked and typed."""
@@ -79,7 +89,10 @@ class Method:
         return self.config().to_dict()
 
 
-METHODS: dict[str, Method] = {}
+# Built-in methods in the default ``--methods`` order; other packages' follow, from their entry points.
+METHODS: Registry[Method] = Registry("method", "inca.methods", builtins=[
+    f"inca.methods.{name}" for name in ("inca", "lora", "lora_ga", "compacter", "full", "linear")
+])
 
 
 def register_method(
@@ -93,41 +106,24 @@ def register_method(
     run: RunFn | None = None,
     features_only: bool = False,
     shares_backbone: bool = False,
-    export: FileFn | None = None,
+    export: ExportFn | None = None,
 ) -> Method:
     """Add a method to :data:`METHODS` (``--methods`` order is registration order) and return it.
 
     An end-to-end method gives ``apply``, ``save`` and ``load``; any other gives its own
-    ``run(method, backbone, task, config, settings, work_dir) -> metrics``. Every hyper-parameter needs a
-    default, a help text and a source (checked here, so a method missing one fails at import).
+    ``run(method, backbone, task, config, settings, work_dir) -> MethodResult``. Every hyper-parameter needs
+    a default, a help text and a source (checked here, so a method missing one fails at import).
     """
-    if name in METHODS:
-        raise ValueError(f"method {name!r} is registered twice")
     if run is None and None in (apply, save, load):
         raise ValueError(f"method {name!r} needs apply, save and load (end-to-end) or its own run")
-    try:
-        config()
-    except TypeError as exc:
-        raise ValueError(f"method {name!r}: every hyper-parameter of {config.__name__} needs a default") from exc
-    for key, field in config.fields().items():
-        if not config.field_help(key) or not field.metadata.get("source"):
-            raise ValueError(f"method {name!r}: hyper-parameter {key!r} needs help and source metadata")
+    config.check_definition(f"method {name!r}")
     method = Method(name, config, summary, apply, save, load, run, features_only, shares_backbone, export)
-    METHODS[name] = method
-    return method
-
-
-def _unknown(kind: str, name: str, valid: Sequence[str]) -> InCAError:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return InCAError(f"unknown {kind} {name!r}{hint}; choose from {', '.join(valid)}")
+    return METHODS.register(name, method)
 
 
 def get_method(name: str) -> Method:
     """The registered method ``name``; an unknown name is a one-line error with the closest match."""
-    if name not in METHODS:
-        raise _unknown("method", name, list(METHODS))
-    return METHODS[name]
+    return METHODS.get_entry(name)
 
 
 def _check_key(method: Method, key: str) -> None:
@@ -189,11 +185,11 @@ def methods_help(width: int = 78) -> str:
         lines.append("")
         lines += textwrap.wrap(f"{method.name}: {method.summary}", width, initial_indent="  ",
                                subsequent_indent="    ")
-        fields, hints = method.config.fields(), typing.get_type_hints(method.config)
+        hints = typing.get_type_hints(method.config)
         for key, value in method.defaults().items():
             shown = value if isinstance(value, str) and value else repr(value)  # as typed in --method-args
             text = (f"{key}={shown} ({type_name(hints[key])}): {method.config.field_help(key)} "
-                    f"[{fields[key].metadata['source']}]")
+                    f"[{method.config.field_source(key)}]")
             lines += textwrap.wrap(text, width, initial_indent="    ", subsequent_indent="        ")
     return "\n".join(lines)
 

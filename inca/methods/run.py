@@ -1,9 +1,9 @@
 """Running a registered method on a task: one entry point, :func:`run_method`, for every method.
 
 An end-to-end method starts from a trainable copy of the frozen backbone (timm model + a new head for the
-task, drawn under the run's seed, then started as ``RunSettings.head_init`` says), lets the method's ``apply``
+task, drawn under the run's seed, then started as ``RunConfig.head_init`` says), lets the method's ``apply``
 say what trains, and trains with the one loop of :mod:`inca.train.e2e`, so every method's numbers come from
-the same optimiser, schedule and batches. With ``RunSettings.lr_grid`` above 1 each configuration of the
+the same optimiser, schedule and batches. With ``RunConfig.lr_grid`` above 1 each configuration of the
 method's :meth:`~inca.methods.base.TrainConfig.tuning_grid` trains from the same start, and the best on
 validation is kept.
 """
@@ -22,20 +22,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from inca.activations import DataSource, ImageBatches
 from inca.adapters.common import count_parameters, logit_layers
 from inca.backbone import Backbone
 from inca.distributed import current
 from inca.errors import InCAError
-from inca.methods.base import ApplyContext, MethodConfig, RunSettings, TrainConfig
+from inca.methods.base import PEFT_DIR, ApplyContext, MethodConfig, RunConfig, TrainConfig
 from inca.methods.registry import Method, get_method
+from inca.methods.result import EndToEndResult, MethodResult
 from inca.tasks import SPLITS, Task
-from inca.train.e2e import Batches, FitConfig, FitResult, ImageBatches, fit, pooled_features, trainable_copy
+from inca.train.e2e import FitConfig, FitResult, fit, pooled_features, trainable_copy
 
 __all__ = ["PEFT_DIR", "build_model", "probe_head", "run_method", "seeded", "train_e2e"]
 
 logger = logging.getLogger(__name__)
 
-PEFT_DIR = "peft"  # under a run's work_dir: the PEFT export of a LoRA-type model (RunSettings.export_peft)
 
 Hparams = MethodConfig | Mapping[str, Any]
 
@@ -61,14 +62,14 @@ def _end_to_end(name: str) -> Method:
     return method
 
 
-def _fit_config(config: TrainConfig, settings: RunSettings, desc: str) -> FitConfig:
+def _fit_config(config: TrainConfig, settings: RunConfig, desc: str) -> FitConfig:
     return FitConfig(
         settings.epochs, settings.batch_size, config.lr, config.weight_decay, config.warmup_ratio, settings.seed,
         settings.progress, desc=desc, max_grad_norm=config.max_grad_norm,
     )  # fmt: skip
 
 
-def probe_head(model: nn.Module, data: Batches, settings: RunSettings) -> dict[str, torch.Tensor]:
+def probe_head(model: nn.Module, data: DataSource, settings: RunConfig) -> dict[str, torch.Tensor]:
     """The head of ``model`` fitted on its frozen pooled features (un-augmented, computed once) exactly as the
     ``linear`` method fits its own (its default config, the run's epochs, batches and seed): the start of
     linear-probe-then-fine-tune (Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022).
@@ -79,7 +80,7 @@ def probe_head(model: nn.Module, data: Batches, settings: RunSettings) -> dict[s
     return {k: v.detach().cpu() for k, v in head.state_dict().items()}
 
 
-def fit_head(model: nn.Module, features: Batches, fit_config: FitConfig) -> FitResult:
+def fit_head(model: nn.Module, features: DataSource, fit_config: FitConfig) -> FitResult:
     """Fit ``model``'s head on its pooled ``features``. A distilled DeiT's second head takes the same weights,
     so the average of its two heads' logits is this head's."""
     first, *others = logit_layers(model)
@@ -90,7 +91,7 @@ def fit_head(model: nn.Module, features: Batches, fit_config: FitConfig) -> FitR
 
 
 def _start_head(
-    model: nn.Module, settings: RunSettings, head: Mapping[str, torch.Tensor] | None, data: Batches
+    model: nn.Module, settings: RunConfig, head: Mapping[str, torch.Tensor] | None, data: DataSource
 ) -> None:
     """Start the freshly drawn head as ``settings.head_init`` says (``head``: a linear-probe head fitted before)."""
     if settings.head_init == "random":
@@ -105,7 +106,7 @@ def _start_head(
 
 
 def build_model(
-    name: str, backbone: Backbone, num_classes: int, hparams: Hparams, data: Batches, settings: RunSettings,
+    name: str, backbone: Backbone, num_classes: int, hparams: Hparams, data: DataSource, settings: RunConfig,
     head: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:  # fmt: skip
     """A trainable copy of the backbone for end-to-end method ``name`` (``data``: the head's linear probe and
@@ -121,7 +122,7 @@ def build_model(
 
 
 def train_e2e(
-    name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunSettings,
+    name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunConfig,
     head: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, FitResult]:  # fmt: skip
     """Train end-to-end method ``name`` on ``task``: the trained timm model (best epoch by val) and its
@@ -142,7 +143,7 @@ def train_e2e(
 
 
 def _task_probe_head(
-    method: Method, backbone: Backbone, task: Task, config: TrainConfig, settings: RunSettings
+    method: Method, backbone: Backbone, task: Task, config: TrainConfig, settings: RunConfig
 ) -> dict[str, torch.Tensor] | None:
     """The linear-probe head of ``task`` under the run's seed when the protocol starts heads from one, else None."""
     if settings.head_init != "linear-probe" or method.features_only:
@@ -159,9 +160,9 @@ def _tuned(config: TrainConfig, default: TrainConfig) -> dict[str, Any]:
 
 
 def run_e2e(
-    method: Method, backbone: Backbone, task: Task, config: MethodConfig, settings: RunSettings,
+    method: Method, backbone: Backbone, task: Task, config: MethodConfig, settings: RunConfig,
     work_dir: str | os.PathLike,
-) -> dict[str, Any]:  # fmt: skip
+) -> EndToEndResult:  # fmt: skip
     """Train an end-to-end method, over its tuning grid when ``settings.lr_grid`` > 1 (every point from the
     same start, the best on val kept; ties keep the earlier point, the method's own config first); with
     ``settings.export_peft`` also export it (``work_dir/peft``)."""
@@ -177,33 +178,27 @@ def run_e2e(
     point, model, result = best
     if len(grid) > 1:
         logger.info("%s on %s: %s chosen on val out of %d", method.name, task.spec, _tuned(point, config), len(grid))
-    metrics = {
-        "test_acc": result.test_acc,
-        "val_acc": result.val_acc,
-        "best_epoch": result.best_epoch,
-        "trainable_params": count_parameters(model).trainable,
-        "steps": result.steps,
-        "val_curve": result.val_curve,
-        "loss_curve": result.loss_curve,
-        "diverged_at_step": result.diverged_at_step,
-        "tuned": _tuned(point, config),
-        "grid": grid,
-    }
+    peft_dir = None
     if settings.export_peft and method.export is not None:
-        target = Path(work_dir) / PEFT_DIR
+        peft_dir = Path(work_dir) / PEFT_DIR
         if current().is_main:  # data-parallel ranks hold the same model: one writes it
-            method.export(model, target)
-        metrics["peft_dir"] = str(target)
-        logger.info("%s on %s: PEFT adapter written to %s", method.name, task.spec, target)
-    return metrics
+            method.export(model, peft_dir, backbone, config.head_pool)
+        logger.info("%s on %s: PEFT adapter written to %s", method.name, task.spec, peft_dir)
+    return EndToEndResult(
+        test_acc=result.test_acc, val_acc=result.val_acc, best_epoch=result.best_epoch,
+        trainable_params=count_parameters(model).trainable, steps=result.steps, loss_curve=result.loss_curve,
+        tuned=_tuned(point, config), val_curve=result.val_curve, diverged_at_step=result.diverged_at_step,
+        grid=grid, peft_dir=None if peft_dir is None else str(peft_dir),
+    )  # fmt: skip
 
 
 def run_method(
-    name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunSettings,
+    name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunConfig,
     work_dir: str | os.PathLike,
-) -> dict[str, Any]:  # fmt: skip
-    """Train method ``name`` on ``task``: test/val accuracy (best epoch by val), trainable parameters, steps,
-    per-step training loss, ... (a JSON-ready dict). ``work_dir`` is where a method may write files."""
+) -> MethodResult:  # fmt: skip
+    """Train method ``name`` on ``task``: its :class:`~inca.methods.result.MethodResult` (test/val accuracy at
+    the best epoch by val, trainable parameters, steps, training loss, ...). ``work_dir`` is where a method may
+    write files."""
     method = get_method(name)
     run = method.run or run_e2e
     return run(method, backbone, task, method.make_config(hparams), settings, work_dir)

@@ -3,38 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from ..errors import InCAError, first_line
+from ..io import canonical_json
 
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.2
 
 
-class ImageSource(Protocol):
-    """Random access to the images of a dataset, by row."""
-
-    def load(self, row: int) -> Image.Image: ...
-
-    def describe(self, row: int) -> str:
-        """Where row ``row`` comes from (a file path, a dataset row), for error messages."""
-        ...
-
-
 @dataclass
 class ArraySource:
     """Images held in memory as uint8 ``[N, H, W]`` or ``[N, H, W, C]``: built-in and procedural tasks."""
 
+    in_memory = True
     images: np.ndarray
     name: str
 
@@ -47,7 +37,11 @@ class ArraySource:
 
 @dataclass
 class Split:
-    """The rows of one split: which rows of ``source`` and their integer labels."""
+    """The rows of one split: which rows of ``source`` and their integer labels.
+
+    ``source`` has ``load(row)`` (a PIL image), ``describe(row)`` (where the row comes from, for errors) and
+    ``in_memory`` (its images are held in memory: decoded in the main process, where workers would only add
+    start-up and copying)."""
 
     source: Any
     rows: np.ndarray
@@ -114,8 +108,7 @@ class Task:
     def fingerprint(self) -> str:
         """Identifies the data: spec, source identity, class names, and exactly which rows form each split."""
         digest = hashlib.sha256()
-        digest.update(json.dumps({"spec": self.spec, "identity": self.identity, "classes": self.classes},
-                                 sort_keys=True, default=str).encode())
+        digest.update(canonical_json({"spec": self.spec, "identity": self.identity, "classes": self.classes}))
         for name in SPLITS:
             digest.update(name.encode())
             digest.update(self.splits[name].rows.tobytes())
@@ -149,6 +142,8 @@ def indices_by_name(spec: str, split: str, names: Sequence[str | None], classes:
 
 def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministically split positions into (kept, carved), stratified by class when every class allows it."""
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes seconds to import
+
     positions = np.arange(len(labels))
     counts = np.bincount(labels) if len(labels) else np.array([])
     stratify = labels if len(counts) and counts[counts > 0].min() >= 2 else None

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .base import ArraySource, Split, Task, make_splits
+from .registry import TaskLoadConfig, register_task_source
 
 SYNTH_SIZE = 32
 SYNTH_SPLIT_SIZES = {"train": 1000, "val": 200, "test": 400}
@@ -128,3 +129,20 @@ def load_synth_task(kind: str, seed: int = 0) -> Task:
         rows = np.arange(starts[split], starts[split] + size)
         splits[split] = Split(source, rows, labels_array[rows])
     return Task(f"synth-{kind}", classes, splits, {"generator": "inca.synth/1", "seed": seed})
+
+
+def _load_digits(spec: str, name: str, settings: TaskLoadConfig) -> Task:
+    return load_digits_task(seed=settings.split_seed)
+
+
+def _load_synth(spec: str, name: str, settings: TaskLoadConfig) -> Task:
+    return load_synth_task(name.removeprefix("synth-"), seed=settings.split_seed)
+
+
+register_task_source("digits", load=_load_digits, spec_form="digits",
+                     summary="scikit-learn's 8x8 handwritten digits, offline")
+register_task_source(
+    [f"synth-{kind}" for kind in SYNTH_TASKS], name="synth", load=_load_synth,
+    spec_form="synth-{" + ",".join(SYNTH_TASKS) + "}",
+    summary="procedural 32x32 images generated from the seed: shape, dot count, orientation or colour",
+)  # fmt: skip

@@ -45,15 +45,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import InCAError, first_line
-from ..images import open_image
+from ..images import open_image, turned_by_exif
 from ..io import atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
+from .registry import TaskLoadConfig, register_task_source
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 # Folders that operating systems, NAS boxes and archivers add beside the data (names starting with "." too).
@@ -67,6 +67,7 @@ SCAN_CHUNK = 1024  # files in flight at once, so a large dataset does not queue 
 class FileSource:
     """Images read from files on demand (in DataLoader workers)."""
 
+    in_memory = False
     paths: list[str]
 
     def load(self, row: int) -> Image.Image:
@@ -107,25 +108,30 @@ def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool 
                    for file in _image_files(spec, found[name], seen)]
         empty = sorted(set(classes) - {classes[label] for _, label in samples})
         if empty and split == "train":
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+
             raise InCAError(f"task {spec}: class folders {empty[:5]} under {folders[split]} hold no valid file "
                             f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folders")
         start = len(paths)
         paths.extend(p for p, _ in samples)
         available[split] = Split(None, np.arange(start, len(paths)), [label for _, label in samples])
     scanned = scan_files(paths)
-    bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, scanned) if problem]
+    bad = [f"{p} ({problem})" for p, (_, problem, _) in zip(paths, scanned) if problem]
     if bad and not skip_bad_images:
         raise InCAError(f"task {spec}: {bad_images_message(bad)}; fix or remove them, or pass --skip-bad-images")
     if bad:
-        _logger.warning("task %s: skipping %s", spec, bad_images_message(bad))
-        keep = np.array([problem is None for _, problem in scanned])
+        logger.warning("task %s: skipping %s", spec, bad_images_message(bad))
+        keep = np.array([problem is None for _, problem, _ in scanned])
         available = {name: split.subset(np.flatnonzero(keep[split.rows])) for name, split in available.items()}
     source = FileSource(paths)
     for split in available.values():
         split.source = source
-    hashes = [sha for sha, _ in scanned]
+    hashes = [sha for sha, _, _ in scanned]
     identity = {"root": os.fspath(root.resolve()), "files": _files_digest(paths, root, hashes),
                 "skipped_images": len(bad)}
+    turned = sum(bool(t) for _, problem, t in scanned if problem is None)
+    if turned:  # read upright (inca.images): never the same activations as a reader that ignores the tag
+        identity["turned_by_exif"] = turned
     splits = make_splits(available, seed=seed)
     _report_duplicates(spec, splits, paths, hashes)
     return Task(spec, classes, splits, identity)
@@ -166,7 +172,7 @@ def _class_folders(spec: str, directory: Path) -> dict[str, Path]:
 def _warn_loose_images(spec: str, directory: Path) -> None:
     loose = [entry.path for entry in _visible_entries(spec, directory) if _is_image(entry)]
     if loose:
-        _logger.warning("task %s: %d image file(s) directly in %s belong to no class folder and are left out, "
+        logger.warning("task %s: %d image file(s) directly in %s belong to no class folder and are left out, "
                         "e.g. %s", spec, len(loose), directory, loose[0])
 
 
@@ -190,6 +196,8 @@ def _is_dir(entry: os.DirEntry) -> bool:
 def _is_image(entry: os.DirEntry) -> bool:
     """A regular file (or a link to one) with an image extension: never a FIFO, device or socket, which
     reading would block on or misread."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision's list, as ImageFolder reads
+
     try:
         return entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
     except OSError:
@@ -212,10 +220,11 @@ def _image_files(spec: str, directory: Path, seen: set[str]) -> list[str]:
     return files
 
 
-def scan_files(paths: list[str]) -> list[tuple[str, str | None]]:
-    """For each image file: the SHA-256 of its bytes and why it cannot be decoded as training decodes it
-    (``None`` when it can), checked in threads. Remembered across runs by (size, mtime_ns, ctime_ns, inode),
-    so each file is read once until it changes; a file the system refuses to read is checked again."""
+def scan_files(paths: list[str]) -> list[tuple[str, str | None, bool]]:
+    """For each image file: the SHA-256 of its bytes, why it cannot be decoded as training decodes it
+    (``None`` when it can), and whether its EXIF orientation turns it, checked in threads. Remembered across
+    runs by (size, mtime_ns, ctime_ns, inode), so each file is read once until it changes; a file the system
+    refuses to read is checked again."""
     index_file = cache_root() / "file-scans" / f"{digest(sorted({os.path.dirname(p) for p in paths}))}.json"
     try:
         known = read_json(index_file)
@@ -224,7 +233,7 @@ def scan_files(paths: list[str]) -> list[tuple[str, str | None]]:
     if not isinstance(known, dict):
         known = {}
     remembered = {path: known[path] for path in paths
-                  if isinstance(known.get(path), list) and len(known[path]) == 3 and known[path][0] == _stat_key(path)}
+                  if isinstance(known.get(path), list) and len(known[path]) == 4 and known[path][0] == _stat_key(path)}
     todo = [path for path in paths if path not in remembered]
     checked = progress(_threaded(_scan_file, todo), total=len(todo), desc="checking images", unit="file",
                        enabled=len(todo) >= 1000)
@@ -233,7 +242,7 @@ def scan_files(paths: list[str]) -> list[tuple[str, str | None]]:
     if fresh != known:
         with contextlib.suppress(OSError, InCAError):  # the index only saves time: never fail a run over it
             atomic_write_json(index_file, fresh)
-    return [(entries[path][1], entries[path][2]) for path in paths]
+    return [(entries[path][1], entries[path][2], entries[path][3]) for path in paths]
 
 
 def _stat_key(path: str) -> str | None:
@@ -245,14 +254,15 @@ def _stat_key(path: str) -> str | None:
 
 
 def _scan_file(path: str) -> list[Any]:
-    """``[stat key, SHA-256, problem]``; the key is None when the system refuses the file (its permissions can
-    be fixed without changing it), so that answer is not remembered."""
+    """``[stat key, SHA-256, problem, turned by EXIF]``; the key is None when the system refuses the file (its
+    permissions can be fixed without changing it), so that answer is not remembered."""
     key = _stat_key(path)
     try:
         sha = file_sha256(path) if _is_regular(path) else ""
     except OSError as exc:
-        return [None, "", _problem(exc)]
-    return [key, sha, decode_problem(path)]
+        return [None, "", _problem(exc), False]
+    problem = decode_problem(path)
+    return [key, sha, problem, problem is None and turned_by_exif(path)]
 
 
 def decode_problem(path: str) -> str | None:
@@ -320,5 +330,20 @@ def _report_duplicates(spec: str, splits: dict[str, Split], paths: list[str], ha
     shared = {h: names for h, names in where.items() if len(names) > 1}
     if shared:
         example = paths[hashes.index(next(iter(shared)))]
-        _logger.warning("task %s: %d images appear (same content) in more than one of train/val/test, e.g. %s; "
-                        "deduplicate the folders so evaluation never sees training images", spec, len(shared), example)
+        logger.warning("task %s: %d images appear (same content) in more than one of train/val/test, e.g. %s; "
+                       "deduplicate the folders so evaluation never sees training images", spec, len(shared), example)
+
+
+def _check(spec: str, path: str, settings: TaskLoadConfig) -> None:
+    if not Path(path).expanduser().is_dir():
+        raise InCAError(f"task {spec}: {path} is not a directory; give folder:PATH with PATH/<class>/<images>")
+
+
+def _load(spec: str, path: str, settings: TaskLoadConfig) -> Task:
+    return load_folder_task(spec, path, seed=settings.split_seed, skip_bad_images=settings.skip_bad_images)
+
+
+register_task_source(
+    "folder:", load=_load, check=_check, spec_form="folder:PATH",
+    summary="images in PATH/<class>/ or PATH/{train,val,test}/<class>/",
+)  # fmt: skip

@@ -30,9 +30,10 @@ from PIL import Image
 
 from ..errors import InCAError, first_line
 from .base import Split, Task, indices_by_name, make_splits
+from .registry import TaskLoadConfig, register_task_source
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 
 
@@ -40,6 +41,7 @@ LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 class HFSource:
     """Rows of one ``datasets.Dataset``; only the image column is decoded."""
 
+    in_memory = False
     dataset: Any
     image_column: str
     name: str
@@ -84,7 +86,7 @@ def load_hf_task(spec: str, name: str, config: str | None = None, seed: int = 0)
         if labels is None or all(v is None for v in labels.values):
             if split == "train":
                 raise InCAError(f"task {spec}: the train split has no labels; label it, or use another dataset")
-            _logger.warning("%s: the %r split has no labels; %s is carved from train instead", spec, hf_split, split)
+            logger.warning("%s: the %r split has no labels; %s is carved from train instead", spec, hf_split, split)
             continue
         found[split] = (hf_split, dataset, labels)
     train_labels = found["train"][2]
@@ -95,7 +97,7 @@ def load_hf_task(spec: str, name: str, config: str | None = None, seed: int = 0)
         indices = _class_indices(spec, hf_split, labels, train_labels, classes)
         labelled = np.flatnonzero(indices >= 0)
         if len(labelled) < len(indices):
-            _logger.warning("%s: %d of %d rows of the %r split have no label (None, NaN or -1) and are left out",
+            logger.warning("%s: %d of %d rows of the %r split have no label (None, NaN or -1) and are left out",
                             spec, len(indices) - len(labelled), len(indices), hf_split)
         images = _image_column(spec, hf_split, dataset.features, preferred=image_column)
         source = HFSource(dataset.select_columns([images]), images, f"{spec}[{hf_split}]")
@@ -203,3 +205,14 @@ def _class_indices(
         raise InCAError(f"task {spec}: the {hf_split!r} split is labelled with {labels.kind} but train with "
                         f"{train.kind}, so which is which class is unknown; give both the same ClassLabel names")
     return indices_by_name(spec, hf_split, [None if v is None else str(v) for v in labels.values], classes)
+
+
+def _load(spec: str, argument: str, settings: TaskLoadConfig) -> Task:
+    name, _, config = argument.partition(":")
+    return load_hf_task(spec, name, config or None, seed=settings.split_seed)
+
+
+register_task_source(
+    "hf:", load=_load, spec_form="hf:NAME[:CONFIG]",
+    summary="a Hugging Face dataset: a hub name (from the local cache offline) or a save_to_disk directory",
+)  # fmt: skip

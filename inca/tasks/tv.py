@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..errors import InCAError, first_line
 from .base import Split, Task, indices_by_name, make_splits, tree_digest
+from .registry import TaskLoadConfig, register_task_source
 
 # Candidate values of a ``split=`` argument for each of our splits, in order of preference.
 SPLIT_ARGUMENTS = {"train": ("train", "trainval", "balanced"), "val": ("val", "valid"), "test": ("test",)}
@@ -33,6 +34,7 @@ NOT_DATASETS = {
 
 @dataclass
 class TorchvisionSource:
+    in_memory = False
     dataset: Any
     name: str
 
@@ -147,3 +149,17 @@ def _by_name(spec: str, split: str, names: list[str], targets: np.ndarray, class
     if len(beyond):
         raise InCAError(f"task {spec}: {split} label {int(beyond[0])} is out of range for its {len(names)} classes")
     return indices_by_name(spec, split, [names[t] if t >= 0 else None for t in targets], classes)
+
+
+def _check(spec: str, name: str, settings: TaskLoadConfig) -> None:
+    torchvision_class(spec, name, settings.data_root)
+
+
+def _load(spec: str, name: str, settings: TaskLoadConfig) -> Task:
+    return load_torchvision_task(spec, name, settings.data_root, download=settings.download, seed=settings.split_seed)
+
+
+register_task_source(
+    "tv:", load=_load, check=_check, spec_form="tv:NAME",
+    summary="a torchvision dataset class under --data-root, e.g. tv:CIFAR10",
+)  # fmt: skip

@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,17 +25,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from inca.activations import ActivationSource
+from inca.activations import EVAL_BATCH_SIZE, ActivationSource
 from inca.adapters.inca import InCABank
 from inca.devices import autocast
 from inca.distributed import current
-from inca.errors import InCAError, first_line
+from inca.errors import InCAError, first_line, require_positive
 from inca.io import atomic_write
 from inca.progress import progress as progress_bar
 from inca.train.optim import BatchedAdamW, cosine_schedule
 
 __all__ = [
     "BankHistory",
+    "BestEpochs",
     "epoch_batches",
     "evaluate_bank",
     "evaluate_ensemble",
@@ -70,10 +72,14 @@ class BankHistory:
     best_epoch: list[int] = field(default_factory=list)
 
 
-class _BestEpochs:
-    """Each adapter's weights at its best epoch on the eval split so far: its rows of the bank's stacked
-    parameters, copied when its accuracy improves (strictly: ties keep the earlier epoch, as in
-    :func:`inca.train.e2e.fit`). The bookkeeping replays from a history, so a checkpoint holds only the rows."""
+class BestEpochs:
+    """The epoch whose weights each adapter of a bank ends with: its best on the eval split so far, the model
+    selection of the end-to-end methods. Each adapter's rows of the bank's stacked parameters are copied when
+    its accuracy improves (strictly: ties keep the earlier epoch, as in :func:`inca.train.e2e.fit`). The
+    bookkeeping replays from a history, so a checkpoint holds only the rows.
+
+    :func:`train_bank` builds this module's ``BestEpochs``; a subclass overriding :meth:`improved` is another
+    selection rule (``tools/ablate_fixes.py`` puts back the last epoch this way)."""
 
     def __init__(self, bank: InCABank) -> None:
         self.state = {name: p.detach().clone() for name, p in bank.named_parameters()}
@@ -134,11 +140,13 @@ def train_bank(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_identity: Mapping[str, object] | None = None,
     progress: bool = True,
+    micro_batches: int = 1,
 ) -> BankHistory:
     """Train every adapter of ``bank`` on the ``train`` split: one forward, one backward (the sum of the
     adapters' mean cross-entropies, so each gets its own gradient) and one :class:`BatchedAdamW` step per
     batch, learning rates from the specs times a cosine schedule with linear warm-up (``warmup_steps``,
-    else ``warmup_ratio`` of all steps). bf16 autocast on CUDA.
+    else ``warmup_ratio`` of all steps; the default is inca-train's, see :mod:`inca.train.config`). bf16 autocast
+    on CUDA.
 
     An adapter whose loss goes non-finite is marked in ``bank.diverged`` and frozen from then on; the
     others go on unchanged. With ``eval_split`` each epoch ends with an accuracy on that split and each adapter
@@ -146,11 +154,12 @@ def train_bank(
     end-to-end methods; on live activations that costs one pass over the split per epoch. With
     ``checkpoint_path`` the bank, optimizer state, best-epoch weights and history are saved atomically after
     each epoch, and a run finding its checkpoint resumes from it (same result as an uninterrupted run).
+    ``micro_batches`` > 1 runs each batch as that many parts whose gradients add up: less memory, the same
+    updates up to rounding (a batch that runs out of CUDA memory doubles it by itself).
     ``checkpoint_identity`` is what else that checkpoint must have been made with (the backbone's and the data's
     fingerprints, the run's options): the checkpoint of any other run, or a damaged one, is discarded.
     """
-    if epochs < 1 or batch_size < 1:
-        raise InCAError(f"epochs ({epochs}) and batch_size ({batch_size}) must be positive")
+    require_positive(epochs=epochs, batch_size=batch_size, micro_batches=micro_batches)
     device = torch.device(device)
     n = _check_source(bank, source, "train")
     bank.to(device)
@@ -160,86 +169,25 @@ def train_bank(
     steps_per_epoch = math.ceil(n / global_batch)
     total = epochs * steps_per_epoch
     warmup = round(warmup_ratio * total) if warmup_steps is None else warmup_steps
-    schedule = cosine_schedule(total, warmup, min_lr_ratio)
     optimizer = BatchedAdamW(bank.optimizer_groups())
-    config = {  # JSON round-tripped below, to compare with a checkpoint's
-        "specs": [asdict(s) for s in bank.specs],
-        "dim": bank.dim,
-        "num_classes": bank.num_classes,
-        "train_rows": n,
-        "epochs": epochs,
-        "batch_size": global_batch,
-        "seed": seed,
-        "warmup_steps": warmup,
-        "min_lr_ratio": min_lr_ratio,
-        "eval_split": eval_split,
-        "restores_best_epoch": eval_split is not None,  # checkpoints hold best-epoch weights since then
-        "identity": dict(checkpoint_identity or {}),
-    }
-    config = json.loads(json.dumps(config))
-    history, start = BankHistory(), 0
-    best = _BestEpochs(bank) if eval_split is not None else None
-    resumed = _resume(Path(checkpoint_path), bank, optimizer, config) if checkpoint_path is not None else None
-    if resumed is not None:
-        start, history, saved_best = resumed
-        if best is not None:
-            best.state = {name: saved_best[name].to(device) for name in best.state}
-            for epoch, accuracy in enumerate(history.val_accuracy):
-                best.improved(accuracy, epoch + 1)
-        logger.info("resuming bank training from %s after epoch %d/%d", checkpoint_path, start, epochs)
-    frozen = bank.diverged.tolist()
-    bar = progress_bar(total=total, initial=start * steps_per_epoch, enabled=progress and world.is_main,
-                       desc="InCA bank", unit="step")
-    step = start * steps_per_epoch
-    chunks = 1  # micro-batches per batch: doubled whenever a batch runs out of CUDA memory
+    config = _run_config(bank, n, epochs, global_batch, seed, warmup, min_lr_ratio, eval_split,
+                         checkpoint_identity)
+    best = BestEpochs(bank) if eval_split is not None else None
+    start, history = _resume_or_start(checkpoint_path, config, bank, optimizer, best)
+    schedule = cosine_schedule(total, warmup, min_lr_ratio)
+    steps = _BankSteps(bank, optimizer, schedule, device, micro_batches, done=start * steps_per_epoch)
+    bar = progress_bar(total=total, initial=steps.done, enabled=progress and world.is_main, desc="InCA bank",
+                       unit="step")
     for epoch in range(start, epochs):
-        loss_sum = torch.zeros(len(bank), device=device)
-        batches = epoch_batches(n, global_batch, seed, epoch)
-        for loaded, share in world.sharded(batches, functools.partial(source.loader, "train")):
-            losses = torch.zeros(len(bank), device=device)
-            if loaded is not None:  # None: this rank's shard of a short last batch is empty
-                features = {layer: loaded[0][layer].to(device, non_blocking=True) for layer in bank.layers}
-                labels = loaded[1].to(device, non_blocking=True)
-                while True:
-                    try:
-                        losses = _forward_backward(bank, features, labels, chunks, share)
-                        break
-                    except torch.OutOfMemoryError:
-                        if device.type != "cuda" or chunks >= labels.shape[0]:
-                            raise
-                        optimizer.zero_grad(set_to_none=False)
-                        torch.cuda.empty_cache()
-                        chunks *= 2
-                        logger.warning("out of CUDA memory: each batch of %d now runs as %d micro-batches whose "
-                                       "gradients add up (the effective batch stays %d)", labels.shape[0], chunks,
-                                       labels.shape[0])
-            world.all_reduce_gradients(bank.parameters())
-            world.all_reduce_(losses)
-            bad = ~torch.isfinite(losses) & ~bank.diverged
-            if bad.any():
-                if loaded is not None:
-                    _check_finite(features, epoch)
-                bank.diverged |= bad
-                frozen = bank.diverged.tolist()
-                logger.warning(
-                    "adapters %s diverged (non-finite loss) at epoch %d step %d: frozen, the others go on",
-                    bad.nonzero().flatten().tolist(), epoch + 1, step,
-                )  # fmt: skip
-            losses = losses.masked_fill(bank.diverged, 0.0)
-            optimizer.step(schedule(step), frozen=frozen)
-            optimizer.zero_grad(set_to_none=False)
-            loss_sum += losses.detach()
-            step += 1
-            bar.update()
+        loss_sum = steps.epoch(source, epoch_batches(n, global_batch, seed, epoch), epoch, bar)
         epoch_loss = (loss_sum / steps_per_epoch).masked_fill(bank.diverged, math.nan).tolist()
         history.train_loss.append(epoch_loss)
         message = f"epoch {epoch + 1}/{epochs}: best train loss {_nanmin(epoch_loss):.4f}"
         if best is not None:
-            history.val_accuracy.append(evaluate_bank(bank, source, eval_split, batch_size).tolist())
-            best.snapshot(bank, best.improved(history.val_accuracy[-1], epoch + 1))
-            message += f", best {eval_split} accuracy {_nanmax(history.val_accuracy[-1]):.4f}"
+            accuracy = _validate_and_snapshot(bank, source, eval_split, batch_size, best, history, epoch)
+            message += f", best {eval_split} accuracy {accuracy:.4f}"
         bar.set_postfix_str(message.split(": ", 1)[1])
-        logger.info(message + f", {sum(frozen)}/{len(bank)} diverged")
+        logger.info(message + f", {sum(steps.frozen)}/{len(bank)} diverged")
         history.diverged = bank.diverged.tolist()
         if checkpoint_path is not None and world.is_main:
             _save_checkpoint(Path(checkpoint_path), bank, optimizer, config, epoch + 1, history,
@@ -250,6 +198,83 @@ def train_bank(
         best.restore(bank)
         history.best_epoch = list(best.epoch)
     return history
+
+
+class _BankSteps:
+    """The updates of one :func:`train_bank` run, in order: forward and backward on this rank's part of each
+    global batch, gradients and losses summed over the ranks, adapters whose loss went non-finite frozen, one
+    :class:`BatchedAdamW` step at the schedule's learning rate."""
+
+    def __init__(
+        self, bank: InCABank, optimizer: BatchedAdamW, schedule: Callable[[int], float], device: torch.device,
+        micro_batches: int, done: int,
+    ) -> None:  # fmt: skip
+        self.bank, self.optimizer, self.schedule, self.device = bank, optimizer, schedule, device
+        self.micro_batches = micro_batches  # doubled whenever a batch runs out of CUDA memory
+        self.done = done  # updates made so far: the schedule's position
+        self.frozen = bank.diverged.tolist()
+        self.world = current()
+
+    def epoch(self, source: ActivationSource, batches: list[np.ndarray], epoch: int, bar: Any) -> Tensor:
+        """One update per global batch of the train split; each adapter's summed loss (0 once diverged)."""
+        loss_sum = torch.zeros(len(self.bank), device=self.device)
+        for loaded, share in self.world.sharded(batches, functools.partial(source.loader, "train")):
+            loss_sum += self.update(loaded, share, epoch)
+            bar.update()
+        return loss_sum
+
+    def update(self, loaded: tuple[dict[int, Tensor], Tensor] | None, share: float, epoch: int) -> Tensor:
+        """One update from this rank's part of a global batch (None: its part of a short last batch is empty,
+        weighing ``share`` of it); each adapter's loss on the global batch."""
+        bank = self.bank
+        losses = torch.zeros(len(bank), device=self.device)
+        if loaded is not None:
+            features = {layer: loaded[0][layer].to(self.device, non_blocking=True) for layer in bank.layers}
+            labels = loaded[1].to(self.device, non_blocking=True)
+            losses = self._forward_backward(features, labels, share)
+        self.world.all_reduce_gradients(bank.parameters())
+        self.world.all_reduce_(losses)
+        bad = ~torch.isfinite(losses) & ~bank.diverged
+        if bad.any():
+            if loaded is not None:
+                _check_finite(features, epoch)
+            bank.diverged |= bad
+            self.frozen = bank.diverged.tolist()
+            logger.warning(
+                "adapters %s diverged (non-finite loss) at epoch %d step %d: frozen, the others go on",
+                bad.nonzero().flatten().tolist(), epoch + 1, self.done,
+            )  # fmt: skip
+        losses = losses.masked_fill(bank.diverged, 0.0)
+        self.optimizer.step(self.schedule(self.done), frozen=self.frozen)
+        self.optimizer.zero_grad(set_to_none=False)
+        self.done += 1
+        return losses.detach()
+
+    def _forward_backward(self, features: dict[int, Tensor], labels: Tensor, share: float) -> Tensor:
+        """:func:`_forward_backward` in ``micro_batches``, twice as many after each CUDA out-of-memory error."""
+        while True:
+            try:
+                return _forward_backward(self.bank, features, labels, self.micro_batches, share)
+            except torch.OutOfMemoryError:
+                if self.device.type != "cuda" or self.micro_batches >= labels.shape[0]:
+                    raise
+                self.optimizer.zero_grad(set_to_none=False)
+                torch.cuda.empty_cache()
+                self.micro_batches *= 2
+                logger.warning("out of CUDA memory: each batch of %d now runs as %d micro-batches whose gradients "
+                               "add up (the effective batch stays %d)", labels.shape[0], self.micro_batches,
+                               labels.shape[0])
+
+
+def _validate_and_snapshot(
+    bank: InCABank, source: ActivationSource, split: str, batch_size: int, best: BestEpochs, history: BankHistory,
+    epoch: int,
+) -> float:  # fmt: skip
+    """Record epoch ``epoch`` (0-based)'s accuracy of every adapter on ``split`` and keep the weights of those
+    that improved; the best accuracy of the epoch."""
+    history.val_accuracy.append(evaluate_bank(bank, source, split, batch_size).tolist())
+    best.snapshot(bank, best.improved(history.val_accuracy[-1], epoch + 1))
+    return _nanmax(history.val_accuracy[-1])
 
 
 def _nanmin(values: list[float]) -> float:
@@ -271,7 +296,9 @@ def _eval_logits(
             yield bank({layer: features[layer].to(device) for layer in bank.layers}), labels.to(device)
 
 
-def evaluate_bank(bank: InCABank, source: ActivationSource, split: str, batch_size: int = 256) -> Tensor:
+def evaluate_bank(
+    bank: InCABank, source: ActivationSource, split: str, batch_size: int = EVAL_BATCH_SIZE
+) -> Tensor:
     """Accuracy of every adapter on ``split`` (on the bank's device): a CPU float tensor ``[E]``, NaN for
     diverged adapters."""
     correct = torch.zeros(len(bank), dtype=torch.long, device=bank.diverged.device)
@@ -282,7 +309,7 @@ def evaluate_bank(bank: InCABank, source: ActivationSource, split: str, batch_si
 
 
 def evaluate_ensemble(
-    bank: InCABank, source: ActivationSource, members: Sequence[int], split: str, batch_size: int = 256
+    bank: InCABank, source: ActivationSource, members: Sequence[int], split: str, batch_size: int = EVAL_BATCH_SIZE
 ) -> float:
     """Accuracy on ``split`` of the parallel ensemble of adapters ``members``: the argmax of their mean
     class probabilities (what :class:`~inca.adapters.saved.TaskAdapter` serves for them)."""
@@ -301,7 +328,7 @@ def top_adapters(accuracy: Tensor, k: int) -> list[int]:
 
 
 def select_best(
-    bank: InCABank, source: ActivationSource, split: str = "val", batch_size: int = 256
+    bank: InCABank, source: ActivationSource, split: str = "val", batch_size: int = EVAL_BATCH_SIZE
 ) -> tuple[int, Tensor]:
     """Index of the adapter with the best accuracy on ``split`` (a validation split: never ``test``),
     diverged adapters excluded, and all the accuracies. Ties go to the earliest spec."""
@@ -335,9 +362,10 @@ def _forward_backward(
 ) -> Tensor:
     """Each adapter's mean cross-entropy on the batch times ``share`` (the batch's part of a global batch split
     across ranks), its gradients accumulated over ``chunks`` micro-batches (each weighted by its share of the
-    batch, so the gradient is the full batch's). Diverged adapters, and adapters whose loss is not finite,
-    contribute no gradient."""
+    batch, so the gradient is the full batch's; never more micro-batches than rows). Diverged adapters, and
+    adapters whose loss is not finite, contribute no gradient."""
     total = torch.zeros(len(bank), device=labels.device)
+    chunks = min(chunks, labels.shape[0])
     for rows in torch.arange(labels.shape[0], device=labels.device).tensor_split(chunks):
         with autocast(labels.device):
             logits = bank({layer: tokens[rows] for layer, tokens in features.items()} if chunks > 1 else features)
@@ -360,19 +388,53 @@ def _check_finite(features: Mapping[int, Tensor], epoch: int) -> None:
         )
 
 
-def _resume(
-    path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict
-) -> tuple[int, BankHistory, dict[str, Tensor]] | None:
-    """The checkpoint at ``path`` loaded into ``bank`` and ``optimizer`` when it is one of this very run; else None,
-    ``bank`` and ``optimizer`` untouched. A checkpoint is inca's own cache: one of another run is discarded (logged),
-    and so is a damaged one (garbage, truncated, tensors of other shapes), with a warning, not an error."""
+def _run_config(
+    bank: InCABank, train_rows: int, epochs: int, global_batch: int, seed: int, warmup: int, min_lr_ratio: float,
+    eval_split: str | None, identity: dict | None = None,
+) -> dict:  # fmt: skip
+    """What identifies a run, JSON round-tripped as a checkpoint stores it: only a checkpoint of this very run
+    is resumed (``identity``: what else it must have been made with, such as the backbone's and the data's
+    fingerprints)."""
+    config = {
+        "specs": [asdict(s) for s in bank.specs],
+        "dim": bank.dim,
+        "num_classes": bank.num_classes,
+        "train_rows": train_rows,
+        "epochs": epochs,
+        "batch_size": global_batch,
+        "seed": seed,
+        "warmup_steps": warmup,
+        "min_lr_ratio": min_lr_ratio,
+        "eval_split": eval_split,
+        "restores_best_epoch": eval_split is not None,  # checkpoints hold best-epoch weights since then
+        "identity": dict(identity or {}),
+    }
+    return json.loads(json.dumps(config))
+
+
+def _resume_or_start(
+    checkpoint_path: str | os.PathLike | None, config: dict, bank: InCABank, optimizer: BatchedAdamW,
+    best: BestEpochs | None,
+) -> tuple[int, BankHistory]:  # fmt: skip
+    """The epochs done and the history so far: those of ``checkpoint_path`` when it holds this very run (its
+    bank, optimizer and best-epoch weights loaded), else none. A checkpoint is inca's own cache: one of another
+    run is discarded (logged), and so is a damaged one (garbage, truncated, tensors of other shapes), with a
+    warning, not an error."""
+    if checkpoint_path is None:
+        return 0, BankHistory()
     try:
-        if not _resumable(path, config):
-            return None
-        return _load_checkpoint(path, bank, optimizer, config)
-    except Exception as exc:  # whatever a damaged file makes safetensors, json or the checks below raise
-        logger.warning("%s is damaged (%s): starting this run from scratch", path, first_line(exc))
-        return None
+        if not _resumable(Path(checkpoint_path), config):
+            return 0, BankHistory()
+        start, history, saved_best = _load_checkpoint(Path(checkpoint_path), bank, optimizer, config)
+    except Exception as exc:  # whatever a damaged file makes safetensors, json or the checks raise
+        logger.warning("%s is damaged (%s): starting this run from scratch", checkpoint_path, first_line(exc))
+        return 0, BankHistory()
+    if best is not None:
+        best.state = {name: saved_best[name].to(kept.device) for name, kept in best.state.items()}
+        for epoch, accuracy in enumerate(history.val_accuracy):
+            best.improved(accuracy, epoch + 1)
+    logger.info("resuming bank training from %s after epoch %d/%d", checkpoint_path, start, config["epochs"])
+    return start, history
 
 
 def _resumable(path: Path, config: dict) -> bool:

@@ -16,31 +16,28 @@ import copy
 import functools
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
+from inca.activations import DataSource, TensorBatches
 from inca.backbone import Backbone
 from inca.devices import autocast
 from inca.distributed import current
-from inca.errors import InCAError, first_line
+from inca.errors import InCAError, first_line, require_positive
+from inca.options import POOLS
 from inca.progress import progress
-from inca.tasks import Task, image_loader, sequential_batches
+from inca.tasks import sequential_batches
 from inca.train.bank import epoch_batches
-from inca.train.optim import cosine_schedule
+from inca.train.optim import cosine_schedule, fused_adamw
 
 __all__ = [
-    "Batches",
     "FitConfig",
     "FitResult",
-    "ImageBatches",
-    "TensorBatches",
     "batch_loss",
     "evaluate",
     "fit",
@@ -50,58 +47,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POOLS = {"cls": "token", "mean": "avg"}  # linear-probe pooling -> timm's global_pool
-
-
-class Batches(Protocol):
-    """Labelled inputs of a task's splits, served for index arrays (images, or precomputed features)."""
-
-    def num_rows(self, split: str) -> int: ...
-
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[Tensor, Tensor]]:
-        """Yield ``(inputs, labels)`` CPU tensors for each index array of ``batches``, in order."""
-        ...
-
-
-class ImageBatches:
-    """A task's images through the backbone's eval preprocessing; with ``augment`` the train split goes
-    through timm's training augmentation instead (:attr:`~inca.backbone.Backbone.train_transform`), drawn
-    from torch's and Python's global RNGs (seed them for reproducibility)."""
-
-    def __init__(self, task: Task, backbone: Backbone, num_workers: int | None = None, augment: bool = False) -> None:
-        self.task = task
-        self.transform = backbone.transform
-        self.train_transform = backbone.train_transform if augment else self.transform
-        self.num_workers = num_workers
-        self.pin_memory = backbone.device.type == "cuda"
-
-    def num_rows(self, split: str) -> int:
-        return len(self.task.splits[split])
-
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
-        transform = self.train_transform if split == "train" else self.transform
-        return image_loader(self.task.splits[split], transform, batches, self.num_workers, self.pin_memory)
-
-
-class TensorBatches:
-    """Inputs held in memory per split (e.g. pooled backbone features for a linear probe)."""
-
-    def __init__(self, inputs: dict[str, Tensor], labels: dict[str, Tensor]) -> None:
-        self.inputs, self.labels = inputs, labels
-
-    def num_rows(self, split: str) -> int:
-        return len(self.labels[split])
-
-    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
-        for idx in batches:
-            index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-            yield self.inputs[split][index], self.labels[split][index]
-
 
 @dataclass(frozen=True)
 class FitConfig:
     """Optimisation of one end-to-end run. ``warmup_ratio`` of all steps warm up linearly, then cosine to 0;
-    the gradient's global L2 norm is clipped to ``max_grad_norm`` (0: no clipping) before each step."""
+    the gradient's global L2 norm is clipped to ``max_grad_norm`` (0: no clipping) before each step.
+
+    The defaults serve direct library use (inca's own choice: common AdamW fine-tuning values); every method
+    passes its own config's values, each with its source (:mod:`inca.methods`)."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -158,7 +111,7 @@ def trainable_copy(backbone: Backbone, num_classes: int, pool: str | None = None
 
 
 @torch.inference_mode()
-def pooled_features(model: nn.Module, data: Batches, batch_size: int, splits: Iterable[str]) -> TensorBatches:
+def pooled_features(model: nn.Module, data: DataSource, batch_size: int, splits: Iterable[str]) -> TensorBatches:
     """Each split's pre-logit features (timm's ``forward_head(pre_logits=True)``: pooled and normed), fp32 CPU."""
     device = next(model.parameters()).device
     model.eval()
@@ -175,7 +128,7 @@ def pooled_features(model: nn.Module, data: Batches, batch_size: int, splits: It
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Batches, split: str, batch_size: int) -> float:
+def evaluate(model: nn.Module, data: DataSource, split: str, batch_size: int) -> float:
     """Top-1 accuracy of ``model`` on ``split`` (eval mode, autocast as in training)."""
     device = next(model.parameters()).device
     model.eval()
@@ -192,15 +145,14 @@ def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
-def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
+def fit(model: nn.Module, data: DataSource, config: FitConfig) -> FitResult:
     """Train the parameters of ``model`` that require grad on ``train``; validate each epoch; test the best.
 
     The validation-best trainable state is restored before the single test evaluation (selection never
     sees test). A non-finite loss stops training (the step is not applied) and is reported as
     ``diverged_at_step``; the epoch's validation still runs, so the best finite state is kept.
     """
-    if config.epochs < 1 or config.batch_size < 1:
-        raise InCAError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be positive")
+    require_positive(epochs=config.epochs, batch_size=config.batch_size)
     if config.max_grad_norm < 0:
         raise InCAError(f"max_grad_norm must be 0 (no clipping) or positive, got {config.max_grad_norm}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -209,7 +161,7 @@ def fit(model: nn.Module, data: Batches, config: FitConfig) -> FitResult:
     device = params[0].device
     no_decay = getattr(model, "no_weight_decay", lambda: ())()
     groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused_adamw(device))
     n = data.num_rows("train")
     world = current()  # data-parallel: config.batch_size per rank, each rank its shard of the global batch
     world.broadcast_parameters([*model.parameters(), *model.buffers()])  # replicas start as rank 0's

@@ -14,12 +14,14 @@ from torch.torch_version import TorchVersion
 
 from inca.errors import InCAError
 
-__all__ = ["BatchedAdamW", "cosine_schedule"]
+__all__ = ["BatchedAdamW", "cosine_schedule", "fused_adamw"]
 
 _FUSED_CPU = TorchVersion(torch.__version__) >= "2.4"  # torch's fused AdamW kernel runs on CPU from 2.4
 
 
-def _fused(device: torch.device) -> bool:
+def fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device`` (one kernel for every parameter: the fastest
+    update, and the one every inca trainer asks for where it exists)."""
     return device.type == "cuda" or (device.type == "cpu" and _FUSED_CPU)
 
 
@@ -35,7 +37,7 @@ class BatchedAdamW:
 
     Each group is a dict with ``params`` (tensors ``[E, ...]``, one E per group), ``lr`` and
     ``weight_decay`` (E floats), and optionally ``adapters`` (E ids that ``frozen`` is indexed by;
-    default ``0..E-1``).
+    default ``0..E-1``). ``betas`` and ``eps`` default to ``torch.optim.AdamW``'s.
     """
 
     def __init__(
@@ -90,7 +92,7 @@ class BatchedAdamW:
                     buckets.setdefault(key, []).append(r)
             tensors = [(g["params"][i], g["exp_avg"][i], g["exp_avg_sq"][i], g["step"][i]) for i in live]
             rows_of = [[t.unbind(0) for t in (p, p.grad, m, v, s)] for p, m, v, s in tensors]
-            fused = _fused(device)
+            fused = fused_adamw(device)
             for (lr, wd), rows in buckets.items():
                 params, grads, exp_avgs, exp_avg_sqs, steps = (
                     [views[k][r] for views in rows_of for r in rows] for k in range(5)

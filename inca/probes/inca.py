@@ -1,0 +1,46 @@
+"""``inca``: an InCA adapter (Dukler et al., 2023) per probed layer, one bank trained on their tokens at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from inca import options as opt
+from inca.config import hparam
+from inca.probes.base import OURS, ProbeConfig, ProbeRunConfig
+from inca.probes.registry import Scores, register_probe
+
+if TYPE_CHECKING:
+    from inca.activations import RecordingSource
+    from inca.backbone import Backbone
+    from inca.tasks import Task
+
+QUICK = f"{OURS}: a probe ranks layers rather than delivering the adapter, so a short run"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InCAProbeConfig(ProbeConfig):
+    """The InCA probe's training (one adapter per layer, the paper's default adapter shape)."""
+
+    lr: float = hparam(3e-3, help="learning rate of every adapter",
+                       source=f"{QUICK} at 3x inca-train's 1e-3", check=opt.positive_float)
+    epochs: int = hparam(5, help="epochs over the train split", source=f"{QUICK}: half of inca-train's 10",
+                         check=opt.positive_int)
+
+
+def fit(source: RecordingSource, backbone: Backbone, task: Task, layers: list[int], config: InCAProbeConfig,
+        run: ProbeRunConfig) -> Scores:
+    """Train the bank, then the val and test accuracy of each layer's adapter at its best epoch on val."""
+    from inca.adapters.inca import AdapterSpec, InCABank
+    from inca.train.bank import evaluate_bank, train_bank
+
+    specs = [AdapterSpec(layer=layer, num_heads=backbone.num_heads, lr=config.lr, seed=run.seed) for layer in layers]
+    bank = InCABank(specs, backbone.width, task.num_classes)
+    train_bank(bank, source, epochs=config.epochs, batch_size=run.batch_size, device=backbone.device, seed=run.seed)
+    val = evaluate_bank(bank, source, "val", run.batch_size)
+    test = evaluate_bank(bank, source, "test", run.batch_size)
+    return {layer: {"val": float(val[i]), "test": float(test[i])} for i, layer in enumerate(layers)}
+
+
+register_probe("inca", InCAProbeConfig, "an InCA adapter per layer, all trained at once on the layers' tokens",
+               fit=fit, reads="tokens")

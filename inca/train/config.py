@@ -1,0 +1,126 @@
+"""The InCA grid and its training settings, declared once: ``inca-train``'s flags and recipe keys, the ``inca``
+comparison method's hyper-parameters and :func:`~inca.train.runner.train_inca_task`'s config all come from here.
+
+This module imports no torch, so ``inca-train --help`` and ``inca-compare --help`` stay light.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import options as opt
+from ..config import Config, hparam
+from ..errors import InCAError
+from ..io import DEFAULT_MAX_STORE_GB
+
+if TYPE_CHECKING:
+    from ..adapters.inca import AdapterSpec
+
+__all__ = ["InCAGridConfig", "InCATrainConfig"]
+
+PAPER = "Dukler et al. 2023 (arXiv:2303.04105)"
+OWN = "inca's own choice"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InCAGridConfig(Config):
+    """A bank's adapters: each list is an axis of the grid (the bank trains every combination at once), with the
+    warm-up they share and where their activations come from. ``inca-train`` and the ``inca`` comparison method
+    both set these."""
+
+    lr: list[float] = hparam(
+        [1e-3], help="learning rates (grid)", check=opt.positive_float,
+        source=f"{OWN}: AdamW's usual rate for a small module trained from scratch; a grid such as 1e-3,3e-4 "
+               "costs one bank, which trains every value at once",
+    )  # fmt: skip
+    weight_decay: list[float] = hparam(
+        [1e-4], help="AdamW weight decays (grid)", check=opt.non_negative_float,
+        source=f"{OWN}: light decay, as the adapter is small and keeps the weights of its best validation epoch",
+    )  # fmt: skip
+    warmup_ratio: float = hparam(
+        0.1, help="fraction of all steps that warm the learning rate up linearly, before the cosine decay",
+        check=opt.ratio, source=f"{OWN}: a tenth of training, the end-to-end methods' warm-up too",
+    )  # fmt: skip
+    queries: list[int] = hparam([1], help="learned queries per adapter (grid)", check=opt.positive_int,
+                                source=f"{PAPER}: an InCA adapter cross-attends with one learned query")
+    heads: list[int] = hparam([], help="attention heads per adapter (grid; default: the backbone's number of heads)",
+                              check=opt.positive_int, source=f"{PAPER}: the backbone's number of heads")
+    mlp_ratio: list[float] = hparam([0.0], help="adapter MLP width / model width, 0 = no MLP (grid)",
+                                    check=opt.non_negative_float, source=f"{PAPER}: no MLP")
+    cache: str = hparam(
+        "auto", check=opt.choice(*opt.CACHE_MODES),
+        help=f"where activations come from, one of {' | '.join(opt.CACHE_MODES)}. auto: reuse or build an on-disk "
+             "store when it pays off, else stream live activations; reuse: read a store only if one exists",
+        source=f"{OWN}: a store pays off from the second epoch, when it fits the size limit and half the free disk",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for key in self.grid_axes():
+            if not getattr(self, key) and key != "heads":  # no heads: the backbone's number
+                raise InCAError(f"--{key.replace('_', '-')} needs at least one value")
+
+    @classmethod
+    def grid_axes(cls) -> tuple[str, ...]:
+        """The fields that are axes of the grid (the lists): the bank trains every combination of their values."""
+        return tuple(key for key in cls.fields() if isinstance(cls.default(key), list))
+
+
+@dataclass(frozen=True, kw_only=True)
+class InCATrainConfig(InCAGridConfig):
+    """Everything about one task's InCA bank except the backbone, the task and the layers: the grid, its seeds,
+    the schedule, the activation store and the ensemble (:func:`~inca.train.runner.train_inca_task`)."""
+
+    adapter_seeds: list[int] = hparam(
+        [0], help="adapter initialisation seeds (grid)", check=opt.seed,
+        source=f"{OWN}: one draw per grid point; more seeds give --ensemble members that differ in their draw",
+    )  # fmt: skip
+    epochs: int = hparam(10, help="passes over the train split", check=opt.positive_int,
+                         source=f"{OWN}: a short schedule; every adapter keeps its best validation epoch")
+    batch_size: int = hparam(64, help="rows per step (per rank under torchrun)", check=opt.positive_int,
+                             source=f"{OWN}: a ViT-B's tokens of all 12 layers for 64 images are 0.47 GB in float32")
+    seed: int = hparam(0, help="seed of the batch order", check=opt.seed,
+                       source=f"{OWN}: any fixed seed makes a rerun bit-identical")
+    cache_dir: str | None = hparam(None, help="store root (default: $INCA_CACHE or ~/.cache/inca)",
+                                   source=f"{OWN}: a per-user cache directory, as timm's and HF's hubs use")
+    cache_dtype: str = hparam(
+        "float16", help=f"element type of a new store, one of {' | '.join(opt.CACHE_DTYPES)}",
+        check=opt.choice(*opt.CACHE_DTYPES),
+        source=f"{OWN}: half the bytes of float32, and a ViT's activations fit its range (bfloat16 where not)",
+    )  # fmt: skip
+    cache_max_gb: float = hparam(DEFAULT_MAX_STORE_GB, help="largest store --cache auto builds",
+                                 check=opt.non_negative_float,
+                                 source=f"{OWN}: 4 layers of 50,000 images of a ViT-B/16 at 224 px in float16")
+    num_workers: int | None = hparam(None, help="image decoding workers (default: auto)",
+                                     source=f"{OWN}: in-memory tasks decode in the main process, others in up to "
+                                            "8 workers (inca.tasks.image_loader)")
+    ensemble: int = hparam(
+        1, help="also report and save (OUT/<task>-<hash>/ensemble) the average of the top-K adapters by val "
+                "(1: the best adapter only)", check=opt.positive_int,
+        source=f"{PAPER}: a single top-scoring adapter (their main results); averaging the top K is their "
+               "parallel ensembling",
+    )  # fmt: skip
+    verify_cache: bool = hparam(
+        False, help="re-hash every file of an existing activation store (inca-cache --verify) before training",
+        source=f"{OWN}: re-hashing reads the whole store; its manifest already refuses another backbone, task "
+               "or layer set",
+    )  # fmt: skip
+    augment: bool = hparam(
+        False, help="timm's training augmentation on the train split (streams live activations, never a store)",
+        source=f"{OWN}: activations of unaugmented images are computed once and stored for every epoch",
+    )  # fmt: skip
+
+    def grid(self, layers: list[int], default_heads: int) -> list[AdapterSpec]:
+        """One spec per combination, layer-major (the order of the results table)."""
+        from ..adapters.inca import AdapterSpec
+
+        heads = self.heads or [default_heads]
+        combos = itertools.product(
+            layers, self.lr, self.weight_decay, self.queries, heads, self.mlp_ratio, self.adapter_seeds
+        )
+        return [
+            AdapterSpec(layer=layer, num_heads=h, num_queries=q, mlp_ratio=float(m), lr=float(lr),
+                        weight_decay=float(wd), seed=int(s))
+            for layer, lr, wd, q, h, m, s in combos
+        ]

@@ -1,0 +1,130 @@
+"""``inca-train``'s suite: one InCA bank per task (:func:`~inca.train.runner.train_inca_task`) on one backbone,
+through :func:`inca.suite.run_suite`.
+
+Each task's adapter (and ensemble) goes to ``OUT/<task>-<fingerprint>/``; ``results.json`` and ``results.md`` are
+rewritten after each task, so a rerun with the same configuration skips the finished ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from inca.backbone import Backbone
+from inca.io import atomic_write_text
+from inca.report import markdown_table
+from inca.suite import Report, Unit, run_suite, task_directory
+from inca.tasks import Task
+from inca.train.config import InCATrainConfig
+from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, SOURCE_OPTIONS, train_inca_task
+
+__all__ = [
+    "REPORT_JSON",
+    "REPORT_MD",
+    "render_results",
+    "render_summary",
+    "run_train_suite",
+    "train_config",
+    "write_reports",
+    "written_files",
+]
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON, REPORT_MD = "results.json", "results.md"
+
+
+def train_config(backbone: Backbone, layers_spec: str, options: InCATrainConfig) -> dict[str, Any]:
+    """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
+    keep = {k: v for k, v in asdict(options).items() if k not in SOURCE_OPTIONS}
+    return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **keep}
+
+
+def run_train_suite(
+    backbone: Backbone,
+    task_specs: Iterable[str],
+    layers_for: Callable[[Task], list[int]],
+    layers_spec: str,
+    options: InCATrainConfig,
+    out: str | os.PathLike,
+    load_task: Callable[[str], Task],
+    overwrite: bool = False,
+) -> Report:
+    """:func:`~inca.train.runner.train_inca_task` on each task into ``out/<task>-<fingerprint>/``; ``results.json``
+    and ``results.md`` after each task (a rerun with the same configuration skips the finished ones)."""
+    out = Path(out)
+    tasks = {spec: load_task(spec) for spec in task_specs}  # every spec loads before any training starts
+
+    def train(task: Task) -> dict[str, Any]:
+        result = train_inca_task(backbone, task, layers_for(task), options, out / task_directory(task))
+        logger.info("%s: best layer %d, val %.4f, test %.4f (%.1fs)", task.spec, result["best"]["layer"],
+                    result["val_acc"], result["test_acc"], result["seconds"])
+        return {**result, "fingerprint": task.fingerprint, "skipped_images": task.identity.get("skipped_images", 0)}
+
+    def finished(report: Report, spec: str) -> bool:
+        """A task counts as done only if its data is the same as when it was trained."""
+        done = report["tasks"].get(spec)
+        if done is not None and done.get("fingerprint") != tasks[spec].fingerprint:
+            logger.warning("%s: its data changed since it was trained; training it again", spec)
+            return False
+        return done is not None
+
+    fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
+    units = (Unit(spec, spec, functools.partial(train, task)) for spec, task in tasks.items())
+    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite, finished=finished)
+
+
+def write_reports(out: Path, results: Report) -> None:
+    """``results.md`` from ``results`` (``results.json``'s content, which the suite writes)."""
+    atomic_write_text(out / REPORT_MD, render_results(results))
+
+
+def render_summary(results: Report) -> str:
+    """The title and the summary table: the best adapter (and ensemble) of each task."""
+    backbone = results["backbone"]
+    lines = [f"# InCA results: {backbone['name']} ({backbone['weights']} weights)\n"]
+    headers = ["task", "best layer", "lr", "queries", "val acc", "test acc", "params", "% backbone", "adapters",
+               "activations", "seconds"]
+    rows = [
+        [spec, r["best"]["layer"], r["best"]["lr"], r["best"]["num_queries"], r["val_acc"], r["test_acc"],
+         r["trainable_params"], f"{r['trainable_percent']:.2f}%", len(r["adapters"]), r["activations"],
+         f"{r['seconds']:.1f}"]
+        for spec, r in results["tasks"].items()
+    ]
+    if _has_ensembles(results):
+        headers[6:6] = ["ensemble", "ens. val acc", "ens. test acc"]
+        for row, r in zip(rows, results["tasks"].values()):
+            ensemble = r.get("ensemble") or {}
+            row[6:6] = [f"top {ensemble['k']}" if ensemble else "-", ensemble.get("val_acc"), ensemble.get("test_acc")]
+    lines.append(markdown_table(headers, rows))
+    return "\n".join(lines)
+
+
+def render_results(results: Report) -> str:
+    """``results.md``: the summary (:func:`render_summary`) then, per task, every adapter of its bank."""
+    lines = [render_summary(results)]
+    for spec, r in results["tasks"].items():
+        lines.append(f"## {spec}\n")
+        lines.append(markdown_table(
+            ["layer", "lr", "wd", "queries", "heads", "mlp", "seed", "val acc", "test acc", "diverged"],
+            [[a["layer"], a["lr"], a["weight_decay"], a["num_queries"], a["num_heads"], a["mlp_ratio"], a["seed"],
+              a["val_acc"], a["test_acc"], "yes" if a["diverged"] else ""] for a in r["adapters"]],
+        ))
+    return "\n".join(lines)
+
+
+def written_files(results: Report) -> list[str]:
+    """What the suite wrote under its output directory, as paths relative to it (a task's directory by pattern)."""
+    files = [REPORT_JSON, REPORT_MD, f"<task>-<fingerprint>/{ADAPTER_DIR}/"]
+    if _has_ensembles(results):
+        files.append(f"<task>-<fingerprint>/{ENSEMBLE_DIR}/")
+    return files
+
+
+def _has_ensembles(results: Report) -> bool:
+    return any(r.get("ensemble") for r in results["tasks"].values())
