@@ -5,11 +5,15 @@ The end-to-end methods read images (:class:`ImageBatches`) or model inputs held 
 (:class:`ActivationSource`): from memory, a finished on-disk store, or the live backbone. Every source yields
 the same batches for the same index arrays (trainers pass sorted indices), so a bank trained from a cache and
 one trained live (rounded to the cache dtype) see identical data. :func:`open_source` is the one place that
-decides between a store and the live backbone.
+decides between a store and the live backbone (for ``cache="auto"``, by measurement: :mod:`inca.placement`), and
+where a store is served from.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -21,12 +25,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import placement
+from .adapters.inca import AdapterSpec
 from .backbone import Backbone
-from .cache import ActivationCache, build_cache, find_cache, open_cache, store_bytes, verify_cache
+from .cache import ActivationCache, build_cache, find_cache, open_cache, store_bytes, store_path, verify_cache
 from .distributed import current
 from .errors import InCAError
-from .io import DEFAULT_MAX_STORE_GB, cache_root, existing_parent
+from .io import DEFAULT_MAX_STORE_GB, DEFAULT_MEMORY_FRACTION, cache_root, existing_parent
 from .options import CACHE_MODES
+from .placement import CacheDecision, Workload, decide, measure_rates
+from .quantize import QuantizedTokens
 from .tasks import Task, image_loader
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "RecordingSource",
     "TensorBatches",
     "TensorSource",
+    "narrow_source",
     "open_source",
     "pool_tokens",
 ]
@@ -81,8 +90,10 @@ class ActivationSource(DataSource, Protocol):
     layers: list[int]
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[dict[int, Tensor], Tensor]]:
-        """Yield ``(features {layer: [B, T, D] float16/float32 CPU tensor}, labels [B] int64)`` for each
-        index array in ``batches``, in order. Index arrays arrive sorted ascending."""
+        """Yield ``(features {layer: [B, T, D] tokens}, labels [B] int64)`` for each index array in ``batches``, in
+        order. Index arrays arrive sorted ascending. Tokens are float16/float32 tensors, or packed 8-bit
+        :class:`~inca.quantize.QuantizedTokens` from an int8 store (dequantised by whoever reads them); on the CPU
+        unless the source holds them on a GPU."""
         ...
 
 
@@ -154,6 +165,11 @@ class TensorSource:
     def labels(self, split: str) -> np.ndarray:
         return self._labels[self._split(split)]
 
+    def narrowed(self, layers: list[int]) -> TensorSource:
+        """The same rows with only ``layers`` (no copy): see :func:`narrow_source`."""
+        return TensorSource({split: {layer: f[layer] for layer in layers} for split, f in self._features.items()},
+                            self._labels)
+
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterable[tuple[dict[int, Tensor], Tensor]]:
         features, labels = self._features[self._split(split)], self._labels[split]
         for idx in batches:
@@ -162,18 +178,31 @@ class TensorSource:
 
 
 class CachedSource:
-    """Activations gathered from memmaps: many epochs at disk/page-cache speed.
+    """Activations of a store: many epochs at disk/page-cache speed, or from memory.
 
-    A background thread reads the next batch while the caller works on the current one, so reading the store
-    overlaps the adapters' compute. Batches land in pinned memory (asynchronous host-to-device copies) when
-    ``pin_memory``, by default when this process already uses CUDA.
+    With ``device="disk"`` batches are gathered from the memmaps, a background thread reading the next batch
+    while the caller works on the current one, so reading the store overlaps the adapters' compute. With
+    ``device="cpu"`` or a CUDA device the layers are loaded once, on first use of each split, into host memory
+    (pinned when CUDA is in use) or GPU memory, and every batch is a gather there. Batches land in pinned memory
+    (asynchronous host-to-device copies) when ``pin_memory``, by default when this process already uses CUDA.
+    ``decision`` is what ``cache="auto"`` measured to choose this source (None when it did not measure).
     """
 
-    def __init__(self, cache: ActivationCache, layers: list[int] | None = None, pin_memory: bool | None = None) -> None:
+    def __init__(
+        self, cache: ActivationCache, layers: list[int] | None = None, pin_memory: bool | None = None,
+        device: str = "disk",
+    ) -> None:  # fmt: skip
         self.cache = cache
         self.layers = sorted(layers) if layers is not None else cache.layers
         self.pin_memory = pin_memory
+        self.device = device
+        self.decision: dict[str, Any] | None = None
+        self._held: dict[str, dict[int, Tensor | QuantizedTokens]] = {}
         cache.check(layers=self.layers)
+
+    def nbytes(self) -> int:
+        """Bytes of the layers this source reads, over every split: what holding them in memory takes."""
+        return self.cache.nbytes(self.layers)
 
     def num_rows(self, split: str) -> int:
         return self.cache.num_rows(split)
@@ -181,9 +210,24 @@ class CachedSource:
     def labels(self, split: str) -> np.ndarray:
         return self.cache.labels(split)
 
+    def narrowed(self, layers: list[int]) -> CachedSource:
+        """The same store reading only ``layers``' files (from the same place, sharing what is held in memory):
+        see :func:`narrow_source`."""
+        view = CachedSource(self.cache, layers, self.pin_memory, self.device)
+        view._held = {split: {k: held[k] for k in layers} for split, held in self._held.items()}
+        view.decision = self.decision
+        return view
+
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
         labels = self.labels(split)
         pin = torch.cuda.is_initialized() if self.pin_memory is None else self.pin_memory
+        if self.device != "disk":
+            held = self._hold(split, pin)
+            device = next(iter(held.values())).device
+            for rows in batches:
+                index = torch.from_numpy(rows).to(device)
+                yield {layer: tokens[index] for layer, tokens in held.items()}, torch.from_numpy(labels[rows])
+            return
 
         def read(rows: np.ndarray) -> tuple[dict[int, Tensor], Tensor]:
             features = {layer: self.cache.gather(split, layer, rows, pin) for layer in self.layers}
@@ -198,6 +242,17 @@ class CachedSource:
                 pending = following
             if pending is not None:
                 yield pending.result()
+
+    def _hold(self, split: str, pin: bool) -> dict[int, Tensor | QuantizedTokens]:
+        """The split's layers in memory on this source's device, read from the store on first use."""
+        if split not in self._held:
+            rows = np.arange(self.num_rows(split))
+            pin = pin and self.device == "cpu"
+            self._held[split] = {layer: self.cache.gather(split, layer, rows, pin).to(self.device)
+                                 for layer in self.layers}
+            logger.info("%s: holding the %s split of layers %s in %s memory", self.cache.path, split, self.layers,
+                        self.device)
+        return self._held[split]
 
 
 class LiveSource(ImageBatches):
@@ -226,6 +281,14 @@ class LiveSource(ImageBatches):
         self.layers = sorted(layers)
         self.round_to = round_to
         self.forward_calls = 0
+        self.decision: dict[str, Any] | None = None  # what cache="auto" measured to stream (None: no measurement)
+
+    def narrowed(self, layers: list[int]) -> LiveSource:
+        """The same images and transforms computing only up to the deepest of ``layers`` (a copy that counts its
+        own :attr:`forward_calls`): see :func:`narrow_source`."""
+        view = copy.copy(self)
+        view.layers, view.forward_calls = sorted(layers), 0
+        return view
 
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
         for images, labels in super().loader(split, batches):
@@ -234,6 +297,37 @@ class LiveSource(ImageBatches):
             if self.round_to is not None:
                 features = {k: v.to(self.round_to) for k, v in features.items()}
             yield features, labels
+
+
+def narrow_source(source: ActivationSource, layers: Iterable[int]) -> ActivationSource:
+    """``source`` serving only ``layers`` (some of its own): what a bank reads once successive halving has pruned
+    every adapter of its other layers. A store then reads only those layers' files and the live backbone's pass
+    stops at the deepest of them (the sources' ``narrowed``); any other source's batches are filtered."""
+    layers = sorted(set(layers))
+    missing = sorted(set(layers) - set(source.layers))
+    if missing:
+        raise InCAError(f"the activation source lacks layers {missing}; it serves {list(source.layers)}")
+    if layers == sorted(source.layers):
+        return source
+    narrowed = getattr(source, "narrowed", None)
+    return narrowed(layers) if narrowed is not None else _LayerFilter(source, layers)
+
+
+class _LayerFilter:
+    """Any :class:`ActivationSource` with only ``layers`` of each batch passed on."""
+
+    def __init__(self, source: ActivationSource, layers: list[int]) -> None:
+        self.source, self.layers = source, layers
+
+    def num_rows(self, split: str) -> int:
+        return self.source.num_rows(split)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.source.labels(split)
+
+    def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
+        for features, labels in self.source.loader(split, batches):
+            yield {layer: features[layer] for layer in self.layers}, labels
 
 
 def pool_tokens(tokens: Tensor, pool: str, num_prefix: int) -> Tensor:
@@ -321,16 +415,29 @@ def open_source(
     epochs: int,
     cache: str = "auto",
     cache_dir: str | os.PathLike | None = None,
-    dtype: str = "float16",
+    dtype: str | None = "float16",
     max_gb: float = DEFAULT_MAX_STORE_GB,
     num_workers: int | None = None,
     train_transform: Callable | None = None,
     verify: bool = False,
+    adapters: Sequence[AdapterSpec] | None = None,
+    batch_size: int = 64,
+    cache_device: str = "auto",
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    device: torch.device | str | None = None,
 ) -> CachedSource | LiveSource:
     """The activations of ``layers`` for ``task``, to be read ``epochs`` times: a finished store when one
     exists (unless ``cache="never"``), a new store when ``cache`` is ``always`` or, for ``auto``, when it pays
     off (see :data:`CACHE_MODES`), else the live backbone. A ``train_transform`` (augmentation) always streams
-    live: a store holds one fixed view of each image. ``verify`` re-hashes an existing store's files first."""
+    live: a store holds one fixed view of each image. ``verify`` re-hashes an existing store's files first.
+
+    ``dtype`` is the store's element type; a store of another one is refused, never read in its place (None, for
+    ``reuse``: whatever the store holds). With ``cache="auto"`` and no store yet, building one must pass the size
+    and free-disk guards and then be predicted cheaper than streaming, by rates measured here for ``adapters``
+    (default: one per layer) trained in batches of ``batch_size`` (:mod:`inca.placement`); the source's
+    ``decision`` keeps the numbers. A store's layers are served from ``cache_device`` (``auto``, ``disk``,
+    ``cpu``, ``cuda``; see :func:`inca.placement.cache_device`) for training on ``device`` (default: the
+    backbone's)."""
     if cache not in CACHE_MODES:
         raise InCAError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
     if train_transform is not None:
@@ -339,37 +446,76 @@ def open_source(
         return LiveSource(backbone, task, layers, num_workers, train_transform=train_transform)
     if cache == "never":
         return LiveSource(backbone, task, layers, num_workers)
+    train_device = torch.device(device) if device is not None else backbone.device
+    held_on = functools.partial(placement.cache_device, cache_device, train_device=train_device,
+                                fraction=memory_fraction)
     world = current()  # ranks training one task data-parallel take rank 0's decision, and read its store
-    reason, found = world.broadcast(
-        _why_not_read_or_build(backbone, task, layers, epochs, cache, cache_dir, dtype, max_gb, verify)
-        if world.is_main else None
-    )
+    plan = _Plan(backbone, task, sorted(layers), epochs, cache_dir, dtype or "float16", max_gb, num_workers,
+                 list(adapters) if adapters else [AdapterSpec(layer=k, num_heads=backbone.num_heads) for k in layers],
+                 batch_size, held_on)
+    reason, found, decision = world.broadcast(plan.choose(cache, dtype, verify) if world.is_main else None)
     if reason:
         logger.info("%s: streaming live activations (%s)", task.spec, reason)
-        return LiveSource(backbone, task, layers, num_workers)
-    if found is not None:
-        logger.info("%s: reading activations from %s", task.spec, found)
-        return CachedSource(open_cache(found, backbone, task, layers), layers)
-    return CachedSource(build_cache(backbone, task, layers, cache_dir, dtype=dtype, num_workers=num_workers), layers)
+        source: CachedSource | LiveSource = LiveSource(backbone, task, layers, num_workers)
+    else:
+        if found is not None:
+            logger.info("%s: reading activations from %s", task.spec, found)
+            store = open_cache(found, backbone, task, layers, dtype)
+        else:
+            store = build_cache(backbone, task, layers, cache_dir, dtype=dtype or "float16", num_workers=num_workers)
+        source = CachedSource(store, layers, device=held_on(store.nbytes(sorted(set(layers)))))
+    source.decision = decision
+    return source
 
 
-def _why_not_read_or_build(
-    backbone: Backbone, task: Task, layers: list[int], epochs: int, cache: str,
-    cache_dir: str | os.PathLike | None, dtype: str, max_gb: float, verify: bool,
-) -> tuple[str | None, str | None]:  # fmt: skip
-    """``(why to stream, None)``, ``(None, the store of layers to read)`` (verified first with ``verify``), or
-    ``(None, None)`` to build one."""
-    found = find_cache(cache_dir, backbone, task, layers)
-    if found is not None:
-        if verify:
-            verify_cache(found.path)
-            logger.info("%s: every file of %s matches its checksum", task.spec, found.path)
-        return None, str(found.path)
-    if cache == "reuse":
-        return "no activation store holds these layers, and this command builds none", None
-    if cache == "auto":
-        return _why_not_build(store_bytes(backbone, task, layers, dtype), epochs, max_gb, cache_dir), None
-    return None, None
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What :func:`open_source` weighs to read, build or stream: the task's layers, how they will be trained, and
+    where a store would live."""
+
+    backbone: Backbone
+    task: Task
+    layers: list[int]
+    epochs: int
+    cache_dir: str | os.PathLike | None
+    dtype: str
+    max_gb: float
+    num_workers: int | None
+    adapters: list[AdapterSpec]
+    batch_size: int
+    held_on: Callable[[int], str]  # where a store of so many bytes would be served from
+
+    def choose(self, cache: str, dtype: str | None, verify: bool) -> tuple[str | None, str | None, dict | None]:
+        """``(why to stream, None, decision)``, ``(None, the store of layers to read, None)`` (verified first with
+        ``verify``), or ``(None, None, decision)`` to build one; ``decision`` is what ``auto`` measured (None for the
+        other modes)."""
+        found = find_cache(self.cache_dir, self.backbone, self.task, self.layers, dtype)
+        if found is not None:
+            if verify:
+                verify_cache(found.path)
+                logger.info("%s: every file of %s matches its checksum", self.task.spec, found.path)
+            return None, str(found.path), None
+        if cache == "reuse":
+            return "no activation store holds these layers, and this command builds none", None, None
+        if cache != "auto":
+            return None, None, None
+        size = store_bytes(self.backbone, self.task, self.layers, self.dtype)
+        reason = _why_not_build(size, self.epochs, self.max_gb, self.cache_dir)
+        if reason:
+            return reason, None, {"choice": "stream", "reason": reason}
+        decision = self.measure(size)
+        verdict = "building a store" if decision.choice == "build" else "streaming live activations"
+        logger.info("%s: %s, measured cheaper: %s", self.task.spec, verdict, decision.message())
+        why = None if decision.choice == "build" else f"measured cheaper than a store: {decision.message()}"
+        return why, None, decision.to_dict()
+
+    def measure(self, size: int) -> CacheDecision:
+        """Predict both runs from rates measured on this machine (:func:`inca.placement.measure_rates`)."""
+        rates = measure_rates(self.backbone, self.task, self.layers, self.adapters, self.batch_size,
+                              store_path(self.cache_dir, self.backbone, self.task).parent, size, self.dtype,
+                              self.held_on(size), self.num_workers)
+        rows = self.task.sizes()
+        return decide(rates, Workload(rows, self.epochs, size // max(sum(rows.values()), 1)))
 
 
 def _why_not_build(size: int, epochs: int, max_gb: float, cache_dir: str | os.PathLike | None) -> str | None:

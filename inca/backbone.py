@@ -7,7 +7,6 @@ Everything downstream (cache, adapters, probes) sees the backbone only through :
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import logging
@@ -30,11 +29,14 @@ from torch import nn
 
 from .devices import autocast
 from .errors import InCAError, first_line
-from .io import digest
+from .io import FINGERPRINT_LENGTH, digest
+from .registry import unknown_name
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+# The seed of --weights random: inca's own choice (any fixed value would do). Random weights are then a fixed
+# function of the name and model kwargs, so their fingerprint, stores and results are reproducible across runs.
 RANDOM_INIT_SEED = 0
 # How long reaching the hub may take before a missing download is reported as unreachable: inca's own choice, a
 # reachable host accepts a TCP connection well within it, and an offline machine hears so in seconds rather than
@@ -286,7 +288,7 @@ def state_dict_hash(model: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
 
 
 def _check_token_model(model: nn.Module, name: str) -> None:
@@ -321,10 +323,8 @@ def patch_grid(model: nn.Module) -> tuple[int, int] | None:
 def _check_model_name(name: str) -> None:
     if timm.is_model(name):
         return
-    arch = name.split(".")[0]
-    close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit*')"
-    raise InCAError(f"unknown backbone {name!r}{hint}")
+    raise unknown_name("backbone", name.split(".")[0], timm.list_models(), wording=f"unknown backbone {name!r}",
+                       options="see timm.list_models('vit*')", matches=4)
 
 
 def _create_model(name: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -4,7 +4,8 @@ Layout under ``$INCA_CACHE`` (default ``~/.cache/inca``)::
 
     <backbone>-<fp>/<task>-<fp>/manifest.json
                                <split>/labels.npy
-                               <split>/layer_<k>.npy      [N, T, D] float16 (bfloat16 stored as uint16)
+                               <split>/layer_<k>.npy      [N, T, D] float16 (bfloat16 stored as uint16), or
+                                                          [N, T, W] int8: packed 8-bit rows (inca.quantize)
                                <split>/progress-<r>.json  rows committed by the writer starting at row r
                                                           (while a build runs; removed when it completes)
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import shutil
 import time
@@ -56,12 +58,14 @@ from .io import (
     require_free_space,
 )
 from .progress import progress
+from .quantize import INT8_SCHEME, Int8Layout, QuantizedTokens, quantize
 from .tasks import SPLITS, Task, image_loader, sequential_batches
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
-DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
+DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
+          "int8": (np.int8, torch.int8)}  # int8: packed rows of inca.quantize's scheme
 MANIFEST = "manifest.json"
 REBUILD_HINT = "rebuild the store with inca-cache --rebuild (same --backbone, --task and --layers)"
 
@@ -73,9 +77,19 @@ def store_path(cache_dir: str | os.PathLike | None, backbone: Backbone, task: Ta
 
 
 def store_bytes(backbone: Backbone, task: Task, layers: list[int], dtype: str = "float16") -> int:
-    """Size of the activations of ``layers`` for all of ``task``: rows x tokens x width x layers x bytes."""
-    item = np.dtype(DTYPES[dtype][0]).itemsize
-    return sum(task.sizes().values()) * backbone.num_tokens * backbone.width * len(layers) * item
+    """Size of the activations of ``layers`` for all of ``task``: rows x tokens x row bytes x layers."""
+    return sum(task.sizes().values()) * backbone.num_tokens * row_bytes(dtype, backbone.width) * len(layers)
+
+
+def row_bytes(dtype: str, dim: int) -> int:
+    """Bytes of one stored token of width ``dim``: 2 a value in 16 bits, a packed 8-bit row for int8."""
+    return Int8Layout(dim).width if dtype == "int8" else dim * np.dtype(DTYPES[dtype][0]).itemsize
+
+
+def file_shape(dtype: str, shape: Any) -> tuple[int, int, int]:
+    """The ``.npy`` shape of a layer of activations ``[N, T, D]``: ``[N, T, W]`` packed rows for int8."""
+    n, t, d = (int(x) for x in shape)
+    return (n, t, Int8Layout(d).width) if dtype == "int8" else (n, t, d)
 
 
 def layer_file(path: Path, split: str, layer: int) -> Path:
@@ -103,9 +117,15 @@ class ActivationCache:
         return list(self.manifest["task"]["classes"])
 
     def check(
-        self, backbone: Backbone | None = None, task: Task | None = None, layers: list[int] | None = None
+        self, backbone: Backbone | None = None, task: Task | None = None, layers: list[int] | None = None,
+        dtype: str | None = None,
     ) -> None:
-        """Refuse a store built from anything other than the requested backbone, task and layers."""
+        """Refuse a store built from anything other than the requested backbone, task, layers and dtype."""
+        if dtype is not None and dtype != self.dtype:
+            raise InCAError(
+                f"{self.path} holds {self.dtype} activations, not {dtype}: read it with --cache-dtype {self.dtype}, "
+                f"or rebuild it as {dtype} with inca-cache --rebuild --dtype {dtype}"
+            )
         if backbone is not None:
             _check_backbone(self.path, self.manifest, backbone)
         if task is not None and self.manifest["task"]["fingerprint"] != task.fingerprint:
@@ -139,18 +159,33 @@ class ActivationCache:
             self._arrays[key] = np.load(layer_file(self.path, split, layer), mmap_mode="r")
         return self._arrays[key]
 
-    def gather(self, split: str, layer: int, rows: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
-        """Rows of one layer as a torch tensor in the store's dtype, in ``rows`` order.
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["dtype"])
+
+    def nbytes(self, layers: list[int] | None = None) -> int:
+        """Bytes of the files of ``layers`` (default: all) over every split."""
+        return sum(layer_file(self.path, split, k).stat().st_size for split in SPLITS
+                   for k in (self.layers if layers is None else layers))
+
+    def gather(
+        self, split: str, layer: int, rows: np.ndarray, pin_memory: bool = False
+    ) -> torch.Tensor | QuantizedTokens:
+        """Rows of one layer in the store's dtype, in ``rows`` order: a tensor, or for an int8 store the packed
+        :class:`~inca.quantize.QuantizedTokens` (dequantised by whoever reads them, e.g. the adapters).
 
         Each run of consecutive rows is one slice of the memmap (one sequential read) copied straight into
         the output, pinned for asynchronous host-to-device copies when ``pin_memory``.
         """
         array = self.layer(split, layer)
-        out = torch.empty((len(rows), *array.shape[1:]), dtype=DTYPES[self.manifest["dtype"]][1], pin_memory=pin_memory)
-        target = out.view(torch.int16).numpy().view(array.dtype)  # bfloat16: the stored uint16 bit patterns
+        out = torch.empty((len(rows), *array.shape[1:]), dtype=DTYPES[self.dtype][1], pin_memory=pin_memory)
+        # bfloat16: the stored uint16 bit patterns
+        target = out.numpy() if self.dtype == "int8" else out.view(torch.int16).numpy().view(array.dtype)
         starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where each run of consecutive rows begins
         for start, stop in zip(starts, [*starts[1:], len(rows)]):
             target[start:stop] = array[rows[start] : rows[start] + stop - start]
+        if self.dtype == "int8":
+            return QuantizedTokens(out, Int8Layout(int(self.manifest["shapes"][split][2])))
         return out
 
 
@@ -159,23 +194,25 @@ def open_cache(
     backbone: Backbone | None = None,
     task: Task | None = None,
     layers: list[int] | None = None,
+    dtype: str | None = None,
 ) -> ActivationCache:
     cache = ActivationCache(path)
-    cache.check(backbone, task, layers)
+    cache.check(backbone, task, layers, dtype)
     return cache
 
 
 def find_cache(
-    cache_dir: str | os.PathLike | None, backbone: Backbone, task: Task, layers: list[int]
+    cache_dir: str | os.PathLike | None, backbone: Backbone, task: Task, layers: list[int], dtype: str | None = None
 ) -> ActivationCache | None:
-    """The complete store for this backbone and task holding ``layers``, if one exists."""
+    """The complete store for this backbone and task holding ``layers``, if one exists. One of another dtype than
+    ``dtype`` (None: any) is refused with one line, never read in its place."""
     path = store_path(cache_dir, backbone, task)
     if not (path / MANIFEST).is_file() or not read_manifest(path)["complete"]:
         return None
     cache = ActivationCache(path)
     if not set(layers) <= set(cache.layers):
         return None
-    cache.check(backbone, task, layers)
+    cache.check(backbone, task, layers, dtype)
     return cache
 
 
@@ -246,6 +283,7 @@ def _start_or_resume(
         if manifest["dtype"] != dtype:
             raise InCAError(f"{path} stores {manifest['dtype']} activations, not {dtype}: ask for "
                             f"{manifest['dtype']} (--dtype / --cache-dtype) or rebuild with inca-cache --rebuild")
+        _check_scheme(path, manifest)
         missing = sorted(set(layers) - set(manifest["layers"]))
         if manifest["pending"] is None and missing:
             logger.info("%s holds layers %s: extending it with layers %s (one more pass over the data)",
@@ -266,6 +304,7 @@ def _start_or_resume(
         "layers": [],
         "pending": {"layers": layers, "batch_size": batch_size},
         "dtype": dtype,
+        **({"quantization": INT8_SCHEME} if dtype == "int8" else {}),
         "token_layout": backbone.token_layout,
         "shapes": {split: [n, backbone.num_tokens, backbone.width] for split, n in task.sizes().items()},
         "complete": False,
@@ -278,8 +317,8 @@ def _start_or_resume(
 
 def _require_space(path: Path, manifest: dict[str, Any], layers: list[int]) -> None:
     """Refuse (before the manifest records the build) when the disk cannot hold what ``layers`` still need."""
-    itemsize = np.dtype(DTYPES[manifest["dtype"]][0]).itemsize
-    unwritten = sum(n * t * d for n, t, d in manifest["shapes"].values()) * itemsize * len(layers) - sum(
+    unwritten = sum(math.prod(file_shape(manifest["dtype"], shape)) for shape in manifest["shapes"].values())
+    unwritten = unwritten * np.dtype(DTYPES[manifest["dtype"]][0]).itemsize * len(layers) - sum(
         f.stat().st_size for split in SPLITS for k in layers if (f := layer_file(path, split, k)).is_file()
     )
     require_free_space(path, max(unwritten, 0), f"the activation store of layers {layers}")
@@ -334,7 +373,8 @@ def _plan_build(path: Path, manifest: dict[str, Any], task: Task) -> dict[str, l
         done = _rows_written(path, split, layers)
         if not done:
             for k in layers:
-                _create_layer(layer_file(path, split, k), tuple(shape[split]), DTYPES[manifest["dtype"]][0])
+                _create_layer(layer_file(path, split, k), file_shape(manifest["dtype"], shape[split]),
+                              DTYPES[manifest["dtype"]][0])
         plan[split] = [(int(b[0]), int(b[-1]) + 1) for b in sequential_batches(0, len(data), batch_size)
                        if not any(a <= b[0] and b[-1] < z for a, z in done)]
     return plan
@@ -379,10 +419,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def check_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Every file of a complete store is there, with the ``.npy`` header and size the manifest implies."""
-    np_dtype = np.dtype(DTYPES[manifest["dtype"]][0]) if manifest["dtype"] in DTYPES else None
+    """Every file of a complete store is there, with the ``.npy`` header and size the manifest implies (and an
+    8-bit store's rows are of the scheme this inca reads)."""
+    _check_scheme(path, manifest)
+    np_dtype = np.dtype(DTYPES[manifest["dtype"]][0])
     try:
-        shapes = {split: tuple(int(x) for x in manifest["shapes"][split]) for split in SPLITS}
+        shapes = {split: file_shape(manifest["dtype"], manifest["shapes"][split]) for split in SPLITS}
     except (KeyError, TypeError, ValueError):
         raise InCAError(f"{path / MANIFEST} has no valid shapes for {'/'.join(SPLITS)}: {REBUILD_HINT}") from None
     for split, shape in shapes.items():
@@ -412,6 +454,18 @@ def _npy_problem(file: Path, shape: tuple[int, ...], dtype: np.dtype | None) -> 
     if file.stat().st_size != size:
         return f"is {file.stat().st_size} bytes, {size} expected (truncated or padded)"
     return None
+
+
+def _check_scheme(path: Path, manifest: dict[str, Any]) -> None:
+    """A store's dtype is one this inca reads, and an 8-bit store's packed rows are of :data:`INT8_SCHEME`."""
+    if manifest["dtype"] not in DTYPES:
+        raise InCAError(f"{path} stores {manifest['dtype']!r} activations, which this inca does not read "
+                        f"({', '.join(DTYPES)}): {REBUILD_HINT}")
+    scheme = manifest.get("quantization")
+    if manifest["dtype"] == "int8" and scheme != INT8_SCHEME:
+        stored = scheme.get("name") if isinstance(scheme, dict) else scheme
+        raise InCAError(f"{path} holds 8-bit activations of scheme {stored!r}, not {INT8_SCHEME['name']!r} as "
+                        f"this inca reads them: {REBUILD_HINT}")
 
 
 def _check_backbone(path: Path, manifest: dict[str, Any], backbone: Backbone) -> None:
@@ -458,7 +512,7 @@ def _build_split(
     committing progress every ``commit_seconds``."""
     data = task.splits[split]
     np_dtype, torch_dtype = DTYPES[dtype]
-    shape = (len(data), backbone.num_tokens, backbone.width)
+    shape = file_shape(dtype, (len(data), backbone.num_tokens, backbone.width))
     arrays = {k: _open_layer(layer_file(path, split, k), shape, np_dtype) for k in layers}
     progress_file = path / split / f"progress-{int(batches[0][0])}.json"
     last_commit = time.monotonic()
@@ -468,17 +522,26 @@ def _build_split(
         tokens = backbone.extract(images, layers)
         rows = slice(int(batch[0]), int(batch[-1]) + 1)
         for layer, value in tokens.items():
-            value = value.to("cpu", torch_dtype)
-            if not torch.isfinite(value).all():
-                raise InCAError(
-                    f"layer {layer} activations overflow {dtype} (task {task.spec}, rows {rows.start}..): "
-                    "rebuild with --dtype bfloat16"
-                )
-            arrays[layer][rows] = value.view(torch.uint16).numpy() if dtype == "bfloat16" else value.numpy()
+            where = f"layer {layer} of {task.spec}, rows {rows.start}.."
+            arrays[layer][rows] = _stored(value, dtype, torch_dtype, where)
         bar.update(images.shape[0])
         if batch is batches[-1] or time.monotonic() - last_commit >= commit_seconds:
             _commit(arrays, progress_file, int(batches[0][0]), rows.stop, layers)
             last_commit = time.monotonic()
+
+
+def _stored(value: torch.Tensor, dtype: str, torch_dtype: torch.dtype, where: str) -> np.ndarray:
+    """A batch of one layer's activations as the store holds them (packed 8-bit rows quantised where the
+    backbone ran: exact operations only, so every device writes the same bytes)."""
+    if dtype == "int8":
+        try:
+            return quantize(value).raw.cpu().numpy()
+        except InCAError as exc:
+            raise InCAError(f"{where}: {exc}") from None
+    value = value.to("cpu", torch_dtype)
+    if not torch.isfinite(value).all():
+        raise InCAError(f"{where}: activations overflow {dtype}: rebuild with --dtype bfloat16")
+    return value.view(torch.uint16).numpy() if dtype == "bfloat16" else value.numpy()
 
 
 def _create_layer(file: Path, shape: tuple[int, ...], dtype: Any) -> None:
@@ -535,7 +598,7 @@ def verify_cache(path: str | os.PathLike) -> dict[str, Any]:
             problems.append(f"{split}/labels.npy does not match {shape[0]} rows of {num_classes} classes")
         for layer in cache.layers:
             array = cache.layer(split, layer)
-            if array.shape != shape:
+            if array.shape != file_shape(cache.dtype, shape):
                 problems.append(f"{split}/layer_{layer}.npy has shape {array.shape}, manifest says {shape}")
     files = sorted(manifest["checksums"])
     for name in progress(files, desc="verify", unit="file"):
@@ -551,6 +614,8 @@ def verify_cache(path: str | os.PathLike) -> dict[str, Any]:
         "backbone": manifest["backbone"]["name"],
         "task": manifest["task"]["spec"],
         "layers": cache.layers,
+        "dtype": cache.dtype,
+        "scheme": manifest.get("quantization", {}).get("name"),
         "rows": {split: manifest["shapes"][split][0] for split in SPLITS},
         "files": len(files),
     }

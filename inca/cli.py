@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import io
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,60 +13,57 @@ from . import options as opt
 from .errors import InCAError, first_line
 from .progress import set_quiet
 
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default, unless its text already says it or there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        nothing = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
-        if "default" in text or nothing:  # (not `in (..., False)`: a default of 0 equals False)
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class _TableHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
-    """:class:`_HelpFormatter` that keeps the description's and epilog's line breaks (a table of methods)."""
+# Each command's name: its parser's prog, and what its errors start with (even one raised while its parser is built).
+CACHE, COMPARE, PREDICT, PROBE, TRAIN = "inca-cache", "inca-compare", "inca-predict", "inca-probe", "inca-train"
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage + error, shows defaults in
     ``--help``; every command takes ``-v``. ``options`` maps each option's dest to its action (a recipe's keys
-    are checked against them), recorded as options are added to the parser or any of its groups."""
+    are checked against them), recorded as options are added to the parser or any of its groups, when each
+    option's help also gets its default."""
 
     def __init__(self, **kwargs) -> None:
         self.options: dict[str, argparse.Action] = {}
-        super().__init__(formatter_class=_HelpFormatter, **kwargs)
+        super().__init__(**kwargs)
         self.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         self.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress")
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:
-        action = super().add_argument(*args, **kwargs)
-        self.options[action.dest] = action
-        return action
+        return self._record(super().add_argument(*args, **kwargs))
 
     def add_argument_group(self, *args, **kwargs):
         group = super().add_argument_group(*args, **kwargs)
         add = group.add_argument
 
         def add_and_record(*names, **options) -> argparse.Action:
-            action = add(*names, **options)
-            self.options[action.dest] = action
-            return action
+            return self._record(add(*names, **options))
 
         group.add_argument = add_and_record
         return group
+
+    def _record(self, action: argparse.Action) -> argparse.Action:
+        """Record ``action`` in :attr:`options`; its help shows its default (argparse fills ``%(default)s`` in when
+        help is printed, so a recipe's default shows too), unless the text says it already or there is none."""
+        self.options[action.dest] = action
+        text, default = action.help or "", action.default
+        nothing = default is None or default is False or default in ([], argparse.SUPPRESS)  # (0 is shown)
+        if text and text != argparse.SUPPRESS and "default" not in text and not nothing:
+            action.help = f"{text} (default: %(default)s)"
+        return action
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _run(main: Callable[[argparse.Namespace], int], make_parser: Callable[[], _Parser],
+def _run(prog: str, main: Callable[[argparse.Namespace], int], make_parser: Callable[[], _Parser],
          argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` with ``make_parser()`` and run ``main``; ``prog`` (the parser's own) names the command in an
+    error raised while the parser is built."""
     try:  # a parser lists the registered extensions: an installed plugin that fails to load is one line
         parser = make_parser()
     except InCAError as exc:
-        print(f"inca-{main.__name__.strip('_')}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
         args = parser.parse_args(argv)
@@ -183,7 +179,7 @@ def _load_task(args: argparse.Namespace, spec: str):
 
 
 def cache_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="inca-cache", description="Build, resume or verify an on-disk activation store.")
+    parser = _Parser(prog=CACHE, description="Build, resume or verify an on-disk activation store.")
     _add_backbone_args(parser)
     _add_task_args(parser)
     parser.add_argument("--task", "--tasks", dest="tasks", type=opt.names, help=_tasks_help())
@@ -191,7 +187,10 @@ def cache_parser() -> argparse.ArgumentParser:
                         help="all | -1 | 0,5,11 | last:K (default: all)")
     parser.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
     parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
-    parser.add_argument("--dtype", default="float16", choices=opt.CACHE_DTYPES, help="element type of the store")
+    parser.add_argument("--dtype", default="float16", choices=opt.CACHE_DTYPES,
+                        help="element type of the store: float16 and bfloat16 take 2 bytes a value, int8 0.54x "
+                             "float16's bytes (per-token scales over channel groups, each token's largest values "
+                             "kept in float16)")
     parser.add_argument("--commit-seconds", type=opt.non_negative_float, default=10.0,
                         help="how often written rows are made durable for resume (default 10)")
     parser.add_argument("--verify", metavar="DIR", help="re-check a finished store instead of building")
@@ -206,8 +205,9 @@ def _cache(args: argparse.Namespace) -> int:
 
     if args.verify:
         summary = verify_cache(args.verify)
+        scheme = f" ({summary['scheme']})" if summary["scheme"] else ""
         print(f"ok: {summary['path']}: {summary['backbone']} on {summary['task']}, layers {summary['layers']}, "
-              f"rows {summary['rows']}, {summary['files']} files match their checksums")
+              f"{summary['dtype']}{scheme}, rows {summary['rows']}, {summary['files']} files match their checksums")
         return 0
     if not args.backbone:
         raise InCAError("--backbone is required to build a store (or pass --verify DIR)")
@@ -218,51 +218,37 @@ def _cache(args: argparse.Namespace) -> int:
         task = _load_task(args, spec)
         cache = build_cache(backbone, task, layers, args.cache_dir, args.batch_size, args.dtype,
                             args.num_workers, args.commit_seconds, rebuild=args.rebuild)
-        print(f"{task.spec}: {cache.path} (layers {cache.layers}, rows {task.sizes()})")
+        print(f"{task.spec}: {cache.path} ({cache.dtype}, layers {cache.layers}, rows {task.sizes()})")
     return 0
 
 
 def cache_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_cache, cache_parser, argv)
+    return _run(CACHE, _cache, cache_parser, argv)
 
 
 def compare_parser() -> argparse.ArgumentParser:
     import textwrap
 
-    from .methods import HEAD_INITS, METHODS, PEFT_DIR, methods_help
+    from .config import add_config_flags
+    from .methods import METHODS, RunConfig, methods_help
 
     parser = _suite_parser(
-        "inca-compare",
+        COMPARE,
         textwrap.fill(f"Compare methods ({', '.join(METHODS)}) on the same backbone, splits, batches and seed; "
                       "writes compare.json/.md and two plots.", 78),
         out="compare", out_help="output directory; a rerun skips finished pairs",
     )
-    parser.formatter_class = _TableHelpFormatter  # keep the method table's layout
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the method table's layout
     parser.epilog = methods_help(78)
     parser.add_argument("--methods", type=opt.names, help=f"comma-separated, default all: {','.join(METHODS)}")
     parser.add_argument("--method-args", nargs="*", action="extend", default=[], metavar="METHOD.KEY=VALUE",
                         help="override a method's default hyper-parameter, e.g. lora.rank=4 linear.pool=mean "
                              "(repeatable; later values win, flags over the recipe's; see the list below)")
-    parser.add_argument("--epochs", type=opt.positive_int, default=10, help="epochs for every method (default 10)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=32,
-                        help="batch size for every method (default 32)")
-    parser.add_argument("--seed", type=opt.seed, default=0,
-                        help="seed of heads, adapters and batch order (default 0)")
-    exporters = ", ".join(name for name, method in METHODS.items() if method.export is not None)
-    parser.add_argument("--export-peft", action="store_true",
-                        help=f"also write each trained {exporters} model as a PEFT LoRA adapter, to "
-                             f"OUT/runs/<task>-<hash>/<method>/{PEFT_DIR}/ (pairs a rerun skips are not re-exported)")
+    # --num-workers is the data group's; progress follows --quiet.
+    add_config_flags(parser, RunConfig, where=COMPARE, exclude=(*RunConfig.PROTOCOL, "num_workers", "progress"))
     protocol = parser.add_argument_group("protocol (the same for every method; recorded in compare.json)")
-    protocol.add_argument("--head-init", choices=HEAD_INITS, default="linear-probe",
-                          help="how the new head of the end-to-end methods starts: fitted on frozen features first "
-                               "(linear-probe-then-fine-tune), timm's random draw, or zeros (then no gradient "
-                               "reaches the backbone at step 0 and LoRA-GA has nothing to approximate)")
-    protocol.add_argument("--augment", action="store_true",
-                          help="timm's training augmentation (create_transform(is_training=True)) on the train "
-                               "split of every method that sees images; InCA then streams live activations")
-    protocol.add_argument("--lr-grid", type=opt.positive_int, default=1, metavar="K",
-                          help="tune each method's learning rate over K values x3 apart around its default, "
-                               "selected on val (Compacter also over its reduction factor); 1: no tuning")
+    add_config_flags(protocol, RunConfig, where=COMPARE,
+                     exclude=tuple(key for key in RunConfig.fields() if key not in RunConfig.PROTOCOL))
     _add_final_norm(protocol)
     return parser
 
@@ -309,12 +295,12 @@ def _task_specs(args: argparse.Namespace) -> list[str]:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import render_markdown, run_comparison, written_files
+    from .config import config_from_args
     from .methods import METHODS, RunConfig, resolve_methods
 
     methods = resolve_methods(args.methods or list(METHODS), args.method_args)
     specs, backbone = _suite(args)
-    settings = RunConfig(args.epochs, args.batch_size, args.seed, args.num_workers, export_peft=args.export_peft,
-                           head_init=args.head_init, augment=args.augment, lr_grid=args.lr_grid)
+    settings = config_from_args(RunConfig, args, progress=RunConfig.default("progress"))
     summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
                              overwrite=args.overwrite)
     print(render_markdown(summary), end="")
@@ -323,12 +309,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_compare, compare_parser, argv)
+    return _run(COMPARE, _compare, compare_parser, argv)
 
 
 def train_parser() -> argparse.ArgumentParser:
     parser = _suite_parser(
-        "inca-train",
+        TRAIN,
         "Train grids of InCA adapters in parallel on frozen-backbone activations, task after task.",
         out="runs/train", out_help="output directory (default runs/train)",
     )
@@ -362,12 +348,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_train, train_parser, argv)
+    return _run(TRAIN, _train, train_parser, argv)
 
 
 def predict_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="inca-predict",
+        prog=PREDICT,
         description="Classify images with adapters saved by inca-train: every task from one backbone pass per batch. "
                     "Exit code 0: every image predicted; 1: some images could not be read (each is named) and the "
                     "rows of all the others are written; 2: bad input, nothing written.",
@@ -396,7 +382,14 @@ def _predict(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .inference import MultiTaskInCA
     from .io import atomic_write_text
-    from .predict import check_output_file, expand_images, format_predictions, predict_images
+    from .predict import (
+        adapter_paths,
+        check_output_file,
+        expand_images,
+        format_predictions,
+        output_format,
+        predict_images,
+    )
 
     if args.resign:
         for directory in args.resign:
@@ -406,12 +399,7 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.adapter or not (args.images or args.export_onnx):
         raise InCAError("--adapter with --images (or --export-onnx FILE) is required (or --resign DIR to accept an "
                         "edited adapter config)")
-    pairs = [item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item)
-             for item in args.adapter]
-    named = {name: directory for name, _, directory in pairs if name}
-    if named and len(named) != len(pairs):
-        raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none")
-    adapters = named or [directory for _, _, directory in pairs]
+    adapters = adapter_paths(args.adapter)
     if args.export_onnx:
         from .export import export_onnx
 
@@ -423,7 +411,7 @@ def _predict(args: argparse.Namespace) -> int:
         check_output_file(args.output)
     files = expand_images(args.images)
     model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
-    fmt = args.format or ("jsonl" if str(args.output or "").endswith((".json", ".jsonl")) else "csv")
+    fmt = output_format(args.format, args.output)
     bad: list[str] = []
 
     def skip(path: str, reason: str) -> None:
@@ -446,7 +434,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_predict, predict_parser, argv)
+    return _run(PREDICT, _predict, predict_parser, argv)
 
 
 def probe_parser() -> argparse.ArgumentParser:
@@ -454,7 +442,7 @@ def probe_parser() -> argparse.ArgumentParser:
     from .probes import PROBES, ProbeRunConfig
 
     parser = _suite_parser(
-        "inca-probe", "Which layers hold the most useful representations for a task?",
+        PROBE, "Which layers hold the most useful representations for a task?",
         out="runs/probe", out_help="output directory (default runs/probe)",
     )
     parser.add_argument("--probes", type=opt.names, default=",".join(PROBES),
@@ -475,23 +463,18 @@ def probe_parser() -> argparse.ArgumentParser:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .config import config_from_args
-    from .probe import REPORT_JSON, run_probe_suite, summary_lines
-    from .probes import PROBES, ProbeOptions, ProbeRunConfig
-    from .recipe import as_list
+    from .probe import REPORT_JSON, run_probe_suite, summary_lines, written_files
+    from .probes import ProbeSuiteConfig
 
-    run = config_from_args(ProbeRunConfig, args, pools=[str(p) for p in as_list(args.pool)])
-    settings = {probe.key(key): value for probe in PROBES.values()
-                for key, value in config_from_args(probe.config, args, prefix=probe.prefix).to_dict().items()}
-    options = ProbeOptions(probes=[str(p) for p in as_list(args.probes)], **run.to_dict(), **settings)
+    config = ProbeSuiteConfig.from_args(args)
     specs, backbone = _suite(args)
-    report = run_probe_suite(backbone, specs, str(args.layers), options, args.out,
+    report = run_probe_suite(backbone, specs, str(args.layers), config, args.out,
                              load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))
-    print(f"\nwritten to {args.out}/ ({REPORT_JSON}, probe.md, PNG plots); "
+    print(f"\nwritten to {args.out}/ ({', '.join(written_files(args.out, report))}); "
           f"train on the best layers with: inca-train --layers best:K --probe-report {args.out}/{REPORT_JSON}")
     return 0
 
 
 def probe_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_probe, probe_parser, argv)
+    return _run(PROBE, _probe, probe_parser, argv)

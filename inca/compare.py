@@ -40,7 +40,8 @@ from inca.adapters.common import set_trainable
 from inca.backbone import Backbone
 from inca.io import atomic_write_text, digest
 from inca.memory import PeakMemory, parameter_bytes
-from inca.methods import METHODS, RunConfig, run_method
+from inca.methods import METHODS, Method, MethodResult, RunConfig, TrainConfig, run_method
+from inca.methods.base import LR_STEP
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
 from inca.suite import Unit, run_suite, task_directory
 from inca.tasks import SPLITS, Task, load_task
@@ -56,8 +57,6 @@ __all__ = [
     "protocol_lines",
     "render_markdown",
     "run_comparison",
-    "smoothed_loss",
-    "steps_to_reach",
     "write_reports",
     "written_files",
 ]
@@ -88,27 +87,44 @@ def protocol(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
 
 
 def protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
-    """The protocol in words, one line each."""
+    """The protocol in words, one line each; which methods a line singles out comes from the registry (those on
+    the shared backbone, on features computed once, tuning more than their learning rate)."""
     head = {
         "linear-probe": "fitted on the frozen features first (the linear method's fit), then trained on "
                         "(linear-probe-then-fine-tune)",
         "random": "timm's random draw",
         "zero": "zeros (no gradient reaches the backbone at step 0; LoRA-GA then has nothing to approximate)",
     }[protocol["head_init"]]  # fmt: skip
+    sharing = _method_names(_on_shared_backbone)
+    features = _method_names(lambda method: method.features_only)
+    tuning = _method_names(lambda method: getattr(method.config, "tuning_grid", None) not in (
+        None, TrainConfig.tuning_grid))  # fmt: skip
     grid = protocol["lr_grid"]
-    lr = ("each method's default" if grid == 1 else f"tuned on val over {grid} values x3 apart around each "
-          "method's default (Compacter with its reduction factor; InCA in its bank); the chosen values are shown")
+    lr = ("each method's default" if grid == 1 else f"tuned on val over {grid} values x{LR_STEP:g} apart around "
+          f"each method's default ({tuning} with the other values their authors tune; {sharing} in its bank); the "
+          "chosen values are shown")
     return [
-        "- model selection: every method reports the test accuracy of its best-validation epoch (InCA: each "
+        f"- model selection: every method reports the test accuracy of its best-validation epoch ({sharing}: each "
         "adapter's best epoch, then the best adapter on val)",
         f"- new head of the end-to-end methods: {head}",
-        "- augmentation: " + ("timm's training transform on the train split (InCA streams live activations; the "
-                              "linear probe's features are computed once, un-augmented)"
+        "- augmentation: " + (f"timm's training transform on the train split ({sharing} streams live activations; "
+                              f"{features}'s features are computed once, un-augmented)"
                               if protocol["augment"] else "none"),
         f"- learning rate: {lr}",
-        "- last block's tokens (InCA): " + ("through the backbone's final norm, as DINO's evaluation reads them"
-                                            if protocol["final_norm"] else "as the block outputs them (no final norm)"),
+        f"- last block's tokens ({sharing}): " + ("through the backbone's final norm, as DINO's evaluation reads them"
+                                                  if protocol["final_norm"]
+                                                  else "as the block outputs them (no final norm)"),
     ]
+
+
+def _method_names(chosen: Callable[[Method], bool]) -> str:
+    """The registered methods ``chosen`` picks, comma-separated."""
+    return ", ".join(name for name, method in METHODS.items() if chosen(method))
+
+
+def _on_shared_backbone(method: Method) -> bool:
+    """A method that runs on the shared live backbone (a bank, charged the backbone's weights' memory)."""
+    return method.shares_backbone
 
 
 def _run_config(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
@@ -142,53 +158,83 @@ def run_comparison(
     unless ``overwrite``.
     """
     out = Path(out_dir)
-    backbone_params = sum(p.numel() for p in backbone.model.parameters())
-    backbone_bytes = parameter_bytes(backbone.model)
-    warm = False
+    run_pair = _PairRunner(backbone, settings, out / RUNS_DIR)
+    return run_suite(out, REPORT_JSON, _fresh_report(backbone, settings, run_pair.backbone_params),
+                     _units(task_specs, methods, load, run_pair), write_reports, overwrite=overwrite,
+                     finished=_finished, store=_store)
 
-    def run_pair(task: Task, name: str, hparams: dict[str, Any], key: str) -> dict[str, Any]:
-        nonlocal warm
-        if not warm:
-            _warm_up(backbone, task, settings)
-            warm = True
+
+class _PairRunner:
+    """Runs one (task, method) pair and returns its ``compare.json`` record. The first pair is preceded by an
+    unmeasured warm-up (:func:`_warm_up`); each method's files go to ``runs_dir/<task>-<fingerprint>/<method>``."""
+
+    def __init__(self, backbone: Backbone, settings: RunConfig, runs_dir: Path) -> None:
+        self.backbone, self.settings, self.runs_dir = backbone, settings, runs_dir
+        self.backbone_params = sum(p.numel() for p in backbone.model.parameters())
+        self.backbone_bytes = parameter_bytes(backbone.model)
+        self.warm = False
+
+    def __call__(self, task: Task, name: str, hparams: dict[str, Any], key: str) -> dict[str, Any]:
+        if not self.warm:
+            _warm_up(self.backbone, task, self.settings)
+            self.warm = True
         logger.info("%s on %s: training", name, task.spec)
-        with PeakMemory(backbone.device) as memory:
+        with PeakMemory(self.backbone.device) as memory:
             start = time.perf_counter()
-            result = run_method(name, backbone, task, hparams, settings, out / RUNS_DIR / task_directory(task) / name)
+            result = run_method(name, self.backbone, task, hparams, self.settings,
+                                self.runs_dir / task_directory(task) / name)
             seconds = time.perf_counter() - start
         peak = memory.peak_bytes
         if peak is not None and METHODS[name].shares_backbone:
-            peak += backbone_bytes
-        record = {
-            "task": task.spec,
-            "method": name,
-            "test_acc": result.test_acc,
-            "val_acc": result.val_acc,
-            "best_epoch": result.best_epoch,
-            "trainable_params": result.trainable_params,
-            "trainable_pct": 100.0 * result.trainable_params / backbone_params,
-            "seconds": seconds,
-            "peak_memory_mb": None if peak is None else peak / 2**20,
-            "steps": result.steps,
-            "tuned": result.tuned,
-            "hparams": hparams,
-            "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
-            "key": key,
-        }
-        record.update({k: v for k, v in result.to_dict().items() if k not in record})
+            peak += self.backbone_bytes
+        record = _record(task, name, hparams, key, result, seconds, peak, self.backbone_params)
         logger.info("%s on %s: test accuracy %.4f (val %.4f), %d trainable parameters, %.1f s", name,
                     task.spec, record["test_acc"], record["val_acc"], record["trainable_params"], seconds)
         return record
 
-    def pairs() -> Iterator[Unit]:
-        for spec in task_specs:
-            task = load(spec)
-            for name, hparams in methods.items():
-                hparams = json.loads(json.dumps(dict(hparams)))
-                key = digest({"task": task.fingerprint, "method": name, "hparams": hparams})
-                yield Unit(key, f"{name} on {task.spec}", functools.partial(run_pair, task, name, hparams, key))
 
-    fresh = {
+def _record(
+    task: Task, name: str, hparams: dict[str, Any], key: str, result: MethodResult, seconds: float,
+    peak: int | None, backbone_params: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One pair's ``compare.json`` record: the figures every method has, then its result's own."""
+    record = {
+        "task": task.spec,
+        "method": name,
+        "test_acc": result.test_acc,
+        "val_acc": result.val_acc,
+        "best_epoch": result.best_epoch,
+        "trainable_params": result.trainable_params,
+        "trainable_pct": 100.0 * result.trainable_params / backbone_params,
+        "seconds": seconds,
+        "peak_memory_mb": None if peak is None else peak / 2**20,
+        "steps": result.steps,
+        "tuned": result.tuned,
+        "hparams": hparams,
+        "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
+        "key": key,
+    }
+    record.update({k: v for k, v in result.to_dict().items() if k not in record})
+    return record
+
+
+def _units(
+    task_specs: Sequence[str], methods: Mapping[str, Mapping[str, Any]], load: Callable[[str], Task],
+    run_pair: _PairRunner,
+) -> Iterator[Unit]:  # fmt: skip
+    """One unit per (task, method), task-major; a task is loaded once, when its first pair comes up. A pair's key
+    covers the task's data, the method and its hyper-parameters (as JSON reads them back)."""
+    for spec in task_specs:
+        task = load(spec)
+        for name, hparams in methods.items():
+            hparams = json.loads(json.dumps(dict(hparams)))
+            key = digest({"task": task.fingerprint, "method": name, "hparams": hparams})
+            yield Unit(key, f"{name} on {task.spec}", functools.partial(run_pair, task, name, hparams, key))
+
+
+def _fresh_report(backbone: Backbone, settings: RunConfig, backbone_params: int) -> dict[str, Any]:
+    """``compare.json`` before any pair has run."""
+    return {
         "format_version": FORMAT_VERSION,
         "config": _run_config(backbone, settings),
         "backbone": backbone.describe(),
@@ -197,8 +243,6 @@ def run_comparison(
         "protocol": protocol(backbone, settings),
         "results": [],
     }
-    return run_suite(out, REPORT_JSON, fresh, pairs(), write_reports, overwrite=overwrite, finished=_finished,
-                     store=_store)
 
 
 def _finished(summary: dict[str, Any], key: str) -> bool:
@@ -232,7 +276,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         f"{config['device']}. Test accuracy is measured once, at the epoch with the best validation accuracy. "
         f"Trainable parameters include the classification head; % is of the backbone's "
         f"{summary['backbone_params']:,} parameters. Peak memory: {summary['memory']}, plus the backbone's "
-        f"weights for methods that run on the shared backbone ({_sharing_methods()}).",
+        f"weights for methods that run on the shared backbone ({_method_names(_on_shared_backbone)}).",
     ]
     headers = ["method", "test acc", "val acc", "best epoch", "chosen", "trainable params", "% of backbone",
                "seconds", "peak memory (MB)", "steps"]
@@ -259,25 +303,6 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines += ["", "## Hyper-parameters", ""]
     lines += [f"- `{m}`: " + ", ".join(f"{k}={fmt(v)}" for k, v in hp.items()) for m, hp in hparams.items()]
     return "\n".join(lines) + "\n"
-
-
-def _sharing_methods() -> str:
-    """The registered methods that run on the shared live backbone (charged its weights' memory)."""
-    return ", ".join(name for name, method in METHODS.items() if method.shares_backbone)
-
-
-def smoothed_loss(curve: Sequence[float], window: int = 10) -> np.ndarray:
-    """Trailing mean of a per-step loss: element t averages steps max(0, t - window + 1) .. t."""
-    sums = np.cumsum(np.asarray(curve, dtype=np.float64))
-    starts = np.maximum(np.arange(len(curve)) - window + 1, 0)
-    return (sums - np.concatenate([[0.0], sums])[starts]) / (np.arange(len(curve)) - starts + 1)
-
-
-def steps_to_reach(curve: Sequence[float], target: float, window: int = 10) -> int | None:
-    """The first step (1-based) whose smoothed loss is at or below ``target``; None if it never is (how fast
-    LoRA-GA reaches LoRA's final training loss, the LoRA-GA paper's convergence claim)."""
-    reached = np.flatnonzero(smoothed_loss(curve, window) <= target)
-    return int(reached[0]) + 1 if reached.size else None
 
 
 def _chosen(tuned: Mapping[str, Any] | None) -> str:

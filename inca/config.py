@@ -18,13 +18,14 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import yaml
 
 from .errors import InCAError
+from .registry import unknown_name
 
-__all__ = ["Config", "add_config_flags", "config_from_args", "hparam", "type_name"]
+__all__ = ["Config", "add_config_flags", "as_list", "config_from_args", "hparam", "type_name"]
 
 Check = Callable[[Any], Any]
 
@@ -41,8 +42,9 @@ def hparam(
 ) -> Any:  # fmt: skip
     """A config field: its ``default``, what it does (``help``) and where the default comes from (``source``).
 
-    ``check`` validates a value (each element of a list) after it is typed, raising
-    :class:`argparse.ArgumentTypeError` (the :mod:`inca.options` checkers); ``flag`` overrides the generated
+    ``check`` validates a value (each element of a list), raising :class:`argparse.ArgumentTypeError` (the
+    :mod:`inca.options` checkers): a flag's text, a typed-by-hand value and a config built in code are all held to
+    it (see :class:`Config`); ``flag`` overrides the generated
     flag name. A subclass that only changes the default may leave ``help`` empty: it is inherited from the
     base field. A list default is copied for every instance.
     """
@@ -54,7 +56,17 @@ def hparam(
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """Base of every typed config (a frozen, keyword-only dataclass of :func:`hparam` fields)."""
+    """Base of every typed config (a frozen, keyword-only dataclass of :func:`hparam` fields).
+
+    Every field's ``check`` runs when a config is made, however it is made (flags, values typed by hand, code), so a
+    subclass declares its value checks with ``check=`` rather than in a ``__post_init__`` of its own; one that still
+    needs a ``__post_init__`` (a check across fields) calls ``super().__post_init__()``."""
+
+    FIELD_KIND: ClassVar[str] = "setting"  # what errors call a field ("lora has no hyper-parameter 'rnk'")
+
+    def __post_init__(self) -> None:
+        for key in self.fields():
+            self._check(type(self).__name__, key, getattr(self, key))
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -89,16 +101,27 @@ class Config:
     @classmethod
     def coerce(cls, where: str, key: str, value: Any) -> Any:
         """``value`` as field ``key``'s type (YAML reads ``1e-3`` as a string, ``3`` as an int), checked by its
-        ``check``; ``where`` names the owner (a method, a probe) in the error."""
+        ``check``; ``where`` names the owner (a method, a probe) in the error, and an unknown ``key`` is one with
+        the closest field's name."""
+        keys = list(cls.fields())
+        if key not in keys:
+            raise unknown_name(cls.FIELD_KIND, key, keys, wording=f"{where} has no {cls.FIELD_KIND} {key!r}",
+                               options=f"its keys: {', '.join(keys)}")
         typed = _coerce(value, typing.get_type_hints(cls)[key], f"{where}.{key}", cls.default(key))
-        check = cls._inherited(key, "check")
-        if check is not None:
-            try:
-                for item in typed if isinstance(typed, list) else [typed]:
-                    check(item)
-            except argparse.ArgumentTypeError as exc:
-                raise InCAError(f"{where}.{key}: {exc}") from None
+        cls._check(where, key, typed)
         return typed
+
+    @classmethod
+    def _check(cls, where: str, key: str, value: Any) -> None:
+        """Field ``key``'s check on ``value`` (each element of a list; None, a field left unset, is not checked)."""
+        check = cls._inherited(key, "check")
+        if check is None or value is None:
+            return
+        try:
+            for item in value if isinstance(value, list) else [value]:
+                check(item)
+        except argparse.ArgumentTypeError as exc:
+            raise InCAError(f"{where}.{key}: {exc}") from None
 
     @classmethod
     def check_definition(cls, owner: str) -> None:
@@ -113,13 +136,9 @@ class Config:
 
     @classmethod
     def from_values(cls, where: str, values: Mapping[str, Any] | None = None) -> Config:
-        """A config from (some of) its fields' values, each coerced and checked; an unknown key is an error."""
-        items = dict(values or {})
-        keys = list(cls.fields())
-        for key in items:
-            if key not in keys:
-                raise InCAError(f"{where} has no setting {key!r}; its keys: {', '.join(keys)}")
-        return cls(**{key: cls.coerce(where, key, value) for key, value in items.items()})
+        """A config from (some of) its fields' values, each coerced and checked (:meth:`coerce`: an unknown key is
+        an error naming the closest one)."""
+        return cls(**{key: cls.coerce(where, key, value) for key, value in dict(values or {}).items()})
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready (what reports record and hash)."""
@@ -174,13 +193,16 @@ def _coerce(value: Any, tp: Any, where: str, default: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _flag_values(text: Any) -> list[Any]:
-    """A flag's text (or a recipe's value) as YAML-typed values: ``1e-3,3e-4`` -> [0.001, 0.0003]."""
-    if isinstance(text, (list, tuple)):
-        return [v for item in text for v in _flag_values(item)]
-    if isinstance(text, str):
-        return [yaml.safe_load(part) for part in text.split(",") if part.strip()]
-    return [text]
+def as_list(value: Any) -> list[Any]:
+    """A flag's text, a recipe's value or a list of them as YAML-typed values: ``1e-3,3e-4`` -> [0.001, 0.0003],
+    ``[1e-3, "3e-4,1e-4"]`` -> three values, a scalar -> [scalar], None -> []."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in as_list(item)]
+    if isinstance(value, str):
+        return [yaml.safe_load(part) for part in value.split(",") if part.strip()]
+    return [value]
 
 
 def _flag_type(config: type[Config], key: str, where: str) -> Callable[[Any], Any]:
@@ -193,7 +215,7 @@ def _flag_type(config: type[Config], key: str, where: str) -> Callable[[Any], An
     check = config._inherited(key, "check")
 
     def parse(text: Any) -> Any:
-        values = [text.strip()] if verbatim and isinstance(text, str) else _flag_values(text)  # "0,5,11" stays
+        values = [text.strip()] if verbatim and isinstance(text, str) else as_list(text)  # "0,5,11" stays
         if not many and len(values) != 1:
             raise argparse.ArgumentTypeError(f"expected one {type_name(tp)}, got {text!r}")
         if not values:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import InCAError
+from .errors import InCAError, first_line
 
 TEMP_SUFFIX = ".inca-tmp"
 LOCK_FILE = ".inca.lock"
@@ -178,10 +178,27 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def read_json_file(path: str | os.PathLike, fix: str = "", what: str = "") -> Any:
+    """The JSON value in ``path``; a file that cannot be read or parsed is a one-line
+    :class:`~inca.errors.InCAError` naming it (as ``what``, e.g. "probe report", when given), why, and ``fix``
+    (what the user can do about it)."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        return read_json(path)
+    except OSError as exc:
+        problem = f"{name} is unreadable ({first_line(exc)})"
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser can follow
+        problem = f"{name} is unreadable (it is not valid JSON: {first_line(exc)})"
+    raise InCAError(f"{problem}; {fix}" if fix else problem)
+
+
 # The largest activation store ``--cache auto`` builds unasked, in GB (1e9 bytes): inca's own choice. A ViT-B/16's
 # tokens at 224 px take 0.3 MB per image and layer in float16, so 64 GB hold 4 layers of 50,000 images; a larger
 # store is built on request (``--cache always``) or streamed.
 DEFAULT_MAX_STORE_GB = 64.0
+# The largest share of free host or GPU memory a store held there (``--cache-device``) may take: inca's own choice,
+# leaving the other half to the adapters, their optimizer state and the backbone (or other jobs).
+DEFAULT_MEMORY_FRACTION = 0.5
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -197,9 +214,15 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, default=str).encode()
 
 
-def digest(obj: Any, length: int = 16) -> str:
-    """``length`` hex digits of the SHA-256 of :func:`canonical_json`: 16 for fingerprints and skip keys, all 64
-    for a manifest's checksum."""
+# Hex digits of a SHA-256 that name a backbone, a task or a unit of work (fingerprints, skip keys, output names):
+# inca's own choice, 64 bits, so that two different ones collide with odds of about n^2 / 2^65 (none in practice)
+# while names stay short enough to read.
+FINGERPRINT_LENGTH = 16
+
+
+def digest(obj: Any, length: int = FINGERPRINT_LENGTH) -> str:
+    """``length`` hex digits of the SHA-256 of :func:`canonical_json`: :data:`FINGERPRINT_LENGTH` for
+    fingerprints and skip keys, all 64 for a manifest's checksum."""
     return hashlib.sha256(canonical_json(obj)).hexdigest()[:length]
 
 

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "cache_device",
     "check_value",
     "choice",
     "device",
-    "grid",
+    "fraction",
+    "int_at_least",
     "layer_spec",
     "names",
     "non_negative_float",
@@ -41,8 +43,12 @@ DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 # pays off (several epochs, fits the budget and the disk), else live; always: reuse or build; never: live;
 # reuse: a store only if one exists, never build one (inca-probe).
 CACHE_MODES = ("auto", "always", "never", "reuse")
-# The element types an activation store can hold (inca.cache.DTYPES maps each to its numpy and torch types).
-CACHE_DTYPES = ("float16", "bfloat16")
+# The element types an activation store can hold (inca.cache.DTYPES maps each to its numpy and torch types; int8 is
+# inca.quantize's packed 8-bit rows).
+CACHE_DTYPES = ("float16", "bfloat16", "int8")
+# Where a store's layers are served from each epoch (inca.placement.cache_device): auto picks by free memory; disk
+# reads the memmaps (page cache included); cpu and cuda load them once into host or GPU memory.
+CACHE_DEVICES = ("auto", "disk", "cpu", "cuda")
 
 
 def _fail(value: Any, expected: str) -> argparse.ArgumentTypeError:
@@ -87,6 +93,13 @@ non_negative_int = _checker(_integer, "an integer >= 0", lambda n: n >= 0)
 positive_float = _checker(_number, "a finite number > 0", lambda x: x > 0)
 non_negative_float = _checker(_number, "a finite number >= 0", lambda x: x >= 0)
 ratio = _checker(_number, "a ratio in [0, 1)", lambda x: 0 <= x < 1)  # e.g. a warm-up ratio
+fraction = _checker(_number, "a fraction in (0, 1]", lambda x: 0 < x <= 1)  # e.g. a share of free memory
+
+
+def int_at_least(minimum: int) -> Checker:
+    """An integer >= ``minimum`` (e.g. a halving rate, which must at least halve)."""
+    return _checker(_integer, f"an integer >= {minimum}", lambda n: n >= minimum)
+
 # Seeds reach numpy, torch and scikit-learn; the narrowest of them (numpy's legacy seeding behind scikit-learn's
 # random_state) takes 0..2**32 - 1, so every seed flag does.
 SEED_MAX = 2**32 - 1
@@ -105,16 +118,19 @@ def choice(*allowed: str) -> Checker:
     return check
 
 
-def grid(element: Checker) -> Checker:
-    """A comma-separated list (``1e-3,3e-4``), or a YAML list, of ``element`` values."""
+def cache_device(value: Any) -> str:
+    """One of :data:`CACHE_DEVICES`; ``cuda`` only where torch sees a CUDA GPU (torch is imported for that value
+    alone, so ``--help`` stays light)."""
+    value = choice(*CACHE_DEVICES)(value)
+    if value == "cuda":
+        import torch
 
-    def check(value: Any) -> list[Any]:
-        items = value if isinstance(value, (list, tuple)) else [p for p in str(value).split(",") if p.strip()]
-        if not items:
-            raise _fail(value, "one or more comma-separated values")
-        return [element(item) for item in items]
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("cuda needs a CUDA GPU and none is available: use auto, disk or cpu")
+    return value
 
-    return check
+
+cache_device.choices = CACHE_DEVICES  # type: ignore[attr-defined]  # --help shows them
 
 
 def names(value: Any) -> str:

@@ -28,8 +28,8 @@ from .inference import MultiTaskInCA
 from .io import existing_parent
 from .tasks import sequential_batches
 
-__all__ = ["FORMATS", "ImagePrediction", "check_output_file", "expand_images", "format_predictions",
-           "predict_images"]
+__all__ = ["FORMATS", "ImagePrediction", "adapter_paths", "check_output_file", "expand_images", "format_predictions",
+           "output_format", "predict_images"]
 
 FORMATS = ("csv", "jsonl")
 
@@ -134,6 +134,25 @@ def format_predictions(predictions: Iterable[ImagePrediction], tasks: Sequence[s
             cells += [";".join(p.labels[t]), ";".join(f"{v:.6f}" for v in p.probabilities[t])]
         writer.writerow(cells)
     return buffer.getvalue()
+
+
+def adapter_paths(items: Sequence[str]) -> dict[str, str] | list[str]:
+    """``--adapter`` values as :meth:`MultiTaskInCA.from_saved` takes them: ``NAME=DIR`` items as a mapping of task
+    names to directories, plain directories as a list (the recorded task names). An item that exists as a path is
+    a directory even if it holds ``=``; naming some adapters but not all is an error."""
+    pairs = [item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item) for item in items]
+    named = {name: directory for name, _, directory in pairs if name}
+    if named and len(named) != len(pairs):
+        raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none")
+    return named or [directory for _, _, directory in pairs]
+
+
+def output_format(fmt: str | None, output: str | os.PathLike | None) -> str:
+    """The rows' format: ``fmt`` when given, else JSON Lines for an output file named ``.json``/``.jsonl``, else
+    CSV."""
+    if fmt is not None:
+        return fmt
+    return "jsonl" if str(output or "").endswith((".json", ".jsonl")) else "csv"
 
 
 def expand_images(paths: Sequence[str]) -> list[str]:

@@ -23,9 +23,9 @@ import numpy as np
 from .activations import CachedSource, LiveSource, RecordingSource, open_source
 from .backbone import Backbone, resolve_layers
 from .cache import store_bytes
-from .errors import InCAError, first_line
-from .io import atomic_write_text, read_json
-from .probes import ProbeOptions, get_probe
+from .errors import InCAError
+from .io import atomic_write_text, read_json_file
+from .probes import ProbeSuiteConfig, get_probe
 from .report import markdown_table, plot_heatmap, plot_lines
 from .suite import Unit, finished_on_same_data, run_suite
 from .tasks import SPLITS, Task
@@ -36,7 +36,7 @@ REPORT_JSON, REPORT_MD, REPORT_PNG, HEATMAP_PNG = "probe.json", "probe.md", "pro
 
 
 def probe_task(
-    backbone: Backbone, task: Task, layers: list[int], options: ProbeOptions
+    backbone: Backbone, task: Task, layers: list[int], options: ProbeSuiteConfig
 ) -> dict[str, Any]:
     """Every chosen probe on every layer of ``task``; returns per probe/pool/layer val and test accuracy.
 
@@ -85,7 +85,7 @@ def probe_task(
     }
 
 
-def usable_pools(backbone: Backbone, options: ProbeOptions) -> list[str]:
+def usable_pools(backbone: Backbone, options: ProbeSuiteConfig) -> list[str]:
     """The requested pools the backbone has tokens for (without a class token there is no cls pool); refused in
     one line when the pooled probes asked for would be left with none."""
     pools = [p for p in options.run.pools if p != "cls" or backbone.token_layout["cls_token"]]
@@ -112,7 +112,7 @@ def _mean_ranking(results: dict[str, dict[int, dict[str, float]]]) -> list[int]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def probe_config(backbone: Backbone, layers: list[int], options: ProbeOptions) -> dict[str, Any]:
+def probe_config(backbone: Backbone, layers: list[int], options: ProbeSuiteConfig) -> dict[str, Any]:
     """What must match for a finished task's probes to be reused by a rerun (not where activations come from,
     nor the memory budget)."""
     keep = {k: v for k, v in options.to_dict().items() if k not in ("memory_budget_gb", "cache_dir", "num_workers")}
@@ -123,7 +123,7 @@ def run_probe_suite(
     backbone: Backbone,
     task_specs: Sequence[str],
     layers_spec: str,
-    options: ProbeOptions,
+    options: ProbeSuiteConfig,
     out: str | os.PathLike,
     load_task: Callable[[str], Task],
     overwrite: bool = False,
@@ -156,11 +156,24 @@ def write_reports(out: Path, report: dict[str, Any]) -> None:
     marks = {spec: {key: ranked[0] for key, ranked in result["best_layers"].items()} for spec, result in tasks.items()}
     plot_lines(out / REPORT_PNG, panels, xlabel="block index (depth)", ylabel="test accuracy",
                title=f"Layer probes of {report['backbone']['name']} (star: best layer on val)", marks=marks)
-    if len(tasks) > 1 and all("inca" in r["results"] for r in tasks.values()):
+    if _has_heatmap(tasks):
         layers = next(iter(tasks.values()))["layers"]
         grid = np.array([[r["results"]["inca"][str(layer)]["test"] for layer in layers] for r in tasks.values()])
         plot_heatmap(out / HEATMAP_PNG, grid, list(tasks), [str(layer) for layer in layers],
                      title=f"InCA probe test accuracy, {report['backbone']['name']}", xlabel="block index")
+
+
+def _has_heatmap(tasks: dict[str, Any]) -> bool:
+    """Whether the reports draw the tasks x layers heatmap of the InCA probe (two tasks or more, all probed by it)."""
+    return len(tasks) > 1 and all("inca" in r["results"] for r in tasks.values())
+
+
+def written_files(out_dir: str | os.PathLike, report: dict[str, Any]) -> list[str]:
+    """What the suite wrote under ``out_dir`` for ``report`` (``probe.json``'s content), as paths relative to it."""
+    files = [REPORT_MD, REPORT_JSON]
+    if report["tasks"]:
+        files += [REPORT_PNG, HEATMAP_PNG] if _has_heatmap(report["tasks"]) else [REPORT_PNG]
+    return [name for name in files if (Path(out_dir) / name).is_file()]
 
 
 def render_probe_report(report: dict[str, Any]) -> str:
@@ -230,11 +243,7 @@ def _read_rankings(report: str) -> dict[str, list[int]]:
     (missing, not JSON, not a report, a task without its ranking) is refused in one line."""
     if not Path(report).is_file():
         raise InCAError(f"probe report {report} does not exist; run inca-probe first")
-    try:
-        content = read_json(report)
-    except (OSError, ValueError) as exc:
-        raise InCAError(f"probe report {report} is not readable JSON ({first_line(exc)}): pass the {REPORT_JSON} "
-                        "that inca-probe wrote") from None
+    content = read_json_file(report, f"pass the {REPORT_JSON} that inca-probe wrote", what="probe report")
     tasks = content.get("tasks") if isinstance(content, dict) else None
     if not isinstance(tasks, dict):
         raise InCAError(f"probe report {report} is not an inca-probe report (no tasks in it): pass the {REPORT_JSON} "

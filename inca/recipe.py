@@ -106,13 +106,3 @@ def _check_size(text: str, path: str | os.PathLike) -> None:
                                 f"{event.start_mark.line + 1}; aliases of aliases?); a recipe is a mapping of "
                                 "option: value")
 
-
-def as_list(value: Any) -> list[Any]:
-    """A grid option: ``1e-3,3e-4``, ``[1e-3, 3e-4]`` or a scalar, as a list of YAML-typed values."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [v for item in value for v in as_list(item)]
-    if isinstance(value, str):
-        return [yaml.safe_load(part) for part in value.split(",") if part.strip()]
-    return [value]

@@ -45,11 +45,19 @@ def lazy(target: str) -> Callable[..., Any]:
     return call
 
 
-def unknown_name(kind: str, name: str, valid: Sequence[str]) -> InCAError:
-    """The one-line error for an unknown ``name``, with the closest valid one."""
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return InCAError(f"unknown {kind} {name!r}{hint}; choose from {', '.join(valid)}")
+def unknown_name(
+    kind: str, name: str, valid: Sequence[str], *, wording: str | None = None, options: str | None = None,
+    matches: int = 1,
+) -> InCAError:  # fmt: skip
+    """The one-line error for an unknown ``name`` of a ``kind``, with its closest valid names (up to ``matches``):
+    ``{wording} (did you mean X?); {options}``. By default ``wording`` is ``unknown KIND 'NAME'`` and ``options``
+    lists every valid name (``choose from A, B``); a caller replaces either where it says more (the spec forms of
+    a task, a config's keys)."""
+    close = difflib.get_close_matches(name, valid, n=matches)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    wording = f"unknown {kind} {name!r}" if wording is None else wording
+    options = f"choose from {', '.join(valid)}" if options is None else options
+    return InCAError(f"{wording}{hint}; {options}")
 
 
 class Registry(Mapping[str, Entry], Generic[Entry]):

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .distributed import SOLO, World, acting_as, launched
-from .errors import InCAError, first_line
-from .io import atomic_write_json, digest, directory_lock, read_json, remove_stale_temps
+from .errors import InCAError
+from .io import atomic_write_json, digest, directory_lock, read_json, read_json_file, remove_stale_temps
 from .tasks import Task
 
 __all__ = ["REPLACING_DIR", "UNITS_DIR", "Report", "Unit", "finished_on_same_data", "open_report", "run_suite",
@@ -51,9 +51,9 @@ def open_report(path: Path, fresh: Report, *, overwrite: bool = False) -> Report
     if not path.is_file():
         return fresh
     try:
-        saved = read_json(path)
-    except (OSError, ValueError) as exc:
-        problem = f"{path} is unreadable ({first_line(exc)})"
+        saved = read_json_file(path)
+    except InCAError as exc:
+        problem = str(exc)
     else:
         problem = _mismatch(path, saved, fresh)
     if problem is None:

@@ -42,7 +42,7 @@ REPORT_JSON, REPORT_MD = "results.json", "results.md"
 def train_config(backbone: Backbone, layers_spec: str, options: InCATrainConfig) -> dict[str, Any]:
     """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
     keep = {k: v for k, v in asdict(options).items() if k not in SOURCE_OPTIONS}
-    return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **keep}
+    return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **InCATrainConfig.recorded(keep)}
 
 
 def run_train_suite(
@@ -96,6 +96,10 @@ def render_summary(results: Report) -> str:
          f"{r['seconds']:.1f}"]
         for spec, r in results["tasks"].items()
     ]
+    if _has_halving(results):  # what successive halving spent of the full grid's adapter-epochs
+        headers.insert(headers.index("adapters") + 1, "adapter-epochs")
+        for row, r in zip(rows, results["tasks"].values()):
+            row.insert(headers.index("adapter-epochs"), _spent(r))
     if _has_ensembles(results):
         headers[6:6] = ["ensemble", "ens. val acc", "ens. test acc"]
         for row, r in zip(rows, results["tasks"].values()):
@@ -105,16 +109,35 @@ def render_summary(results: Report) -> str:
     return "\n".join(lines)
 
 
+def _spent(result: dict[str, Any]) -> str:
+    """``spent/grid`` adapter-epochs of a task (the grid's alone when it trained every adapter throughout)."""
+    spent, grid = result.get("adapter_epochs"), result.get("grid_adapter_epochs")
+    return "-" if spent is None else f"{spent}/{grid}" if spent != grid else str(grid)
+
+
 def render_results(results: Report) -> str:
     """``results.md``: the summary (:func:`render_summary`) then, per task, every adapter of its bank."""
     lines = [render_summary(results)]
     for spec, r in results["tasks"].items():
         lines.append(f"## {spec}\n")
-        lines.append(markdown_table(
-            ["layer", "lr", "wd", "queries", "heads", "mlp", "seed", "val acc", "test acc", "diverged"],
-            [[a["layer"], a["lr"], a["weight_decay"], a["num_queries"], a["num_heads"], a["mlp_ratio"], a["seed"],
-              a["val_acc"], a["test_acc"], "yes" if a["diverged"] else ""] for a in r["adapters"]],
-        ))
+        halving = bool(r.get("rungs"))
+        if halving:
+            lines.append(f"Successive halving: {r['adapter_epochs']} adapter-epochs of the full grid's "
+                         f"{r['grid_adapter_epochs']} ({r['adapter_epochs'] / r['grid_adapter_epochs']:.0%}); "
+                         "pruned adapters keep their best epoch before their rung, and the best on val of all "
+                         "adapters is selected.\n")
+            lines.append(markdown_table(
+                ["rung", "after epoch", "entered", "pruned", "went on"],
+                [[g["rung"], g["epoch"], g["entered"], g["entered"] - g["kept"], g["kept"]] for g in r["rungs"]],
+            ))
+        headers = ["layer", "lr", "wd", "queries", "heads", "mlp", "seed", "val acc", "test acc", "diverged"]
+        rows = [[a["layer"], a["lr"], a["weight_decay"], a["num_queries"], a["num_heads"], a["mlp_ratio"], a["seed"],
+                 a["val_acc"], a["test_acc"], "yes" if a["diverged"] else ""] for a in r["adapters"]]
+        if halving:
+            headers += ["epochs", "stopped at rung"]
+            for row, a in zip(rows, r["adapters"]):
+                row += [a["epochs_trained"], a["stopped_rung"] if a["stopped_rung"] is not None else ""]
+        lines.append(markdown_table(headers, rows))
     return "\n".join(lines)
 
 
@@ -124,6 +147,10 @@ def written_files(results: Report) -> list[str]:
     if _has_ensembles(results):
         files.append(f"<task>-<fingerprint>/{ENSEMBLE_DIR}/")
     return files
+
+
+def _has_halving(results: Report) -> bool:
+    return any(r.get("search") == "halving" for r in results["tasks"].values())
 
 
 def _has_ensembles(results: Report) -> bool:

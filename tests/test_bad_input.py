@@ -51,10 +51,24 @@ TRAIN = ["train", *TINY_ARGS, "--tasks", "digits", "--out", "out"]
         (["--device", "tpu"], "--device: expected auto, cpu, mps, cuda or cuda:N"),
         (["--layers", "first:3"], "--layers: expected a layer spec"),
         (["--ensemble", "0"], "--ensemble: expected a positive integer"),
+        (["--cache-dtype", "int4"], "--cache-dtype: expected one of float16, bfloat16, int8"),
+        (["--cache-device", "tpu"], "--cache-device: expected one of auto, disk, cpu, cuda"),
+        (["--cache-memory-fraction", "1.5"], "--cache-memory-fraction: expected a fraction in (0, 1]"),
+        (["--cache-memory-fraction", "0"], "--cache-memory-fraction: expected a fraction in (0, 1]"),
     ],
 )
 def test_bad_flags(tmp_path, flags, needle):
     assert_one_line_error(inca(*TRAIN, *flags, tmp_path=tmp_path), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_device_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
+    assert_one_line_error(inca(*TRAIN, "--cache-device", "cuda", tmp_path=tmp_path),
+                          "--cache-device: cuda needs a CUDA GPU and none is available")
     assert not (tmp_path / "out").exists()
 
 
@@ -115,7 +129,7 @@ def _multi_label_dataset(path) -> None:
      (["train", "--backbone", "naflexvit_base_patch16_gap", "--weights", "random", "--model-kwargs", "depth=1",
        "embed_dim=64", "num_heads=2", "--tasks", "digits"], "has no fixed input size and patch grid"),
      (["compare", *TINY_ARGS, "--tasks", "digits", "--methods", "linear", "--method-args", "linear.pool=max"],
-      "linear pool must be auto, cls or mean"),
+      "linear.pool: expected one of auto, cls, mean, got 'max'"),
      (["train", *TINY_ARGS, "--tasks", "hf:multi"], "multi-label datasets are not supported")],
 )
 def test_unsupported_backbones_pools_and_label_columns(tmp_path, args, needle):

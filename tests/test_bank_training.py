@@ -19,6 +19,11 @@ DIM, TOKENS, CLASSES = 32, 8, 4
 
 def separable_source(n_train: int = 192, n_val: int = 96, seed: int = 0) -> TensorSource:
     """Layer 0 hides a class prototype in one random token among noise; layer 1 is pure noise."""
+    return TensorSource(*separable_data(n_train, n_val, seed))
+
+
+def separable_data(n_train: int, n_val: int, seed: int) -> tuple[dict, dict]:
+    """The features and labels of :func:`separable_source`, by split."""
     g = torch.Generator().manual_seed(seed)
     prototypes = 3 * torch.randn(CLASSES, DIM, generator=g)
 
@@ -30,7 +35,7 @@ def separable_source(n_train: int = 192, n_val: int = 96, seed: int = 0) -> Tens
         return {0: informative.half(), 1: noise.half()}, y.numpy()  # fp16, like an activation cache
 
     (train, y_train), (val, y_val), (test, y_test) = split(n_train), split(n_val), split(n_val)
-    return TensorSource({"train": train, "val": val, "test": test}, {"train": y_train, "val": y_val, "test": y_test})
+    return {"train": train, "val": val, "test": test}, {"train": y_train, "val": y_val, "test": y_test}
 
 
 SPECS = [
@@ -97,8 +102,9 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_activations_are_reported_as_corrupt_data():
-    source = separable_source(n_train=32, n_val=16)
-    source._features["train"][0][3, 2, 5] = float("nan")
+    features, labels = separable_data(n_train=32, n_val=16, seed=0)
+    features["train"][0][3, 2, 5] = float("nan")
+    source = TensorSource(features, labels)
     with pytest.raises(InCAError, match=r"layer\(s\) \[0\] hold NaN or infinity.*inca-cache --rebuild"):
         train_bank(InCABank(SPECS, DIM, CLASSES), source, epochs=1, batch_size=16, progress=False)
 
@@ -145,7 +151,8 @@ def test_ensemble_accuracy_is_the_argmax_of_mean_probabilities_and_top_adapters_
     source = separable_source()
     bank = InCABank(SPECS, DIM, CLASSES)
     train_bank(bank, source, epochs=2, batch_size=32, progress=False)
-    features = {layer: source._features["test"][layer] for layer in (0, 1)}
+    inputs, _ = next(iter(source.loader("test", [np.arange(source.num_rows("test"))])))  # every row, in order
+    features = {layer: inputs[layer] for layer in (0, 1)}
     with torch.no_grad():
         probabilities = bank(features)[[1, 2]].float().softmax(-1).mean(0)
     expected = (probabilities.argmax(-1).numpy() == source.labels("test")).mean()

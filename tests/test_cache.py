@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import inca.cache as cache_module
+from inca.activations import open_source
 from inca.backbone import create_backbone
-from inca.cache import build_cache, find_cache, open_cache, store_path, verify_cache
+from inca.cache import build_cache, find_cache, open_cache, read_manifest, store_path, verify_cache, write_manifest
 from inca.cli import cache_main
 from inca.errors import InCAError
+from inca.quantize import INT8_SCHEME, QuantizedTokens
 from inca.tasks import SPLITS, image_loader, load_task
 
 from .conftest import TINY_ARGS, TINY_KWARGS
@@ -57,6 +59,47 @@ def test_bfloat16_store(tmp_path, tiny_backbone, digits):
     assert torch.equal(cache.gather("val", 1, rows), expected)
 
 
+def test_int8_store_half_the_bytes_close_to_float16(tmp_path, tiny_backbone, digits):
+    half = build_cache(tiny_backbone, digits, [1, 3], tmp_path / "f16")
+    eight = build_cache(tiny_backbone, digits, [1, 3], tmp_path / "i8", dtype="int8")
+    assert eight.manifest["dtype"] == "int8" and eight.manifest["quantization"] == INT8_SCHEME
+    assert "quantization" not in half.manifest
+    assert eight.nbytes() <= 0.55 * half.nbytes()
+    rows = np.arange(0, len(digits.splits["test"]), 5)
+    for layer in (1, 3):
+        packed = eight.gather("test", layer, rows)
+        assert isinstance(packed, QuantizedTokens)
+        cosine = torch.nn.functional.cosine_similarity(packed.dequantize(), half.gather("test", layer, rows).float(),
+                                                       dim=-1)
+        assert cosine.min() >= 0.999 and cosine.mean() >= 0.9999
+    summary = verify_cache(eight.path)
+    assert summary["dtype"] == "int8" and summary["scheme"] == INT8_SCHEME["name"]
+
+
+def test_store_of_another_dtype_is_never_read_in_its_place(tmp_path, tiny_backbone, digits):
+    cache = build_cache(tiny_backbone, digits, [1], tmp_path)
+    assert find_cache(tmp_path, tiny_backbone, digits, [1], "float16").path == cache.path
+    with pytest.raises(InCAError, match="holds float16 activations, not int8: read it with --cache-dtype float16"):
+        find_cache(tmp_path, tiny_backbone, digits, [1], "int8")
+    for mode in ("auto", "always", "reuse"):
+        with pytest.raises(InCAError, match="not int8"):
+            open_source(tiny_backbone, digits, [1], epochs=3, cache=mode, cache_dir=tmp_path, dtype="int8")
+    with pytest.raises(InCAError, match="stores float16 activations, not int8"):
+        build_cache(tiny_backbone, digits, [1, 2], tmp_path, dtype="int8")
+    assert open_source(tiny_backbone, digits, [1], epochs=3, cache="reuse", cache_dir=tmp_path, dtype=None).cache.path \
+        == cache.path  # reuse without a dtype reads whatever is there
+
+
+def test_int8_store_of_another_scheme_is_refused(tmp_path, tiny_backbone, digits):
+    cache = build_cache(tiny_backbone, digits, [1], tmp_path, dtype="int8")
+    manifest = read_manifest(cache.path)
+    manifest["quantization"] = {**INT8_SCHEME, "name": "per-token"}
+    write_manifest(cache.path, manifest)  # a valid manifest, of a scheme this inca does not read
+    for check in (verify_cache, open_cache):
+        with pytest.raises(InCAError, match="scheme 'per-token', not 'token-groups\\+outliers'"):
+            check(cache.path)
+
+
 def test_reuse_and_subset(tmp_path, tiny_backbone, digits):
     first = build_cache(tiny_backbone, digits, [0, 1, 2], tmp_path)
     mtime = (first.path / "train" / "layer_0.npy").stat().st_mtime_ns
@@ -70,8 +113,9 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_build_resumes_byte_identical(tmp_path, tiny_backbone, digits, monkeypatch):
-    reference = build_cache(tiny_backbone, digits, [0, 2], tmp_path / "ref", batch_size=32)
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_interrupted_build_resumes_byte_identical(tmp_path, tiny_backbone, digits, monkeypatch, dtype):
+    reference = build_cache(tiny_backbone, digits, [0, 2], tmp_path / "ref", batch_size=32, dtype=dtype)
 
     calls = {"n": 0}
     original = cache_module._commit
@@ -84,14 +128,15 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, tiny_backbone, digit
 
     monkeypatch.setattr(cache_module, "_commit", crash_after_some_commits)
     with pytest.raises(_Interrupt):
-        build_cache(tiny_backbone, digits, [0, 2], tmp_path / "resumed", batch_size=32, commit_seconds=0)
+        build_cache(tiny_backbone, digits, [0, 2], tmp_path / "resumed", batch_size=32, commit_seconds=0,
+                    dtype=dtype)
     monkeypatch.setattr(cache_module, "_commit", original)
     path = store_path(tmp_path / "resumed", tiny_backbone, digits)
     assert json.loads((path / "train" / "progress-0.json").read_text())["rows"] == 20 * 32
     with pytest.raises(InCAError, match="unfinished build"):
         open_cache(path)
     # A resumed build keeps the batch size of the interrupted one, whatever is asked now.
-    resumed = build_cache(tiny_backbone, digits, [0, 2], tmp_path / "resumed", batch_size=7)
+    resumed = build_cache(tiny_backbone, digits, [0, 2], tmp_path / "resumed", batch_size=7, dtype=dtype)
     files = _files(reference.path)
     assert files == _files(resumed.path) and len(files) == 6
     for file in files:
@@ -180,12 +225,15 @@ def test_unwritable_cache_dir(tmp_path, tiny_backbone, digits):
 
 
 @pytest.mark.slow
-def test_cli_build_and_verify(tmp_path, capsys):
-    assert cache_main([*TINY_ARGS, "--task", "digits", "--layers", "last:2", "--cache-dir", str(tmp_path)]) == 0
+@pytest.mark.parametrize(("dtype", "shown"), [("float16", "float16, rows"), ("int8", "int8 (token-groups+outliers)")])
+def test_cli_build_and_verify(tmp_path, capsys, dtype, shown):
+    assert cache_main([*TINY_ARGS, "--task", "digits", "--layers", "last:2", "--cache-dir", str(tmp_path),
+                       "--dtype", dtype]) == 0
     out = capsys.readouterr().out
     store = out.split(": ", 1)[1].split(" (")[0]
     assert cache_main(["--verify", store]) == 0
-    assert "files match their checksums" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "files match their checksums" in out and shown in out
 
 
 @pytest.mark.slow
@@ -199,6 +247,7 @@ def test_cli_build_and_verify(tmp_path, capsys):
         (["--task", "digits"], "--backbone is required"),
         ([*TINY_ARGS, "--task", "tv:MNIST"], "needs --data-root"),
         ([*TINY_ARGS, "--task", "digits", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+        ([*TINY_ARGS, "--task", "digits", "--dtype", "int4"], "--dtype: invalid choice: 'int4'"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):

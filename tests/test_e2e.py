@@ -60,7 +60,7 @@ def test_same_seed_same_result_other_seed_differs(tiny_backbone, small_task):
     assert a.loss_curve == b.loss_curve and a.test_acc == b.test_acc and a.val_curve == b.val_curve
     for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(p, q), name
-    _, c = train_e2e("lora", tiny_backbone, small_task, {}, RunConfig(1, 16, seed=4, progress=False))
+    _, c = train_e2e("lora", tiny_backbone, small_task, {}, RunConfig(epochs=1, batch_size=16, seed=4, progress=False))
     assert c.loss_curve != a.loss_curve
 
 
@@ -93,7 +93,7 @@ def test_best_epoch_is_chosen_on_val_and_test_is_evaluated_once(monkeypatch):
 
 
 def test_bad_pool_is_an_error(tiny_backbone, small_task):
-    with pytest.raises(InCAError, match="linear pool must be auto, cls or mean, got 'max'"):
+    with pytest.raises(InCAError, match="linear.pool: expected one of auto, cls, mean, got 'max'"):
         train_e2e("linear", tiny_backbone, small_task, {"pool": "max"}, SETTINGS)
 
 

@@ -17,7 +17,7 @@ from inca.adapters.lora import (
     apply_lora,
     load_lora,
     lora_layers,
-    mark_trainable,
+    mark_lora_trainable,
     merge_lora,
     save_lora,
     unmerge_lora,
@@ -137,7 +137,7 @@ def test_only_lora_params_and_head_get_gradients():
     assert count.trainable == lora + head
     assert count.total == sum(p.numel() for p in tiny_vit().parameters()) + lora
 
-    mark_trainable(model, train_head=False)
+    mark_lora_trainable(model, train_head=False)
     assert not any(p.requires_grad for p in model.head.parameters())
 
 
@@ -178,7 +178,7 @@ def test_bad_arguments_and_double_application():
     with pytest.raises(InCAError, match="dropout"):
         apply_lora(model, dropout=1.0)
     with pytest.raises(InCAError, match="apply_lora"):
-        mark_trainable(model)
+        mark_lora_trainable(model)
     apply_lora(model)
     with pytest.raises(InCAError, match="already has LoRA"):
         apply_lora(model)

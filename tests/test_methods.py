@@ -190,7 +190,7 @@ def test_method_args_are_typed_and_checked():
             parse_method_args(bad)
     with pytest.raises(InCAError, match="unknown method 'loar'.*did you mean lora"):
         resolve_methods("loar")
-    with pytest.raises(InCAError, match="lora-ga.init_batches must be at least 1"):
+    with pytest.raises(InCAError, match="lora-ga.init_batches: expected a positive integer, got 0"):
         resolve_methods("lora-ga", ["lora-ga.init_batches=0"])
     with pytest.raises(InCAError, match="no methods given"):
         resolve_methods(" , ")
@@ -268,8 +268,10 @@ def test_lr_grid_is_log_spaced_around_the_default_and_compacter_also_tunes_its_r
     assert grid[0] == compacter and len(grid) == 9
     assert {(c.lr, c.reduction) for c in grid} == {(lr, r) for lr in lr_candidates(3e-3, 3) for r in (32, 16, 8)}
     with pytest.raises(InCAError, match="--lr-grid must be at least 1"):
+        lr_candidates(1e-3, 0)
+    with pytest.raises(InCAError, match="RunConfig.lr_grid: expected a positive integer, got 0"):
         RunConfig(lr_grid=0)
-    with pytest.raises(InCAError, match="--head-init 'ones'"):
+    with pytest.raises(InCAError, match="RunConfig.head_init: expected one of linear-probe, random, zero, got 'ones'"):
         RunConfig(head_init="ones")
 
 

@@ -15,7 +15,7 @@ from inca.errors import InCAError
 from inca.io import digest
 from inca.options import POOLS
 from inca.probe import layers_from_report, probe_config, probe_task, render_probe_report, run_probe_suite
-from inca.probes import PROBES, READS, ProbeConfig, ProbeOptions, register_probe
+from inca.probes import PROBES, READS, ProbeConfig, ProbeSuiteConfig, register_probe
 from inca.probes.knn import KNNProbeConfig, knn_predict
 from inca.tasks import SPLITS, image_loader, load_task, sequential_batches
 
@@ -41,7 +41,7 @@ def _timm_features(backbone, split, layer):
 
 
 def test_linear_probe_equals_direct_sklearn_fit(tiny_backbone, digits):
-    result = probe_task(tiny_backbone, digits, [1, 3], ProbeOptions(probes=["linear"]))
+    result = probe_task(tiny_backbone, digits, [1, 3], ProbeSuiteConfig(probes=["linear"]))
     for layer in (1, 3):
         features = {s: _timm_features(tiny_backbone, digits.splits[s], layer) for s in SPLITS}
         for p, pool in enumerate(("cls", "mean")):
@@ -85,8 +85,8 @@ def test_knn_leaves_its_inputs_unchanged():
 
 def test_probe_order_changes_no_result(tiny_backbone, digits):
     """The probes share the recorded features: kNN first must not leave them L2-normalised for the linear probe."""
-    knn_first = probe_task(tiny_backbone, digits, [1], ProbeOptions(probes=["knn", "linear"], linear_c=[1.0]))
-    linear_first = probe_task(tiny_backbone, digits, [1], ProbeOptions(probes=["linear", "knn"], linear_c=[1.0]))
+    knn_first = probe_task(tiny_backbone, digits, [1], ProbeSuiteConfig(probes=["knn", "linear"], linear_c=[1.0]))
+    linear_first = probe_task(tiny_backbone, digits, [1], ProbeSuiteConfig(probes=["linear", "knn"], linear_c=[1.0]))
     assert set(knn_first["results"]) == {"knn/cls", "knn/mean", "linear/cls", "linear/mean"}
     for key in ("results", "best_layers", "ranking"):
         assert knn_first[key] == linear_first[key], key
@@ -99,16 +99,16 @@ def test_probe_suite_resumes_and_refuses_another_configuration(tmp_path, tiny_ba
         loaded.append(spec)
         return digits if spec == "digits" else load_task(spec)
 
-    options = ProbeOptions(probes=["knn"], pools=["mean"])
+    options = ProbeSuiteConfig(probes=["knn"], pools=["mean"])
     first = run_probe_suite(tiny_backbone, ["digits"], "-1", options, tmp_path, load)
     # Not the configuration: where activations come from and how much memory may hold them.
-    same = ProbeOptions(probes=["knn"], pools=["mean"], memory_budget_gb=0, num_workers=0)
+    same = ProbeSuiteConfig(probes=["knn"], pools=["mean"], memory_budget_gb=0, num_workers=0)
     second = run_probe_suite(tiny_backbone, ["digits", "synth-colour"], "-1", same, tmp_path, load)
     assert loaded == ["digits", "digits", "synth-colour"]  # digits is loaded to check its data, not probed again
     assert list(second["tasks"]) == ["digits", "synth-colour"]
     assert second["tasks"]["digits"] == first["tasks"]["digits"]
     assert json.loads((tmp_path / "probe.json").read_text()) == second
-    other = ProbeOptions(probes=["knn"], pools=["mean"], k=5)
+    other = ProbeSuiteConfig(probes=["knn"], pools=["mean"], k=5)
     with pytest.raises(InCAError, match="another configuration \\(differs in k\\).*--overwrite"):
         run_probe_suite(tiny_backbone, ["digits"], "-1", other, tmp_path, load)
     with pytest.raises(InCAError, match="differs in layers"):
@@ -118,7 +118,7 @@ def test_probe_suite_resumes_and_refuses_another_configuration(tmp_path, tiny_ba
 
 
 def test_one_backbone_pass_feeds_every_layer(tiny_backbone, digits):
-    options = ProbeOptions(probes=["linear", "knn", "inca"], inca_epochs=2, linear_c=[1.0])
+    options = ProbeSuiteConfig(probes=["linear", "knn", "inca"], inca_epochs=2, linear_c=[1.0])
     one = probe_task(tiny_backbone, digits, [3], options)["backbone_forward_calls"]
     every = probe_task(tiny_backbone, digits, [0, 1, 2, 3], options)["backbone_forward_calls"]
     assert one == every
@@ -127,7 +127,7 @@ def test_one_backbone_pass_feeds_every_layer(tiny_backbone, digits):
 
 
 def test_streaming_epochs_without_memory(tiny_backbone, digits):
-    options = ProbeOptions(probes=["inca"], inca_epochs=2, memory_budget_gb=0)
+    options = ProbeSuiteConfig(probes=["inca"], inca_epochs=2, memory_budget_gb=0)
     calls = probe_task(tiny_backbone, digits, [0, 3], options)["backbone_forward_calls"]
     train_batches = -(-digits.sizes()["train"] // options.batch_size)
     assert calls == sum(-(-n // options.batch_size) for n in digits.sizes().values()) + train_batches
@@ -170,7 +170,8 @@ def test_best_layers_need_the_task_in_the_report(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--probes", "svm"], "unknown probe or pool \\['svm'\\]"), (["--pool", "max"], "unknown probe or pool"),
+    [(["--probes", "svm"], "unknown probe 'svm'; choose from linear, knn, inca"),
+     (["--pool", "max"], "inca-probe.pools: expected one of cls, mean, got 'max'"),
      (["--k", "0"], "--k: expected a positive integer")],
 )
 def test_probe_bad_input(tmp_path, capsys, args, message):
@@ -283,7 +284,7 @@ def test_every_probe_is_documented_and_runs_on_a_tiny_task(name, tiny_backbone):
     for key in probe.config.fields():
         assert probe.config.field_help(key) and probe.config.field_source(key), key
         assert f"--{probe.key(key)}".replace("_", "-") in help_text, key
-    options = ProbeOptions(probes=[name])
+    options = ProbeSuiteConfig(probes=[name])
     assert json.loads(json.dumps(options.to_dict())) == options.to_dict()
     task = subset_task("digits", {"train": 100, "val": 50, "test": 50})
     result = probe_task(tiny_backbone, task, [0, 3], options)
@@ -297,7 +298,7 @@ def test_every_probe_is_documented_and_runs_on_a_tiny_task(name, tiny_backbone):
 
 def test_probe_json_keys_and_flags_are_those_of_earlier_reports(tiny_backbone):
     """A rerun into an earlier run's directory with the same flags matches its recorded configuration."""
-    config = probe_config(tiny_backbone, [0], ProbeOptions())
+    config = probe_config(tiny_backbone, [0], ProbeSuiteConfig())
     assert {k: v for k, v in config.items() if k not in ("backbone", "layers")} == {
         "probes": ["linear", "knn", "inca"], "pools": ["cls", "mean"], "k": 20, "temperature": 0.07,
         "linear_c": [0.01, 0.1, 1.0, 10.0], "inca_lr": 3e-3, "inca_epochs": 5, "batch_size": 32, "seed": 0,
@@ -310,9 +311,9 @@ def test_probe_json_keys_and_flags_are_those_of_earlier_reports(tiny_backbone):
     assert [c for item in args.linear_c for c in item] == [0.1, 1.0]
     assert (args.batch_size, args.seed, args.memory_budget_gb) == (8, 3, 0.0)
     with pytest.raises(InCAError, match="unknown probe setting 'kk' \\(did you mean k\\?\\)"):
-        ProbeOptions(kk=5)
+        ProbeSuiteConfig(kk=5)
     with pytest.raises(InCAError, match="knn.k: expected a positive integer"):
-        ProbeOptions(k=0)
+        ProbeSuiteConfig(k=0)
 
 
 def test_probe_modules_import_nothing_heavy_and_keep_their_order():

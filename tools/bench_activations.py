@@ -35,7 +35,7 @@ from inca.backbone import Backbone, create_backbone, resolve_layers
 from inca.cache import ActivationCache, build_cache
 from inca.devices import resolve_device
 from inca.probe import probe_task
-from inca.probes import ProbeOptions
+from inca.probes import ProbeSuiteConfig
 from inca.tasks import SPLITS, Split, Task, image_loader, load_task, sequential_batches
 from inca.train.bank import epoch_batches, train_bank
 
@@ -212,7 +212,7 @@ def main() -> None:
         return
 
     every = list(range(backbone.num_blocks))
-    options = ProbeOptions(probes=["linear", "knn", "inca"], inca_epochs=3, batch_size=bs, linear_c=[1.0])
+    options = ProbeSuiteConfig(probes=["linear", "knn", "inca"], inca_epochs=3, batch_size=bs, linear_c=[1.0])
     with TimedExtract(backbone) as all_layers:
         probe_task(backbone, task, every, options)
     with TimedExtract(backbone) as one_layer:

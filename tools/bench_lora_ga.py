@@ -7,7 +7,7 @@ LoRA r 8, alpha 16, weight decay 0.1, warm-up 0.06; LoRA-GA the same rank and al
 stable scale, gamma 16, 8 batches for the gradient, weight decay 0, warm-up 0.03) and its own learning rate,
 tuned on a small grid by the lowest final training loss. ``--warmup-ratio`` forces one warm-up on both.
 The training loss is smoothed by a trailing mean over ``--window`` steps
-(:func:`inca.compare.smoothed_loss`); LoRA's target is its smoothed loss at the last step, and LoRA-GA's
+(``curves.smoothed_loss``, tools/curves.py); LoRA's target is its smoothed loss at the last step, and LoRA-GA's
 count is the first step where its smoothed loss is at or below that target. LoRA-GA's gradient-estimate
 batches are not counted as steps (they are reported).
 
@@ -27,12 +27,12 @@ import logging
 
 import numpy as np
 import torch
+from curves import smoothed_loss
 
 from inca.backbone import create_backbone
-from inca.compare import smoothed_loss
+from inca.config import as_list
 from inca.devices import resolve_device
 from inca.methods import HEAD_INITS, RunConfig, get_method, train_e2e
-from inca.recipe import as_list
 from inca.tasks import load_task
 
 
@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
 
 def tune(name: str, lrs: list[float], backbone, task, args) -> tuple[float, np.ndarray, dict[float, float]]:
     """Train ``name`` at each lr; return the best lr (lowest final smoothed loss), its curve, all finals."""
-    settings = RunConfig(args.epochs, args.batch_size, args.seed, progress=False, head_init=args.head_init)
+    settings = RunConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=False,
+                         head_init=args.head_init)
     curves, finals = {}, {}
     for lr in lrs:
         hparams = {"lr": lr} if args.warmup_ratio is None else {"lr": lr, "warmup_ratio": args.warmup_ratio}

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from curves import smoothed_loss, steps_to_reach
 from matplotlib.figure import Figure
 
 from inca.compare import ACCURACY_PNG as COMPARE_ACCURACY_PNG
 from inca.compare import REPORT_JSON as COMPARE_JSON
-from inca.compare import protocol_lines, smoothed_loss, steps_to_reach
+from inca.compare import protocol_lines
 from inca.io import atomic_write_text, read_json
 from inca.probe import REPORT_JSON as PROBE_JSON
 from inca.probe import render_probe_report

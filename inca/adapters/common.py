@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from inca.errors import InCAError, first_line
-from inca.io import atomic_write, atomic_write_json, file_sha256, read_json
+from inca.io import atomic_write, atomic_write_json, file_sha256, read_json_file
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -215,10 +215,7 @@ def _read_files(
         raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (files)")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise InCAError(f"{config_path} is larger than an adapter config can be ({MAX_CONFIG_BYTES} bytes); save again")
-    try:
-        config = read_json(config_path)
-    except (OSError, ValueError, RecursionError) as exc:
-        raise InCAError(f"{config_path} is not valid JSON ({first_line(exc)}); save the adapter again") from None
+    config = read_json_file(config_path, "save the adapter again")
     if not isinstance(config, dict):
         raise InCAError(f"{config_path} is not an adapter config (a JSON object); save the adapter again")
     if method is not None and config.get("method") != method:

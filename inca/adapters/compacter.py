@@ -49,7 +49,7 @@ __all__ = [
     "apply_compacter",
     "bottleneck_width",
     "load_compacter",
-    "mark_trainable",
+    "mark_compacter_trainable",
     "save_compacter",
 ]
 
@@ -182,7 +182,7 @@ def apply_compacter(
     for block, kind, _, dim in sublayers:
         adapter = CompacterAdapter(dim, reduction, rule, rank)
         setattr(block, kind, AdaptedSublayer(getattr(block, kind), adapter))
-    mark_trainable(model, train_norms=train_norms)
+    mark_compacter_trainable(model, train_norms=train_norms)
     count = count_parameters(model)
     logger.info("Compacter%s on %d sub-layers: %d of %d parameters trainable (%.2f%%)", "++" if plus else "",
                 len(sublayers), count.trainable, count.total, 100 * count.fraction)
@@ -204,7 +204,7 @@ def _norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
 
 
-def mark_trainable(model: nn.Module, train_norms: bool = True, train_head: bool = True) -> None:
+def mark_compacter_trainable(model: nn.Module, train_norms: bool = True, train_head: bool = True) -> None:
     """Only adapter parameters, the shared rule, LayerNorms (``train_norms``) and the head require grad."""
     params = _adapter_parameters(model) + (_norm_parameters(model) if train_norms else [])
     set_trainable(model, params + (head_parameters(model) if train_head else []))

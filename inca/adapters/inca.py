@@ -33,6 +33,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from inca.errors import InCAError
+from inca.quantize import QuantizedTokens
 
 __all__ = [
     "AdapterSpec",
@@ -48,6 +49,12 @@ __all__ = [
 ]
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, used by every LayerNorm of an adapter
+# The query rows of one attention product (_attend) come in multiples of this many, zero queries padding the rest:
+# CPU matrix kernels vectorise 16 float32 lanes (AVX-512) and take other code paths for narrower products and for
+# vector tails, which round differently. Padded, a query's scores, pooling and gradient come out bit-identical
+# whatever other queries share the products, so an adapter trains the same in any bank, however many of its
+# neighbours successive halving prunes. inca's own choice; it costs at most 15 zero queries per layer.
+ATTEND_ROWS = 16
 _QKV = ("attn.w_q", "attn.w_k", "attn.w_v"), ("attn.b_q", "attn.b_k", "attn.b_v")
 _DECAYED = frozenset(
     {"attn.in_proj_weight", *_QKV[0], "attn.out_proj.weight", "head.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
@@ -85,11 +92,14 @@ def join_qkv(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def standardise(tokens: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def standardise(tokens: Tensor | QuantizedTokens, dtype: torch.dtype = torch.float32) -> Tensor:
     """LayerNorm without affine, in the adapters' ``dtype`` (fp32 for fp16 caches): computed once per layer
     and shared by every adapter reading it. Materialised rather than folded as mean/rstd corrections: one
-    fused kernel, cheaper on CPU than computing the statistics alone, and free of cancellation."""
-    return F.layer_norm(tokens.to(dtype), tokens.shape[-1:], eps=LN_EPS)
+    fused kernel, cheaper on CPU than computing the statistics alone, and free of cancellation. 8-bit tokens
+    (an int8 store) are dequantised straight into ``dtype`` here, where float16 ones are converted: the same
+    one pass over the batch, from half the bytes."""
+    values = tokens.dequantize(dtype) if isinstance(tokens, QuantizedTokens) else tokens.to(dtype)
+    return F.layer_norm(values, tokens.shape[-1:], eps=LN_EPS)
 
 
 def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -124,10 +134,15 @@ def _attend(z_hat: Tensor, u: Tensor) -> Tensor:
     The R rows may belong to many adapters: all their scores come from one ``[B*T, D] x [D, R]`` product
     (whose backward, the gradient of ``u``, is one product over all B*T tokens too), and the pooling is one
     batched product. Pooled rows come out row-major (``[R, B, D]`` view), each adapter's rows contiguous.
+    The rows are padded with zero queries to a multiple of :data:`ATTEND_ROWS` (their pooling is dropped), so a
+    row's result does not depend on how many others share the products.
     """
     b, t, d = z_hat.shape
+    rows = u.shape[0]
+    if pad := -rows % ATTEND_ROWS:
+        u = torch.cat([u, u.new_zeros(pad, d)])
     weights = torch.mm(z_hat.view(b * t, d), u.t()).view(b, t, -1).softmax(1)
-    return torch.bmm(weights.transpose(1, 2), z_hat).transpose(0, 1)
+    return torch.bmm(weights.transpose(1, 2), z_hat).transpose(0, 1)[:rows]
 
 
 def _query_states(p: Mapping[str, Tensor], pooled: Tensor, num_heads: int) -> Tensor:
@@ -411,6 +426,15 @@ class AdapterSpec:
         return self.num_heads, self.num_queries, float(self.mlp_ratio)
 
 
+def _two_rows_at_least(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A stack of one adapter as two, the second a detached copy whose results are dropped: torch runs a batch of
+    one matrix product as a plain product, whose kernel rounds differently, so with it a lone adapter gets the bits
+    it gets among others (its copy doubles that stack's small per-adapter work; no gradient flows through it)."""
+    if params["query"].shape[0] > 1:
+        return params
+    return {name: torch.cat([t, t.detach()]) for name, t in params.items()}
+
+
 def _flat(name: str) -> str:
     return name.replace(".", "_")
 
@@ -498,7 +522,7 @@ class InCABank(nn.Module):
         missing = [layer for layer in self.layers if layer not in features]
         if missing:
             raise InCAError(f"features lack layers {missing} that the bank's adapters read; provide {self.layers}")
-        ps = [stack.params() for stack in self.stacks]
+        ps = [_two_rows_at_least(stack.params()) for stack in self.stacks]
         us = [_fold_queries(p, stack.num_heads) for p, stack in zip(ps, self.stacks)]  # [E_s, H*m, D]
         dtype = self.stacks[0].query.dtype
         parts: list[list[Tensor]] = [[] for _ in self.stacks]
@@ -507,13 +531,32 @@ class InCABank(nn.Module):
             pooled = _attend(standardise(features[layer], dtype), _cat(u))
             for (s, _, _), part in zip(runs, pooled.split([x.shape[0] for x in u])):
                 parts[s].append(part)
-        out = _cat(
-            [
-                _mean_head(p, _query_states(p, _cat(part), st.num_heads))
-                for p, st, part in zip(ps, self.stacks, parts)
-            ]
-        )
+        logits = []
+        for p, stack, part in zip(ps, self.stacks, parts):
+            pooled = _cat(part)
+            if len(stack) == 1:  # its copy's rows too (see _two_rows_at_least)
+                pooled = torch.cat([pooled, pooled.detach()])
+            logits.append(_mean_head(p, _query_states(p, pooled, stack.num_heads))[: len(stack)])
+        out = _cat(logits)
         return out if self._identity_order else out.index_select(0, self._order)
+
+    def subset(self, indices: Sequence[int]) -> InCABank:
+        """A new bank of the adapters at ``indices`` (kept in spec order) with their current weights and divergence
+        flags, copied, on this bank's device: the survivors successive halving goes on training. Its stacks, plan
+        and layers hold only them, so a layer none of them reads is no longer asked for."""
+        kept = sorted(set(indices))
+        if not kept or kept[0] < 0 or kept[-1] >= len(self):
+            raise InCAError(f"a subset of a bank of {len(self)} adapters needs indices in 0..{len(self) - 1}")
+        like = self.stacks[0].query
+        bank = InCABank([self.specs[i] for i in kept], self.dim, self.num_classes).to(like.device, like.dtype)
+        with torch.no_grad():
+            for new, old in enumerate(kept):
+                (target, row), (source, old_row) = bank.locate(new), self.locate(old)
+                weights = source.params()
+                for name, tensor in target.params().items():
+                    tensor[row] = weights[name][old_row]
+            bank.diverged.copy_(self.diverged[kept])
+        return bank
 
     def adapter(self, i: int) -> InCA:
         """Adapter ``i`` as a plain :class:`InCA` with the same weights (a copy), on the bank's device."""

@@ -42,7 +42,7 @@ __all__ = [
     "apply_lora",
     "load_lora",
     "lora_layers",
-    "mark_trainable",
+    "mark_lora_trainable",
     "merge_lora",
     "save_lora",
     "unmerge_lora",
@@ -150,7 +150,7 @@ def apply_lora(
 ) -> list[str]:
     """Replace every ``nn.Linear`` whose name fullmatches ``target`` by a :class:`LoRALinear`.
 
-    Afterwards only the LoRA parameters and the classification head require grad (:func:`mark_trainable`).
+    Afterwards only the LoRA parameters and the classification head require grad (:func:`mark_lora_trainable`).
     Returns the wrapped module names. Nothing is modified when an argument or the regex is bad.
     """
     if not isinstance(rank, int) or rank < 1:
@@ -169,7 +169,7 @@ def apply_lora(
     for name, m in matched:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoRALinear(m, rank, alpha, rslora, dropout))
-    mark_trainable(model)
+    mark_lora_trainable(model)
     count = count_parameters(model)
     logger.info("LoRA r=%d on %d layers: %d of %d parameters trainable (%.2f%%)",
                 rank, len(matched), count.trainable, count.total, 100 * count.fraction)
@@ -180,7 +180,7 @@ def _lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
 
 
-def mark_trainable(model: nn.Module, train_head: bool = True) -> None:
+def mark_lora_trainable(model: nn.Module, train_head: bool = True) -> None:
     """Only LoRA parameters (and the classification head when ``train_head``) require grad."""
     params = _lora_parameters(model)
     if not params:

@@ -28,8 +28,8 @@ from torch import nn
 from inca.adapters.common import classifier_modules, logit_layers
 from inca.adapters.lora import lora_layers
 from inca.backbone import Backbone, create_backbone
-from inca.errors import InCAError, first_line
-from inca.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from inca.errors import InCAError
+from inca.io import atomic_write, atomic_write_json, atomic_write_text, read_json_file
 from inca.options import POOLS
 
 __all__ = [
@@ -214,10 +214,7 @@ def _read_record(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InCAError(f"{directory} has no {BASE_RECORD_FILE}: it was exported without its backbone, so build "
                         "the base model yourself and use peft.PeftModel.from_pretrained")
-    try:
-        record = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise InCAError(f"{path} is not valid JSON ({first_line(exc)}); export the model again") from None
+    record = read_json_file(path, "export the model again")
     keys = ("model_name", "model_kwargs", "weights_hash", "state_file", "reset_classifier")
     if not isinstance(record, dict) or any(key not in record for key in keys):
         raise InCAError(f"{path} lacks some of {', '.join(keys)}; export the model again")

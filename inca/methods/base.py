@@ -12,28 +12,32 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from inca import options as opt
 from inca.config import Config, hparam, type_name
-from inca.errors import InCAError, require_positive
+from inca.errors import InCAError
 
 if TYPE_CHECKING:
     import torch
 
     from inca.activations import DataSource
 
-__all__ = ["HEAD_INITS", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunConfig", "TrainConfig", "hparam",
+__all__ = ["HEAD_INITS", "LR_STEP", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunConfig", "TrainConfig", "hparam",
            "lr_candidates", "type_name"]
 
 HEAD_INITS = ("linear-probe", "random", "zero")
 LR_STEP = 3.0  # --lr-grid: neighbouring learning rates are this factor apart (inca's own choice: half a decade)
 HF_TRAINER = "HF TrainingArguments' default max_grad_norm=1.0"
 PEFT_DIR = "peft"  # under a run's work_dir: the PEFT export of a LoRA-type model (RunConfig.export_peft)
+OWN = "inca's own choice"
 
 
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig(Config):
     """Base of every method's hyper-parameters (a frozen, keyword-only dataclass of :func:`hparam` fields)."""
+
+    FIELD_KIND: ClassVar[str] = "hyper-parameter"
 
 
 def lr_candidates(lr: float, size: int) -> list[float]:
@@ -61,12 +65,8 @@ class TrainConfig(MethodConfig):
     )  # fmt: skip
     max_grad_norm: float = hparam(
         1.0, help="clip the gradient's global L2 norm to this before each step (0: off)",
-        source=f"{HF_TRAINER}, kept by the LoRA, LoRA-GA and Compacter authors' trainers",
+        source=f"{HF_TRAINER}, kept by the LoRA, LoRA-GA and Compacter authors' trainers", check=opt.non_negative_float,
     )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.max_grad_norm < 0:
-            raise InCAError(f"max_grad_norm must be 0 (no clipping) or positive, got {self.max_grad_norm}")
 
     @property
     def head_pool(self) -> str | None:
@@ -79,9 +79,10 @@ class TrainConfig(MethodConfig):
         return [dataclasses.replace(self, lr=lr) for lr in lr_candidates(self.lr, size)]
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """What every method of a comparison shares: epochs, batch size (train and eval), seed, and the protocol:
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(Config):
+    """What every method of a comparison shares: epochs, batch size (train and eval), seed, and the protocol
+    (:attr:`PROTOCOL`: recorded in ``compare.json``, and a rerun must match it):
 
     * ``head_init``: how the new head of a method that trains more than the head starts (``linear-probe``:
       fitted on the frozen features first, as linear-probe-then-fine-tune, Kumar et al. 2022; ``random``:
@@ -91,28 +92,56 @@ class RunConfig:
     * ``lr_grid``: each method's learning rate is tuned over this many values around its default
       (:func:`lr_candidates`), selected on validation; 1 keeps the default.
 
-    ``export_peft``: LoRA-type runs also write a PEFT adapter.
+    ``export_peft``: LoRA-type runs also write a PEFT adapter. ``inca-compare``'s flags are generated from these
+    fields (``num_workers`` is the data group's ``--num-workers``; ``progress`` follows ``--quiet``).
     """
 
-    epochs: int = 10
-    batch_size: int = 32
-    seed: int = 0
-    num_workers: int | None = None
-    progress: bool = True
-    export_peft: bool = False
-    head_init: str = "linear-probe"
-    augment: bool = False
-    lr_grid: int = 1
+    PROTOCOL: ClassVar[tuple[str, ...]] = ("head_init", "augment", "lr_grid")
 
-    def __post_init__(self) -> None:
-        require_positive(epochs=self.epochs, batch_size=self.batch_size)
-        if self.head_init not in HEAD_INITS:
-            raise InCAError(f"--head-init {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
-        lr_candidates(1.0, self.lr_grid)  # checks the size
+    epochs: int = hparam(10, help="epochs for every method", check=opt.positive_int,
+                         source=f"{OWN}: a short schedule, the same for every method; each reports its best "
+                                "validation epoch, so more epochs cost time rather than a worse pick")
+    batch_size: int = hparam(32, help="batch size for every method (training and evaluation)", check=opt.positive_int,
+                             source=f"{OWN}: a common fine-tuning batch, one for every method so that all see the "
+                                    "same batches in the same order")
+    seed: int = hparam(0, help="seed of heads, adapters and batch order", check=opt.seed,
+                       source=f"{OWN}: any fixed seed makes a rerun reproducible; one for every method, so all "
+                              "start from the same head and batch order")
+    num_workers: int | None = hparam(None, help="image decoding workers (None: auto)",
+                                     source=f"{OWN}: in-memory tasks decode in the main process, others in up to "
+                                            "8 workers (inca.tasks.image_loader)")
+    progress: bool = hparam(True, help="report each run's progress",
+                            source=f"{OWN}: every inca loop reports its progress (--quiet silences a whole command)")
+    export_peft: bool = hparam(
+        False, help=f"also write each trained model of a method with a PEFT export (the LoRA types) as a PEFT LoRA "
+                    f"adapter, to OUT/runs/<task>-<hash>/<method>/{PEFT_DIR}/ (pairs a rerun skips are not "
+                    "re-exported)",
+        source=f"{OWN}: inca's own format is always written (inca-predict serves it); the PEFT copy on request",
+    )  # fmt: skip
+    head_init: str = hparam(
+        "linear-probe", check=opt.choice(*HEAD_INITS),
+        help="how the new head of the end-to-end methods starts: fitted on frozen features first "
+             "(linear-probe-then-fine-tune), timm's random draw, or zeros (then no gradient reaches the backbone at "
+             "step 0 and LoRA-GA has nothing to approximate)",
+        source="Kumar et al., \"Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution\", "
+               "ICLR 2022: linear probing, then fine-tuning (LP-FT)",
+    )  # fmt: skip
+    augment: bool = hparam(
+        False, help="timm's training augmentation (create_transform(is_training=True)) on the train split of every "
+                    "method that sees images; InCA then streams live activations",
+        source=f"{OWN}: off, so InCA reads activations computed once (augmented views must be streamed live)",
+    )  # fmt: skip
+    lr_grid: int = hparam(
+        1, check=opt.positive_int,
+        help=f"tune each method's learning rate over this many values x{LR_STEP:g} apart around the method's own, "
+             "selected on val (a method whose authors tune more, such as Compacter's reduction factor, over that "
+             "too); 1: no tuning",
+        source=f"{OWN}: each method at its authors' learning rate; more values tune every method alike",
+    )  # fmt: skip
 
     def protocol(self) -> dict[str, Any]:
         """What ``compare.json`` records of the protocol (and a rerun must match)."""
-        return {"head_init": self.head_init, "augment": self.augment, "lr_grid": self.lr_grid}
+        return {key: getattr(self, key) for key in self.PROTOCOL}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from inca import options as opt
 from inca.methods.base import MethodConfig, RunConfig, hparam, lr_candidates
 from inca.methods.registry import Method, register_method
 from inca.methods.result import InCAResult
@@ -28,7 +29,8 @@ class InCAConfig(InCAGridConfig, MethodConfig):
     combination at once) and the layers they read; epochs, batch size and seed are the comparison's."""
 
     layers: str = hparam("all", help="layers read by an adapter each: all | -1 | 0,5,11 | last:K",
-                         source="inca's own choice: one adapter per layer in one bank, the best chosen on val")
+                         source="inca's own choice: one adapter per layer in one bank, the best chosen on val",
+                         check=opt.layer_spec)
 
 
 def run(

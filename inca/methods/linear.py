@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from inca.errors import InCAError
+from inca import options as opt
 from inca.methods.base import ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
 from inca.options import POOLS
@@ -28,13 +28,8 @@ class LinearConfig(TrainConfig):
     pool: str = hparam(
         "auto", help="the head's input: the backbone's own pooling (auto: timm's global_pool, the class token of "
                      "most ViTs), the class token (cls) or the mean of the patch tokens (mean)",
-        source=OURS,
+        source=OURS, check=opt.choice("auto", *POOLS),
     )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.pool not in ("auto", *POOLS):
-            raise InCAError(f"linear pool must be auto, {' or '.join(POOLS)}, got {self.pool!r}")
 
     @property
     def head_pool(self) -> str | None:

@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from inca.errors import InCAError
+from inca import options as opt
 from inca.methods import lora
 from inca.methods.base import HF_TRAINER, ApplyContext, hparam
 from inca.methods.registry import register_method
@@ -47,12 +47,7 @@ class LoRAGAConfig(lora.LoRAConfig):
                                        "mode, initialises A and B",
                                source=f"ours: 8 batches; the authors average over 8 samples ({REPO}, "
                                       "conf/init/gradient.yaml: bsz 1, iters 8), their PEFT example over 128 "
-                                      "(2 x 64)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.init_batches < 1:
-            raise InCAError(f"lora-ga.init_batches must be at least 1, got {self.init_batches}")
+                                      "(2 x 64)", check=opt.positive_int)
 
 
 def apply(model: nn.Module, config: LoRAGAConfig, context: ApplyContext) -> None:

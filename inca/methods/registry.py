@@ -17,7 +17,6 @@ functions, so ``inca-compare --help`` lists every method without loading it.
 
 from __future__ import annotations
 
-import difflib
 import os
 import textwrap
 import typing
@@ -29,13 +28,15 @@ import yaml
 
 from inca.config import type_name
 from inca.errors import InCAError
-from inca.methods.base import ApplyContext, MethodConfig
+from inca.methods.base import ApplyContext, MethodConfig, RunConfig
+from inca.methods.result import MethodResult
 from inca.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
 
     from inca.backbone import Backbone
+    from inca.tasks import Task
 
 __all__ = [
     "METHODS",
@@ -50,7 +51,7 @@ __all__ = [
 ApplyFn = Callable[["nn.Module", MethodConfig, ApplyContext], None]
 FileFn = Callable[["nn.Module", "str | os.PathLike"], Any]
 ExportFn = Callable[["nn.Module", "str | os.PathLike", "Backbone", "str | None"], Any]
-RunFn = Callable[..., dict[str, Any]]
+RunFn = Callable[["Method", "Backbone", "Task", MethodConfig, RunConfig, "str | os.PathLike"], MethodResult]
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,7 @@ class Method:
         """The method's config from a config, or from (some of) its hyper-parameters, checked and typed."""
         if isinstance(values, self.config):
             return values
-        items = dict(values or {})
-        for key in items:
-            _check_key(self, key)
-        return self.config(**{key: self.config.coerce(self.name, key, value) for key, value in items.items()})
+        return self.config.from_values(self.name, values)
 
     def defaults(self) -> dict[str, Any]:
         """Every hyper-parameter at its default, JSON-ready."""
@@ -126,14 +124,6 @@ def get_method(name: str) -> Method:
     return METHODS.get_entry(name)
 
 
-def _check_key(method: Method, key: str) -> None:
-    keys = list(method.config.fields())
-    if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise InCAError(f"method {method.name!r} has no hyper-parameter {key!r}{hint}; its keys: {', '.join(keys)}")
-
-
 def parse_method_args(
     items: Sequence[str | Mapping[str, Any]] | Mapping[str, Any] | None,
 ) -> dict[str, dict[str, Any]]:
@@ -156,9 +146,7 @@ def parse_method_args(
         name, dot, key = target.rpartition(".")
         if not dot or not name or not key:
             raise InCAError(f"--method-args expects method.key=value, got {item!r} (e.g. lora.rank=4)")
-        method = get_method(name)
-        _check_key(method, key)
-        overrides.setdefault(name, {})[key] = method.config.coerce(name, key, value)
+        overrides.setdefault(name, {})[key] = get_method(name).config.coerce(name, key, value)
     return overrides
 
 

@@ -16,11 +16,11 @@ from inca.probes.registry import (
     PROBES,
     READS,
     Probe,
-    ProbeOptions,
+    ProbeSuiteConfig,
     get_probe,
     register_probe,
     setting_keys,
 )
 
-__all__ = ["BUILTIN_PROBES", "PROBES", "READS", "Probe", "ProbeConfig", "ProbeOptions", "ProbeRunConfig", "get_probe",
-           "register_probe", "setting_keys"]
+__all__ = ["BUILTIN_PROBES", "PROBES", "READS", "Probe", "ProbeConfig", "ProbeRunConfig", "ProbeSuiteConfig",
+           "get_probe", "register_probe", "setting_keys"]

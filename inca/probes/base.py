@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from inca import options as opt
 from inca.config import Config, hparam
+from inca.methods.base import RunConfig
 from inca.options import POOLS
 
 __all__ = ["OURS", "ProbeConfig", "ProbeRunConfig"]
@@ -29,9 +30,14 @@ class ProbeRunConfig(Config):
         list(POOLS), help="pooling of a layer's tokens for the probes on pooled features: cls (the class token), "
                           "mean (of the patch tokens)",
         source=f"{OURS}: both, compared per layer (a backbone without a class token skips cls)",
+        check=opt.choice(*POOLS),
     )  # fmt: skip
-    batch_size: int = hparam(32, help="batch size of the backbone pass and of the token probes' training",
-                             source=f"{OURS}: the batch size of every inca command", check=opt.positive_int)
+    batch_size: int = hparam(
+        RunConfig.default("batch_size"), help="batch size of the backbone pass and of the token probes' training",
+        source=f"{OURS}: inca-compare's batch size ({RunConfig.default('batch_size')}), so that a layer's probes and "
+               "the methods compared on the same backbone see batches of one size",
+        check=opt.positive_int,
+    )  # fmt: skip
     seed: int = hparam(0, help="seed of the probes' initialisation, batch order and solvers",
                        source=f"{OURS}: the seed of every inca command", check=opt.seed)
     memory_budget_gb: float = hparam(

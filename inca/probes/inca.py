@@ -9,6 +9,7 @@ from inca import options as opt
 from inca.config import hparam
 from inca.probes.base import OURS, ProbeConfig, ProbeRunConfig
 from inca.probes.registry import Scores, register_probe
+from inca.train import config as train_config
 
 if TYPE_CHECKING:
     from inca.activations import RecordingSource
@@ -16,16 +17,19 @@ if TYPE_CHECKING:
     from inca.tasks import Task
 
 QUICK = f"{OURS}: a probe ranks layers rather than delivering the adapter, so a short run"
+# inca-train's defaults, from which the probe's are set (so the two never drift apart).
+TRAIN_LR = train_config.InCAGridConfig.default("lr")[0]
+TRAIN_EPOCHS = train_config.InCATrainConfig.default("epochs")
 
 
 @dataclass(frozen=True, kw_only=True)
 class InCAProbeConfig(ProbeConfig):
     """The InCA probe's training (one adapter per layer, the paper's default adapter shape)."""
 
-    lr: float = hparam(3e-3, help="learning rate of every adapter",
-                       source=f"{QUICK} at 3x inca-train's 1e-3", check=opt.positive_float)
-    epochs: int = hparam(5, help="epochs over the train split", source=f"{QUICK}: half of inca-train's 10",
-                         check=opt.positive_int)
+    lr: float = hparam(3 * TRAIN_LR, help="learning rate of every adapter",
+                       source=f"{QUICK} at 3x inca-train's {TRAIN_LR:g}", check=opt.positive_float)
+    epochs: int = hparam(TRAIN_EPOCHS // 2, help="epochs over the train split",
+                         source=f"{QUICK}: half of inca-train's {TRAIN_EPOCHS}", check=opt.positive_int)
 
 
 def fit(source: RecordingSource, backbone: Backbone, task: Task, layers: list[int], config: InCAProbeConfig,

@@ -23,12 +23,13 @@ their functions, so ``inca-probe --help`` lists every probe without loading them
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from inca.config import as_list, config_from_args
 from inca.errors import InCAError
-from inca.options import POOLS
 from inca.probes.base import ProbeConfig, ProbeRunConfig
 from inca.registry import Registry, unknown_name
 
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
     from inca.backbone import Backbone
     from inca.tasks import Task
 
-__all__ = ["BUILTIN_PROBES", "PROBES", "READS", "Probe", "ProbeOptions", "get_probe", "register_probe", "setting_keys"]
+__all__ = ["BUILTIN_PROBES", "PROBES", "READS", "Probe", "ProbeSuiteConfig", "get_probe", "register_probe",
+           "setting_keys"]
 
 READS = ("pooled", "tokens")
 Scores = dict[int, dict[str, float]]
@@ -105,14 +107,14 @@ def setting_keys() -> dict[str, tuple[str, str]]:
     return {probe.key(field): (probe.name, field) for probe in PROBES.values() for field in probe.config.fields()}
 
 
-class ProbeOptions:
+class ProbeSuiteConfig:
     """What one ``inca-probe`` run does: the chosen ``probes`` (default: every registered one, in order), every
     registered probe's config (``configs``; the chosen ones' are used) and the shared :class:`ProbeRunConfig`
-    (``run``; its fields read as attributes too: ``options.batch_size``).
+    (``run``; its fields read as attributes too: ``config.batch_size``).
 
     Built from flat settings, as flags, recipes and ``probe.json`` name them: a shared one by its field name
     (``batch_size=64``), a probe's by its key (``linear_c=[1.0]``, ``inca_epochs=2``, kNN's ``k=5``); each is
-    typed and checked, an unknown one is a one-line error.
+    typed and checked, an unknown one is a one-line error. :meth:`from_args` reads ``inca-probe``'s flags.
     """
 
     def __init__(self, *, probes: Sequence[str] | None = None, **values: Any) -> None:
@@ -122,10 +124,8 @@ class ProbeOptions:
             if key not in keys and key not in ProbeRunConfig.fields():
                 raise unknown_name("probe setting", key, [*ProbeRunConfig.fields(), *keys])
         self.run = ProbeRunConfig.from_values("inca-probe", {k: v for k, v in values.items() if k not in keys})
-        unknown = sorted(set(self.probes) - set(PROBES)) + sorted(set(self.run.pools) - set(POOLS))
-        if unknown:
-            raise InCAError(f"unknown probe or pool {unknown}: probes are {', '.join(PROBES)}, "
-                            f"pools {', '.join(POOLS)}")
+        for name in self.probes:
+            get_probe(name)  # an unknown one is a one-line error naming the closest
         if not self.probes:
             raise InCAError(f"no probes given: use --probes with some of {', '.join(PROBES)}")
         given: dict[str, dict[str, Any]] = {name: {} for name in PROBES}
@@ -134,6 +134,16 @@ class ProbeOptions:
                 name, field = keys[key]
                 given[name][field] = value
         self.configs = {name: PROBES[name].config.from_values(name, items) for name, items in given.items()}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ProbeSuiteConfig:
+        """The run that ``inca-probe``'s parsed flags describe: ``--probes`` and ``--pool`` (comma-separated
+        names), :class:`ProbeRunConfig`'s flags and each registered probe's (``--{prefix}{field}``)."""
+        pools = ProbeRunConfig.coerce("inca-probe", "pools", [str(p) for p in as_list(args.pool)])
+        run = config_from_args(ProbeRunConfig, args, pools=pools)
+        settings = {probe.key(field): value for probe in PROBES.values()
+                    for field, value in config_from_args(probe.config, args, prefix=probe.prefix).to_dict().items()}
+        return cls(probes=[str(p) for p in as_list(args.probes)], **run.to_dict(), **settings)
 
     def __getattr__(self, name: str) -> Any:
         run = self.__dict__.get("run")

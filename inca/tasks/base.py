@@ -13,9 +13,11 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InCAError, first_line
-from ..io import canonical_json
+from ..io import FINGERPRINT_LENGTH, canonical_json
 
 SPLITS = ("train", "val", "test")
+# The shares carved out as test and val when a dataset lacks those splits: inca's own choice, a common hold-out.
+# Test is a fifth of the rows, then val a tenth of what is left (72/8/20 of the whole), each stratified by class.
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.2
 
@@ -113,7 +115,7 @@ class Task:
             digest.update(name.encode())
             digest.update(self.splits[name].rows.tobytes())
             digest.update(self.splits[name].labels.tobytes())
-        return digest.hexdigest()[:16]
+        return digest.hexdigest()[:FINGERPRINT_LENGTH]
 
     def sizes(self) -> dict[str, int]:
         return {name: len(self.splits[name]) for name in SPLITS}
@@ -186,4 +188,4 @@ def tree_digest(root: str | os.PathLike) -> str:
             stat = os.stat(path, follow_symlinks=False)
             sha.update(f"{os.path.relpath(path, root)}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:"
                        f"{stat.st_ino}\n".encode())
-    return sha.hexdigest()[:16]
+    return sha.hexdigest()[:FINGERPRINT_LENGTH]

@@ -48,7 +48,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InCAError, first_line
 from ..images import open_image, turned_by_exif
-from ..io import atomic_write_json, cache_root, digest, file_sha256, read_json
+from ..io import FINGERPRINT_LENGTH, atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
 from .registry import TaskLoadConfig, register_task_source
@@ -318,7 +318,7 @@ def _files_digest(paths: list[str], root: Path, hashes: list[str]) -> str:
     for path, value in zip(paths, hashes):
         sha.update(os.path.relpath(path, root).encode())
         sha.update(value.encode())
-    return sha.hexdigest()[:16]
+    return sha.hexdigest()[:FINGERPRINT_LENGTH]
 
 
 def _report_duplicates(spec: str, splits: dict[str, Split], paths: list[str], hashes: list[str]) -> None:

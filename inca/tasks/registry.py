@@ -19,7 +19,6 @@ parser imports no torch.
 from __future__ import annotations
 
 import argparse
-import difflib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING
 from inca import options as opt
 from inca.config import ArgumentContainer, Config, add_config_flags, config_from_args, hparam
 from inca.errors import InCAError
-from inca.registry import Registry
+from inca.registry import Registry, unknown_name
 
 if TYPE_CHECKING:
     from inca.tasks.base import Task
@@ -176,9 +175,7 @@ def find_task_source(spec: str) -> tuple[TaskSource, str]:
     rest = spec.partition(":")[2]
     valid = [n for s in TASK_SOURCES.values() for n in s.names]
     valid += [f"{s.prefix}{rest}" for s in TASK_SOURCES.values() if s.prefix and rest]
-    close = difflib.get_close_matches(spec, valid, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise InCAError(f"unknown task spec {spec!r}{hint}; use one of: {task_spec_forms()}")
+    raise unknown_name("task spec", spec, valid, options=f"use one of: {task_spec_forms()}", matches=3)
 
 
 def check_task_spec(spec: str, settings: TaskLoadConfig | None = None) -> None:

@@ -25,13 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from inca.activations import EVAL_BATCH_SIZE, ActivationSource
+from inca.activations import EVAL_BATCH_SIZE, ActivationSource, narrow_source
 from inca.adapters.inca import InCABank
 from inca.devices import autocast
 from inca.distributed import current
 from inca.errors import InCAError, first_line, require_positive
 from inca.io import atomic_write
 from inca.progress import progress as progress_bar
+from inca.train.halving import SuccessiveHalving
 from inca.train.optim import BatchedAdamW, cosine_schedule
 
 __all__ = [
@@ -63,13 +64,19 @@ def per_adapter_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 @dataclass
 class BankHistory:
-    """Per epoch, one value per adapter (NaN once an adapter has diverged); with an eval split, per adapter
-    the 1-based epoch whose weights it ends with (``best_epoch``, 0: it never had a finite accuracy)."""
+    """Per epoch, one value per adapter (NaN once an adapter has diverged, or left the bank at a rung of
+    successive halving); with an eval split, per adapter the 1-based epoch whose weights it ends with
+    (``best_epoch``, 0: it never had a finite accuracy). Per adapter, the epochs it trained and the 1-based rung
+    where successive halving stopped it (``stopped_rung``, None: it trained to the end); per rung, its epoch and
+    how many adapters entered it and were kept (``rungs``)."""
 
     train_loss: list[list[float]] = field(default_factory=list)
     val_accuracy: list[list[float]] = field(default_factory=list)  # filled when train_bank gets eval_split
     diverged: list[bool] = field(default_factory=list)
     best_epoch: list[int] = field(default_factory=list)
+    epochs_trained: list[int] = field(default_factory=list)
+    stopped_rung: list[int | None] = field(default_factory=list)
+    rungs: list[dict[str, int]] = field(default_factory=list)
 
 
 class BestEpochs:
@@ -86,10 +93,10 @@ class BestEpochs:
         self.accuracy = [-math.inf] * len(bank)
         self.epoch = [0] * len(bank)
         prefix = {id(stack): f"stacks.{s}." for s, stack in enumerate(bank.stacks)}
-        self._rows = []  # per adapter: (parameter names in the bank, row)
+        self._rows = []  # per adapter: (its stack's parameter prefix in the bank, row)
         for i in range(len(bank)):
             stack, row = bank.locate(i)
-            self._rows.append(([prefix[id(stack)] + name for name, _ in stack.named_parameters()], row))
+            self._rows.append((prefix[id(stack)], row))
 
     def improved(self, accuracy: Sequence[float], epoch: int) -> list[int]:
         """Record epoch ``epoch`` (1-based)'s accuracies; the adapters that beat their best (NaN never does)."""
@@ -99,12 +106,15 @@ class BestEpochs:
         return better
 
     @torch.no_grad()
-    def snapshot(self, bank: InCABank, adapters: Sequence[int]) -> None:
-        params = dict(bank.named_parameters())
+    def snapshot(self, bank: InCABank, adapters: Sequence[int], active: Sequence[int] | None = None) -> None:
+        """Keep the current weights of ``adapters`` (indices into the whole bank) from ``bank``: the whole bank, or
+        the subset of it whose adapters are ``active`` (successive halving's survivors, in order)."""
+        where = {i: k for k, i in enumerate(active)} if active is not None else None
         for i in adapters:
-            names, row = self._rows[i]
-            for name in names:
-                self.state[name][row] = params[name][row]
+            stack, row = bank.locate(i if where is None else where[i])
+            prefix, kept_row = self._rows[i]
+            for name, p in stack.named_parameters():
+                self.state[prefix + name][kept_row] = p[row]
 
     @torch.no_grad()
     def restore(self, bank: InCABank) -> None:
@@ -141,6 +151,7 @@ def train_bank(
     checkpoint_identity: Mapping[str, object] | None = None,
     progress: bool = True,
     micro_batches: int = 1,
+    halving: SuccessiveHalving | None = None,
 ) -> BankHistory:
     """Train every adapter of ``bank`` on the ``train`` split: one forward, one backward (the sum of the
     adapters' mean cross-entropies, so each gets its own gradient) and one :class:`BatchedAdamW` step per
@@ -158,8 +169,18 @@ def train_bank(
     updates up to rounding (a batch that runs out of CUDA memory doubles it by itself).
     ``checkpoint_identity`` is what else that checkpoint must have been made with (the backbone's and the data's
     fingerprints, the run's options): the checkpoint of any other run, or a damaged one, is discarded.
+
+    With ``halving`` (successive halving; needs ``eval_split``), after each of its rungs only the best adapters by
+    their best accuracy on ``eval_split`` so far go on training (:meth:`SuccessiveHalving.survivors`): the others'
+    rows leave the trained bank's stacks and the optimizer's states, and a layer no survivor reads is no longer
+    read, so later epochs cost only the survivors. Each survivor trains exactly as it would in a bank that prunes
+    nothing. At the end every adapter, pruned or not, is back in ``bank`` with the weights of its best epoch; the
+    history says how long each trained (``epochs_trained``, ``stopped_rung``) and what each rung did (``rungs``).
     """
     require_positive(epochs=epochs, batch_size=batch_size, micro_batches=micro_batches)
+    if halving is not None and eval_split is None:
+        raise InCAError("successive halving ranks the adapters on a validation split; give train_bank eval_split")
+    rungs = halving.rungs(epochs) if halving is not None else []
     device = torch.device(device)
     n = _check_source(bank, source, "train")
     bank.to(device)
@@ -169,35 +190,71 @@ def train_bank(
     steps_per_epoch = math.ceil(n / global_batch)
     total = epochs * steps_per_epoch
     warmup = round(warmup_ratio * total) if warmup_steps is None else warmup_steps
-    optimizer = BatchedAdamW(bank.optimizer_groups())
-    config = _run_config(bank, n, epochs, global_batch, seed, warmup, min_lr_ratio, eval_split,
+    config = _run_config(bank, n, epochs, global_batch, seed, warmup, min_lr_ratio, eval_split, halving, rungs,
                          checkpoint_identity)
     best = BestEpochs(bank) if eval_split is not None else None
-    start, history = _resume_or_start(checkpoint_path, config, bank, optimizer, best)
     schedule = cosine_schedule(total, warmup, min_lr_ratio)
-    steps = _BankSteps(bank, optimizer, schedule, device, micro_batches, done=start * steps_per_epoch)
+    steps = _BankSteps(bank, BatchedAdamW(bank.optimizer_groups()), schedule, device, micro_batches, done=0)
+    start, history = _resume_or_start(checkpoint_path, config, steps, best)
+    steps.done = start * steps_per_epoch
+    reads = source if len(steps.active) == len(bank) else narrow_source(source, steps.bank.layers)
     bar = progress_bar(total=total, initial=steps.done, enabled=progress and world.is_main, desc="InCA bank",
                        unit="step")
     for epoch in range(start, epochs):
-        loss_sum = steps.epoch(source, epoch_batches(n, global_batch, seed, epoch), epoch, bar)
-        epoch_loss = (loss_sum / steps_per_epoch).masked_fill(bank.diverged, math.nan).tolist()
-        history.train_loss.append(epoch_loss)
+        loss_sum = steps.epoch(reads, epoch_batches(n, global_batch, seed, epoch), epoch, bar)
+        epoch_loss = (loss_sum / steps_per_epoch).masked_fill(steps.bank.diverged, math.nan).tolist()
+        history.train_loss.append(_spread(epoch_loss, steps.active, len(bank)))
+        for i in steps.active:
+            history.epochs_trained[i] += 1
         message = f"epoch {epoch + 1}/{epochs}: best train loss {_nanmin(epoch_loss):.4f}"
         if best is not None:
-            accuracy = _validate_and_snapshot(bank, source, eval_split, batch_size, best, history, epoch)
+            accuracy = _validate_and_snapshot(steps, reads, eval_split, batch_size, best, history, epoch)
             message += f", best {eval_split} accuracy {accuracy:.4f}"
         bar.set_postfix_str(message.split(": ", 1)[1])
-        logger.info(message + f", {sum(steps.frozen)}/{len(bank)} diverged")
-        history.diverged = bank.diverged.tolist()
+        logger.info(message + f", {sum(steps.frozen)}/{len(steps.bank)} diverged")
+        history.diverged = steps.diverged(history.diverged)
+        if epoch + 1 in rungs:
+            _prune(steps, halving, history, best, rungs.index(epoch + 1) + 1)
+            reads = narrow_source(source, steps.bank.layers)
         if checkpoint_path is not None and world.is_main:
-            _save_checkpoint(Path(checkpoint_path), bank, optimizer, config, epoch + 1, history,
+            _save_checkpoint(Path(checkpoint_path), steps.bank, steps.optimizer, config, epoch + 1, history,
                              best.state if best is not None else {})
     bar.close()
-    history.diverged = bank.diverged.tolist()
+    history.diverged = steps.diverged(history.diverged)
+    if steps.bank is not bank:  # pruned adapters are back from their snapshots below
+        bank.diverged.copy_(torch.tensor(history.diverged, device=bank.diverged.device))
     if best is not None:
         best.restore(bank)
         history.best_epoch = list(best.epoch)
     return history
+
+
+def _spread(values: list[float], active: list[int], size: int) -> list[float]:
+    """Values of the adapters still training (``active``, indices into the whole bank) as one per adapter of the
+    whole bank, NaN for those pruned."""
+    spread = [math.nan] * size
+    for value, i in zip(values, active):
+        spread[i] = value
+    return spread
+
+
+def _prune(
+    steps: _BankSteps, halving: SuccessiveHalving, history: BankHistory, best: BestEpochs, rung: int
+) -> None:
+    """Rung ``rung`` (1-based) of successive halving: keep the adapters that :meth:`SuccessiveHalving.survivors`
+    chooses from the history (rank 0's choice on every rank, though each would take the same) and record it. A rung
+    where every adapter has diverged prunes none: the run ends as a grid's whose adapters all diverged would."""
+    entered = list(steps.active)
+    survivors = halving.survivors(entered, best.accuracy, history.train_loss[-1], history.diverged)
+    survivors = current().broadcast(survivors) or entered
+    for i in set(entered) - set(survivors):
+        history.stopped_rung[i] = rung
+    history.rungs.append({"rung": rung, "epoch": len(history.train_loss), "entered": len(entered),
+                          "kept": len(survivors)})
+    logger.info("rung %d after epoch %d: the best %d of %d adapters by validation accuracy go on training: %s",
+                rung, len(history.train_loss), len(survivors), len(entered), survivors)
+    if len(survivors) < len(entered):
+        steps.keep(survivors)
 
 
 class _BankSteps:
@@ -214,6 +271,33 @@ class _BankSteps:
         self.done = done  # updates made so far: the schedule's position
         self.frozen = bank.diverged.tolist()
         self.world = current()
+        self.size = len(bank)  # the whole bank's
+        self.active = list(range(self.size))  # the adapters still training, as indices into the whole bank
+
+    def keep(self, survivors: Sequence[int]) -> None:
+        """Go on training only ``survivors`` (indices into the whole bank, in order): their rows of the parameters
+        and of the optimizer's states move to a bank of them alone; the others' rows leave."""
+        rows = [self.active.index(i) for i in survivors]
+        bank = self.bank.subset(rows)
+        optimizer = BatchedAdamW(bank.optimizer_groups(), self.optimizer.betas, self.optimizer.eps)
+        with torch.no_grad():
+            for new, old in enumerate(rows):
+                (target, row), (source, old_row) = bank.locate(new), self.bank.locate(old)
+                weights = source.params()
+                for name, param in target.params().items():
+                    old_state = self.optimizer.state_of(weights[name])
+                    for key, state in optimizer.state_of(param).items():
+                        state[row] = old_state[key][old_row]
+        self.bank, self.optimizer, self.active = bank, optimizer, list(survivors)
+        self.frozen = bank.diverged.tolist()
+
+    def diverged(self, whole: list[bool]) -> list[bool]:
+        """Which adapters of the whole bank have diverged: the training ones' flags over ``whole`` (the last
+        known flags, those of pruned adapters included; empty at first)."""
+        flags = list(whole) or [False] * self.size
+        for i, flag in zip(self.active, self.bank.diverged.tolist()):
+            flags[i] = flag
+        return flags
 
     def epoch(self, source: ActivationSource, batches: list[np.ndarray], epoch: int, bar: Any) -> Tensor:
         """One update per global batch of the train split; each adapter's summed loss (0 once diverged)."""
@@ -267,14 +351,17 @@ class _BankSteps:
 
 
 def _validate_and_snapshot(
-    bank: InCABank, source: ActivationSource, split: str, batch_size: int, best: BestEpochs, history: BankHistory,
-    epoch: int,
+    steps: _BankSteps, source: ActivationSource, split: str, batch_size: int, best: BestEpochs,
+    history: BankHistory, epoch: int,
 ) -> float:  # fmt: skip
-    """Record epoch ``epoch`` (0-based)'s accuracy of every adapter on ``split`` and keep the weights of those
-    that improved; the best accuracy of the epoch."""
-    history.val_accuracy.append(evaluate_bank(bank, source, split, batch_size).tolist())
-    best.snapshot(bank, best.improved(history.val_accuracy[-1], epoch + 1))
-    return _nanmax(history.val_accuracy[-1])
+    """Record epoch ``epoch`` (0-based)'s accuracy of every adapter still training on ``split`` (NaN for pruned
+    ones) and keep the weights of those that improved; the best accuracy of the epoch."""
+    accuracy = evaluate_bank(steps.bank, source, split, batch_size).tolist()
+    history.val_accuracy.append(_spread(accuracy, steps.active, len(best.accuracy)))
+    training = set(steps.active)
+    improved = [i for i in best.improved(history.val_accuracy[-1], epoch + 1) if i in training]
+    best.snapshot(steps.bank, improved, steps.active)
+    return _nanmax(accuracy)
 
 
 def _nanmin(values: list[float]) -> float:
@@ -390,7 +477,8 @@ def _check_finite(features: Mapping[int, Tensor], epoch: int) -> None:
 
 def _run_config(
     bank: InCABank, train_rows: int, epochs: int, global_batch: int, seed: int, warmup: int, min_lr_ratio: float,
-    eval_split: str | None, identity: dict | None = None,
+    eval_split: str | None, halving: SuccessiveHalving | None = None, rungs: Sequence[int] = (),
+    identity: Mapping[str, object] | None = None,
 ) -> dict:  # fmt: skip
     """What identifies a run, JSON round-tripped as a checkpoint stores it: only a checkpoint of this very run
     is resumed (``identity``: what else it must have been made with, such as the backbone's and the data's
@@ -409,26 +497,44 @@ def _run_config(
         "restores_best_epoch": eval_split is not None,  # checkpoints hold best-epoch weights since then
         "identity": dict(identity or {}),
     }
+    if halving is not None:  # a grid run's config is as it always was, so its checkpoints still resume
+        config["halving"] = {"rate": halving.rate, "rungs": list(rungs)}
     return json.loads(json.dumps(config))
 
 
 def _resume_or_start(
-    checkpoint_path: str | os.PathLike | None, config: dict, bank: InCABank, optimizer: BatchedAdamW,
-    best: BestEpochs | None,
+    checkpoint_path: str | os.PathLike | None, config: dict, steps: _BankSteps, best: BestEpochs | None,
 ) -> tuple[int, BankHistory]:  # fmt: skip
     """The epochs done and the history so far: those of ``checkpoint_path`` when it holds this very run (its
-    bank, optimizer and best-epoch weights loaded), else none. A checkpoint is inca's own cache: one of another
-    run is discarded (logged), and so is a damaged one (garbage, truncated, tensors of other shapes), with a
-    warning, not an error."""
+    bank, optimizer and best-epoch weights loaded, the adapters that successive halving pruned left out first),
+    else none. A checkpoint is inca's own cache: one of another run is discarded (logged), and so is a damaged
+    one (garbage, truncated, tensors of other shapes), with a warning, not an error."""
+    size = steps.size
+    fresh = BankHistory(epochs_trained=[0] * size, stopped_rung=[None] * size)
     if checkpoint_path is None:
-        return 0, BankHistory()
+        return 0, fresh
+    path = Path(checkpoint_path)
     try:
-        if not _resumable(Path(checkpoint_path), config):
-            return 0, BankHistory()
-        start, history, saved_best = _load_checkpoint(Path(checkpoint_path), bank, optimizer, config)
-    except Exception as exc:  # whatever a damaged file makes safetensors, json or the checks raise
-        logger.warning("%s is damaged (%s): starting this run from scratch", checkpoint_path, first_line(exc))
-        return 0, BankHistory()
+        if not _resumable(path, config):
+            return 0, fresh
+        with safe_open(path, framework="pt") as f:
+            stopped = json.loads(f.metadata()["history"]).get("stopped_rung") or [None] * size
+    except Exception as exc:  # whatever a damaged file makes safetensors or json raise
+        logger.warning("%s is damaged (%s): starting this run from scratch", path, first_line(exc))
+        return 0, fresh
+    survivors = [i for i in range(size) if stopped[i] is None]
+    if len(survivors) < size:
+        steps.keep(survivors)  # the checkpoint holds the survivors' rows only
+    try:
+        start, history, saved_best = _load_checkpoint(path, steps.bank, steps.optimizer, config)
+    except Exception as exc:  # checked before anything is loaded: the bank is as it was, unless pruned above
+        if len(survivors) < size:
+            raise InCAError(f"{path} is damaged ({first_line(exc)}): delete it and run the same command again") \
+                from None
+        logger.warning("%s is damaged (%s): starting this run from scratch", path, first_line(exc))
+        return 0, fresh
+    if not history.epochs_trained:  # a checkpoint written before these were recorded: a grid run
+        history.epochs_trained, history.stopped_rung = [start] * size, [None] * size
     if best is not None:
         best.state = {name: saved_best[name].to(kept.device) for name, kept in best.state.items()}
         for epoch, accuracy in enumerate(history.val_accuracy):

@@ -8,24 +8,72 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import options as opt
 from ..config import Config, hparam
 from ..errors import InCAError
-from ..io import DEFAULT_MAX_STORE_GB
+from ..io import DEFAULT_MAX_STORE_GB, DEFAULT_MEMORY_FRACTION
+from .halving import SEARCHES, SuccessiveHalving
 
 if TYPE_CHECKING:
     from ..adapters.inca import AdapterSpec
 
-__all__ = ["InCAGridConfig", "InCATrainConfig"]
+__all__ = ["InCAGridConfig", "InCATrainConfig", "SearchConfig"]
 
 PAPER = "Dukler et al. 2023 (arXiv:2303.04105)"
 OWN = "inca's own choice"
+HALVING = "Jamieson & Talwalkar, AISTATS 2016; Hyperband, Li et al., JMLR 2018; ASHA, Li et al., MLSys 2020"
 
 
 @dataclass(frozen=True, kw_only=True)
-class InCAGridConfig(Config):
+class SearchConfig(Config):
+    """How a bank searches its grid: every adapter for every epoch, or successive halving on validation accuracy
+    (:class:`~inca.train.halving.SuccessiveHalving`)."""
+
+    search: str = hparam(
+        "grid", check=opt.choice(*SEARCHES),
+        help="grid: every adapter trains for every epoch; halving: successive halving, at each rung only the best "
+             "1/ETA adapters by validation accuracy go on training (the others keep their best epoch so far)",
+        source=f"{OWN}: the full grid, as it always trained; halving spends a fraction of its adapter-epochs "
+               f"({HALVING})",
+    )  # fmt: skip
+    halving_rate: int = hparam(
+        3, check=opt.int_at_least(2), help="ETA of the halving search: keep the best ceil(n/ETA) adapters at each rung",
+        source=f"{HALVING}: ETA = 3, the rate their experiments use",
+    )  # fmt: skip
+    min_epochs: int = hparam(
+        0, check=opt.non_negative_int,
+        help="epochs R before the first rung of the halving search; rungs follow at R*ETA, R*ETA^2, ... (0: the R "
+             "whose rungs end at the last epoch, e.g. rungs after epochs 1 and 3 of 9)",
+        source="Hyperband (Li et al., JMLR 2018): the most aggressive bracket, whose rungs grow by ETA up to the "
+               "full budget",
+    )  # fmt: skip
+
+    def halving(self) -> SuccessiveHalving | None:
+        """The successive-halving schedule of ``--search halving`` (None for ``grid``)."""
+        if self.search != "halving":
+            return None
+        return SuccessiveHalving(self.halving_rate, self.min_epochs or None)
+
+    @classmethod
+    def recorded(cls, settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``settings`` (a report's configuration, search fields named ``{prefix}{field}``) without the search
+        fields when the search is the grid, which they do not change: the configuration earlier reports recorded,
+        so their runs are still recognised as the same."""
+        if settings.get(f"{prefix}search") != "grid":
+            return settings
+        return {k: v for k, v in settings.items() if k not in {f"{prefix}{f}" for f in SearchConfig.fields()}}
+
+    def check_search(self, epochs: int) -> None:
+        """Refuse a halving schedule that cannot run for ``epochs`` epochs (its first rung after the last epoch)."""
+        halving = self.halving()
+        if halving is not None:
+            halving.rungs(epochs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InCAGridConfig(SearchConfig):
     """A bank's adapters: each list is an axis of the grid (the bank trains every combination at once), with the
     warm-up they share and where their activations come from. ``inca-train`` and the ``inca`` comparison method
     both set these."""
@@ -57,6 +105,8 @@ class InCAGridConfig(Config):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        SuccessiveHalving(self.halving_rate, self.min_epochs or None)  # refused by itself, as a flag would be
         for key in self.grid_axes():
             if not getattr(self, key) and key != "heads":  # no heads: the backbone's number
                 raise InCAError(f"--{key.replace('_', '-')} needs at least one value")
@@ -85,13 +135,29 @@ class InCATrainConfig(InCAGridConfig):
     cache_dir: str | None = hparam(None, help="store root (default: $INCA_CACHE or ~/.cache/inca)",
                                    source=f"{OWN}: a per-user cache directory, as timm's and HF's hubs use")
     cache_dtype: str = hparam(
-        "float16", help=f"element type of a new store, one of {' | '.join(opt.CACHE_DTYPES)}",
+        "float16", help=f"element type of the store, one of {' | '.join(opt.CACHE_DTYPES)} (int8: 0.54x the bytes of "
+                        "float16, per-token scales over channel groups with each token's largest values in float16; "
+                        "a store of another dtype is refused)",
         check=opt.choice(*opt.CACHE_DTYPES),
-        source=f"{OWN}: half the bytes of float32, and a ViT's activations fit its range (bfloat16 where not)",
+        source=f"{OWN}: half the bytes of float32, and a ViT's activations fit its range (bfloat16 where not); int8 "
+               "halves that again at a measured accuracy cost (README, Activation cache)",
     )  # fmt: skip
     cache_max_gb: float = hparam(DEFAULT_MAX_STORE_GB, help="largest store --cache auto builds",
                                  check=opt.non_negative_float,
                                  source=f"{OWN}: 4 layers of 50,000 images of a ViT-B/16 at 224 px in float16")
+    cache_device: str = hparam(
+        "auto", check=opt.cache_device,
+        help=f"where a store's layers are served from each epoch, one of {' | '.join(opt.CACHE_DEVICES)}. disk: the "
+             "memmaps (page cache included); cpu / cuda: loaded once into (pinned) host memory / GPU memory; auto: "
+             "the training GPU, else host memory, where they fit in --cache-memory-fraction of the free memory, "
+             "else disk",
+        source=f"{OWN}: memory serves every epoch without a read; the disk holds what memory cannot",
+    )  # fmt: skip
+    cache_memory_fraction: float = hparam(
+        DEFAULT_MEMORY_FRACTION, check=opt.fraction,
+        help="largest share of free host or GPU memory a store held there (--cache-device) may take",
+        source=f"{OWN}: half, leaving the rest to the adapters, their optimizer state and the backbone",
+    )  # fmt: skip
     num_workers: int | None = hparam(None, help="image decoding workers (default: auto)",
                                      source=f"{OWN}: in-memory tasks decode in the main process, others in up to "
                                             "8 workers (inca.tasks.image_loader)")
@@ -110,6 +176,10 @@ class InCATrainConfig(InCAGridConfig):
         False, help="timm's training augmentation on the train split (streams live activations, never a store)",
         source=f"{OWN}: activations of unaugmented images are computed once and stored for every epoch",
     )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_search(self.epochs)
 
     def grid(self, layers: list[int], default_heads: int) -> list[AdapterSpec]:
         """One spec per combination, layer-major (the order of the results table)."""

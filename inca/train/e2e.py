@@ -16,8 +16,9 @@ import copy
 import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,46 +159,18 @@ def fit(model: nn.Module, data: DataSource, config: FitConfig) -> FitResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InCAError(f"{config.desc}: nothing to train (no parameter requires grad)")
-    device = params[0].device
-    no_decay = getattr(model, "no_weight_decay", lambda: ())()
-    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused_adamw(device))
-    n = data.num_rows("train")
     world = current()  # data-parallel: config.batch_size per rank, each rank its shard of the global batch
     world.broadcast_parameters([*model.parameters(), *model.buffers()])  # replicas start as rank 0's
     batch_size = config.batch_size * world.size
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = config.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(total, round(config.warmup_ratio * total))
-    )
+    total = config.epochs * math.ceil(data.num_rows("train") / batch_size)
+    optimizer, schedule = _optimisation(model, params, config, total)
     losses: list[Tensor] = []
     val_curve: list[float] = []
     best_acc, best_epoch, best_state, diverged_at = -1.0, 0, None, None
     bar = progress(total=total, desc=config.desc, unit="step", enabled=config.progress)
     for epoch in range(config.epochs):
-        model.train()
-        batches = epoch_batches(n, batch_size, config.seed, epoch)
-        for batch, share in world.sharded(batches, functools.partial(data.loader, "train")):
-            loss = torch.zeros((), device=device) if batch is None else batch_loss(model, batch, device)
-            if share != 1.0:
-                loss = loss * share  # this rank's part of the global batch's mean loss
-            global_loss = world.all_reduce_(loss.detach().clone())
-            if not torch.isfinite(global_loss):
-                diverged_at = len(losses)
-                logger.warning("%s: loss is %s at step %d; training stops (lower the learning rate)",
-                               config.desc, global_loss.item(), diverged_at)
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if batch is not None:
-                loss.backward()
-            world.all_reduce_gradients(params)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            losses.append(global_loss)
-            bar.update()
+        diverged_at = _train_epoch(model, data, config, optimizer, schedule, params, batch_size, epoch, losses,
+                                   on_step=bar.update)
         val_acc = evaluate(model, data, "val", config.batch_size)
         val_curve.append(val_acc)
         if val_acc > best_acc:
@@ -208,10 +181,60 @@ def fit(model: nn.Module, data: DataSource, config: FitConfig) -> FitResult:
         if diverged_at is not None:
             break
     bar.close()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in best_state:
-                p.copy_(best_state[name])
+    _restore_trainable_state(model, best_state)
     test_acc = evaluate(model, data, "test", config.batch_size)
     loss_curve = torch.stack(losses).float().cpu().tolist() if losses else []
     return FitResult(test_acc, best_acc, best_epoch, val_curve, loss_curve, len(losses), diverged_at)
+
+
+def _optimisation(
+    model: nn.Module, params: list[nn.Parameter], config: FitConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over timm's weight-decay groups (the fused kernel where torch has it for the device), and its schedule:
+    a linear warm-up over ``warmup_ratio`` of all steps, then cosine to 0."""
+    no_decay = getattr(model, "no_weight_decay", lambda: ())()
+    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused_adamw(params[0].device))
+    warmup = round(config.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, warmup))
+
+
+def _train_epoch(
+    model: nn.Module, data: DataSource, config: FitConfig, optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR, params: list[nn.Parameter], batch_size: int, epoch: int,
+    losses: list[Tensor], on_step: Callable[[], Any],
+) -> int | None:  # fmt: skip
+    """One epoch of steps over ``train`` in :func:`epoch_batches` order (``batch_size``: the global batch), each
+    step's global loss appended to ``losses`` and reported to ``on_step``. Returns the step whose loss was not
+    finite (not applied; training stops there), else None."""
+    world, device = current(), params[0].device
+    model.train()
+    batches = epoch_batches(data.num_rows("train"), batch_size, config.seed, epoch)
+    for batch, share in world.sharded(batches, functools.partial(data.loader, "train")):
+        loss = torch.zeros((), device=device) if batch is None else batch_loss(model, batch, device)
+        if share != 1.0:
+            loss = loss * share  # this rank's part of the global batch's mean loss
+        global_loss = world.all_reduce_(loss.detach().clone())
+        if not torch.isfinite(global_loss):
+            logger.warning("%s: loss is %s at step %d; training stops (lower the learning rate)",
+                           config.desc, global_loss.item(), len(losses))
+            return len(losses)
+        optimizer.zero_grad(set_to_none=True)
+        if batch is not None:
+            loss.backward()
+        world.all_reduce_gradients(params)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(global_loss)
+        on_step()
+    return None
+
+
+def _restore_trainable_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy a :func:`_trainable_state` back into ``model``'s parameters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state:
+                p.copy_(state[name])

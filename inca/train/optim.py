@@ -103,6 +103,15 @@ class BatchedAdamW:
                     lr=lr * lr_scale, weight_decay=wd, eps=self.eps, maximize=False,
                 )  # fmt: skip
 
+    def state_of(self, param: Tensor) -> dict[str, Tensor]:
+        """The state of stacked parameter ``param``, ``{"exp_avg", "exp_avg_sq": [E, ...], "step": [E]}``: the
+        tensors themselves, so writing a row sets that adapter's state (as ``torch.optim.Optimizer.state[param]``)."""
+        for g in self.groups:
+            for i, p in enumerate(g["params"]):
+                if p is param:
+                    return {key: g[key][i] for key in ("exp_avg", "exp_avg_sq", "step")}
+        raise InCAError("this parameter is not optimised by this BatchedAdamW")
+
     def state_dict(self) -> dict[str, Tensor]:
         """Flat ``{"<group>.<param>.<exp_avg|exp_avg_sq|step>": tensor}``: safetensors-ready."""
         return {

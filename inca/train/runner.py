@@ -1,9 +1,11 @@
 """One InCA run on one task: the adapter grid becomes one bank, trained on cached or live activations.
 
 The grid (layers x learning rates x weight decays x queries x heads x MLP ratios x seeds) is one
-:class:`~inca.adapters.inca.InCABank` per task. Every adapter is validated after each epoch and ends with
-the weights of its best epoch (the end-to-end methods' model selection); the best adapter on the validation
-split is saved with its metadata and reported with its test accuracy, next to every other adapter's figures.
+:class:`~inca.adapters.inca.InCABank` per task, trained for every epoch (``search="grid"``) or by successive
+halving (``search="halving"``: at each rung only the best adapters on the validation split go on). Every adapter
+is validated after each epoch it trains and ends with the weights of its best epoch (the end-to-end methods' model
+selection); the best adapter on the validation split, pruned ones included, is saved with its metadata and
+reported with its test accuracy, next to every other adapter's figures.
 Suites of tasks (``inca-train``) are :func:`inca.train_suite.run_train_suite`.
 """
 
@@ -38,7 +40,9 @@ ENSEMBLE_DIR = "ensemble"
 
 # Settings that say where activations come from or how fast, not what is trained: they may change between a
 # run and its resumption, and a finished result is reused whatever they were.
-SOURCE_OPTIONS = ("cache", "cache_dir", "num_workers", "verify_cache")
+SOURCE_OPTIONS = (
+    "cache", "cache_dir", "cache_device", "cache_memory_fraction", "num_workers", "verify_cache",
+)
 
 
 def run_identity(backbone: Backbone, task: Task, layers: list[int], config: InCATrainConfig) -> dict[str, Any]:
@@ -64,10 +68,16 @@ def train_inca_task(
     device = torch.device(device) if device is not None else backbone.device
     start = time.perf_counter()
     specs = config.grid(layers, backbone.num_heads)
+    halving = config.halving()
+    if halving is not None and len(specs) < 2:
+        raise InCAError(f"--search halving chooses among adapters, and this grid has {len(specs)}: add layers, "
+                        "learning rates or query counts, or use --search grid")
     source = open_source(
         backbone, task, layers, epochs=config.epochs, cache=config.cache, cache_dir=config.cache_dir,
         dtype=config.cache_dtype, max_gb=config.cache_max_gb, num_workers=config.num_workers,
         train_transform=backbone.train_transform if config.augment else None, verify=config.verify_cache,
+        adapters=specs, batch_size=config.batch_size, cache_device=config.cache_device,
+        memory_fraction=config.cache_memory_fraction, device=device,
     )
     require_memory_for_bank(specs, backbone.width, task.num_classes, device)
     bank = InCABank(specs, backbone.width, task.num_classes)
@@ -78,7 +88,7 @@ def train_inca_task(
     cached = isinstance(source, CachedSource)
     history = train_bank(
         bank, source, epochs=config.epochs, batch_size=config.batch_size, device=device, seed=config.seed,
-        warmup_ratio=config.warmup_ratio, eval_split="val", checkpoint_path=checkpoint,
+        warmup_ratio=config.warmup_ratio, eval_split="val", checkpoint_path=checkpoint, halving=halving,
         checkpoint_identity=run_identity(backbone, task, layers, config),
     )
     best, val_acc = select_best(bank, source, "val")
@@ -96,9 +106,11 @@ def train_inca_task(
         checkpoint.unlink(missing_ok=True)  # the results and the adapter are written: nothing left to resume
     trainable = sum(p.numel() for p in adapter.parameters())
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    trained = history.epochs_trained
     adapters = [
         {**asdict(s), "val_acc": _num(val_acc[i]), "test_acc": _num(test_acc[i]), "diverged": bool(bank.diverged[i]),
-         "best_epoch": history.best_epoch[i], "final_train_loss": _num(history.train_loss[-1][i])}
+         "best_epoch": history.best_epoch[i], "final_train_loss": _num(history.train_loss[trained[i] - 1][i]),
+         "epochs_trained": trained[i], "stopped_rung": history.stopped_rung[i]}
         for i, s in enumerate(specs)
     ]
     steps = config.epochs * -(-source.num_rows("train") // (config.batch_size * world.size))
@@ -109,6 +121,9 @@ def train_inca_task(
         "layers": layers,
         "activations": "cache" if cached else "live",
         "cache_path": str(source.cache.path) if cached else None,
+        "cache_dtype": source.cache.dtype if cached else None,
+        "cache_device": source.device if cached else None,
+        "cache_decision": source.decision,  # what --cache auto measured to choose, if it measured
         "adapters": adapters,
         "best": {"index": best, **adapters[best], "adapter_dir": str(out_dir / ADAPTER_DIR)},
         "val_acc": adapters[best]["val_acc"],
@@ -118,8 +133,12 @@ def train_inca_task(
         "backbone_params": backbone_params,
         "trainable_percent": 100.0 * trainable / backbone_params,
         "steps": steps,
+        "search": config.search,
+        "rungs": history.rungs,
+        "adapter_epochs": sum(trained),
+        "grid_adapter_epochs": len(specs) * config.epochs,
         "best_epoch": adapters[best]["best_epoch"],
-        "loss_curve": [epoch[best] for epoch in history.train_loss],
+        "loss_curve": [epoch[best] for epoch in history.train_loss[: trained[best]]],
         "seconds": time.perf_counter() - start,
     }
 
