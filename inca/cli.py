@@ -21,11 +21,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage + error, shows defaults in
     ``--help``; every command takes ``-v``. ``options`` maps each option's dest to its action (a recipe's keys
     are checked against them), recorded as options are added to the parser or any of its groups, when each
-    option's help also gets its default."""
+    option's help also gets its default. A flag must be spelled in full: an abbreviation (``--epoch``) is refused
+    rather than read as the one flag it happens to begin today."""
 
     def __init__(self, **kwargs) -> None:
         self.options: dict[str, argparse.Action] = {}
-        super().__init__(**kwargs)
+        super().__init__(allow_abbrev=False, **kwargs)
         self.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         self.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress")
 

@@ -105,23 +105,38 @@ def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` (an ``flock`` on ``directory/.inca.lock``) for the block.
 
     A second process gets a one-line error naming the holder's pid. The kernel releases the lock of a
-    process that dies, so a lock left by a killed run is simply taken over.
+    process that dies, so a lock left by a killed run is simply taken over; a block that ends without an error
+    removes the lock file, so a finished run leaves nothing behind.
     """
     directory = Path(directory)
-    fd = _open_lock(directory, what)
-    try:
+    while True:
+        fd = _open_lock(directory, what)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise InCAError(
                 f"{what} {directory} is in use by process {holder}; wait for it to finish, or use another directory"
             ) from None
+        if _is_current(fd, directory / LOCK_FILE):
+            break
+        os.close(fd)  # its holder removed that file as it finished: lock the one that replaced it
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+        (directory / LOCK_FILE).unlink(missing_ok=True)  # still held: no other process can be using it
     finally:
         os.close(fd)
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not one unlinked since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
 
 
 def refuse_symlink(path: str | os.PathLike, what: str) -> None:
