@@ -22,7 +22,31 @@ preallocate the layer files first (a full disk is one line, never a ``Bus error`
 
 Opening a store checks what is cheap: the manifest's schema and its own SHA-256 (a hand-edited manifest is
 refused), every file's presence, ``.npy`` header and size against the manifest. :func:`verify_cache` also
-re-hashes every file.
+re-hashes every file. A store of another dtype than the one asked for is refused, never read in its place.
+
+**8-bit stores** (``dtype="int8"``) quantise each token on its own, as it is written (:mod:`inca.quantize`):
+per-token scales over groups of up to 64 channels, with each token's ``D // 96`` largest values kept in float16;
+0.536x the bytes of float16, scales included. The manifest records the scheme (``quantization``), and a store of
+another scheme is refused. Why this scheme, measured with ``tools/bench_activations.py --only schemes`` (worst
+layer; "rest": the cosine of each token's channels but its 4 largest, what a crushed token loses; "massive": the
+same tokens with four channels 20x larger everywhere and, in 2% of the tokens, two channels at 300x the median,
+the outliers Darcet et al. 2024 and Sun et al. 2024 find in trained ViTs)::
+
+                                          bytes   ViT-S/16 random   ViT-S + massive   proxy (learned)  proxy + massive
+                                         x fp16   cos min           cos min   rest    cos min   rest   rest
+    one scale per token                   0.503   0.99994           0.99909  0.88208  0.99989  0.99982  0.87397
+    one scale per channel (fit on train)  0.500   0.99972           0.99821  0.99754  0.99611  0.99597  0.99559
+    per-token groups of 64                0.516   0.99997           0.99980  0.95648  0.99993  0.99988  0.90579
+    SmoothQuant + groups of 64 (train)    0.516   0.99998           0.99996  0.99915  0.99996  0.99993  0.99692
+    groups + outliers in float16 (inca)   0.536   0.99998           0.99999  0.99986  0.99996  0.99994  0.99657
+
+(ViT-S/16: timm's random init at 224 px, layers 8-11 of 128 synth-shapes images; proxy: the learned 6-block ViT-Ti
+of docs/results.md, all layers of 512 images.) Scales per channel fitted on the train split miss the 0.999 target
+on the learned proxy even without added outliers; one scale per token, or per group of its channels, rounds the
+other channels of a token with massive activations to a few levels. Smoothing channels first (SmoothQuant, Xiao et
+al., ICML 2023, alpha 0.5) and keeping each token's largest values apart do about equally well; the latter needs
+nothing but the token itself (no pass over the train split before the first row is written, no fitted vector a
+resumed or sharded build must reproduce), so every batch is quantised alone and a resumed build stays byte-identical.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def _time_store(directory: str | os.PathLike, store_bytes: int, held_on: str) ->
             f.flush()
             os.fsync(f.fileno())
         write = size / max(time.perf_counter() - start, 1e-9)
-        if held_on in ("cpu", "cuda"):
+        if held_on != "disk":  # cpu, or a CUDA device
             return _copy_rate(data, held_on), write, f"{held_on} memory"
         cold = store_bytes > free_memory("cpu") and hasattr(os, "posix_fadvise")
         if cold:

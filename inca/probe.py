@@ -29,6 +29,7 @@ from .probes import ProbeSuiteConfig, get_probe
 from .report import markdown_table, plot_heatmap, plot_lines
 from .suite import Unit, finished_on_same_data, run_suite
 from .tasks import SPLITS, Task
+from .train.config import SearchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ def probe_task(
     pools = usable_pools(backbone, options)
     if len(pools) < len(run.pools):
         logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
-    # epochs only weighs building a store, which "reuse" never does.
-    source = open_source(backbone, task, layers, epochs=1, cache="reuse", cache_dir=run.cache_dir,
+    # epochs only weighs building a store, which "reuse" never does; a store of any dtype is read as it is.
+    source = open_source(backbone, task, layers, epochs=1, cache="reuse", cache_dir=run.cache_dir, dtype=None,
                          num_workers=run.num_workers)
     # Tokens are kept as float16, exactly the size of a float16 store of these layers.
     keep = isinstance(source, LiveSource) and store_bytes(backbone, task, layers) <= run.memory_budget_gb * 1e9
@@ -116,7 +117,7 @@ def probe_config(backbone: Backbone, layers: list[int], options: ProbeSuiteConfi
     """What must match for a finished task's probes to be reused by a rerun (not where activations come from,
     nor the memory budget)."""
     keep = {k: v for k, v in options.to_dict().items() if k not in ("memory_budget_gb", "cache_dir", "num_workers")}
-    return {"backbone": backbone.fingerprint, "layers": layers, **keep}
+    return {"backbone": backbone.fingerprint, "layers": layers, **SearchConfig.recorded(keep, prefix="inca_")}
 
 
 def run_probe_suite(

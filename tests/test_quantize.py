@@ -64,6 +64,10 @@ def test_zero_groups_and_overflow():
     x[1, 1, 5] = 1e6
     with pytest.raises(InCAError, match="overflow float16"):
         quantize(x)
+    for bad in (float("nan"), float("inf")):
+        x[1, 1, 5:9] = bad  # more of them than a token keeps as outliers
+        with pytest.raises(InCAError, match="NaN or infinity"):
+            quantize(x)
 
 
 def test_tensor_like_use():

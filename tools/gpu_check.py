@@ -6,6 +6,9 @@ Rows, on a ViT-L/16 at 224 px unless ``--quick``:
 * a bank of 16 and of 64 adapters vs the same adapters trained one by one (target >= 8x for 16);
 * an InCA epoch from the activation store vs from the live backbone (target >= 20x), and the store's build
   vs a bare forward pass (target <= 1.10x);
+* an InCA epoch from an int8 store vs a float16 one (target: no slower) and vs the live backbone, with the int8
+  store's bytes and token cosine to float16, and the store held in GPU memory (``--cache-device cuda``) vs read
+  from its memmaps;
 * peak CUDA memory (``torch.cuda.max_memory_allocated``) of 20 InCA adapters trained on live activations vs
   full fine-tuning at the same batch (target <= 25%; the InCA paper reports 76% less);
 * images/s of :class:`inca.MultiTaskInCA` serving three tasks, next to the bare forward pass;
@@ -36,13 +39,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from bench_activations import build_vs_forward, store_vs_live, subset_task
+from bench_activations import (
+    build_vs_forward,
+    held_vs_memmap,
+    int8_vs_float16,
+    one_epoch,
+    store_vs_live,
+    subset_task,
+)
 from bench_inca import BankSetting, adapter_vs_mha, bank_vs_separate, interleaved
 from bench_memory import inca_grid, random_task
 
+from inca.activations import LiveSource
 from inca.adapters.inca import InCA
 from inca.adapters.saved import TaskAdapter
 from inca.backbone import Backbone, create_backbone, intermediate_tokens, resolve_layers
+from inca.cache import build_cache
 from inca.compare import run_comparison
 from inca.devices import autocast, resolve_device
 from inca.inference import MultiTaskInCA
@@ -68,11 +80,11 @@ class Setup:
 
 FULL = Setup(
     "vit_large_patch16_224", {}, (1024, 16), 197, BankSetting(1024, 16, 4, 197, 512, 32, 1), 1024, 32, 10,
-    {"adapter": 30, "bank": 100, "store": 120, "memory": 70, "inference": 20, "methods": 110},
+    {"adapter": 30, "bank": 100, "store": 120, "store8": 150, "memory": 70, "inference": 20, "methods": 110},
 )  # fmt: skip
 QUICK = Setup(
     "vit_tiny_patch16_224", {"img_size": 64, "depth": 6}, (192, 3), 50, BankSetting(192, 3, 4, 50, 16, 16, 1), 32,
-    8, 2, {"adapter": 30, "bank": 90, "store": 60, "memory": 60, "inference": 20, "methods": 90},
+    8, 2, {"adapter": 30, "bank": 90, "store": 60, "store8": 60, "memory": 60, "inference": 20, "methods": 90},
 )  # fmt: skip
 
 
@@ -128,6 +140,25 @@ def check_store(setup: Setup, device: torch.device, backbone: Backbone) -> list[
          ">= 20x", verdict(speed_up, 20, True)),
         ("store build vs bare forward", f"{ratio:.3f}x ({build:.2f} vs {forward:.2f} s)", "<= 1.10x",
          verdict(ratio, 1.10, False)),
+    ]  # fmt: skip
+
+
+def check_store8(setup: Setup, device: torch.device, backbone: Backbone) -> list[Row]:
+    layers = resolve_layers("last:4", backbone.num_blocks)
+    task = subset_task("synth-shapes", setup.store_rows)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        r = int8_vs_float16(backbone, task, layers, setup.batch, cache_dir)
+        live = one_epoch(backbone, LiveSource(backbone, task, layers), layers, setup.batch, task.num_classes)
+        held_on = str(device) if device.type == "cuda" else "cpu"
+        store = build_cache(backbone, task, layers, f"{cache_dir}/float16", setup.batch)  # int8_vs_float16's
+        disk, held = held_vs_memmap(backbone, store, layers, setup.batch, task.num_classes, held_on)
+    ratio = r["epoch int8"] / r["epoch float16"]
+    measured = (f"{ratio:.2f}x ({r['epoch int8']:.3f}/{r['epoch float16']:.3f} s, live {live:.2f}), bytes "
+                f"{r['bytes int8'] / r['bytes float16']:.2f}x, cos {r['cosine min']:.4f}")
+    return [
+        ("InCA epoch, int8 vs float16 store (vs live)", measured, "<= 1.0x", verdict(ratio, 1.0, False)),
+        ("store held in device memory vs memmap", f"{disk / held:.2f}x ({held:.3f} vs {disk:.3f} s, {held_on})", "-",
+         "-"),
     ]  # fmt: skip
 
 
@@ -197,6 +228,7 @@ CHECKS: dict[str, tuple[Callable[[Setup, torch.device, Backbone], list[Row]], li
     "adapter": (check_adapter, ["folded vs MHA adapter, fp32", "folded vs MHA adapter, bf16"]),
     "bank": (check_bank, ["bank of 16 vs separate trainings", "bank of 64 vs separate trainings"]),
     "store": (check_store, ["InCA epoch, store vs live", "store build vs bare forward"]),
+    "store8": (check_store8, ["InCA epoch, int8 vs float16 store (vs live)", "store held in device memory vs memmap"]),
     "memory": (check_memory, ["peak memory, 20 InCA adapters (live) vs full FT"]),
     "inference": (check_inference, ["MultiTaskInCA inference"]),
     "methods": (check_methods, [f"one training step: {name}" for name in METHODS]),

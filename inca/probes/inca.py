@@ -10,6 +10,7 @@ from inca.config import hparam
 from inca.probes.base import OURS, ProbeConfig, ProbeRunConfig
 from inca.probes.registry import Scores, register_probe
 from inca.train import config as train_config
+from inca.train.config import SearchConfig
 
 if TYPE_CHECKING:
     from inca.activations import RecordingSource
@@ -23,13 +24,18 @@ TRAIN_EPOCHS = train_config.InCATrainConfig.default("epochs")
 
 
 @dataclass(frozen=True, kw_only=True)
-class InCAProbeConfig(ProbeConfig):
-    """The InCA probe's training (one adapter per layer, the paper's default adapter shape)."""
+class InCAProbeConfig(ProbeConfig, SearchConfig):
+    """The InCA probe's training (one adapter per layer, the paper's default adapter shape), for every epoch or by
+    successive halving over the layers (``search``: each layer's adapter is then scored at its best val epoch)."""
 
     lr: float = hparam(3 * TRAIN_LR, help="learning rate of every adapter",
                        source=f"{QUICK} at 3x inca-train's {TRAIN_LR:g}", check=opt.positive_float)
     epochs: int = hparam(TRAIN_EPOCHS // 2, help="epochs over the train split",
                          source=f"{QUICK}: half of inca-train's {TRAIN_EPOCHS}", check=opt.positive_int)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_search(self.epochs)
 
 
 def fit(source: RecordingSource, backbone: Backbone, task: Task, layers: list[int], config: InCAProbeConfig,
@@ -40,7 +46,9 @@ def fit(source: RecordingSource, backbone: Backbone, task: Task, layers: list[in
 
     specs = [AdapterSpec(layer=layer, num_heads=backbone.num_heads, lr=config.lr, seed=run.seed) for layer in layers]
     bank = InCABank(specs, backbone.width, task.num_classes)
-    train_bank(bank, source, epochs=config.epochs, batch_size=run.batch_size, device=backbone.device, seed=run.seed)
+    halving = config.halving() if len(layers) > 1 else None  # one layer: nothing to choose between
+    train_bank(bank, source, epochs=config.epochs, batch_size=run.batch_size, device=backbone.device, seed=run.seed,
+               eval_split="val" if halving is not None else None, halving=halving)
     val = evaluate_bank(bank, source, "val", run.batch_size)
     test = evaluate_bank(bank, source, "test", run.batch_size)
     return {layer: {"val": float(val[i]), "test": float(test[i])} for i, layer in enumerate(layers)}

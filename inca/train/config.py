@@ -106,7 +106,6 @@ class InCAGridConfig(SearchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        SuccessiveHalving(self.halving_rate, self.min_epochs or None)  # refused by itself, as a flag would be
         for key in self.grid_axes():
             if not getattr(self, key) and key != "heads":  # no heads: the backbone's number
                 raise InCAError(f"--{key.replace('_', '-')} needs at least one value")
