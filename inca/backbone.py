@@ -300,6 +300,9 @@ def _check_token_model(model: nn.Module, name: str) -> None:
             "such as Swin or MViT change width by stage); choose a timm ViT such as vit_base_patch16_224, "
             "deit_small_patch16_224 or eva02_base_patch14_224"
         )
+    if len(model.blocks) == 0:
+        raise InCAError(f"backbone {name!r} was built with no blocks (--model-kwargs depth=0?): adapters read the "
+                        "tokens of its blocks, so give it depth >= 1")
     if patch_grid(model) is None:
         raise InCAError(f"backbone {name!r} has no fixed input size and patch grid (a variable-resolution ViT such "
                         "as NaFlexViT), so its token count varies by image; choose a fixed-resolution ViT")

@@ -77,6 +77,7 @@ from .io import (
     directory_lock,
     file_sha256,
     read_json,
+    refuse_symlink,
     remove_stale_temps,
     require_free_space,
 )
@@ -261,6 +262,7 @@ def build_cache(
     require_positive(batch_size=batch_size)
     layers = sorted(set(layers))
     path = store_path(cache_dir, backbone, task)
+    refuse_symlink(path.parent, "the activation stores' folder")  # the store itself: directory_lock refuses one
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

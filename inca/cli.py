@@ -21,11 +21,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage + error, shows defaults in
     ``--help``; every command takes ``-v``. ``options`` maps each option's dest to its action (a recipe's keys
     are checked against them), recorded as options are added to the parser or any of its groups, when each
-    option's help also gets its default."""
+    option's help also gets its default. A flag must be spelled in full: an abbreviation (``--epoch``) is refused
+    rather than read as the one flag it happens to begin today."""
 
     def __init__(self, **kwargs) -> None:
         self.options: dict[str, argparse.Action] = {}
-        super().__init__(**kwargs)
+        super().__init__(allow_abbrev=False, **kwargs)
         self.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         self.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress")
 
@@ -94,13 +95,23 @@ def _run(prog: str, main: Callable[[argparse.Namespace], int], make_parser: Call
         print(f"{parser.prog}: interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(exc, MemoryError) and "out of memory" not in str(exc).lower():
+        if not _is_out_of_memory(exc):
             raise
         batch = getattr(args, "batch_size", None)
         advice = f"lower --batch-size (now {batch})" if batch else "use a smaller model or fewer adapters"
         print(f"{parser.prog}: error: out of memory ({first_line(exc, 80)}): {advice}; finished work is kept and "
               "a rerun resumes it", file=sys.stderr)
         return 2
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: ``MemoryError``, ``torch.OutOfMemoryError``, or the ``RuntimeError`` torch's CPU
+    allocator raises ("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in ("out of memory", "not enough memory", "can't allocate memory",
+                                             "defaultcpuallocator"))
 
 
 def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +133,7 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-root", help=TaskLoadConfig.field_help("data_root"))
     group.add_argument("--download", action="store_true", help=TaskLoadConfig.field_help("download"))
     group.add_argument("--skip-bad-images", action="store_true", help=TaskLoadConfig.field_help("skip_bad_images"))
-    group.add_argument("--split-seed", type=opt.non_negative_int, default=TaskLoadConfig.default("split_seed"),
+    group.add_argument("--split-seed", type=opt.seed, default=TaskLoadConfig.default("split_seed"),
                        help=f"{TaskLoadConfig.field_help('split_seed')} (default %(default)s)")
     group.add_argument("--num-workers", type=opt.non_negative_int, default=None,
                        help="image decoding workers (default: auto)")
@@ -267,6 +278,9 @@ def _suite(args: argparse.Namespace):
     """The task specs and the loaded backbone of a multi-task command (flags or recipe)."""
     if not args.backbone:
         raise InCAError("--backbone is required (on the command line or as backbone: in the --recipe)")
+    from .io import check_directory
+
+    check_directory(args.out, "--out")  # before anything loads
     return _task_specs(args), _backbone(args)
 
 

@@ -96,6 +96,27 @@ class World:
             time.sleep(POLL_SECONDS)
         return pickle.loads(self.store.get(key))
 
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value`` (a picklable object), by rank, on every rank (polled through the store, as
+        :meth:`barrier`)."""
+        if not self.is_distributed:
+            return [value]
+        if self.store is None:
+            values: list[Any] = [None] * self.size
+            dist.all_gather_object(values, value, group=self.cpu_group)
+            return values
+        key = self._key("gather")
+        self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
+        keys = [f"{key}/{rank}" for rank in range(self.size)]
+        while not self.store.check(keys):
+            time.sleep(POLL_SECONDS)
+        values = [pickle.loads(self.store.get(k)) for k in keys]
+        self.store.add(f"{key}/read", 1)
+        if self.is_main:  # the store may live in this process: leave it last, in case every rank stops on the values
+            while self.store.add(f"{key}/read", 0) < self.size:
+                time.sleep(POLL_SECONDS)
+        return values
+
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place."""
         if self.is_distributed:

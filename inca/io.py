@@ -1,6 +1,9 @@
 """Files: atomic writes (a reader never sees a half-written file, a crash never destroys the previous one),
 JSON, content digests, free-space checks and directory locks.
 
+A directory inca locks (an output folder, an activation store) must be a real directory: one that is a symlink
+is refused rather than written or deleted through (:func:`refuse_symlink`).
+
 Every file inca writes goes through :func:`atomic_write`: a new temporary file (``O_EXCL | O_NOFOLLOW``, so
 never through an existing path or symlink) in the destination's directory, fsync, then a rename over the
 destination, which replaces a symlink there rather than writing through it. Files get the user's umask
@@ -34,9 +37,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     content and the temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise InCAError(f"cannot write {path.name} in {path.parent} ({exc.strerror}): choose a directory you can "
+                        "write in") from None
     mode = os.fstat(fd).st_mode & 0o777  # 0o666 less the umask, as the kernel applied it
     os.close(fd)
     try:
@@ -47,11 +54,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _out_of_space(exc):
             raise InCAError(
                 f"no space left on {path.parent} while writing {path.name}: {disk_hint(path.parent)}"
             ) from None
         raise
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A full disk or quota, as an ``OSError`` or as a library's own error quoting the OS error (safetensors
+    raises ``SafetensorError: ... No space left on device (os error 28)``)."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError):
+        return exc.errno in codes
+    return any(f"(os error {code})" in str(exc) for code in codes)
 
 
 def disk_hint(directory: str | os.PathLike) -> str:
@@ -89,24 +105,75 @@ def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` (an ``flock`` on ``directory/.inca.lock``) for the block.
 
     A second process gets a one-line error naming the holder's pid. The kernel releases the lock of a
-    process that dies, so a lock left by a killed run is simply taken over.
+    process that dies, so a lock left by a killed run is simply taken over; a block that ends without an error
+    removes the lock file, so a finished run leaves nothing behind.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    try:
+    while True:
+        fd = _open_lock(directory, what)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise InCAError(
                 f"{what} {directory} is in use by process {holder}; wait for it to finish, or use another directory"
             ) from None
+        if _is_current(fd, directory / LOCK_FILE):
+            break
+        os.close(fd)  # its holder removed that file as it finished: lock the one that replaced it
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+        (directory / LOCK_FILE).unlink(missing_ok=True)  # still held: no other process can be using it
     finally:
         os.close(fd)
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not one unlinked since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def refuse_symlink(path: str | os.PathLike, what: str) -> None:
+    """Refuse in one line a directory inca writes and deletes in that is a symlink: inca never writes or deletes
+    through a link into another place (a planted one, or one to a folder the user keeps elsewhere). The path's
+    parents may be links (a cache root or a run folder on another disk is common); only the directory itself,
+    which inca names or is given to fill, must be real."""
+    if Path(path).is_symlink():
+        raise InCAError(f"{what} {path} is a symlink (to {os.readlink(path)}): inca never writes or deletes through "
+                        "one; pass the directory it points to, or another one")
+
+
+def check_directory(path: str | os.PathLike, what: str) -> None:
+    """Refuse in one line, before any work starts, a path that cannot become a directory inca writes in: a symlink
+    (see :func:`refuse_symlink`), a file, a path below a file, or a place this process cannot write."""
+    path = Path(path)
+    refuse_symlink(path, what)
+    existing = existing_parent(path)
+    if not existing.is_dir():
+        where = "is a file" if existing == path.absolute() else f"is below the file {existing}"
+        raise InCAError(f"{what} {path} {where}, not a directory: choose a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InCAError(f"{what} {path} cannot be written ({existing} is read-only to this process): choose a "
+                        "directory you can write in")
+
+
+def _open_lock(directory: Path, what: str) -> int:
+    """Create ``directory`` (see :func:`check_directory`) and open its lock file, or refuse in one line."""
+    check_directory(directory, what)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        problem = (f"its {LOCK_FILE} is a symlink, which inca never makes: remove it"
+                   if (directory / LOCK_FILE).is_symlink() else
+                   f"cannot be used ({exc.strerror}): choose a directory you can write in")
+        raise InCAError(f"{what} {directory} {problem}") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -126,15 +193,17 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def read_json_file(path: str | os.PathLike, fix: str = "") -> Any:
+def read_json_file(path: str | os.PathLike, fix: str = "", what: str = "") -> Any:
     """The JSON value in ``path``; a file that cannot be read or parsed is a one-line
-    :class:`~inca.errors.InCAError` naming it, why, and ``fix`` (what the user can do about it)."""
+    :class:`~inca.errors.InCAError` naming it (as ``what``, e.g. "probe report", when given), why, and ``fix``
+    (what the user can do about it)."""
+    name = f"{what} {path}" if what else str(path)
     try:
         return read_json(path)
     except OSError as exc:
-        problem = f"{path} is unreadable ({first_line(exc)})"
+        problem = f"{name} is unreadable ({first_line(exc)})"
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser can follow
-        problem = f"{path} is unreadable (it is not valid JSON: {first_line(exc)})"
+        problem = f"{name} is unreadable (it is not valid JSON: {first_line(exc)})"
     raise InCAError(f"{problem}; {fix}" if fix else problem)
 
 

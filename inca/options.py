@@ -28,6 +28,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "ratio",
+    "seed",
 ]
 
 Checker = Callable[[Any], Any]
@@ -98,6 +99,11 @@ fraction = _checker(_number, "a fraction in (0, 1]", lambda x: 0 < x <= 1)  # e.
 def int_at_least(minimum: int) -> Checker:
     """An integer >= ``minimum`` (e.g. a halving rate, which must at least halve)."""
     return _checker(_integer, f"an integer >= {minimum}", lambda n: n >= minimum)
+
+# Seeds reach numpy, torch and scikit-learn; the narrowest of them (numpy's legacy seeding behind scikit-learn's
+# random_state) takes 0..2**32 - 1, so every seed flag does.
+SEED_MAX = 2**32 - 1
+seed = _checker(_integer, f"an integer >= 0 and <= {SEED_MAX} (a seed)", lambda n: 0 <= n <= SEED_MAX)
 
 
 def choice(*allowed: str) -> Checker:

@@ -27,7 +27,7 @@ from .errors import InCAError
 from .io import atomic_write_text, read_json_file
 from .probes import ProbeSuiteConfig, get_probe
 from .report import markdown_table, plot_heatmap, plot_lines
-from .suite import Unit, run_suite
+from .suite import Unit, finished_on_same_data, run_suite
 from .tasks import SPLITS, Task
 from .train.config import SearchConfig
 
@@ -46,7 +46,7 @@ def probe_task(
     train what ``inca-train`` trains), else by every probe's mean val accuracy."""
     start = time.perf_counter()
     run = options.run
-    pools = [p for p in run.pools if p != "cls" or backbone.token_layout["cls_token"]]
+    pools = usable_pools(backbone, options)
     if len(pools) < len(run.pools):
         logger.info("%s has no CLS token: the cls pool is skipped", backbone.name)
     # epochs only weighs building a store, which "reuse" never does; a store of any dtype is read as it is.
@@ -86,6 +86,17 @@ def probe_task(
     }
 
 
+def usable_pools(backbone: Backbone, options: ProbeSuiteConfig) -> list[str]:
+    """The requested pools the backbone has tokens for (without a class token there is no cls pool); refused in
+    one line when the pooled probes asked for would be left with none."""
+    pools = [p for p in options.run.pools if p != "cls" or backbone.token_layout["cls_token"]]
+    pooled = [name for name in options.probes if get_probe(name).reads == "pooled"]
+    if not pools and pooled:
+        raise InCAError(f"{backbone.name} has no class token, so the {', '.join(pooled)} probe(s) cannot pool it: "
+                        "use --pool mean (or --probes with token probes only, such as inca)")
+    return pools
+
+
 def rank_layers(by_layer: dict[int, dict[str, float]]) -> list[int]:
     """Layers by validation accuracy, best first (ties: the shallower layer, cheaper to reach)."""
     return sorted(by_layer, key=lambda layer: (-by_layer[layer]["val"], layer))
@@ -121,14 +132,17 @@ def run_probe_suite(
     """Probe each task; the reports are rewritten atomically after each task, and a rerun with the same
     configuration skips the finished ones (another configuration needs ``overwrite``)."""
     layers = resolve_layers(layers_spec, backbone.num_blocks)
+    usable_pools(backbone, options)  # before any data loads
+    tasks = {spec: load_task(spec) for spec in task_specs}  # fingerprinted: a finished task is skipped only as is
 
-    def probe(spec: str) -> dict[str, Any]:
-        return probe_task(backbone, load_task(spec), layers, options)
+    def probe(task: Task) -> dict[str, Any]:
+        return {**probe_task(backbone, task, layers, options), "fingerprint": task.fingerprint}
 
     fresh = {"backbone": backbone.describe(), "config": probe_config(backbone, layers, options),
              "probes": options.probes, "tasks": {}}
-    units = (Unit(spec, spec, functools.partial(probe, spec)) for spec in task_specs)
-    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite)
+    units = (Unit(spec, spec, functools.partial(probe, task)) for spec, task in tasks.items())
+    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite,
+                     finished=finished_on_same_data(tasks, "probed"))
 
 
 def write_reports(out: Path, report: dict[str, Any]) -> None:
@@ -212,17 +226,39 @@ def layers_from_report(spec: str, num_blocks: int, report: str | None) -> Callab
         raise InCAError(f"--layers {spec!r}: K must be at least 1")
     if not report:
         raise InCAError(f"--layers {spec} needs --probe-report OUT/probe.json (written by inca-probe)")
-    if not Path(report).is_file():
-        raise InCAError(f"probe report {report} does not exist; run inca-probe first")
-    tasks = read_json_file(report, "pass the probe.json that inca-probe wrote").get("tasks", {})
+    tasks = _read_rankings(report)
 
     def best_layers(task: Task) -> list[int]:
         if task.spec not in tasks:
             raise InCAError(f"probe report {report} has no task {task.spec!r} (it has {', '.join(tasks) or 'none'})")
-        ranking = [int(layer) for layer in tasks[task.spec]["ranking"]]
+        ranking = tasks[task.spec]
         chosen = resolve_layers(ranking[:count], num_blocks)
         logger.info("%s: training on the %d best probed layers %s", task.spec, len(chosen), chosen)
         return chosen
 
     return best_layers
+
+
+def _read_rankings(report: str) -> dict[str, list[int]]:
+    """Each task's layer ranking (best first) in the ``inca-probe`` report ``report``; a file that is not one
+    (missing, not JSON, not a report, a task without its ranking) is refused in one line."""
+    if not Path(report).is_file():
+        raise InCAError(f"probe report {report} does not exist; run inca-probe first")
+    content = read_json_file(report, f"pass the {REPORT_JSON} that inca-probe wrote", what="probe report")
+    tasks = content.get("tasks") if isinstance(content, dict) else None
+    if not isinstance(tasks, dict):
+        raise InCAError(f"probe report {report} is not an inca-probe report (no tasks in it): pass the {REPORT_JSON} "
+                        "that inca-probe wrote")
+    rankings = {}
+    for spec, result in tasks.items():
+        ranking = result.get("ranking") if isinstance(result, dict) else None
+        if not isinstance(ranking, list) or not ranking or not all(_is_int(layer) for layer in ranking):
+            raise InCAError(f"probe report {report}: task {spec!r} has no valid layer ranking; probe it again with "
+                            "inca-probe")
+        rankings[spec] = ranking
+    return rankings
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 

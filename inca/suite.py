@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,13 @@ from .errors import InCAError
 from .io import atomic_write_json, digest, directory_lock, read_json, read_json_file, remove_stale_temps
 from .tasks import Task
 
-__all__ = ["UNITS_DIR", "Report", "Unit", "open_report", "run_suite", "task_directory"]
+__all__ = ["REPLACING_DIR", "UNITS_DIR", "Report", "Unit", "finished_on_same_data", "open_report", "run_suite",
+           "task_directory"]
 
 logger = logging.getLogger(__name__)
 
 UNITS_DIR = ".inca-units"  # under a suite's output directory: results ranks left for rank 0 to merge
+REPLACING_DIR = ".inca-replacing"  # under it: the reports of an --overwrite run until every unit has finished
 
 Report = dict[str, Any]
 
@@ -73,6 +76,20 @@ def _mismatch(path: Path, saved: Any, fresh: Report) -> str | None:
     return f"{path} holds results of another configuration (differs in {', '.join(differ)})"
 
 
+def finished_on_same_data(tasks: dict[str, Task], done: str) -> Callable[[Report, str], bool]:
+    """A suite's ``finished`` test for results by task spec: a task counts as finished only if its data is the
+    same as when it was ``done`` (its result records the task's fingerprint), else it runs again."""
+
+    def finished(report: Report, spec: str) -> bool:
+        result = report["tasks"].get(spec)
+        if result is not None and result.get("fingerprint") != tasks[spec].fingerprint:
+            logger.warning("%s: its data changed since it was %s; running it again", spec, done)
+            return False
+        return result is not None
+
+    return finished
+
+
 def _in_tasks(report: Report, key: str) -> bool:
     return key in report["tasks"]
 
@@ -104,12 +121,16 @@ def run_suite(
     """
     out = Path(out)
     world = launched()
+    if world.is_distributed:
+        units = list(units)
+        _require_same_suite(world, fresh, units)
     suite = _SuiteRun(out, out / report_file, write_reports, finished, store, world)
     with directory_lock(out, "the output directory") if world.is_main else contextlib.nullcontext():
         if world.is_main:
             suite.open(fresh, overwrite)
         if not world.is_distributed:
             suite.run_in_order(units)
+            suite.complete_replacement(out / report_file)
             return suite.report
         suite.report = world.broadcast(suite.report)
         pending = suite.pending(list(units))
@@ -118,6 +139,8 @@ def run_suite(
         else:
             suite.share(pending)
         world.barrier()
+        if world.is_main:
+            suite.complete_replacement(out / report_file)
     return suite.report
 
 
@@ -130,7 +153,9 @@ def task_directory(task: Task) -> str:
 @dataclass(eq=False)
 class _SuiteRun:
     """One run of a suite into ``out``: the report as it stands (rank 0's; other ranks hold a copy to decide
-    what is pending) and how results get into it and onto disk."""
+    what is pending) and how results get into it and onto disk. ``path`` is where the report is written while
+    units run: ``out/report_file``, or under ``out/.inca-replacing/`` while an ``--overwrite`` run replaces
+    another configuration's report (see :meth:`open`)."""
 
     out: Path
     path: Path
@@ -144,15 +169,50 @@ class _SuiteRun:
         """Write ``content`` (the report by default) and render the rest of the reports from it."""
         content = self.report if content is None else content
         atomic_write_json(self.path, content)
-        self.write_reports(self.out, content)
+        self.write_reports(self.path.parent, content)
 
     def open(self, fresh: Report, overwrite: bool) -> None:
-        """Rank 0: the report to extend (:func:`open_report`), with the results an interrupted run's ranks left."""
+        """Rank 0: the report to extend (:func:`open_report`), with the results an interrupted run's ranks left.
+
+        A run that replaces another configuration's report (``overwrite``) writes its reports to
+        ``OUT/.inca-replacing/`` and moves them over the previous ones only once every unit has finished
+        (:meth:`complete_replacement`): what a user expects of ``--overwrite`` is a good result replaced by a
+        complete one, never by a fragment, so the previous report stays as it is through a run that fails or is
+        interrupted. A rerun of that configuration resumes the replacement from there."""
         if removed := remove_stale_temps(self.out):
             logger.info("removed %d temporary files an interrupted run left in %s", removed, self.out)
-        self.report = open_report(self.path, fresh, overwrite=overwrite)
+        self.report, self.path = self._target(fresh, overwrite)
         if (self.out / UNITS_DIR).is_dir():
             self.merge()
+
+    def _target(self, fresh: Report, overwrite: bool) -> tuple[Report, Path]:
+        replacing = self.out / REPLACING_DIR / self.path.name
+        if replacing.is_file():
+            try:
+                saved = read_json(replacing)
+            except (OSError, ValueError):
+                saved = None
+            if _mismatch(replacing, saved, fresh) is None:
+                logger.info("resuming the replacement of %s: the new results stay in %s until every unit has "
+                            "finished", self.path, replacing.parent)
+                return saved, replacing
+        report = open_report(self.path, fresh, overwrite=overwrite)
+        if report is not fresh or not self.path.exists():
+            return report, self.path
+        if replacing.parent.is_dir():
+            shutil.rmtree(replacing.parent)  # an abandoned replacement by yet another configuration
+        logger.info("%s keeps the previous results until every unit has finished; until then the new ones are in "
+                    "%s", self.path, replacing.parent)
+        return report, replacing
+
+    def complete_replacement(self, final: Path) -> None:
+        """Rank 0, every unit finished: the reports of a replacing run take the place of the previous ones."""
+        if self.path == final:
+            return
+        replacing, self.path = self.path, final
+        self.save()
+        shutil.rmtree(replacing.parent)
+        logger.info("%s now holds the new results; the previous ones are replaced", final)
 
     def run_unit(self, unit: Unit, *, data_parallel: bool) -> Any:
         return _trained_by(unit.run(), self.world, data_parallel=data_parallel)
@@ -223,7 +283,11 @@ class _SuiteRun:
             except (OSError, ValueError):
                 saved = None  # a result its rank never finished writing cannot exist (atomic writes): skip junk
             if isinstance(saved, dict) and saved.get("config") == config:
-                found[saved["key"]] = saved["result"]
+                if _written_by_a_rank(file, saved):
+                    found[saved["key"]] = saved["result"]
+                else:
+                    logger.warning("%s is not a unit result a rank wrote (no key naming the file, or no result): "
+                                   "skipped", file)
         return files, found
 
     def write_interim(self, order: Sequence[str]) -> None:
@@ -248,6 +312,28 @@ class _SuiteRun:
         self.save()  # the report holds them before their files go
         for file in files:
             file.unlink(missing_ok=True)
+
+
+def _written_by_a_rank(file: Path, saved: dict[str, Any]) -> bool:
+    """Whether ``saved`` has what a rank writes to ``file``: its unit's key, whose digest names the file, and the
+    unit's result (a dict, as every suite's units return)."""
+    key = saved.get("key")
+    return isinstance(key, str) and file.name == f"{digest(key)}.json" and isinstance(saved.get("result"), dict)
+
+
+def _require_same_suite(world: World, fresh: Report, units: list[Unit]) -> None:
+    """Under ``torchrun`` every rank must run the same suite: ranks started with other flags (say, another --lr)
+    would otherwise train under settings the report does not record. Each rank's configuration and unit keys are
+    compared with rank 0's before any work starts, and every rank refuses in one line if one differs."""
+    mine = {"config": json.loads(json.dumps(fresh["config"])), "units": [unit.key for unit in units]}
+    everyone = world.gather(mine)
+    reference = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        if theirs != reference:
+            old, new = reference["config"], theirs["config"]
+            differ = sorted(k for k in {*old, *new} if old.get(k) != new.get(k)) or ["the tasks"]
+            raise InCAError(f"rank {rank} was started with another configuration than rank 0 (differs in "
+                            f"{', '.join(differ)}): start every rank with the same command")
 
 
 def _trained_by(result: Any, world: World, *, data_parallel: bool) -> Any:

@@ -21,7 +21,7 @@ from inca.report import markdown_table
 from inca.suite import Report, Unit, run_suite, task_directory
 from inca.tasks import Task
 from inca.train.config import InCATrainConfig
-from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, train_inca_task
+from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, SOURCE_OPTIONS, train_inca_task
 
 __all__ = [
     "REPORT_JSON",
@@ -41,8 +41,7 @@ REPORT_JSON, REPORT_MD = "results.json", "results.md"
 
 def train_config(backbone: Backbone, layers_spec: str, options: InCATrainConfig) -> dict[str, Any]:
     """What must match for a finished task's results to be reused by a rerun (not where activations come from)."""
-    keep = {k: v for k, v in asdict(options).items()
-            if k not in ("cache", "cache_dir", "cache_device", "cache_memory_fraction", "num_workers", "verify_cache")}
+    keep = {k: v for k, v in asdict(options).items() if k not in SOURCE_OPTIONS}
     return {"backbone": backbone.fingerprint, "layers": str(layers_spec), **InCATrainConfig.recorded(keep)}
 
 

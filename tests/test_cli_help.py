@@ -46,3 +46,29 @@ def test_help_shows_every_default(command, monkeypatch):
     assert set(flags) <= set(entries), entries
     hidden = [entries[flag] for flag in flags if "default" not in entries[flag]]
     assert not hidden, f"inca-{command} --help hides the default of: " + "; ".join(hidden)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_abbreviated_flags_are_refused(command, capsys):
+    """``--epoch`` is not silently ``--epochs``: a later flag sharing the prefix would change what it means."""
+    parser = getattr(cli, f"{command}_parser")()
+    flag = next(f for a in parser.options.values() for f in a.option_strings if f.startswith("--") and len(f) > 6)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([flag[:-2], "1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_clean_exit_leaves_no_lock_file(tmp_path):
+    from inca.errors import InCAError
+    from inca.io import LOCK_FILE, directory_lock
+
+    with directory_lock(tmp_path, "the output directory"):
+        assert (tmp_path / LOCK_FILE).is_file()
+    assert not (tmp_path / LOCK_FILE).exists()
+    with pytest.raises(InCAError, match="in use"), directory_lock(tmp_path, "out"), directory_lock(tmp_path, "out"):
+        pass
+    with pytest.raises(RuntimeError), directory_lock(tmp_path, "out"):
+        raise RuntimeError("a failed run")
+    with directory_lock(tmp_path, "out"):  # a lock file left by a failed or killed run is simply taken over
+        pass
+    assert not (tmp_path / LOCK_FILE).exists()

@@ -104,7 +104,7 @@ def test_probe_suite_resumes_and_refuses_another_configuration(tmp_path, tiny_ba
     # Not the configuration: where activations come from and how much memory may hold them.
     same = ProbeSuiteConfig(probes=["knn"], pools=["mean"], memory_budget_gb=0, num_workers=0)
     second = run_probe_suite(tiny_backbone, ["digits", "synth-colour"], "-1", same, tmp_path, load)
-    assert loaded == ["digits", "synth-colour"]  # digits was finished: not even loaded again
+    assert loaded == ["digits", "digits", "synth-colour"]  # digits is loaded to check its data, not probed again
     assert list(second["tasks"]) == ["digits", "synth-colour"]
     assert second["tasks"]["digits"] == first["tasks"]["digits"]
     assert json.loads((tmp_path / "probe.json").read_text()) == second

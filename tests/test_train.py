@@ -155,19 +155,28 @@ def test_all_diverged_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_finished_tasks_survive_a_later_failure(tmp_path, capsys):
+def test_finished_tasks_survive_a_later_failure(tmp_path, capsys, monkeypatch):
     from PIL import Image
+
+    import inca.train_suite
 
     for cls in ("a", "b"):
         for i in range(6):
             (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    # A JPEG cut in half passes the up-front scan (its header is sound) and fails only when decoded, during
-    # the second task's training: what must survive is the first task's finished result.
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "imgs" / "b" / "5.jpg")
-    data = (tmp_path / "imgs" / "b" / "5.jpg").read_bytes()
-    (tmp_path / "imgs" / "b" / "5.jpg").write_bytes(data[: len(data) // 2])
+    train = inca.train_suite.train_inca_task
+
+    def cut_then_train(backbone, task, *args, **kwargs):
+        """Every image is checked before training starts: this one is cut in half after that, while the first
+        task trains, so the second task fails late. What must survive is the first task's finished result."""
+        if task.spec.startswith("folder:"):
+            data = (tmp_path / "imgs" / "b" / "5.jpg").read_bytes()
+            (tmp_path / "imgs" / "b" / "5.jpg").write_bytes(data[: len(data) // 2])
+        return train(backbone, task, *args, **kwargs)
+
+    monkeypatch.setattr(inca.train_suite, "train_inca_task", cut_then_train)
     code, out = _run_train(tmp_path, "--tasks", f"synth-colour,folder:{tmp_path / 'imgs'}", "--layers", "-1",
                            "--epochs", "1", "--num-workers", "0")
     assert code == 2

@@ -104,7 +104,7 @@ class RunConfig(Config):
     batch_size: int = hparam(32, help="batch size for every method (training and evaluation)", check=opt.positive_int,
                              source=f"{OWN}: a common fine-tuning batch, one for every method so that all see the "
                                     "same batches in the same order")
-    seed: int = hparam(0, help="seed of heads, adapters and batch order", check=opt.non_negative_int,
+    seed: int = hparam(0, help="seed of heads, adapters and batch order", check=opt.seed,
                        source=f"{OWN}: any fixed seed makes a rerun reproducible; one for every method, so all "
                               "start from the same head and batch order")
     num_workers: int | None = hparam(None, help="image decoding workers (None: auto)",

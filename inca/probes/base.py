@@ -39,7 +39,7 @@ class ProbeRunConfig(Config):
         check=opt.positive_int,
     )  # fmt: skip
     seed: int = hparam(0, help="seed of the probes' initialisation, batch order and solvers",
-                       source=f"{OURS}: the seed of every inca command", check=opt.non_negative_int)
+                       source=f"{OURS}: the seed of every inca command", check=opt.seed)
     memory_budget_gb: float = hparam(
         8.0, help="keep streamed tokens in memory up to this size so later epochs of a token probe (InCA) skip "
                   "the backbone",

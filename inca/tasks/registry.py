@@ -61,7 +61,7 @@ class TaskLoadConfig(Config):
         source="inca's own choice: nothing is fetched unless asked, so runs work offline and read known files",
     )  # fmt: skip
     split_seed: int = hparam(
-        0, help="seed of the val/test carving", check=opt.non_negative_int,
+        0, help="seed of the val/test carving", check=opt.seed,
         source="inca's own choice: a fixed carving, so every run of a task sees the same splits",
     )  # fmt: skip
     skip_bad_images: bool = hparam(

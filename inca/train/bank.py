@@ -29,7 +29,7 @@ from inca.activations import EVAL_BATCH_SIZE, ActivationSource, narrow_source
 from inca.adapters.inca import InCABank
 from inca.devices import autocast
 from inca.distributed import current
-from inca.errors import InCAError, require_positive
+from inca.errors import InCAError, first_line, require_positive
 from inca.io import atomic_write
 from inca.progress import progress as progress_bar
 from inca.train.halving import SuccessiveHalving
@@ -148,6 +148,7 @@ def train_bank(
     min_lr_ratio: float = 0.0,
     eval_split: str | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_identity: Mapping[str, object] | None = None,
     progress: bool = True,
     micro_batches: int = 1,
     halving: SuccessiveHalving | None = None,
@@ -166,6 +167,8 @@ def train_bank(
     each epoch, and a run finding its checkpoint resumes from it (same result as an uninterrupted run).
     ``micro_batches`` > 1 runs each batch as that many parts whose gradients add up: less memory, the same
     updates up to rounding (a batch that runs out of CUDA memory doubles it by itself).
+    ``checkpoint_identity`` is what else that checkpoint must have been made with (the backbone's and the data's
+    fingerprints, the run's options): the checkpoint of any other run, or a damaged one, is discarded.
 
     With ``halving`` (successive halving; needs ``eval_split``), after each of its rungs only the best adapters by
     their best accuracy on ``eval_split`` so far go on training (:meth:`SuccessiveHalving.survivors`): the others'
@@ -188,7 +191,8 @@ def train_bank(
     steps_per_epoch = math.ceil(n / global_batch)
     total = epochs * steps_per_epoch
     warmup = round(warmup_ratio * total) if warmup_steps is None else warmup_steps
-    config = _run_config(bank, n, epochs, global_batch, seed, warmup, min_lr_ratio, eval_split, halving, rungs)
+    config = _run_config(bank, n, epochs, global_batch, seed, warmup, min_lr_ratio, eval_split, halving, rungs,
+                         checkpoint_identity)
     best = BestEpochs(bank) if eval_split is not None else None
     schedule = cosine_schedule(total, warmup, min_lr_ratio)
     steps = _BankSteps(bank, BatchedAdamW(bank.optimizer_groups()), schedule, device, micro_batches, done=0)
@@ -475,9 +479,11 @@ def _check_finite(features: Mapping[int, Tensor], epoch: int) -> None:
 def _run_config(
     bank: InCABank, train_rows: int, epochs: int, global_batch: int, seed: int, warmup: int, min_lr_ratio: float,
     eval_split: str | None, halving: SuccessiveHalving | None = None, rungs: Sequence[int] = (),
+    identity: Mapping[str, object] | None = None,
 ) -> dict:  # fmt: skip
     """What identifies a run, JSON round-tripped as a checkpoint stores it: only a checkpoint of this very run
-    is resumed."""
+    is resumed (``identity``: what else it must have been made with, such as the backbone's and the data's
+    fingerprints)."""
     config = {
         "specs": [asdict(s) for s in bank.specs],
         "dim": bank.dim,
@@ -490,6 +496,7 @@ def _run_config(
         "min_lr_ratio": min_lr_ratio,
         "eval_split": eval_split,
         "restores_best_epoch": eval_split is not None,  # checkpoints hold best-epoch weights since then
+        "identity": dict(identity or {}),
     }
     if halving is not None:  # a grid run's config is as it always was, so its checkpoints still resume
         config["halving"] = {"rate": halving.rate, "rungs": list(rungs)}
@@ -501,16 +508,32 @@ def _resume_or_start(
 ) -> tuple[int, BankHistory]:  # fmt: skip
     """The epochs done and the history so far: those of ``checkpoint_path`` when it holds this very run (its
     bank, optimizer and best-epoch weights loaded, the adapters that successive halving pruned left out first),
-    else none."""
+    else none. A checkpoint is inca's own cache: one of another run is discarded (logged), and so is a damaged
+    one (garbage, truncated, tensors of other shapes), with a warning, not an error."""
     size = steps.size
-    if checkpoint_path is None or not _resumable(Path(checkpoint_path), config):
-        return 0, BankHistory(epochs_trained=[0] * size, stopped_rung=[None] * size)
-    with safe_open(Path(checkpoint_path), framework="pt") as f:
-        stopped = json.loads(f.metadata()["history"]).get("stopped_rung") or [None] * size
+    fresh = BankHistory(epochs_trained=[0] * size, stopped_rung=[None] * size)
+    if checkpoint_path is None:
+        return 0, fresh
+    path = Path(checkpoint_path)
+    try:
+        if not _resumable(path, config):
+            return 0, fresh
+        with safe_open(path, framework="pt") as f:
+            stopped = json.loads(f.metadata()["history"]).get("stopped_rung") or [None] * size
+    except Exception as exc:  # whatever a damaged file makes safetensors or json raise
+        logger.warning("%s is damaged (%s): starting this run from scratch", path, first_line(exc))
+        return 0, fresh
     survivors = [i for i in range(size) if stopped[i] is None]
     if len(survivors) < size:
         steps.keep(survivors)  # the checkpoint holds the survivors' rows only
-    start, history, saved_best = _load_checkpoint(Path(checkpoint_path), steps.bank, steps.optimizer, config)
+    try:
+        start, history, saved_best = _load_checkpoint(path, steps.bank, steps.optimizer, config)
+    except Exception as exc:  # checked before anything is loaded: the bank is as it was, unless pruned above
+        if len(survivors) < size:
+            raise InCAError(f"{path} is damaged ({first_line(exc)}): delete it and run the same command again") \
+                from None
+        logger.warning("%s is damaged (%s): starting this run from scratch", path, first_line(exc))
+        return 0, fresh
     if not history.epochs_trained:  # a checkpoint written before these were recorded: a grid run
         history.epochs_trained, history.stopped_rung = [start] * size, [None] * size
     if best is not None:
@@ -523,25 +546,38 @@ def _resume_or_start(
 
 def _resumable(path: Path, config: dict) -> bool:
     """Whether ``path`` holds a checkpoint of this very run. One of another run (say, of a run whose adapters all
-    diverged, rerun with other learning rates) is stale: it is replaced, not allowed to block the new run."""
+    diverged, rerun with other learning rates, or one made from other backbone weights or data) is stale: it is
+    replaced, not allowed to block the new run, nor resumed by it."""
     if not path.is_file():
         return False
     with safe_open(path, framework="pt") as f:
         saved = (f.metadata() or {}).get("config")
     if saved is not None and json.loads(saved) == config:
         return True
-    logger.warning("%s is a checkpoint of another configuration: starting this run from scratch", path)
+    logger.info("%s is a checkpoint of another configuration: starting this run from scratch", path)
     return False
 
 
 def _load_checkpoint(
     path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict
 ) -> tuple[int, BankHistory, dict[str, Tensor]]:
-    """Load the bank and optimizer state; the epochs done, the history and the best-epoch weights."""
+    """Load the bank and optimizer state; the epochs done, the history and the best-epoch weights. Everything is
+    checked before anything is loaded (a ``ValueError`` names what does not fit)."""
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    bank.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")})
-    optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+    epoch, history = int(metadata["epoch"]), BankHistory(**json.loads(metadata["history"]))
+    if not 0 < epoch <= config["epochs"] or len(history.train_loss) != epoch:
+        raise ValueError(f"it records epoch {epoch} of {config['epochs']} and {len(history.train_loss)} of history")
+    state = {k[5:]: v for k, v in tensors.items() if k.startswith("bank.")}
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-    return int(metadata["epoch"]), BankHistory(**json.loads(metadata["history"])), best
+    params = dict(bank.named_parameters()) if config["eval_split"] is not None else {}
+    if not _same_shapes(state, bank.state_dict()) or not _same_shapes(best, params):
+        raise ValueError("its tensors do not fit this bank")
+    optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})  # checks first
+    bank.load_state_dict(state)
+    return epoch, history, best
+
+
+def _same_shapes(saved: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> bool:
+    return saved.keys() == expected.keys() and all(saved[k].shape == expected[k].shape for k in expected)

@@ -124,14 +124,14 @@ class InCATrainConfig(InCAGridConfig):
     the schedule, the activation store and the ensemble (:func:`~inca.train.runner.train_inca_task`)."""
 
     adapter_seeds: list[int] = hparam(
-        [0], help="adapter initialisation seeds (grid)", check=opt.non_negative_int,
+        [0], help="adapter initialisation seeds (grid)", check=opt.seed,
         source=f"{OWN}: one draw per grid point; more seeds give --ensemble members that differ in their draw",
     )  # fmt: skip
     epochs: int = hparam(10, help="passes over the train split", check=opt.positive_int,
                          source=f"{OWN}: a short schedule; every adapter keeps its best validation epoch")
     batch_size: int = hparam(64, help="rows per step (per rank under torchrun)", check=opt.positive_int,
                              source=f"{OWN}: a ViT-B's tokens of all 12 layers for 64 images are 0.47 GB in float32")
-    seed: int = hparam(0, help="seed of the batch order", check=opt.non_negative_int,
+    seed: int = hparam(0, help="seed of the batch order", check=opt.seed,
                        source=f"{OWN}: any fixed seed makes a rerun bit-identical")
     cache_dir: str | None = hparam(None, help="store root (default: $INCA_CACHE or ~/.cache/inca)",
                                    source=f"{OWN}: a per-user cache directory, as timm's and HF's hubs use")

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from ..activations import ActivationSource, CachedSource, open_source
-from ..adapters.inca import InCABank
+from ..adapters.inca import AdapterSpec, InCABank
 from ..adapters.saved import TaskAdapter, save_adapter
 from ..backbone import Backbone
 from ..distributed import current
 from ..errors import InCAError
+from ..io import refuse_symlink
 from ..tasks import Task
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 from .config import InCATrainConfig
@@ -35,6 +36,20 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 ADAPTER_DIR = "adapter"
 ENSEMBLE_DIR = "ensemble"
+
+
+# Settings that say where activations come from or how fast, not what is trained: they may change between a
+# run and its resumption, and a finished result is reused whatever they were.
+SOURCE_OPTIONS = (
+    "cache", "cache_dir", "cache_device", "cache_memory_fraction", "num_workers", "verify_cache",
+)
+
+
+def run_identity(backbone: Backbone, task: Task, layers: list[int], config: InCATrainConfig) -> dict[str, Any]:
+    """What a task's bank training depends on beyond the bank itself: the backbone's weights, the task's data,
+    the layers and every training setting. Only a checkpoint made with all of it the same is resumed."""
+    kept = {k: v for k, v in asdict(config).items() if k not in SOURCE_OPTIONS}
+    return {"backbone": backbone.fingerprint, "task": task.fingerprint, "layers": list(layers), "options": kept}
 
 
 def train_inca_task(
@@ -64,14 +79,17 @@ def train_inca_task(
         adapters=specs, batch_size=config.batch_size, cache_device=config.cache_device,
         memory_fraction=config.cache_memory_fraction, device=device,
     )
+    require_memory_for_bank(specs, backbone.width, task.num_classes, device)
     bank = InCABank(specs, backbone.width, task.num_classes)
     logger.info("%s: training %d adapters together on layers %s", task.spec, len(specs), layers)
+    refuse_symlink(out_dir, "the task's output directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT_FILE
     cached = isinstance(source, CachedSource)
     history = train_bank(
         bank, source, epochs=config.epochs, batch_size=config.batch_size, device=device, seed=config.seed,
         warmup_ratio=config.warmup_ratio, eval_split="val", checkpoint_path=checkpoint, halving=halving,
+        checkpoint_identity=run_identity(backbone, task, layers, config),
     )
     best, val_acc = select_best(bank, source, "val")
     test_acc = evaluate_bank(bank, source, "test")
@@ -123,6 +141,28 @@ def train_inca_task(
         "loss_curve": [epoch[best] for epoch in history.train_loss[: trained[best]]],
         "seconds": time.perf_counter() - start,
     }
+
+
+# Bytes training keeps per bank parameter: fp32 weights, gradient, AdamW's two moments and the best epoch's copy.
+TRAINING_BYTES_PER_PARAMETER = 5 * 4
+
+
+def require_memory_for_bank(specs: list[AdapterSpec], width: int, num_classes: int, device: torch.device) -> None:
+    """Refuse in one line, before allocating anything, a grid whose bank cannot fit in ``device``'s memory at all
+    (say ``--queries 1000000000``): its parameters are counted on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in InCABank(specs, width, num_classes).parameters())
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > total:
+        raise InCAError(
+            f"the bank of {len(specs)} adapter(s) has {parameters:,} parameters, {needed / 2**30:,.1f} GiB to train, "
+            f"more than the {total / 2**30:,.1f} GiB of memory {device} has: lower --queries, --mlp-ratio or the "
+            "grid's size"
+        )
 
 
 def _ensemble(
