@@ -527,7 +527,8 @@ def _resume_or_start(
     if len(survivors) < size:
         steps.keep(survivors)  # the checkpoint holds the survivors' rows only
     try:
-        start, history, saved_best = _load_checkpoint(path, steps.bank, steps.optimizer, config)
+        start, history, saved_best = _load_checkpoint(path, steps.bank, steps.optimizer, config,
+                                                      best.state if best is not None else {})
     except Exception as exc:  # checked before anything is loaded: the bank is as it was, unless pruned above
         if len(survivors) < size:
             raise InCAError(f"{path} is damaged ({first_line(exc)}): delete it and run the same command again") \
@@ -559,9 +560,10 @@ def _resumable(path: Path, config: dict) -> bool:
 
 
 def _load_checkpoint(
-    path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict
+    path: Path, bank: InCABank, optimizer: BatchedAdamW, config: dict, best_state: Mapping[str, Tensor]
 ) -> tuple[int, BankHistory, dict[str, Tensor]]:
-    """Load the bank and optimizer state; the epochs done, the history and the best-epoch weights. Everything is
+    """Load the bank and optimizer state; the epochs done, the history and the best-epoch weights (of the whole
+    bank, shaped as ``best_state``, while ``bank`` holds only the adapters still training). Everything is
     checked before anything is loaded (a ``ValueError`` names what does not fit)."""
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
@@ -571,8 +573,7 @@ def _load_checkpoint(
         raise ValueError(f"it records epoch {epoch} of {config['epochs']} and {len(history.train_loss)} of history")
     state = {k[5:]: v for k, v in tensors.items() if k.startswith("bank.")}
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-    params = dict(bank.named_parameters()) if config["eval_split"] is not None else {}
-    if not _same_shapes(state, bank.state_dict()) or not _same_shapes(best, params):
+    if not _same_shapes(state, bank.state_dict()) or not _same_shapes(best, best_state):
         raise ValueError("its tensors do not fit this bank")
     optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})  # checks first
     bank.load_state_dict(state)
