@@ -180,10 +180,10 @@ class TensorSource:
 class CachedSource:
     """Activations of a store: many epochs at disk/page-cache speed, or from memory.
 
-    With ``device="disk"`` batches are gathered from the memmaps, a background thread reading the next batch
-    while the caller works on the current one, so reading the store overlaps the adapters' compute. With
-    ``device="cpu"`` or a CUDA device the layers are loaded once, on first use of each split, into host memory
-    (pinned when CUDA is in use) or GPU memory, and every batch is a gather there. Batches land in pinned memory
+    With ``device="disk"`` batches are gathered from the memmaps; with ``device="cpu"`` or a CUDA device the
+    layers are loaded once, on first use of each split, into host memory (pinned when CUDA is in use) or GPU
+    memory, and every batch is a gather there. Either way a background thread gathers the next batch while the
+    caller works on the current one, so reading the store overlaps the adapters' compute. Batches land in pinned memory
     (asynchronous host-to-device copies) when ``pin_memory``, by default when this process already uses CUDA.
     ``decision`` is what ``cache="auto"`` measured to choose this source (None when it did not measure).
     """
@@ -221,16 +221,14 @@ class CachedSource:
     def loader(self, split: str, batches: list[np.ndarray]) -> Iterator[tuple[dict[int, Tensor], Tensor]]:
         labels = self.labels(split)
         pin = torch.cuda.is_initialized() if self.pin_memory is None else self.pin_memory
-        if self.device != "disk":
-            held = self._hold(split, pin)
-            device = next(iter(held.values())).device
-            for rows in batches:
-                index = torch.from_numpy(rows).to(device)
-                yield {layer: tokens[index] for layer, tokens in held.items()}, torch.from_numpy(labels[rows])
-            return
+        held = self._hold(split, pin) if self.device != "disk" else None
 
         def read(rows: np.ndarray) -> tuple[dict[int, Tensor], Tensor]:
-            features = {layer: self.cache.gather(split, layer, rows, pin) for layer in self.layers}
+            if held is not None:  # a gather in memory
+                index = torch.from_numpy(rows).to(next(iter(held.values())).device)
+                features = {layer: tokens[index] for layer, tokens in held.items()}
+            else:
+                features = {layer: self.cache.gather(split, layer, rows, pin) for layer in self.layers}
             return features, torch.from_numpy(labels[rows])
 
         with ThreadPoolExecutor(max_workers=1) as reader:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -46,19 +47,19 @@ class Int8Layout:
 
     dim: int
 
-    @property
+    @cached_property
     def group(self) -> int:
         return max(g for g in range(1, min(self.dim, INT8_SCHEME["max_group"]) + 1) if self.dim % g == 0)
 
-    @property
+    @cached_property
     def outliers(self) -> int:
         return max(1, self.dim // INT8_SCHEME["channels_per_outlier"])
 
-    @property
+    @cached_property
     def groups(self) -> int:
         return self.dim // self.group
 
-    @property
+    @cached_property
     def width(self) -> int:
         """Bytes of one packed token row."""
         return self.dim + 2 * self.groups + 4 * self.outliers
@@ -124,7 +125,7 @@ class QuantizedTokens:
         small = self.raw[..., d:].contiguous().view(torch.int16)  # [..., S + 2K]: 2-byte values, one copy
         halves = small[..., : s + k].view(torch.float16).to(dtype)  # the group scales, then the outlier values
         out = self.raw[..., :d].to(dtype)
-        out.unflatten(-1, (self.layout.groups, self.layout.group)).mul_(halves[..., :s].unsqueeze(-1))
+        out.view(-1, self.layout.group).mul_(halves[..., :s].reshape(-1, 1))  # 2-D: torch's fast broadcast
         return out.scatter_(-1, small[..., s + k :].long(), halves[..., s:])
 
     def to(self, *args: Any, **kwargs: Any) -> QuantizedTokens | Tensor:

@@ -169,3 +169,13 @@ def test_cache_device_auto_and_its_limits(tmp_path, tiny_backbone, small_task):
     assert source.device == "cpu"  # a few hundred kilobytes: held in memory
     assert open_source(tiny_backbone, small_task, LAYERS, epochs=2, cache_dir=tmp_path, cache_device="disk",
                        memory_fraction=1.0).device == "disk"
+
+
+def test_probes_read_an_int8_store_as_tokens(tmp_path, tiny_backbone, small_task):
+    pooled = {}
+    for dtype in ("float16", "int8"):
+        store = build_cache(tiny_backbone, small_task, LAYERS, tmp_path / dtype, dtype=dtype)
+        recording = RecordingSource(CachedSource(store, device="disk"), ["cls", "mean"], num_prefix=1,
+                                    keep_tokens=False)
+        pooled[dtype] = torch.from_numpy(recording.pooled("val", 3, "mean"))
+    assert torch.nn.functional.cosine_similarity(pooled["int8"], pooled["float16"], dim=-1).min() >= 0.999

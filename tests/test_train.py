@@ -64,6 +64,9 @@ def test_train_cli_end_to_end_and_predict(tmp_path, capsys):
         assert result["best"]["index"] == int(np.argmax(val))  # selected on val, never test
         assert result["trainable_params"] > 0 and 0 < result["trainable_percent"] < 100
         assert result["activations"] == "cache"
+        # --cache auto measured that a store beats streaming for 2 epochs; the small store is held in memory
+        assert result["cache_decision"]["choice"] == "build" and result["cache_decision"]["rates"]["backbone_images"]
+        assert result["cache_dtype"] == "float16" and result["cache_device"] == "cpu"
         ensemble = result["ensemble"]
         assert ensemble["k"] == 3 and ensemble["members"] == sorted(range(4), key=lambda i: (-val[i], i))[:3]
         assert load_adapter(ensemble["adapter_dir"]).layers == [adapters[i]["layer"] for i in ensemble["members"]]
