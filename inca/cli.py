@@ -106,8 +106,9 @@ def _run(prog: str, main: Callable[[argparse.Namespace], int], make_parser: Call
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     """An allocation that failed: ``MemoryError``, ``torch.OutOfMemoryError``, or the ``RuntimeError`` torch's CPU
-    allocator raises ("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    allocator raises ("DefaultCPUAllocator: can't allocate memory", "not enough memory"); torch.OutOfMemoryError's
+    text says "out of memory"."""
+    if isinstance(exc, MemoryError):
         return True
     text = str(exc).lower()
     return any(marker in text for marker in ("out of memory", "not enough memory", "can't allocate memory",
@@ -127,14 +128,11 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
     """The data flags: the loading settings every task source shares (dests named as TaskLoadConfig's fields),
     the decoding workers, and each source's own settings (``--{source}-{setting}``)."""
+    from .config import add_config_flags
     from .tasks import TaskLoadConfig, add_task_source_flags
 
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", help=TaskLoadConfig.field_help("data_root"))
-    group.add_argument("--download", action="store_true", help=TaskLoadConfig.field_help("download"))
-    group.add_argument("--skip-bad-images", action="store_true", help=TaskLoadConfig.field_help("skip_bad_images"))
-    group.add_argument("--split-seed", type=opt.seed, default=TaskLoadConfig.default("split_seed"),
-                       help=f"{TaskLoadConfig.field_help('split_seed')} (default %(default)s)")
+    add_config_flags(group, TaskLoadConfig, where="data")
     group.add_argument("--num-workers", type=opt.non_negative_int, default=None,
                        help="image decoding workers (default: auto)")
     add_task_source_flags(group)

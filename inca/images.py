@@ -17,11 +17,17 @@ import stat
 
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["open_image", "turned_by_exif"]
+__all__ = ["open_image", "open_image_turned"]
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """The RGB pixels of an image file, fully decoded and turned upright by its EXIF orientation (if any).
+    """The RGB pixels of an image file, fully decoded and turned upright by its EXIF orientation (if any)."""
+    return open_image_turned(path)[0]
+
+
+def open_image_turned(path: str | os.PathLike) -> tuple[Image.Image, bool]:
+    """:func:`open_image`, and whether the EXIF orientation turned the image (it is set and not "as stored"):
+    such files read differently here than through loaders that ignore the tag.
 
     Raises ``OSError`` (``PermissionError``, ``IsADirectoryError``, or PIL's errors for files it cannot
     decode) or ``ValueError`` for a file that is not a regular file; callers name the file in their message.
@@ -37,12 +43,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise
     with file, Image.open(file) as image:
         image.load()
+        turned = image.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1)
         ImageOps.exif_transpose(image, in_place=True)
-        return image.convert("RGB")  # a copy, which outlives the closed file
+        return image.convert("RGB"), turned  # a copy, which outlives the closed file
 
-
-def turned_by_exif(path: str | os.PathLike) -> bool:
-    """Whether :func:`open_image` turns this file (its EXIF orientation is set and not "as stored"): such files
-    read differently here than through loaders that ignore the tag, so a task records how many it has."""
-    with Image.open(path) as image:  # the header only
-        return image.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1)

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InCAError, first_line
-from ..images import open_image, turned_by_exif
+from ..images import open_image, open_image_turned
 from ..io import FINGERPRINT_LENGTH, atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
@@ -261,17 +261,22 @@ def _scan_file(path: str) -> list[Any]:
         sha = file_sha256(path) if _is_regular(path) else ""
     except OSError as exc:
         return [None, "", _problem(exc), False]
-    problem = decode_problem(path)
-    return [key, sha, problem, problem is None and turned_by_exif(path)]
+    problem, turned = _decode(path)
+    return [key, sha, problem, turned]
 
 
 def decode_problem(path: str) -> str | None:
     """Why ``path`` cannot be read the way training reads it; ``None`` when it can."""
+    return _decode(path)[0]
+
+
+def _decode(path: str) -> tuple[str | None, bool]:
+    """Why ``path`` cannot be read as training reads it (``open_image``) or None, and whether its EXIF
+    orientation turns it: one full decode answers both."""
     try:
-        FileSource([path]).load(0)
+        return None, open_image_turned(path)[1]
     except Exception as exc:  # PIL raises many kinds for damaged files
-        return _problem(exc)
-    return None
+        return _problem(exc), False
 
 
 def _is_regular(path: str) -> bool:
