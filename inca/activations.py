@@ -32,7 +32,7 @@ from .cache import ActivationCache, build_cache, find_cache, open_cache, store_b
 from .distributed import current
 from .errors import InCAError
 from .io import DEFAULT_MAX_STORE_GB, DEFAULT_MEMORY_FRACTION, cache_root, existing_parent
-from .options import CACHE_MODES
+from .options import BATCH_SIZE, CACHE_MODES
 from .placement import CacheDecision, Workload, decide, measure_rates
 from .quantize import QuantizedTokens
 from .tasks import Task, image_loader
@@ -419,7 +419,7 @@ def open_source(
     train_transform: Callable | None = None,
     verify: bool = False,
     adapters: Sequence[AdapterSpec] | None = None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     cache_device: str = "auto",
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     device: torch.device | str | None = None,

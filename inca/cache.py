@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from . import options as opt
 from .backbone import Backbone
 from .distributed import World, current
 from .errors import InCAError, first_line, require_positive
@@ -245,7 +246,7 @@ def build_cache(
     task: Task,
     layers: list[int],
     cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 64,
+    batch_size: int = opt.BATCH_SIZE,
     dtype: str = "float16",
     num_workers: int | None = None,
     commit_seconds: float = 10.0,
@@ -254,9 +255,9 @@ def build_cache(
     """Build, resume, extend (with layers it lacks) or reuse the store of ``task`` and return it opened for
     ``layers``. ``rebuild`` deletes an existing store of this backbone and task first.
 
-    ``batch_size`` (images per backbone pass) and ``commit_seconds`` are inca's own choice: 64 is inca-train's
-    batch, and a commit every 10 s loses at most 10 s of a killed build while its flushes stay a small share of
-    the time."""
+    ``batch_size`` (images per backbone pass) and ``commit_seconds`` are inca's own choice: every command's batch
+    (:data:`inca.options.BATCH_SIZE`), and a commit every 10 s loses at most 10 s of a killed build while its
+    flushes stay a small share of the time."""
     if dtype not in DTYPES:
         raise InCAError(f"cache dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     require_positive(batch_size=batch_size)

@@ -185,7 +185,8 @@ def cache_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K (default: all)")
     parser.add_argument("--cache-dir", help="store root (default: $INCA_CACHE or ~/.cache/inca)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
+    parser.add_argument("--batch-size", type=opt.positive_int, default=opt.BATCH_SIZE,
+                        help="images per backbone pass")
     parser.add_argument("--dtype", default="float16", choices=opt.CACHE_DTYPES,
                         help="element type of the store: float16 and bfloat16 take 2 bytes a value, int8 0.54x "
                              "float16's bytes (per-token scales over channel groups, each token's largest values "
@@ -367,7 +368,8 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="backbone weights if not the recorded ones (must be identical)")
     parser.add_argument("--device", type=opt.device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--top-k", type=opt.positive_int, default=1, help="classes reported per task (default 1)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=64, help="images per backbone pass")
+    parser.add_argument("--batch-size", type=opt.positive_int, default=opt.BATCH_SIZE,
+                        help="images per backbone pass")
     parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from --output's suffix, else csv")
     parser.add_argument("--output", help="write the rows to this file (atomically) instead of stdout")
     parser.add_argument("--resign", nargs="+", metavar="DIR",

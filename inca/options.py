@@ -39,6 +39,12 @@ POOLS = {"cls": "token", "mean": "avg"}
 # and MLP projections (here, not beside the torch code, so a method's config is read without importing torch).
 DEFAULT_TARGET = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
+# The batch size of every command (inca-train, inca-probe, inca-compare, inca-cache, inca-predict) and of the library
+# functions behind them, so that a probe, a training run and a comparison on the same backbone see batches of one
+# size. 64: a ViT-B's tokens of all 12 layers for 64 images are 0.47 GB in float32; lower --batch-size when a model
+# does not fit (the out-of-memory error says so).
+BATCH_SIZE = 64
+
 # Where a trainer reads activations from (inca.activations.open_source). auto: reuse a store, or build one when it
 # pays off (several epochs, fits the budget and the disk), else live; always: reuse or build; never: live;
 # reuse: a store only if one exists, never build one (inca-probe).

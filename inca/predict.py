@@ -26,6 +26,7 @@ from .errors import InCAError, first_line, require_positive
 from .images import open_image
 from .inference import MultiTaskInCA
 from .io import existing_parent
+from .options import BATCH_SIZE
 from .tasks import sequential_batches
 
 __all__ = ["FORMATS", "ImagePrediction", "adapter_paths", "check_output_file", "expand_images", "format_predictions",
@@ -47,7 +48,7 @@ def predict_images(
     model: MultiTaskInCA,
     paths: Sequence[str],
     top_k: int = 1,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     num_workers: int | None = None,
     on_bad_image: Callable[[str, str], None] | None = None,
 ) -> Iterator[ImagePrediction]:

@@ -301,7 +301,7 @@ def test_probe_json_keys_and_flags_are_those_of_earlier_reports(tiny_backbone):
     config = probe_config(tiny_backbone, [0], ProbeSuiteConfig())
     assert {k: v for k, v in config.items() if k not in ("backbone", "layers")} == {
         "probes": ["linear", "knn", "inca"], "pools": ["cls", "mean"], "k": 20, "temperature": 0.07,
-        "linear_c": [0.01, 0.1, 1.0, 10.0], "inca_lr": 3e-3, "inca_epochs": 5, "batch_size": 32, "seed": 0,
+        "linear_c": [0.01, 0.1, 1.0, 10.0], "inca_lr": 3e-3, "inca_epochs": 5, "batch_size": 64, "seed": 0,
     }
     args = probe_parser().parse_args(["--probes", "knn,inca", "--pool", "mean", "--k", "5", "--temperature", "0.1",
                                       "--linear-c", "0.1,1", "--inca-epochs", "2", "--inca-lr", "1e-3",

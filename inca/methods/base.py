@@ -101,9 +101,10 @@ class RunConfig(Config):
     epochs: int = hparam(10, help="epochs for every method", check=opt.positive_int,
                          source=f"{OWN}: a short schedule, the same for every method; each reports its best "
                                 "validation epoch, so more epochs cost time rather than a worse pick")
-    batch_size: int = hparam(32, help="batch size for every method (training and evaluation)", check=opt.positive_int,
-                             source=f"{OWN}: a common fine-tuning batch, one for every method so that all see the "
-                                    "same batches in the same order")
+    batch_size: int = hparam(opt.BATCH_SIZE, help="batch size for every method (training and evaluation)",
+                             check=opt.positive_int,
+                             source=f"{OWN}: every command's batch size (inca.options.BATCH_SIZE), one for every "
+                                    "method so that all see the same batches in the same order")
     seed: int = hparam(0, help="seed of heads, adapters and batch order", check=opt.seed,
                        source=f"{OWN}: any fixed seed makes a rerun reproducible; one for every method, so all "
                               "start from the same head and batch order")

@@ -129,8 +129,9 @@ class InCATrainConfig(InCAGridConfig):
     )  # fmt: skip
     epochs: int = hparam(10, help="passes over the train split", check=opt.positive_int,
                          source=f"{OWN}: a short schedule; every adapter keeps its best validation epoch")
-    batch_size: int = hparam(64, help="rows per step (per rank under torchrun)", check=opt.positive_int,
-                             source=f"{OWN}: a ViT-B's tokens of all 12 layers for 64 images are 0.47 GB in float32")
+    batch_size: int = hparam(opt.BATCH_SIZE, help="rows per step (per rank under torchrun)", check=opt.positive_int,
+                             source=f"{OWN}: every command's batch size (inca.options.BATCH_SIZE); a ViT-B's tokens "
+                                    "of all 12 layers for 64 images are 0.47 GB in float32")
     seed: int = hparam(0, help="seed of the batch order", check=opt.seed,
                        source=f"{OWN}: any fixed seed makes a rerun bit-identical")
     cache_dir: str | None = hparam(None, help="store root (default: $INCA_CACHE or ~/.cache/inca)",

@@ -30,7 +30,7 @@ from inca.backbone import Backbone
 from inca.devices import autocast
 from inca.distributed import current
 from inca.errors import InCAError, first_line, require_positive
-from inca.options import POOLS
+from inca.options import BATCH_SIZE, POOLS
 from inca.progress import progress
 from inca.tasks import sequential_batches
 from inca.train.bank import epoch_batches
@@ -58,7 +58,7 @@ class FitConfig:
     passes its own config's values, each with its source (:mod:`inca.methods`)."""
 
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = BATCH_SIZE
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
