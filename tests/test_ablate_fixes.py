@@ -1,10 +1,6 @@
 """tools/ablate_fixes.py: every revert is one a user could run (valid flags), reinstates the old behaviour,
 and leaves the library as it was afterwards."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,17 +14,12 @@ from inca.adapters.lora import LoRALinear
 from inca.cli import compare_parser
 from inca.errors import InCAError
 from inca.methods import METHODS, resolve_methods
-
-TOOL = Path(__file__).parents[1] / "tools" / "ablate_fixes.py"
+from tests.conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def ablate():
-    spec = importlib.util.spec_from_file_location("ablate_fixes", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through its module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("ablate_fixes")
 
 
 def test_every_fix_reverts_through_valid_flags_and_names_real_methods(ablate):

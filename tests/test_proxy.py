@@ -1,6 +1,5 @@
 """tools/pretrain_proxy.py: formula-driven images, deterministic from a seed, and weights inca loads."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,16 +10,14 @@ import pytest
 import torch
 
 from inca.backbone import create_backbone
+from tests.conftest import load_tool
 
 TOOL = Path(__file__).parents[1] / "tools" / "pretrain_proxy.py"
 
 
 @pytest.fixture(scope="module")
 def proxy():
-    spec = importlib.util.spec_from_file_location("pretrain_proxy", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("pretrain_proxy")
 
 
 def test_every_family_draws_distinct_classes_deterministically_from_the_seed(proxy):

@@ -1,0 +1,36 @@
+"""tools/make_skimage_task.py: no crop shares a pixel with a crop of another split, and the task is seeded."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import load_tool
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("make_skimage_task")
+
+
+def _covered(boxes, width, height):
+    mask = np.zeros((height, width), dtype=bool)
+    for left, top, right, bottom in boxes:
+        mask[top:bottom, left:right] = True
+    return mask
+
+
+@pytest.mark.parametrize("width,height", [(448, 172), (256, 256), (385, 256)])
+def test_splits_draw_crops_from_disjoint_pixels(tool, width, height):
+    rng = np.random.default_rng(0)
+    dealt = tool.deal_tiles(width, height, rng)
+    assert all(dealt.values()), "every split gets a tile"
+    masks = {split: _covered(tool.crop_boxes(tiles, 200, rng), width, height) for split, tiles in dealt.items()}
+    for a in masks:
+        for b in masks:
+            assert a == b or not (masks[a] & masks[b]).any(), (a, b)
+    sides = [right - left for tiles in dealt.values() for left, _, right, _ in tool.crop_boxes(tiles, 50, rng)]
+    assert min(sides) >= tool.MIN_CROP and max(sides) <= tool.TILE
+
+
+def test_the_same_seed_deals_the_same_tiles(tool):
+    first, again, other = (tool.deal_tiles(256, 256, np.random.default_rng(s)) for s in (0, 0, 1))
+    assert first == again and first != other
