@@ -36,7 +36,13 @@ import torch
 from matplotlib.figure import Figure
 
 from inca.activations import ImageBatches, TensorBatches
-from inca.adapters.common import set_trainable
+from inca.adapters.common import (
+    backbone_parameter_count,
+    describe_trainable,
+    percent_text,
+    set_trainable,
+    trainable_percent,
+)
 from inca.backbone import Backbone
 from inca.io import atomic_write_text, digest
 from inca.memory import PeakMemory, parameter_bytes
@@ -170,7 +176,7 @@ class _PairRunner:
 
     def __init__(self, backbone: Backbone, settings: RunConfig, runs_dir: Path) -> None:
         self.backbone, self.settings, self.runs_dir = backbone, settings, runs_dir
-        self.backbone_params = sum(p.numel() for p in backbone.model.parameters())
+        self.backbone_params = backbone_parameter_count(backbone.model)
         self.backbone_bytes = parameter_bytes(backbone.model)
         self.warm = False
 
@@ -188,8 +194,8 @@ class _PairRunner:
         if peak is not None and METHODS[name].shares_backbone:
             peak += self.backbone_bytes
         record = _record(task, name, hparams, key, result, seconds, peak, self.backbone_params)
-        logger.info("%s on %s: test accuracy %.4f (val %.4f), %d trainable parameters, %.1f s", name,
-                    task.spec, record["test_acc"], record["val_acc"], record["trainable_params"], seconds)
+        logger.info("%s on %s: test accuracy %.4f (val %.4f), %s, %.1f s", name, task.spec, record["test_acc"],
+                    record["val_acc"], describe_trainable(record["trainable_params"], self.backbone_params), seconds)
         return record
 
 
@@ -205,7 +211,7 @@ def _record(
         "val_acc": result.val_acc,
         "best_epoch": result.best_epoch,
         "trainable_params": result.trainable_params,
-        "trainable_pct": 100.0 * result.trainable_params / backbone_params,
+        "trainable_pct": trainable_percent(result.trainable_params, backbone_params),
         "seconds": seconds,
         "peak_memory_mb": None if peak is None else peak / 2**20,
         "steps": result.steps,
@@ -286,7 +292,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         sizes = ", ".join(f"{split} {n}" for split, n in info["sizes"].items())
         rows = [
             [r["method"], r["test_acc"], r["val_acc"], r.get("best_epoch"), _chosen(r.get("tuned")),
-             f"{r['trainable_params']:,}", r["trainable_pct"], r["seconds"], r["peak_memory_mb"], r["steps"]]
+             f"{r['trainable_params']:,}", percent_text(r["trainable_pct"]), r["seconds"], r["peak_memory_mb"],
+             r["steps"]]
             for r in records
         ]  # fmt: skip
         lines += ["", f"## {task} ({info['classes']} classes; {sizes})", "", markdown_table(headers, rows).rstrip()]

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from inca.adapters.common import describe_trainable, percent_text
 from inca.backbone import Backbone
 from inca.io import atomic_write_text
 from inca.report import markdown_table
@@ -61,10 +62,14 @@ def run_train_suite(
     tasks = {spec: load_task(spec) for spec in task_specs}  # every spec loads before any training starts
 
     def train(task: Task) -> dict[str, Any]:
-        result = train_inca_task(backbone, task, layers_for(task), options, out / task_directory(task))
-        logger.info("%s: best layer %d, val %.4f, test %.4f (%.1fs)", task.spec, result["best"]["layer"],
-                    result["val_acc"], result["test_acc"], result["seconds"])
-        return {**result, "fingerprint": task.fingerprint, "skipped_images": task.identity.get("skipped_images", 0)}
+        directory = task_directory(task)
+        result = train_inca_task(backbone, task, layers_for(task), options, out / directory)
+        logger.info("%s: best layer %d, val %.4f, test %.4f, %s (%.1fs)", task.spec, result["best"]["layer"],
+                    result["val_acc"], result["test_acc"],
+                    describe_trainable(result["trainable_params"], result["backbone_params"]), result["seconds"])
+        # What to serve, relative to ``out`` (the run moves as one directory): inca-predict --run reads it.
+        return {**result, "directory": directory, "serve_dir": f"{directory}/{result['serve']}",
+                "fingerprint": task.fingerprint, "skipped_images": task.identity.get("skipped_images", 0)}
 
     def finished(report: Report, spec: str) -> bool:
         """A task counts as done only if its data is the same as when it was trained."""
@@ -92,7 +97,7 @@ def render_summary(results: Report) -> str:
                "activations", "seconds"]
     rows = [
         [spec, r["best"]["layer"], r["best"]["lr"], r["best"]["num_queries"], r["val_acc"], r["test_acc"],
-         r["trainable_params"], f"{r['trainable_percent']:.2f}%", len(r["adapters"]), r["activations"],
+         r["trainable_params"], percent_text(r["trainable_percent"]), len(r["adapters"]), r["activations"],
          f"{r['seconds']:.1f}"]
         for spec, r in results["tasks"].items()
     ]
@@ -100,13 +105,64 @@ def render_summary(results: Report) -> str:
         headers.insert(headers.index("adapters") + 1, "adapter-epochs")
         for row, r in zip(rows, results["tasks"].values()):
             row.insert(headers.index("adapter-epochs"), _spent(r))
-    if _has_ensembles(results):
-        headers[6:6] = ["ensemble", "ens. val acc", "ens. test acc"]
+    if _asked_for_ensembles(results):
+        headers[6:6] = ["ensemble", "ens. val acc", "ens. test acc", "serve"]
         for row, r in zip(rows, results["tasks"].values()):
             ensemble = r.get("ensemble") or {}
-            row[6:6] = [f"top {ensemble['k']}" if ensemble else "-", ensemble.get("val_acc"), ensemble.get("test_acc")]
+            row[6:6] = [_ensemble_cell(ensemble), ensemble.get("val_acc"), ensemble.get("test_acc"),
+                        r.get("serve", ADAPTER_DIR)]
     lines.append(markdown_table(headers, rows))
     return "\n".join(lines)
+
+
+def _ensemble_cell(ensemble: dict[str, Any]) -> str:
+    if not ensemble:
+        return "-"
+    if ensemble.get("val_acc") is None:  # too few adapters did not diverge
+        return f"none ({ensemble['requested']} asked)"
+    asked = ensemble.get("requested", ensemble["k"])
+    return f"top {ensemble['k']}" + (f" ({asked} asked)" if asked != ensemble["k"] else "")
+
+
+def _legend(results: Report) -> list[str]:
+    """What each column of the summary means."""
+    backbone_params = next(iter(results["tasks"].values()))["backbone_params"]
+    lines = [
+        "Columns: **best layer** is the block (0: the first) whose output tokens the task's best adapter reads, the "
+        "best being the highest validation accuracy of the whole grid; **lr** and **queries** are that adapter's "
+        "learning rate and number of learned queries; **val acc** chose it, **test acc** is measured once, on the "
+        "test split, for the chosen adapter only.",
+    ]
+    if _asked_for_ensembles(results):
+        lines.append(
+            "**ensemble**: the top-K adapters by val accuracy averaged (`--ensemble K`; fewer when fewer did not "
+            "diverge), with its **ens. val acc** and **ens. test acc**; **serve** is what `inca-predict --run` "
+            "serves by default: the ensemble only when its val accuracy is above the best adapter's, else the adapter "
+            "(`results.json`: each task's `serve` and `serve_dir`)."
+        )
+    lines.append(
+        f"**params**: the best adapter's trainable parameters (its classifier included); **% backbone**: those as a "
+        f"share of the frozen backbone's {backbone_params:,} parameters (the ViT without a head; one denominator "
+        f"for every method). **adapters**: adapters in the task's grid, trained together as one bank"
+        + (" (**adapter-epochs**: epochs trained over all of them, of the full grid's)" if _has_halving(results)
+           else "")
+        + ". **activations**: `cache` (read from an activation store) or `live` (the backbone run on every batch). "
+        "**seconds**: wall time of the task, building its store included."
+    )
+    return [line + "\n" for line in lines]
+
+
+def _data_table(results: Report) -> str:
+    """Each task's split sizes and the accuracies an adapter has to beat."""
+    headers = ["task", "classes", "train rows", "val rows", "test rows", "chance", "majority val", "majority test"]
+    rows = []
+    for spec, r in results["tasks"].items():
+        base = r.get("baselines") or {}
+        rows.append([spec, len(r["classes"]), *(r["sizes"][s] for s in ("train", "val", "test")), base.get("chance"),
+                     base.get("majority_val"), base.get("majority_test")])
+    return ("## Data\n\n" + markdown_table(headers, rows)
+            + "\nchance: 1 / classes (guessing uniformly); majority val / test: the accuracy of always answering the "
+              "train split's most frequent class.\n")
 
 
 def _spent(result: dict[str, Any]) -> str:
@@ -118,8 +174,11 @@ def _spent(result: dict[str, Any]) -> str:
 def render_results(results: Report) -> str:
     """``results.md``: the summary (:func:`render_summary`) then, per task, every adapter of its bank."""
     lines = [render_summary(results)]
+    if results["tasks"]:
+        lines += [*_legend(results), _data_table(results)]
     for spec, r in results["tasks"].items():
         lines.append(f"## {spec}\n")
+        lines += [f"Warning: {warning}.\n" for warning in r.get("warnings", [])]
         halving = bool(r.get("rungs"))
         if halving:
             lines.append(f"Successive halving: {r['adapter_epochs']} adapter-epochs of the full grid's "
@@ -153,5 +212,10 @@ def _has_halving(results: Report) -> bool:
     return any(r.get("search") == "halving" for r in results["tasks"].values())
 
 
-def _has_ensembles(results: Report) -> bool:
+def _asked_for_ensembles(results: Report) -> bool:
     return any(r.get("ensemble") for r in results["tasks"].values())
+
+
+def _has_ensembles(results: Report) -> bool:
+    """Whether an ensemble was saved for any task."""
+    return any((r.get("ensemble") or {}).get("adapter_dir") for r in results["tasks"].values())

@@ -20,3 +20,123 @@ def test_every_command_and_library_default_uses_one_batch_size():
     defaults = {inspect.signature(f).parameters["batch_size"].default for f in (open_source, build_cache,
                                                                                  predict_images)}
     assert defaults | {FitConfig().batch_size} == {opt.BATCH_SIZE}
+
+
+
+def _train(tmp_path, config, layers=(0, 1), spec="synth-count"):
+    from inca.backbone import create_backbone
+    from inca.train_suite import run_train_suite
+    from tests.conftest import subset_task
+
+    backbone = create_backbone("vit_tiny_patch16_224", "random", {"img_size": 32, "patch_size": 8, "depth": 2})
+    task = subset_task(spec, {"train": 60, "val": 30, "test": 30})
+    results = run_train_suite(backbone, [spec], lambda _: list(layers), ",".join(map(str, layers)), config,
+                              tmp_path / "run", load_task=lambda _: task)
+    return results, results["tasks"][spec]
+
+
+def test_serve_prefers_the_adapter_unless_the_ensemble_is_better_on_val():
+    from inca.train.runner import serve
+
+    assert serve(0.5, None) == "adapter"
+    assert serve(0.5, {"val_acc": 0.5}) == "adapter"  # a tie: the same accuracy for one adapter's cost
+    assert serve(0.5, {"val_acc": 0.49}) == "adapter"
+    assert serve(0.5, {"val_acc": 0.51}) == "ensemble"
+    assert serve(0.5, {"requested": 2, "k": 1, "members": [0]}) == "adapter"  # none was made
+
+
+def test_ensemble_larger_than_the_grid_is_warned_and_recorded(tmp_path, caplog):
+    from inca.train.config import InCATrainConfig
+    from inca.train_suite import render_results, written_files
+
+    results, task = _train(tmp_path, InCATrainConfig(epochs=1, lr=[3e-3], ensemble=3, cache="never"))
+    assert (task["ensemble"]["requested"], task["ensemble"]["k"]) == (3, 2)
+    assert task["warnings"][0] == ("--ensemble 3 asked for 3 adapters and only 2 of the 2 did not diverge: the "
+                                   "ensemble has 2 members")
+    assert any(r.levelname == "WARNING" and task["warnings"][0] in r.getMessage() for r in caplog.records)
+    assert task["serve_dir"] == f"{task['directory']}/{task['serve']}"
+    assert (tmp_path / "run" / task["serve_dir"] / "adapter_config.json").is_file()
+    text = render_results(results)
+    assert "top 2 (3 asked)" in text and f"Warning: {task['warnings'][0]}." in text
+    assert "<task>-<fingerprint>/ensemble/" in written_files(results)
+
+    results, task = _train(tmp_path / "one", InCATrainConfig(epochs=1, lr=[3e-3], ensemble=2, cache="never"),
+                           layers=(1,))
+    assert task["ensemble"] == {"requested": 2, "k": 1, "members": [0]}  # one adapter is no ensemble
+    assert task["serve"] == "adapter" and "no ensemble is made" in task["warnings"][0]
+    assert not (tmp_path / "one" / "run" / task["directory"] / "ensemble").exists()
+    assert "<task>-<fingerprint>/ensemble/" not in written_files(results)
+    assert "none (2 asked)" in render_results(results)
+
+
+def test_an_ensemble_below_the_best_adapter_is_reported_and_not_served(tmp_path, monkeypatch):
+    import inca.train.runner
+    from inca.train.config import InCATrainConfig
+    from inca.train_suite import render_results
+
+    monkeypatch.setattr(inca.train.runner, "evaluate_ensemble", lambda *args: 0.0)  # worse than any adapter
+    results, task = _train(tmp_path, InCATrainConfig(epochs=1, lr=[3e-3], ensemble=2, cache="never"))
+    assert task["ensemble"]["val_acc"] == 0.0 < task["val_acc"]
+    assert task["serve"] == "adapter" and task["serve_dir"].endswith("/adapter")
+    assert task["warnings"] == [f"the ensemble of 2 is below the best single adapter on val (0.0000 < "
+                                f"{task['val_acc']:.4f}): it is saved but not served by default"]
+    assert f"Warning: {task['warnings'][0]}." in render_results(results)
+
+
+def test_results_md_has_a_legend_split_sizes_and_chance_levels(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from inca.adapters.common import percent_text
+    from inca.train.config import InCATrainConfig
+    from inca.train_suite import render_results
+    from tests.conftest import subset_task
+
+    with caplog.at_level(logging.INFO, logger="inca"):
+        results, task = _train(tmp_path, InCATrainConfig(epochs=1, lr=[3e-3], cache="never"))
+    text = render_results(results)
+    for column in ("**best layer**", "**queries**", "**params**", "**% backbone**", "**adapters**",
+                   "**activations**", "**seconds**", "**val acc**", "**test acc**"):
+        assert column in text, column
+    assert "ensemble" not in text  # no column to explain
+    labels = {split: s.labels for split, s in subset_task("synth-count", {"train": 60, "val": 30, "test": 30})
+              .splits.items()}
+    majority = np.bincount(labels["train"]).argmax()
+    expected = {"chance": 1 / 5, **{f"majority_{s}": float(np.mean(labels[s] == majority)) for s in ("val", "test")}}
+    assert task["baselines"] == expected
+    assert "| synth-count | 5       | 60         | 30       | 30        | 0.2    |" in text
+    # One trainable share: the log line and the table print the same figure, of the backbone's parameter count.
+    backbone_params = sum(p.numel() for p in _backbone_model().parameters())
+    assert task["backbone_params"] == backbone_params
+    share = percent_text(100 * task["trainable_params"] / backbone_params)
+    assert f"| {share}" in text and f"{share} of the backbone's {backbone_params:,}" in caplog.text
+
+
+def _backbone_model():
+    from inca.backbone import create_backbone
+
+    return create_backbone("vit_tiny_patch16_224", "random", {"img_size": 32, "patch_size": 8, "depth": 2}).model
+
+
+
+def test_lora_logs_the_share_of_the_backbone(caplog):
+    """The share inca-compare tables (trainable / the backbone's parameters) is the one LoRA logs, not a share of
+    the adapted model's parameters (which grow with LoRA's own)."""
+    import logging
+    import re
+
+    from inca.adapters.common import count_parameters, percent_text
+    from inca.adapters.lora import apply_lora
+    from inca.backbone import create_backbone
+    from inca.train.e2e import trainable_copy
+
+    backbone = create_backbone("vit_tiny_patch16_224", "random", {"img_size": 32, "patch_size": 8, "depth": 2})
+    total = sum(p.numel() for p in backbone.model.parameters())
+    model = trainable_copy(backbone, 5)
+    with caplog.at_level(logging.INFO, logger="inca"):
+        apply_lora(model, rank=2)
+    count = count_parameters(model)
+    logged = re.search(r"\(([\d.]+%) of the backbone's ([\d,]+)\)", caplog.text)
+    assert logged.groups() == (percent_text(100 * count.trainable / total), f"{total:,}")
+    assert logged.group(1) != percent_text(100 * count.trainable / count.total)  # the other denominator differs

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from inca.adapters.common import (
+    backbone_parameter_count,
     count_parameters,
+    describe_trainable,
     head_parameters,
     load_tensors,
     named_tensors,
@@ -175,6 +177,7 @@ def apply_compacter(
             logger.info("Compacter: bottleneck %d (width %d // reduction %d) is not a positive multiple of phm_dim "
                         "%d; rounded up to %d", dim // reduction, dim, reduction, phm_dim,
                         bottleneck_width(dim, reduction, phm_dim))
+    backbone = backbone_parameter_count(model)
     reference = next(model.parameters())
     factory = {"device": reference.device, "dtype": reference.dtype}
     rule = nn.Parameter(torch.empty(phm_dim, phm_dim, phm_dim, **factory))
@@ -183,9 +186,8 @@ def apply_compacter(
         adapter = CompacterAdapter(dim, reduction, rule, rank)
         setattr(block, kind, AdaptedSublayer(getattr(block, kind), adapter))
     mark_compacter_trainable(model, train_norms=train_norms)
-    count = count_parameters(model)
-    logger.info("Compacter%s on %d sub-layers: %d of %d parameters trainable (%.2f%%)", "++" if plus else "",
-                len(sublayers), count.trainable, count.total, 100 * count.fraction)
+    logger.info("Compacter%s on %d sub-layers: %s", "++" if plus else "", len(sublayers),
+                describe_trainable(count_parameters(model).trainable, backbone))
     return [name for _, _, name, _ in sublayers]
 
 

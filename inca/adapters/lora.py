@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from inca.adapters.common import (
+    backbone_parameter_count,
     count_parameters,
+    describe_trainable,
     head_parameters,
     load_tensors,
     named_tensors,
@@ -166,13 +168,13 @@ def apply_lora(
                 f"LoRA rank {rank} exceeds the smaller side of {name!r} ({m.out_features}x{m.in_features}); "
                 f"use rank <= {min(m.in_features, m.out_features)}"
             )
+    backbone = backbone_parameter_count(model)
     for name, m in matched:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoRALinear(m, rank, alpha, rslora, dropout))
     mark_lora_trainable(model)
-    count = count_parameters(model)
-    logger.info("LoRA r=%d on %d layers: %d of %d parameters trainable (%.2f%%)",
-                rank, len(matched), count.trainable, count.total, 100 * count.fraction)
+    logger.info("LoRA r=%d on %d layers: %s", rank, len(matched),
+                describe_trainable(count_parameters(model).trainable, backbone))
     return [name for name, _ in matched]
 
 

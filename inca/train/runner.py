@@ -18,9 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..activations import ActivationSource, CachedSource, open_source
+from ..adapters.common import backbone_parameter_count, trainable_percent
 from ..adapters.inca import AdapterSpec, InCABank
 from ..adapters.saved import TaskAdapter, save_adapter
 from ..backbone import Backbone
@@ -101,11 +103,12 @@ def train_inca_task(
     world = current()  # data-parallel: every rank holds the same bank, rank 0 writes it
     if world.is_main:
         save_adapter(adapter, out_dir / ADAPTER_DIR)
-    ensemble = _ensemble(bank, source, val_acc, config.ensemble, out_dir / ENSEMBLE_DIR, task, provenance)
+    warnings: list[str] = []
+    ensemble = _ensemble(bank, source, val_acc, config.ensemble, out_dir / ENSEMBLE_DIR, task, provenance, warnings)
     if world.is_main:
         checkpoint.unlink(missing_ok=True)  # the results and the adapter are written: nothing left to resume
     trainable = sum(p.numel() for p in adapter.parameters())
-    backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    backbone_params = backbone_parameter_count(backbone.model)
     trained = history.epochs_trained
     adapters = [
         {**asdict(s), "val_acc": _num(val_acc[i]), "test_acc": _num(test_acc[i]), "diverged": bool(bank.diverged[i]),
@@ -118,6 +121,7 @@ def train_inca_task(
         "task": task.spec,
         "classes": task.classes,
         "sizes": task.sizes(),
+        "baselines": baselines(task),
         "layers": layers,
         "activations": "cache" if cached else "live",
         "cache_path": str(source.cache.path) if cached else None,
@@ -129,9 +133,11 @@ def train_inca_task(
         "val_acc": adapters[best]["val_acc"],
         "test_acc": adapters[best]["test_acc"],
         "ensemble": ensemble,
+        "serve": serve(float(val_acc[best]), ensemble),
+        "warnings": warnings,
         "trainable_params": trainable,
         "backbone_params": backbone_params,
-        "trainable_percent": 100.0 * trainable / backbone_params,
+        "trainable_percent": trainable_percent(trainable, backbone_params),
         "steps": steps,
         "search": config.search,
         "rungs": history.rungs,
@@ -165,26 +171,56 @@ def require_memory_for_bank(specs: list[AdapterSpec], width: int, num_classes: i
         )
 
 
+def baselines(task: Task) -> dict[str, float | None]:
+    """What an adapter has to beat: ``chance`` (1 / classes: guessing uniformly) and ``majority_val`` /
+    ``majority_test``, the accuracy of always answering the train split's most frequent class."""
+    majority = int(np.bincount(task.splits["train"].labels, minlength=task.num_classes).argmax())
+    rates = {split: task.splits[split].labels for split in ("val", "test")}
+    return {"chance": 1.0 / task.num_classes,
+            **{f"majority_{split}": float((labels == majority).mean()) if len(labels) else None
+               for split, labels in rates.items()}}
+
+
+def serve(best_val: float, ensemble: dict[str, Any] | None) -> str:
+    """What to serve a task with by default: ``"ensemble"`` only when its val accuracy is above the best single
+    adapter's (a tie goes to the adapter: the same accuracy for one adapter's cost), else ``"adapter"``. The value
+    is also the name of the directory it is saved in, under the task's."""
+    better = ensemble is not None and ensemble.get("val_acc") is not None and ensemble["val_acc"] > best_val
+    return ENSEMBLE_DIR if better else ADAPTER_DIR
+
+
 def _ensemble(
     bank: InCABank, source: ActivationSource, val_acc: torch.Tensor, k: int, directory: Path, task: Task,
-    provenance: dict[str, Any],
+    provenance: dict[str, Any], warnings: list[str],
 ) -> dict[str, Any] | None:
-    """The top-``k`` adapters by val averaged (the InCA paper's parallel ensembling), saved and scored."""
+    """The top-``k`` adapters by val averaged (the InCA paper's parallel ensembling), saved and scored. Fewer than
+    ``k`` adapters that did not diverge make a smaller ensemble, and fewer than two none (one adapter is the best
+    adapter itself); both are warned about and added to ``warnings``."""
     if k < 2:
         return None
     members = top_adapters(val_acc, k)
     if len(members) < k:
-        logger.warning("%s: only %d adapters did not diverge; the ensemble has %d members", task.spec,
-                       len(members), len(members))
+        made = f"the ensemble has {len(members)} members" if len(members) >= 2 else "no ensemble is made"
+        warnings.append(f"--ensemble {k} asked for {k} adapters and only {len(members)} of the {len(val_acc)} did not "
+                        f"diverge: {made}")
+        logger.warning("%s: %s", task.spec, warnings[-1])
+    if len(members) < 2:
+        return {"requested": k, "k": len(members), "members": members}
     val, test = (evaluate_ensemble(bank, source, members, split) for split in ("val", "test"))
     ensemble = TaskAdapter.from_bank(bank, members, task.classes,
                                      {**provenance, "val_accuracy": val, "test_accuracy": test})
     if current().is_main:
         save_adapter(ensemble, directory)
     logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.spec, len(members), val, test)
+    best_val = float(val_acc[members[0]])
+    if val < best_val:
+        warnings.append(f"the ensemble of {len(members)} is below the best single adapter on val ({val:.4f} < "
+                        f"{best_val:.4f}): it is saved but not served by default")
+        logger.warning("%s: %s", task.spec, warnings[-1])
     params = sum(p.numel() for p in ensemble.parameters())
-    return {"k": len(members), "members": members, "val_acc": val, "test_acc": test, "trainable_params": params,
-            "adapter_dir": str(directory)}
+    return {"requested": k, "k": len(members), "members": members, "val_acc": val, "test_acc": test,
+            "trainable_params": params, "adapter_dir": str(directory)}
+
 
 
 def _num(value: Any) -> float | None:
