@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from . import options as opt
 from .errors import InCAError, first_line
-from .progress import set_quiet
+from .progress import command_units, set_quiet, unit_done
 
 # Each command's name: its parser's prog, and what its errors start with (even one raised while its parser is built).
 CACHE, COMPARE, PREDICT, PROBE, TRAIN = "inca-cache", "inca-compare", "inca-predict", "inca-probe", "inca-train"
@@ -214,11 +214,13 @@ def _cache(args: argparse.Namespace) -> int:
     specs = _task_specs(args)
     backbone = _backbone(args)
     layers = resolve_layers(args.layers, backbone.num_blocks)
-    for spec in specs:
-        task = _load_task(args, spec)
-        cache = build_cache(backbone, task, layers, args.cache_dir, args.batch_size, args.dtype,
-                            args.num_workers, args.commit_seconds, rebuild=args.rebuild)
-        print(f"{task.spec}: {cache.path} ({cache.dtype}, layers {cache.layers}, rows {task.sizes()})")
+    with command_units(len(specs)):  # redirected logs: progress lines per tenth of all the stores
+        for spec in specs:
+            task = _load_task(args, spec)
+            cache = build_cache(backbone, task, layers, args.cache_dir, args.batch_size, args.dtype,
+                                args.num_workers, args.commit_seconds, rebuild=args.rebuild)
+            print(f"{task.spec}: {cache.path} ({cache.dtype}, layers {cache.layers}, rows {task.sizes()})")
+            unit_done()
     return 0
 
 

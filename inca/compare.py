@@ -48,6 +48,7 @@ from inca.io import atomic_write_text, digest
 from inca.memory import PeakMemory, parameter_bytes
 from inca.methods import METHODS, Method, MethodResult, RunConfig, TrainConfig, run_method
 from inca.methods.base import LR_STEP
+from inca.progress import command_units
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
 from inca.suite import Unit, run_suite, task_directory
 from inca.tasks import SPLITS, Task, load_task
@@ -165,9 +166,10 @@ def run_comparison(
     """
     out = Path(out_dir)
     run_pair = _PairRunner(backbone, settings, out / RUNS_DIR)
-    return run_suite(out, REPORT_JSON, _fresh_report(backbone, settings, run_pair.backbone_params),
-                     _units(task_specs, methods, load, run_pair), write_reports, overwrite=overwrite,
-                     finished=_finished, store=_store)
+    with command_units(len(task_specs) * len(methods)):  # redirected logs: progress lines per tenth of the pairs
+        return run_suite(out, REPORT_JSON, _fresh_report(backbone, settings, run_pair.backbone_params),
+                         _units(task_specs, methods, load, run_pair), write_reports, overwrite=overwrite,
+                         finished=_finished, store=_store)
 
 
 class _PairRunner:

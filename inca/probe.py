@@ -26,6 +26,7 @@ from .cache import store_bytes
 from .errors import InCAError
 from .io import atomic_write_text, read_json_file
 from .probes import ProbeSuiteConfig, get_probe
+from .progress import command_units
 from .report import markdown_table, plot_heatmap, plot_lines
 from .suite import Unit, finished_on_same_data, run_suite
 from .tasks import SPLITS, Task
@@ -141,8 +142,9 @@ def run_probe_suite(
     fresh = {"backbone": backbone.describe(), "config": probe_config(backbone, layers, options),
              "probes": options.probes, "tasks": {}}
     units = (Unit(spec, spec, functools.partial(probe, task)) for spec, task in tasks.items())
-    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite,
-                     finished=finished_on_same_data(tasks, "probed"))
+    with command_units(len(tasks)):  # redirected logs: progress lines per tenth of the tasks
+        return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite,
+                         finished=finished_on_same_data(tasks, "probed"))
 
 
 def write_reports(out: Path, report: dict[str, Any]) -> None:

@@ -1,8 +1,14 @@
 """Progress of long loops: a tqdm bar on a terminal, a log line every tenth of the way when output is
-redirected (a log file gets ~10 lines, not hundreds of bar redraws), nothing with ``--quiet``."""
+redirected (a log file gets ~10 lines, not hundreds of bar redraws), nothing with ``--quiet``.
+
+A command made of units (a suite's tasks or (task, method) pairs) declares them with :func:`command_units`; its
+loops then report in a redirected log only when the whole command passes a tenth, at most ten lines whatever the
+number of units and loops (a unit's share counted from the loop that is running in it).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -10,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["progress", "set_quiet"]
+__all__ = ["command_units", "progress", "set_quiet", "unit_done"]
 
 logger = logging.getLogger(__name__)
 _quiet = False
@@ -20,6 +26,41 @@ def set_quiet(quiet: bool) -> None:
     """Silence every progress report of this process (``--quiet``)."""
     global _quiet
     _quiet = quiet
+
+
+class _Units:
+    """A command's whole work: ``total`` units, ``done`` of them finished, ``reported`` tenths logged."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.reported = max(total, 1), 0, 0
+
+    def tenth(self, fraction_of_unit: float) -> int:
+        """The tenth of the command reached with the running unit ``fraction_of_unit`` through."""
+        return min(10, int(10 * (min(self.done, self.total) + min(fraction_of_unit, 1.0)) / self.total))
+
+
+_units: _Units | None = None
+
+
+@contextlib.contextmanager
+def command_units(total: int) -> Iterator[None]:
+    """Within it, progress lines count tenths of ``total`` units of work (each ended by :func:`unit_done`) rather
+    than of each loop. A command inside another's units (a suite's unit calling a suite) counts as its unit."""
+    global _units
+    if _units is not None:
+        yield
+        return
+    _units = _Units(total)
+    try:
+        yield
+    finally:
+        _units = None
+
+
+def unit_done() -> None:
+    """One unit of the running command is finished (run or skipped)."""
+    if _units is not None:
+        _units.done += 1
 
 
 class _LogProgress:
@@ -37,10 +78,21 @@ class _LogProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self.total and self._tenth() > self._reported:
+        if not self.total:
+            return
+        if _units is not None:  # one line per tenth of the whole command
+            tenth = _units.tenth(self.n / self.total)
+            if tenth > _units.reported:
+                _units.reported = tenth
+                self._log(f"; unit {min(_units.done + 1, _units.total)} of {_units.total}")
+        elif self._tenth() > self._reported:
             self._reported = self._tenth()
-            extra = f", {self.postfix}" if self.postfix else ""
-            logger.info("%s: %d%% (%d/%d %s%s)", self.desc, 10 * self._reported, self.n, self.total, self.unit, extra)
+            self._log("")
+
+    def _log(self, where: str) -> None:
+        extra = f", {self.postfix}" if self.postfix else ""
+        logger.info("%s: %d%% (%d/%d %s%s%s)", self.desc, 100 * self.n // self.total, self.n, self.total, self.unit,
+                    extra, where)
 
     def set_postfix_str(self, text: str) -> None:
         self.postfix = text

@@ -22,6 +22,7 @@ from typing import Any
 from .distributed import SOLO, World, acting_as, launched
 from .errors import InCAError
 from .io import atomic_write_json, digest, directory_lock, read_json, read_json_file, remove_stale_temps
+from .progress import unit_done
 from .tasks import Task
 
 __all__ = ["REPLACING_DIR", "UNITS_DIR", "Report", "Unit", "finished_on_same_data", "open_report", "run_suite",
@@ -227,8 +228,9 @@ class _SuiteRun:
         for unit in units:
             if self.finished(self.report, unit.key):
                 logger.info("%s: finished in an earlier run, skipped (its result is in %s)", unit.name, self.path)
-                continue
-            self.keep(unit, self.run_unit(unit, data_parallel=False))
+            else:
+                self.keep(unit, self.run_unit(unit, data_parallel=False))
+            unit_done()
         self.save()
 
     def pending(self, units: list[Unit]) -> list[Unit]:

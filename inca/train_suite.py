@@ -18,6 +18,7 @@ from typing import Any
 from inca.adapters.common import describe_trainable, percent_text
 from inca.backbone import Backbone
 from inca.io import atomic_write_text
+from inca.progress import command_units
 from inca.report import markdown_table
 from inca.suite import Report, Unit, run_suite, task_directory
 from inca.tasks import Task
@@ -81,7 +82,8 @@ def run_train_suite(
 
     fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
     units = (Unit(spec, spec, functools.partial(train, task)) for spec, task in tasks.items())
-    return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite, finished=finished)
+    with command_units(len(tasks)):
+        return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite, finished=finished)
 
 
 def write_reports(out: Path, results: Report) -> None:

@@ -140,3 +140,40 @@ def test_lora_logs_the_share_of_the_backbone(caplog):
     logged = re.search(r"\(([\d.]+%) of the backbone's ([\d,]+)\)", caplog.text)
     assert logged.groups() == (percent_text(100 * count.trainable / total), f"{total:,}")
     assert logged.group(1) != percent_text(100 * count.trainable / count.total)  # the other denominator differs
+
+
+def test_redirected_progress_is_at_most_one_line_per_tenth_of_the_command(caplog):
+    import logging
+
+    from inca.progress import command_units, progress, unit_done
+
+    def loops(units: int, per_unit: int, steps: int) -> int:
+        caplog.clear()
+        for _ in range(units):
+            for _ in range(per_unit):
+                for _ in progress(range(steps), desc="loop"):
+                    pass
+            unit_done()
+        return len([r for r in caplog.records if r.name == "inca.progress"])
+
+    with caplog.at_level(logging.INFO, logger="inca"):
+        assert loops(1, 1, 50) == 10  # a loop alone: one line per tenth of it
+        with command_units(7):
+            assert loops(7, 3, 50) <= 10  # 21 loops in 7 units: still at most ten lines
+        with command_units(30):
+            assert loops(30, 2, 5) == 10  # more units than tenths: one line per tenth, no more
+        with command_units(1), command_units(5):  # a command within a unit of another counts in the outer one
+            assert loops(1, 4, 50) == 10
+
+
+def test_a_suite_logs_at_most_ten_progress_lines(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import inca.progress
+    from inca.train.config import InCATrainConfig
+
+    monkeypatch.setattr(inca.progress.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level(logging.INFO, logger="inca"):
+        _train(tmp_path, InCATrainConfig(epochs=3, lr=[1e-3, 3e-3], cache="always"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "inca.progress"]
+    assert 1 <= len(lines) <= 10 and all("unit 1 of 1" in line for line in lines)
