@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,18 +22,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .adapters.common import CONFIG_FILE
+from .compare import REPORT_JSON as COMPARE_REPORT
 from .devices import autocast
 from .errors import InCAError, first_line, require_positive
 from .images import open_image
 from .inference import MultiTaskInCA
-from .io import existing_parent
+from .io import existing_parent, read_json_file
 from .options import BATCH_SIZE
 from .tasks import sequential_batches
+from .train.runner import ADAPTER_DIR, ENSEMBLE_DIR
+from .train_suite import REPORT_JSON as TRAIN_REPORT
 
-__all__ = ["FORMATS", "ImagePrediction", "adapter_paths", "check_output_file", "expand_images", "format_predictions",
-           "output_format", "predict_images"]
+__all__ = ["FORMATS", "USES", "ImagePrediction", "adapter_paths", "check_output_file", "expand_images",
+           "format_predictions", "output_format", "predict_images", "run_adapters"]
 
 FORMATS = ("csv", "jsonl")
+USES = ("adapter", "ensemble")  # what --run serves of each inca-train task
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,15 +145,69 @@ def format_predictions(predictions: Iterable[ImagePrediction], tasks: Sequence[s
     return buffer.getvalue()
 
 
-def adapter_paths(items: Sequence[str]) -> dict[str, str] | list[str]:
-    """``--adapter`` values as :meth:`MultiTaskInCA.from_saved` takes them: ``NAME=DIR`` items as a mapping of task
-    names to directories, plain directories as a list (the recorded task names). An item that exists as a path is
-    a directory even if it holds ``=``; naming some adapters but not all is an error."""
+def adapter_paths(items: Sequence[str], runs: Sequence[str] = (), use: str = "adapter") -> dict[str, str] | list[str]:
+    """``--adapter`` values and ``--run`` directories as :meth:`MultiTaskInCA.from_saved` takes them: ``NAME=DIR``
+    items as a mapping of names to directories, plain directories as a list (named by their recorded tasks). An
+    item that exists as a path is a directory even if it holds ``=``; naming some adapters but not all is an
+    error. An output directory of inca-train or inca-compare among the plain items is read as ``--run`` (logged)."""
     pairs = [item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item) for item in items]
     named = {name: directory for name, _, directory in pairs if name}
-    if named and len(named) != len(pairs):
-        raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none")
-    return named or [directory for _, _, directory in pairs]
+    if named and (len(named) != len(pairs) or runs):
+        raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none (--run's adapters are "
+                        "named by their tasks)")
+    if named:
+        return named
+    directories: list[str] = []
+    for directory in [directory for _, _, directory in pairs]:
+        if _run_report(directory) is None:
+            directories.append(directory)
+        else:
+            logger.info("%s is an output directory, not an adapter: serving it as --run %s", directory, directory)
+            directories += run_adapters(directory, use)
+    for run in runs:
+        directories += run_adapters(run, use)
+    return directories
+
+
+def run_adapters(run_dir: str | os.PathLike, use: str = "adapter") -> list[str]:
+    """The saved adapters an output directory serves. Of an inca-train run, one per task: its best adapter on val,
+    or with ``use="ensemble"`` its ensemble where ``results.json`` offers one (saved, and better on val than the
+    best adapter; else its best adapter, logged). Of an inca-compare run, every (task, method) pair's saved model
+    (InCA's adapter, LoRA's, full fine-tuning's, ...). Found inside ``run_dir`` wherever the run was made from."""
+    if use not in USES:
+        raise InCAError(f"--use {use!r} is not one of {', '.join(USES)}")
+    report = _run_report(run_dir)
+    if report is None:
+        raise InCAError(f"{run_dir} is not an output directory of inca-train ({TRAIN_REPORT}) or inca-compare "
+                        f"({COMPARE_REPORT}); pass saved adapters with --adapter OUT/<task>-<hash>/adapter")
+    content = read_json_file(report, "run the command again into another directory")
+    run = Path(run_dir)
+    if report.name == COMPARE_REPORT:
+        results = content.get("results", [])
+        kept = [r for r in results if (run / r.get("adapter_dir", "-") / CONFIG_FILE).is_file()]
+        if len(kept) < len(results):
+            logger.warning("%s: %d of its %d trained models were not saved (an older inca-compare trained them): "
+                           "they are not served", run_dir, len(results) - len(kept), len(results))
+        return [str(run / r["adapter_dir"]) for r in kept]
+    directories = []
+    for spec, result in content.get("tasks", {}).items():
+        task_dir = run / (result.get("directory") or Path(result["best"]["adapter_dir"]).parent.name)
+        saved = bool((result.get("ensemble") or {}).get("adapter_dir"))
+        offered = result.get("serve", ENSEMBLE_DIR if saved else ADAPTER_DIR) == ENSEMBLE_DIR
+        if use == "ensemble" and not offered:
+            logger.info("%s: no ensemble offered (%s); serving its best adapter", spec,
+                        "it is below the best adapter on val" if saved else "none was saved: train with --ensemble K")
+        directories.append(str(task_dir / (ENSEMBLE_DIR if use == "ensemble" and offered else ADAPTER_DIR)))
+    return directories
+
+
+def _run_report(directory: str | os.PathLike) -> Path | None:
+    """The report that makes ``directory`` an output directory of inca-train or inca-compare (None: it is not one,
+    or it is a saved adapter)."""
+    path = Path(directory)
+    if not path.is_dir() or (path / CONFIG_FILE).exists():
+        return None
+    return next((path / name for name in (TRAIN_REPORT, COMPARE_REPORT) if (path / name).is_file()), None)
 
 
 def output_format(fmt: str | None, output: str | os.PathLike | None) -> str:

@@ -156,9 +156,11 @@ def write_adapter(
     atomic_write_json(directory / CONFIG_FILE, full)
 
 
-def read_adapter(directory: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Config and CPU tensors of an adapter written by :func:`write_adapter` for ``method``; a config edited
-    since (see :func:`resign_adapter`) is refused, naming what changed."""
+def read_adapter(
+    directory: str | os.PathLike, method: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Config and CPU tensors of an adapter written by :func:`write_adapter` for ``method`` (None: any); a config
+    edited since (see :func:`resign_adapter`) is refused, naming what changed."""
     config, tensors, signed = _read_files(directory, method)
     if signed is None:  # saved before configs were signed: still loads, as it always did
         logger.warning("%s was saved by an older inca that did not sign its %s, so an edit to it cannot be "
@@ -191,6 +193,17 @@ def resign_adapter(
     if changed:
         write_adapter(directory, fresh, tensors)
     return changed
+
+
+def amend_adapter(directory: str | os.PathLike, additions: dict[str, Any]) -> None:
+    """Add keys to the config of a saved adapter and sign it again (the weights are rewritten as they are): what a
+    method's ``save`` does not know, such as the provenance a saved model is served by. A key the config has
+    already is refused rather than replaced."""
+    config, tensors = read_adapter(directory, None)
+    clash = sorted(set(config) & set(additions))
+    if clash:
+        raise InCAError(f"{directory}: the adapter config sets {clash} already; save it again without them")
+    write_adapter(directory, {**_signed_part(config), **additions}, tensors)
 
 
 def config_changes(before: Any, after: Any, name: str = "") -> list[str]:
@@ -231,15 +244,8 @@ def _read_files(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
     """Config, CPU tensors and the signed config copy (None for an adapter of format 1) of a saved adapter,
     checked as a pair (method, format, the weights' checksum) but not against its signature."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (files)")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise InCAError(f"{config_path} is larger than an adapter config can be ({MAX_CONFIG_BYTES} bytes); save again")
-    config = read_json_file(config_path, "save the adapter again")
-    if not isinstance(config, dict):
-        raise InCAError(f"{config_path} is not an adapter config (a JSON object); save the adapter again")
+    config = read_config(directory)
+    config_path, weights_path = Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE
     if method is not None and config.get("method") != method:
         raise InCAError(f"{directory} holds a {config.get('method')!r} adapter, not {method!r}; load it with "
                         f"the matching loader")
@@ -263,6 +269,21 @@ def _read_files(
         raise InCAError(f"{weights_path} lacks the signed copy of its config that format "
                         f"{config['format_version']} adapters carry (replaced by hand?); save the adapter again")
     return config, tensors, signed
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """A saved adapter's config as its file says, before its weights or signature are checked (which
+    :func:`read_adapter` does): enough to choose the loader of the method it names."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (files)")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InCAError(f"{config_path} is larger than an adapter config can be ({MAX_CONFIG_BYTES} bytes); save again")
+    config = read_json_file(config_path, "save the adapter again")
+    if not isinstance(config, dict):
+        raise InCAError(f"{config_path} is not an adapter config (a JSON object); save the adapter again")
+    return config
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], expected: Collection[str]) -> None:

@@ -11,6 +11,12 @@ On disk it is the format every inca method shares (:func:`inca.adapters.common.w
 SHA-256 of the weights file) plus ``adapter.safetensors`` (``members.<k>.<InCA parameter>``, and in its header
 the config it was saved with). A config edited by hand (two class names swapped) is refused on load, naming
 what changed; :func:`resign_adapter` accepts a deliberate edit.
+
+Every other method's trained model is saved in the same format by that method's ``save`` (its trainable or
+changed tensors, and the config its ``load`` rebuilds it from), and then given the keys an InCA adapter records
+for serving: ``classes``, ``task``, ``backbone`` (name, weights, weights hash, model kwargs, preprocessing), the
+accuracies and how it was trained (:func:`inca.inference.save_end_to_end`). So one loader,
+:meth:`inca.inference.MultiTaskInCA.from_saved`, serves both kinds, reading each config's ``method``.
 """
 
 from __future__ import annotations
