@@ -36,7 +36,7 @@ __all__ = ["EndToEndModel", "InCAClassifier", "MultiTaskInCA", "check_adapter_fi
 
 logger = logging.getLogger(__name__)
 
-_PROVENANCE = ("name", "model_kwargs", "weights_hash")
+_PROVENANCE = ("name", "model_kwargs", "weights_hash", "final_norm")
 # The registered method that trained a saved end-to-end model, whose ``load`` rebuilds it (its config's ``method``
 # names the saved format, which methods share: LoRA-GA saves a LoRA).
 TRAINED_WITH = "trained_with"
@@ -153,10 +153,15 @@ class MultiTaskInCA(_FrozenBackbone):
                               for layer in adapter.reads})
         self.transform = backbone.transform if isinstance(backbone, Backbone) else None
         self.preprocessing = backbone.preprocessing if isinstance(backbone, Backbone) else None
+        # Adapters trained on the last block's tokens through the final norm (inca-compare --final-norm) read them so.
+        self.final_norm = isinstance(backbone, Backbone) and backbone.final_norm
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         tokens = intermediate_tokens(self.backbone, images, self.layers) if self.layers else []
         features = dict(zip(self.layers, tokens))
+        last = len(self.backbone.blocks) - 1
+        if self.final_norm and last in features:
+            features[last] = self.backbone.norm(features[last])
         return {task: adapter(features) if isinstance(adapter, TaskAdapter) else adapter(images)
                 for task, adapter in zip(self.tasks, self.adapters)}
 
@@ -181,7 +186,8 @@ class MultiTaskInCA(_FrozenBackbone):
             directories, metadata, [str(config.get(TRAINED_WITH) or config.get("method")) for config in configs])
         _check_same_provenance(dict(zip(names, metadata)))
         record = _backbone_record(metadata[0], names[0])
-        backbone = create_backbone(record["name"], weights or record["weights"], record.get("model_kwargs"), device)
+        backbone = create_backbone(record["name"], weights or record["weights"], record.get("model_kwargs"), device,
+                                   final_norm=bool(record.get("final_norm")))
         served = {name: inca[k] if k in inca else load_end_to_end(directories[k], backbone)
                   for k, name in enumerate(names)}
         return cls(backbone, served).to(device)
