@@ -50,7 +50,7 @@ from inca.methods import METHODS, Method, MethodResult, RunConfig, TrainConfig, 
 from inca.methods.base import LR_STEP
 from inca.progress import command_units
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
-from inca.suite import Unit, run_suite, task_directory
+from inca.suite import Unit, run_suite, spelling_of, task_directory
 from inca.tasks import SPLITS, Task, load_task
 from inca.train.e2e import FitConfig, fit, trainable_copy
 
@@ -208,6 +208,7 @@ def _record(
     """One pair's ``compare.json`` record: the figures every method has, then its result's own."""
     record = {
         "task": task.spec,
+        "typed_spec": task.typed_spec,
         "method": name,
         "test_acc": result.test_acc,
         "val_acc": result.val_acc,
@@ -258,10 +259,11 @@ def _finished(summary: dict[str, Any], key: str) -> bool:
 
 
 def _store(summary: dict[str, Any], key: str, record: dict[str, Any]) -> None:
-    """Replace the same (task, method) in place (hyper-parameters changed), else append."""
+    """Replace the same (task, method) in place (hyper-parameters changed, or the task recorded under another
+    spelling of its spec by an inca version before canonical specs), else append."""
     results = summary["results"]
     for i, old in enumerate(results):
-        if (old["task"], old["method"]) == (record["task"], record["method"]):
+        if old["method"] == record["method"] and spelling_of(old["task"], record["task"]):
             results[i] = record
             return
     results.append(record)

@@ -17,7 +17,11 @@ import stat
 
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["open_image", "open_image_turned"]
+__all__ = ["IMAGE_EXTENSIONS", "open_image", "open_image_turned"]
+
+# The file extensions read as images: torchvision's ``IMG_EXTENSIONS`` (what its ImageFolder reads), written out so
+# that finding a folder's images imports no torch.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

@@ -24,7 +24,8 @@ from .activations import CachedSource, LiveSource, RecordingSource, open_source
 from .backbone import Backbone, resolve_layers
 from .cache import store_bytes
 from .errors import InCAError
-from .io import atomic_write_text, read_json_file
+from .io import atomic_write_text
+from .probe_report import read_probe_report
 from .probes import ProbeSuiteConfig, get_probe
 from .progress import command_units
 from .report import markdown_table, plot_heatmap, plot_lines
@@ -134,10 +135,12 @@ def run_probe_suite(
     configuration skips the finished ones (another configuration needs ``overwrite``)."""
     layers = resolve_layers(layers_spec, backbone.num_blocks)
     usable_pools(backbone, options)  # before any data loads
-    tasks = {spec: load_task(spec) for spec in task_specs}  # fingerprinted: a finished task is skipped only as is
+    # Fingerprinted, so a finished task is skipped only as is; keyed by the canonical spec (one per task).
+    tasks = {task.spec: task for task in map(load_task, task_specs)}
 
     def probe(task: Task) -> dict[str, Any]:
-        return {**probe_task(backbone, task, layers, options), "fingerprint": task.fingerprint}
+        return {**probe_task(backbone, task, layers, options), "fingerprint": task.fingerprint,
+                "typed_spec": task.typed_spec}
 
     fresh = {"backbone": backbone.describe(), "config": probe_config(backbone, layers, options),
              "probes": options.probes, "tasks": {}}
@@ -243,14 +246,8 @@ def layers_from_report(spec: str, num_blocks: int, report: str | None) -> Callab
 
 def _read_rankings(report: str) -> dict[str, list[int]]:
     """Each task's layer ranking (best first) in the ``inca-probe`` report ``report``; a file that is not one
-    (missing, not JSON, not a report, a task without its ranking) is refused in one line."""
-    if not Path(report).is_file():
-        raise InCAError(f"probe report {report} does not exist; run inca-probe first")
-    content = read_json_file(report, f"pass the {REPORT_JSON} that inca-probe wrote", what="probe report")
-    tasks = content.get("tasks") if isinstance(content, dict) else None
-    if not isinstance(tasks, dict):
-        raise InCAError(f"probe report {report} is not an inca-probe report (no tasks in it): pass the {REPORT_JSON} "
-                        "that inca-probe wrote")
+    (missing, not JSON, not a report, a task without its ranking) is refused in one line. Keyed by canonical spec."""
+    tasks = read_probe_report(report)["tasks"]
     rankings = {}
     for spec, result in tasks.items():
         ranking = result.get("ranking") if isinstance(result, dict) else None

@@ -23,10 +23,10 @@ from .distributed import SOLO, World, acting_as, launched
 from .errors import InCAError
 from .io import atomic_write_json, digest, directory_lock, read_json, read_json_file, remove_stale_temps
 from .progress import unit_done
-from .tasks import Task
+from .tasks import Task, canonical_task_spec
 
 __all__ = ["REPLACING_DIR", "UNITS_DIR", "Report", "Unit", "finished_on_same_data", "open_report", "run_suite",
-           "task_directory"]
+           "spelling_of", "task_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,22 @@ def _in_tasks(report: Report, key: str) -> bool:
 
 
 def _put_in_tasks(report: Report, key: str, result: Any) -> None:
+    """``result`` under the task spec ``key``, replacing the task's entry under another spelling of its spec:
+    reports of inca before canonical specs keyed a folder by its path as typed (``folder:../data/faces``), in a
+    directory named after it; that task runs again under its canonical spec and the entry is replaced."""
+    for old in [spec for spec in report["tasks"] if spec != key and spelling_of(spec, key)]:
+        logger.warning("%s: its earlier result, recorded as %s by an inca version that named tasks by the path as "
+                       "typed, is replaced; that run's files are left where they are", key, old)
+        del report["tasks"][old]
     report["tasks"][key] = result
+
+
+def spelling_of(spec: str, canonical: str) -> bool:
+    """Whether ``spec`` (as a report recorded it) names the task whose canonical spec is ``canonical``."""
+    try:
+        return canonical_task_spec(spec) == canonical
+    except InCAError:  # a spec of a task source no longer installed
+        return False
 
 
 def run_suite(
@@ -146,8 +161,9 @@ def run_suite(
 
 
 def task_directory(task: Task) -> str:
-    """A task's output directory name in any suite: readable, and unique by construction (specs that slug alike,
-    or a task whose data changed, get different directories)."""
+    """A task's output directory name in any suite: short and readable (a folder's own name: ``faces-ea1094d6``),
+    the same however its spec was spelled, and unique by construction (two folders of one name, tasks that slug
+    alike, or a task whose data changed, get different directories: the fingerprint differs)."""
     return f"{task.slug}-{task.fingerprint[:8]}"
 
 

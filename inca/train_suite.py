@@ -60,7 +60,8 @@ def run_train_suite(
     """:func:`~inca.train.runner.train_inca_task` on each task into ``out/<task>-<fingerprint>/``; ``results.json``
     and ``results.md`` after each task (a rerun with the same configuration skips the finished ones)."""
     out = Path(out)
-    tasks = {spec: load_task(spec) for spec in task_specs}  # every spec loads before any training starts
+    # Every spec loads before any training starts; results are keyed by the canonical spec (one per task).
+    tasks = {task.spec: task for task in map(load_task, task_specs)}
 
     def train(task: Task) -> dict[str, Any]:
         directory = task_directory(task)
@@ -70,7 +71,8 @@ def run_train_suite(
                     describe_trainable(result["trainable_params"], result["backbone_params"]), result["seconds"])
         # What to serve, relative to ``out`` (the run moves as one directory): inca-predict --run reads it.
         return {**result, "directory": directory, "serve_dir": f"{directory}/{result['serve']}",
-                "fingerprint": task.fingerprint, "skipped_images": task.identity.get("skipped_images", 0)}
+                "fingerprint": task.fingerprint, "typed_spec": task.typed_spec,
+                "skipped_images": task.identity.get("skipped_images", 0)}
 
     def finished(report: Report, spec: str) -> bool:
         """A task counts as done only if its data is the same as when it was trained."""

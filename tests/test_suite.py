@@ -181,3 +181,43 @@ def test_results_a_failed_shared_run_left_are_merged_by_the_next_run(tmp_path):
     assert all(report["tasks"][name]["world_size"] == 2 for name in shared)
     assert all(report["tasks"][name]["world_size"] == 1 for name in resumed.ran)
     assert not list((out / UNITS_DIR).glob("*.json"))
+
+
+def test_a_folder_resumes_under_any_spelling_and_replaces_its_entry_named_the_old_way(tmp_path, monkeypatch, caplog):
+    """Trained as ``folder:data``, the task is finished for ``folder:/abs/data/``: one entry (keyed by the canonical
+    spec, the spelling as typed recorded), one directory named after the folder. An entry a report recorded under
+    the typed path (inca before canonical specs) is trained again and replaced, with a warning: never two rows."""
+    from PIL import Image
+
+    from inca.cli import train_main
+
+    from .conftest import TINY_ARGS
+
+    for c, name in enumerate(["dark", "bright"]):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (200 * c + i,) * 3).save(tmp_path / "data" / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY_ARGS, "--layers", "-1", "--epochs", "1", "--lr", "1e-3", "--queries", "4", "--out", "out"]
+    canonical = f"folder:{(tmp_path / 'data').resolve()}"
+
+    def entries():
+        return json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
+
+    assert train_main([*args, "--tasks", "folder:data"]) == 0
+    first = entries()
+    assert list(first) == [canonical] and first[canonical]["typed_spec"] == "folder:data"
+    directory = first[canonical]["directory"]
+    assert directory == f"data-{first[canonical]['fingerprint'][:8]}"
+    with caplog.at_level("INFO"):
+        assert train_main([*args, "--tasks", f"folder:{tmp_path / 'data'}/"]) == 0
+    assert "finished in an earlier run, skipped" in caplog.text and entries() == first
+
+    old = {**entries()}  # as an earlier inca version wrote it: keyed by the path as typed
+    (tmp_path / "out" / "results.json").write_text(json.dumps({**json.loads(
+        (tmp_path / "out" / "results.json").read_text()), "tasks": {"folder:data": old[canonical]}}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert train_main([*args, "--tasks", "folder:./data"]) == 0
+    assert list(entries()) == [canonical] and "recorded as folder:data by an inca version" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == [directory]

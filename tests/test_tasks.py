@@ -1,4 +1,5 @@
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -667,6 +668,7 @@ def test_torchvision_splits_are_mapped_by_class_name(tmp_path, monkeypatch, capl
     assert [task.classes[i] for i in task.splits["test"].labels] == ["dog", "cat", "cat", "dog"]
     _check_names_follow_images(task)
     assert "1 of 10 rows of the train split have no label (-1)" in caplog.text
+    (tmp_path / "eel").mkdir()
     with pytest.raises(InCAError, match="the 'test' split has class 'eel' that train does not have") as info:
         load_task("tv:ToyPets", data_root=str(tmp_path / "eel"))
     assert "\n" not in str(info.value)
@@ -682,3 +684,77 @@ def test_images_turned_by_exif_are_part_of_a_folder_task_identity(tmp_path):
     exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
     Image.open(tmp_path / "photos" / "a" / "1.png").save(tmp_path / "photos" / "a" / "1.png", exif=exif)
     assert load_task(f"folder:{tmp_path / 'photos'}").identity["turned_by_exif"] == 1
+
+
+def _small_folder(root, shade: int = 0) -> None:
+    for c, name in enumerate(["dark", "bright"]):
+        for i in range(6):
+            _write_image(root / name / f"{i}.png", value=shade + 100 * c + i)
+
+
+def test_every_spelling_of_a_folder_is_one_task_with_one_short_name(tmp_path, monkeypatch, caplog):
+    """Relative, absolute, with ``..``, with a trailing slash, through a symlink: one spec, fingerprint and output
+    name (the folder's own name and the fingerprint); the spelling as typed is kept."""
+    from inca.suite import task_directory
+    from inca.tasks import canonical_task_spec, check_task_specs
+
+    faces = tmp_path / "data" / "faces"
+    _small_folder(faces)
+    (tmp_path / "link").symlink_to(faces, target_is_directory=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    spellings = ["folder:../data/faces", f"folder:{faces}", f"folder:{faces}/", "folder:../work/../data/faces",
+                 f"folder:{tmp_path}/link", "folder:../link/"]
+    canonical = f"folder:{faces.resolve()}"
+    assert {canonical_task_spec(spec) for spec in spellings} == {canonical}
+    tasks = [load_task(spec) for spec in spellings]
+    assert {task.spec for task in tasks} == {canonical}
+    assert [task.typed_spec for task in tasks] == spellings
+    assert len({task.fingerprint for task in tasks}) == 1
+    assert {task_directory(task) for task in tasks} == {f"faces-{tasks[0].fingerprint[:8]}"}
+    with caplog.at_level("WARNING"):
+        assert check_task_specs(spellings, lambda spec: TaskLoadConfig()) == spellings[:1]
+    assert "is the same task as folder:../data/faces" in caplog.text
+
+    other = tmp_path / "elsewhere" / "faces"  # the same name (and images), another folder: another task
+    _small_folder(other)
+    again = load_task(f"folder:{other}")
+    assert again.name == "faces" and task_directory(again) != task_directory(tasks[0])
+
+
+def test_other_specs_keep_their_names_and_torchvision_names_their_case():
+    from inca.tasks import canonical_task_spec
+
+    assert canonical_task_spec(" digits ") == "digits"
+    assert canonical_task_spec("hf:org/name:config") == "hf:org/name:config"  # a hub name, not a path
+    assert canonical_task_spec("tv:cifar10") == "tv:CIFAR10"
+    assert load_task("synth-colour").name == "synth-colour"
+
+
+def test_torchvision_names_are_read_without_torch_and_match_its_classes():
+    """The names the up-front check reads from torchvision's source are the dataset classes it exports."""
+    import torchvision.datasets
+
+    from inca.images import IMAGE_EXTENSIONS
+    from inca.tasks.tv import _declared_dataset_names
+
+    exported = {name for name in dir(torchvision.datasets) if isinstance(getattr(torchvision.datasets, name), type)}
+    declared = set(_declared_dataset_names().values())
+    assert {"CIFAR10", "DTD", "Flowers102", "ImageFolder"} <= declared and declared - exported <= {
+        "wrap_dataset_for_transforms_v2"}  # a function torchvision also exports
+    assert IMAGE_EXTENSIONS == torchvision.datasets.folder.IMG_EXTENSIONS
+
+
+@pytest.mark.parametrize(("spec", "make", "needle"), [
+    ("folder:data", lambda root: (root / "data" / "a").mkdir(parents=True), "hold no valid file"),
+    ("folder:data", lambda root: _write_image(root / "data" / "train" / "a" / "0.png") or (
+        root / "data" / "extra").mkdir(), "split folders (data/train) beside other folders"),
+    ("hf:./nodata", lambda root: None, "./nodata is not a directory"),
+    ("hf:data", lambda root: (root / "data").mkdir(), "holds no dataset written by datasets' save_to_disk"),
+    ("tv:MNIST", lambda root: None, "--data-root missing is not a directory"),
+])
+def test_specs_are_checked_without_reading_images(tmp_path, monkeypatch, spec, make, needle):
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path)
+    with pytest.raises(InCAError, match=re.escape(needle)):
+        check_task_spec(spec, TaskLoadConfig(data_root="missing"))

@@ -73,14 +73,19 @@ class Split:
 
 @dataclass
 class Task:
-    """A classification task: its spec string, class names and splits."""
+    """A classification task: its spec string, class names and splits.
+
+    ``spec`` is the task's one canonical spelling (a folder by its resolved absolute path), so the same data is
+    one task however its spec was typed; ``typed_spec`` keeps the spelling the user gave, for the reports."""
 
     spec: str
     classes: list[str]
     splits: dict[str, Split]
     identity: dict[str, Any] = field(default_factory=dict)
+    typed_spec: str = ""
 
     def __post_init__(self) -> None:
+        self.typed_spec = self.typed_spec or self.spec
         missing = [name for name in SPLITS if name not in self.splits]
         if missing:
             raise InCAError(f"task {self.spec}: no {'/'.join(missing)} split could be formed")
@@ -102,9 +107,18 @@ class Task:
         return len(self.classes)
 
     @property
+    def name(self) -> str:
+        """A short readable name: a path's last component (``folder:/data/faces`` -> ``faces``), else the spec.
+        Not unique alone (two folders may share a name): output names add the fingerprint."""
+        _, colon, argument = self.spec.partition(":")
+        if colon and os.path.isabs(argument):
+            return os.path.basename(argument.rstrip(os.sep)) or self.spec
+        return self.spec
+
+    @property
     def slug(self) -> str:
-        """A filesystem-safe name for directories."""
-        return slugify(self.spec)
+        """A filesystem-safe form of :attr:`name` for directories."""
+        return slugify(self.name)
 
     @property
     def fingerprint(self) -> str:

@@ -22,12 +22,15 @@ Layout rules (also in the README, "Task specs"):
 Every image is decoded in full up front (in threads: decoding and hashing release the GIL), exactly as
 training reads it, so a truncated file is named before training starts (``--skip-bad-images`` leaves it out).
 
-The task's identity is the SHA-256 of every image's bytes, so a store or result built from images that have
-since changed (even rewritten with the same size) is never reused. Each file's hash and decode check are
-remembered by (size, mtime, ctime, inode) in ``$INCA_CACHE/file-scans``; ctime cannot be set back by a user,
-so an unchanged entry is a file that was not rewritten, and a rerun reads only what changed. Directories are
-walked in sorted order and each real directory once, so a symlink loop cannot repeat images; the same
-image content in two splits is reported, since it leaks evaluation data into training.
+The task's identity is the folder's resolved path and the SHA-256 of every image's bytes: the same folder
+spelled another way (relative, with ``..``, a trailing slash, through a symlink) is one task, named after the
+folder (``faces-<fingerprint>``), and a store or result built from images that have since changed (even
+rewritten with the same size) is never reused. The layout is checked before any image is read (and before
+torch is imported): folders are listed, each train class folder must hold an image file. Each file's hash
+and decode check are remembered by (size, mtime, ctime, inode) in ``$INCA_CACHE/file-scans``; ctime cannot be
+set back by a user, so an unchanged entry is a file that was not rewritten, and a rerun reads only what
+changed. Directories are walked in sorted order and each real directory once, so a symlink loop cannot repeat
+images; the same image content in two splits is reported, since it leaks evaluation data into training.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InCAError, first_line
-from ..images import open_image, open_image_turned
+from ..images import IMAGE_EXTENSIONS, open_image, open_image_turned
 from ..io import FINGERPRINT_LENGTH, atomic_write_json, cache_root, digest, file_sha256, read_json
 from ..progress import progress
 from .base import Split, Task, make_splits
@@ -85,21 +88,11 @@ def is_skipped(name: str) -> bool:
 def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool = False) -> Task:
     """The task in ``path`` (layout rules in the module docstring); unreadable images are all named in one
     error, or dropped (and counted in the task's identity) with ``skip_bad_images``."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise InCAError(f"task {spec}: {root} is not a directory; give folder:PATH with PATH/<class>/<images>")
-    folders = split_folders(spec, root) or {"train": root}
-    class_dirs = {split: _class_folders(spec, folder) for split, folder in folders.items()}
+    root = _directory(spec, path)
+    folders, class_dirs = folder_layout(spec, root)
+    for directory in dict.fromkeys([root, *folders.values()]):
+        _warn_loose_images(spec, directory)
     classes = sorted(class_dirs["train"])
-    if not classes:
-        raise InCAError(f"task {spec}: no class folders in {folders['train']}; expected "
-                        f"{folders['train']}/<class>/<images>")
-    for split, found in class_dirs.items():
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise InCAError(f"task {spec}: {folders[split]} has classes {unknown[:5]} that train does not have "
-                            f"({folders['train']}); class folders are matched by name across splits")
-
     paths: list[str] = []
     seen: set[str] = set()
     available: dict[str, Split] = {}
@@ -108,10 +101,7 @@ def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool 
                    for file in _image_files(spec, found[name], seen)]
         empty = sorted(set(classes) - {classes[label] for _, label in samples})
         if empty and split == "train":
-            from torchvision.datasets.folder import IMG_EXTENSIONS
-
-            raise InCAError(f"task {spec}: class folders {empty[:5]} under {folders[split]} hold no valid file "
-                            f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folders")
+            raise _no_images(spec, empty, folders[split])
         start = len(paths)
         paths.extend(p for p, _ in samples)
         available[split] = Split(None, np.arange(start, len(paths)), [label for _, label in samples])
@@ -137,6 +127,34 @@ def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool 
     return Task(spec, classes, splits, identity)
 
 
+def _directory(spec: str, path: str) -> Path:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise InCAError(f"task {spec}: {path} is not a directory; give folder:PATH with PATH/<class>/<images>")
+    return root
+
+
+def folder_layout(spec: str, root: Path) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
+    """The split folders (``{"train": root}`` in a class layout) and each split's class folders by name: every
+    layout rule but the images', checked by listing folders only."""
+    folders = split_folders(spec, root) or {"train": root}
+    class_dirs = {split: _class_folders(spec, folder) for split, folder in folders.items()}
+    if not class_dirs["train"]:
+        raise InCAError(f"task {spec}: no class folders in {folders['train']}; expected "
+                        f"{folders['train']}/<class>/<images>")
+    for split, found in class_dirs.items():
+        unknown = sorted(set(found) - set(class_dirs["train"]))
+        if unknown:
+            raise InCAError(f"task {spec}: {folders[split]} has classes {unknown[:5]} that train does not have "
+                            f"({folders['train']}); class folders are matched by name across splits")
+    return folders, class_dirs
+
+
+def _no_images(spec: str, empty: list[str], folder: Path) -> InCAError:
+    return InCAError(f"task {spec}: class folders {empty[:5]} under {folder} hold no valid file "
+                     f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folders")
+
+
 def split_folders(spec: str, root: Path) -> dict[str, Path]:
     """``{split: folder}`` (train first) when ``root`` is a split layout, ``{}`` when it is a class layout;
     every ambiguous mix is refused, naming the folders."""
@@ -159,13 +177,11 @@ def split_folders(spec: str, root: Path) -> dict[str, Path]:
     if "train" not in found:
         raise InCAError(f"task {spec}: {given} without a train folder; add {root / 'train'}/<class>/<images> "
                         "(split folders are never classes)")
-    _warn_loose_images(spec, root)
     return {split: found[split][0] for split in SPLIT_DIR_NAMES if split in found}
 
 
 def _class_folders(spec: str, directory: Path) -> dict[str, Path]:
     """The class folders in ``directory`` by name (a sorted dict)."""
-    _warn_loose_images(spec, directory)
     return {entry.name: Path(entry.path) for entry in _visible_entries(spec, directory) if _is_dir(entry)}
 
 
@@ -196,10 +212,8 @@ def _is_dir(entry: os.DirEntry) -> bool:
 def _is_image(entry: os.DirEntry) -> bool:
     """A regular file (or a link to one) with an image extension: never a FIFO, device or socket, which
     reading would block on or misread."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision's list, as ImageFolder reads
-
     try:
-        return entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
+        return entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
     except OSError:
         return False
 
@@ -207,17 +221,20 @@ def _is_image(entry: os.DirEntry) -> bool:
 def _image_files(spec: str, directory: Path, seen: set[str]) -> list[str]:
     """Image files under ``directory``, sorted, recursing into each real directory once (``seen`` holds the
     real paths already walked, shared across the task's splits)."""
+    return list(_walk_images(spec, directory, seen))
+
+
+def _walk_images(spec: str, directory: Path, seen: set[str]) -> Iterator[str]:
+    """:func:`_image_files` one at a time (a check stops at the first)."""
     real = os.path.realpath(directory)
     if real in seen:
-        return []
+        return
     seen.add(real)
-    files: list[str] = []
     for entry in _visible_entries(spec, directory):
         if _is_dir(entry):
-            files.extend(_image_files(spec, Path(entry.path), seen))
+            yield from _walk_images(spec, Path(entry.path), seen)
         elif _is_image(entry):
-            files.append(entry.path)
-    return files
+            yield entry.path
 
 
 def scan_files(paths: list[str]) -> list[tuple[str, str | None, bool]]:
@@ -340,8 +357,18 @@ def _report_duplicates(spec: str, splits: dict[str, Split], paths: list[str], ha
 
 
 def _check(spec: str, path: str, settings: TaskLoadConfig) -> None:
-    if not Path(path).expanduser().is_dir():
-        raise InCAError(f"task {spec}: {path} is not a directory; give folder:PATH with PATH/<class>/<images>")
+    """The folder exists and has a valid layout, each train class folder holding an image file: folders are
+    listed, no image is read."""
+    folders, class_dirs = folder_layout(spec, _directory(spec, path))
+    empty = [name for name, folder in class_dirs["train"].items() if next(_walk_images(spec, folder, set()), None)
+             is None]
+    if empty:
+        raise _no_images(spec, empty, folders["train"])
+
+
+def canonical_folder(path: str) -> str:
+    """A folder's one spelling: its absolute path with ``~``, ``..``, a trailing slash and symlinks resolved."""
+    return os.fspath(Path(path).expanduser().resolve())
 
 
 def _load(spec: str, path: str, settings: TaskLoadConfig) -> Task:
@@ -349,6 +376,6 @@ def _load(spec: str, path: str, settings: TaskLoadConfig) -> Task:
 
 
 register_task_source(
-    "folder:", load=_load, check=_check, spec_form="folder:PATH",
+    "folder:", load=_load, check=_check, canonical=canonical_folder, spec_form="folder:PATH",
     summary="images in PATH/<class>/ or PATH/{train,val,test}/<class>/",
 )  # fmt: skip

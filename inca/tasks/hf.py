@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,20 @@ def load_hf_task(spec: str, name: str, config: str | None = None, seed: int = 0)
     return Task(spec, classes, make_splits(available, seed=seed), identity)
 
 
+# The files ``datasets``' save_to_disk writes: a DatasetDict's index, or a single Dataset's state.
+SAVED_MARKERS = ("dataset_dict.json", "state.json")
+
+
+def _on_disk(name: str) -> bool:
+    """Whether ``name`` means a directory (it exists, or is spelled as a path) rather than a hub dataset."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or Path(name).expanduser().exists()
+
+
 def _open(spec: str, name: str, config: str | None) -> dict[str, Any]:
     import datasets
 
     try:
-        if Path(name).expanduser().exists():
+        if _on_disk(name):
             loaded = datasets.load_from_disk(str(Path(name).expanduser()))
         else:
             loaded = datasets.load_dataset(name, config)
@@ -212,7 +222,28 @@ def _load(spec: str, argument: str, settings: TaskLoadConfig) -> Task:
     return load_hf_task(spec, name, config or None, seed=settings.split_seed)
 
 
+def _check(spec: str, argument: str, settings: TaskLoadConfig) -> None:
+    """A dataset on disk is a directory save_to_disk wrote (a hub name is found only when it loads)."""
+    name = argument.partition(":")[0]
+    if not _on_disk(name):
+        return
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise InCAError(f"task {spec}: {name} is not a directory; give hf:DIR with a dataset written by "
+                        "datasets' save_to_disk, or a hub name")
+    if not any((folder / marker).is_file() for marker in SAVED_MARKERS):
+        raise InCAError(f"task {spec}: {name} holds no dataset written by datasets' save_to_disk (no "
+                        f"{' or '.join(SAVED_MARKERS)} in it); save it with Dataset.save_to_disk, or use folder:PATH "
+                        "for image folders")
+
+
+def _canonical(argument: str) -> str:
+    """A dataset on disk by its resolved path (a hub name as given), with its config."""
+    name, colon, config = argument.partition(":")
+    return f"{os.fspath(Path(name).expanduser().resolve())}{colon}{config}" if _on_disk(name) else argument
+
+
 register_task_source(
-    "hf:", load=_load, spec_form="hf:NAME[:CONFIG]",
+    "hf:", load=_load, check=_check, canonical=_canonical, spec_form="hf:NAME[:CONFIG]",
     summary="a Hugging Face dataset: a hub name (from the local cache offline) or a save_to_disk directory",
 )  # fmt: skip

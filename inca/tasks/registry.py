@@ -6,8 +6,11 @@ A task source turns the specs it claims into a :class:`~inca.tasks.base.Task`. I
 * ``load(spec, argument, settings) -> Task``: ``argument`` is what follows the prefix (or the exact name);
   ``settings`` are the shared loading settings (:class:`TaskLoadConfig`), or the source's own subclass of
   them when it declares settings of its own;
-* optionally ``check(spec, argument, settings)``: cheap checks (a folder exists, a dataset name is known)
-  that run for every spec before a backbone or any task is loaded, so a typo costs nothing.
+* optionally ``check(spec, argument, settings)``: cheap checks (a folder exists and has the layout, a dataset
+  name is known) that run for every spec before torch, a backbone or any task is loaded, so a typo costs
+  nothing; they import no torch;
+* optionally ``canonical(argument) -> argument``: the one spelling of what ``argument`` names (a folder's
+  resolved absolute path), so that every spelling of a spec is one task (one fingerprint, store and output).
 
 :func:`check_task_spec`, :func:`load_task`, the spec forms of ``--help`` and of error messages, and the flags
 of a source's own settings (``--{source}-{setting}``) all come from :data:`TASK_SOURCES`: the built-in sources
@@ -19,6 +22,7 @@ parser imports no torch.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,13 +35,17 @@ from inca.registry import Registry, unknown_name
 if TYPE_CHECKING:
     from inca.tasks.base import Task
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "BUILTIN_SOURCES",
     "TASK_SOURCES",
     "TaskLoadConfig",
     "TaskSource",
     "add_task_source_flags",
+    "canonical_task_spec",
     "check_task_spec",
+    "check_task_specs",
     "find_task_source",
     "load_task",
     "parse_task_list",
@@ -74,6 +82,7 @@ SHARED_SETTINGS = tuple(TaskLoadConfig.fields())
 
 LoadFn = Callable[[str, str, TaskLoadConfig], "Task"]
 CheckFn = Callable[[str, str, TaskLoadConfig], None]
+CanonicalFn = Callable[[str], str]
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,7 @@ class TaskSource:
     summary: str
     check: CheckFn | None = None
     config: type[TaskLoadConfig] = TaskLoadConfig
+    canonical: CanonicalFn | None = None
 
     def argument(self, spec: str) -> str | None:
         """What ``spec`` names for this source (the text after its prefix, or the exact name); None when the
@@ -129,11 +139,13 @@ def register_task_source(
     check: CheckFn | None = None,
     config: type[TaskLoadConfig] = TaskLoadConfig,
     name: str | None = None,
+    canonical: CanonicalFn | None = None,
 ) -> TaskSource:
     """Add a task source to :data:`TASK_SOURCES` and return it.
 
     ``prefix_or_names`` is a prefix ending in ``:`` (``"hf:"``: the source is named ``hf``), one exact spec
-    (``"digits"``), or several (then ``name`` names the family: ``synth``). Settings of the source's own are
+    (``"digits"``), or several (then ``name`` names the family: ``synth``); ``canonical`` (prefix sources) gives
+    the one spelling of an argument (see the module docstring). Settings of the source's own are
     fields of a ``config`` subclassing :class:`TaskLoadConfig`, each with a default, help and source (checked
     here, so a source missing one fails at import).
     """
@@ -148,10 +160,13 @@ def register_task_source(
         raise ValueError(f"task source claiming {', '.join(names)} needs a name for the family")
     if not spec_form or not summary:
         raise ValueError(f"task source {name!r} needs a spec_form and a summary")
+    if canonical is not None and prefix is None:
+        raise ValueError(f"task source {name!r}: canonical spellings are for a prefix's argument")
     if not issubclass(config, TaskLoadConfig):
         raise ValueError(f"task source {name!r}: its config must subclass TaskLoadConfig (shared settings)")
     config.check_definition(f"task source {name!r}")
-    return TASK_SOURCES.register(name, TaskSource(name, prefix, names, load, spec_form, summary, check, config))
+    return TASK_SOURCES.register(name, TaskSource(name, prefix, names, load, spec_form, summary, check, config,
+                                                  canonical))
 
 
 def task_spec_forms() -> str:
@@ -178,12 +193,35 @@ def find_task_source(spec: str) -> tuple[TaskSource, str]:
     raise unknown_name("task spec", spec, valid, options=f"use one of: {task_spec_forms()}", matches=3)
 
 
-def check_task_spec(spec: str, settings: TaskLoadConfig | None = None) -> None:
-    """Cheap checks of a task spec (its form, and its source's own: a folder's existence, a torchvision name and
-    root), so a typo is reported before a backbone or any other task is loaded."""
+def canonical_task_spec(spec: str) -> str:
+    """The one spelling of the task ``spec`` names: ``folder:../data/faces/`` and ``folder:/home/me/data/faces``
+    (or a symlink to it) are both ``folder:/home/me/data/faces``. Nothing is checked (a missing folder keeps its
+    resolved path), so a spec recorded in a report can be compared with today's."""
+    source, argument = find_task_source(spec)
+    return f"{source.prefix}{source.canonical(argument)}" if source.canonical and source.prefix else spec.strip()
+
+
+def check_task_spec(spec: str, settings: TaskLoadConfig | None = None) -> str:
+    """Cheap checks of a task spec (its form, and its source's own: a folder and its layout, a torchvision name
+    and root), so a typo is reported before torch, a backbone or any other task is loaded; returns the spec's
+    canonical spelling (:func:`canonical_task_spec`)."""
     source, argument = find_task_source(spec)
     if source.check is not None:
         source.check(spec.strip(), argument, source.settings(settings or TaskLoadConfig()))
+    return canonical_task_spec(spec)
+
+
+def check_task_specs(specs: Iterable[str], settings_for: Callable[[str], TaskLoadConfig]) -> list[str]:
+    """Every spec checked (:func:`check_task_spec`, with ``settings_for(spec)``), one per task, in order: a task
+    given twice (say, a folder by a relative and by an absolute path) is kept once, with a warning."""
+    kept: dict[str, str] = {}
+    for spec in specs:
+        canonical = check_task_spec(spec, settings_for(spec))
+        if canonical in kept:
+            logger.warning("%s is the same task as %s (%s): it runs once", spec, kept[canonical], canonical)
+        else:
+            kept[canonical] = spec
+    return list(kept.values())
 
 
 def load_task(
@@ -195,7 +233,8 @@ def load_task(
     *,
     settings: TaskLoadConfig | None = None,
 ) -> Task:
-    """Load a task from its spec string. ``seed`` fixes how val/test are carved when a dataset lacks them;
+    """Load a task from its spec string; the task's ``spec`` is the canonical one (:func:`canonical_task_spec`),
+    its ``typed_spec`` the spec as given. ``seed`` fixes how val/test are carved when a dataset lacks them;
     ``skip_bad_images`` drops unreadable image files (folder tasks) instead of refusing them. ``settings``
     gives all loading settings at once instead (with a source's own, as :func:`task_settings` reads them)."""
     if settings is None:
@@ -207,7 +246,11 @@ def load_task(
     settings = source.settings(settings)
     if source.check is not None:
         source.check(spec.strip(), argument, settings)
-    return source.load(spec.strip(), argument, settings)
+    if source.canonical is not None:
+        argument = source.canonical(argument)
+    task = source.load(canonical_task_spec(spec), argument, settings)
+    task.typed_spec = spec.strip()
+    return task
 
 
 def parse_task_list(specs: str | Iterable[str]) -> list[str]:

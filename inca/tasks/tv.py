@@ -6,10 +6,16 @@ left out with a warning, as in ``hf:`` tasks."""
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
+import importlib.util
 import inspect
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,16 +56,26 @@ def torchvision_class(spec: str, name: str, data_root: str | None) -> type:
     """The torchvision dataset class ``tv:NAME`` names (case-insensitive); it needs a ``--data-root``."""
     import torchvision.datasets as tvd
 
-    lookup = {n.lower(): n for n in dir(tvd) if isinstance(getattr(tvd, n), type)}
-    found = lookup.get(name.lower())
+    found = _dataset_name(spec, name, _classes_of(tvd))
+    _require_root(spec, data_root)
+    return getattr(tvd, found)
+
+
+def _dataset_name(spec: str, name: str, names: dict[str, str]) -> str:
+    """torchvision's spelling of the dataset ``name`` among ``names`` (by lower-case name); a building block or an
+    unknown name is one line."""
+    found = names.get(name.lower())
     if found in NOT_DATASETS:
         raise InCAError(f"task {spec}: torchvision's {found} is not a dataset ({NOT_DATASETS[found]}); name one "
                         "such as tv:CIFAR10, tv:DTD, tv:Flowers102")
     if found is None:
         raise InCAError(f"task {spec}: torchvision has no dataset {name!r} (e.g. tv:CIFAR10, tv:DTD, tv:Flowers102)")
+    return found
+
+
+def _require_root(spec: str, data_root: str | None) -> None:
     if not data_root:
         raise InCAError(f"task {spec} needs --data-root DIR (where torchvision keeps the dataset files)")
-    return getattr(tvd, found)
 
 
 def load_torchvision_task(
@@ -91,7 +107,7 @@ def load_torchvision_task(
             _logger.warning("%s: %d of %d rows of the %s split have no label (-1) and are left out", spec,
                             len(labels) - len(labelled), len(labels), split)
         available[split] = Split(TorchvisionSource(dataset, f"{spec}[{split}]"), labelled, labels[labelled])
-    identity = {"dataset": cls.__name__, "root": os.path.abspath(data_root),
+    identity = {"dataset": cls.__name__, "root": os.path.realpath(data_root),
                 "sizes": {split: len(d) for split, d in datasets.items()}, "files": tree_digest(data_root)}
     return Task(spec, classes, make_splits(available, seed=seed), identity)
 
@@ -151,8 +167,50 @@ def _by_name(spec: str, split: str, names: list[str], targets: np.ndarray, class
     return indices_by_name(spec, split, [names[t] if t >= 0 else None for t in targets], classes)
 
 
+def _classes_of(module: Any) -> dict[str, str]:
+    return {name.lower(): name for name in dir(module) if isinstance(getattr(module, name), type)}
+
+
+def torchvision_dataset_names() -> dict[str, str] | None:
+    """torchvision's dataset class names by lower-case name: those of ``torchvision.datasets`` once it is imported,
+    before that the ``__all__`` of its source, read without importing it (which would import torch); None when
+    torchvision is missing or that list cannot be read (then the name is checked when the task loads)."""
+    module = sys.modules.get("torchvision.datasets")
+    return _classes_of(module) if module is not None else _declared_dataset_names()
+
+
+@functools.cache
+def _declared_dataset_names() -> dict[str, str] | None:
+    found = importlib.util.find_spec("torchvision")
+    if found is None or not found.submodule_search_locations:
+        return None
+    source = Path(found.submodule_search_locations[0]) / "datasets" / "__init__.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            with contextlib.suppress(ValueError):
+                return {name.lower(): name for name in ast.literal_eval(node.value)}
+    return None
+
+
 def _check(spec: str, name: str, settings: TaskLoadConfig) -> None:
-    torchvision_class(spec, name, settings.data_root)
+    """The dataset name and ``--data-root``, without importing torchvision."""
+    names = torchvision_dataset_names()
+    if names is not None:
+        _dataset_name(spec, name, names)
+    _require_root(spec, settings.data_root)
+    if not settings.download and not Path(settings.data_root).expanduser().is_dir():
+        raise InCAError(f"task {spec}: --data-root {settings.data_root} is not a directory; give the directory that "
+                        "holds the dataset files, or pass --download to fetch them there")
+
+
+def _canonical(name: str) -> str:
+    """The dataset by torchvision's own spelling of its class (``tv:cifar10`` is ``tv:CIFAR10``)."""
+    names = torchvision_dataset_names()
+    return (names or {}).get(name.lower(), name)
 
 
 def _load(spec: str, name: str, settings: TaskLoadConfig) -> Task:
@@ -160,6 +218,6 @@ def _load(spec: str, name: str, settings: TaskLoadConfig) -> Task:
 
 
 register_task_source(
-    "tv:", load=_load, check=_check, spec_form="tv:NAME",
+    "tv:", load=_load, check=_check, canonical=_canonical, spec_form="tv:NAME",
     summary="a torchvision dataset class under --data-root, e.g. tv:CIFAR10",
 )  # fmt: skip
