@@ -179,6 +179,8 @@ class MultiTaskInCA(_FrozenBackbone):
         directory}``) and the backbone they record (``weights`` overrides the recorded weights, which must then
         be identical). In a list, several of one task are told apart by a suffix (:func:`column_names`)."""
         directories = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
+        if not directories:
+            raise InCAError("MultiTaskInCA.from_saved needs at least one saved adapter directory")
         configs = [read_config(directory) for directory in directories]
         inca = {k: load_adapter(directories[k]) for k, config in enumerate(configs) if config.get("method") == INCA}
         metadata = [inca[k].metadata if k in inca else config for k, config in enumerate(configs)]

@@ -17,11 +17,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from . import _callable_as_api
 from .adapters.common import CONFIG_FILE
 from .compare import REPORT_JSON as COMPARE_REPORT
 from .devices import autocast
@@ -188,17 +190,24 @@ def run_adapters(run_dir: str | os.PathLike, use: str = "adapter") -> list[str]:
         if len(kept) < len(results):
             logger.warning("%s: %d of its %d trained models were not saved (an older inca-compare trained them): "
                            "they are not served", run_dir, len(results) - len(kept), len(results))
-        return [str(run / r["adapter_dir"]) for r in kept]
-    directories = []
-    for spec, result in content.get("tasks", {}).items():
-        task_dir = run / (result.get("directory") or Path(result["best"]["adapter_dir"]).parent.name)
-        saved = bool((result.get("ensemble") or {}).get("adapter_dir"))
-        offered = result.get("serve", ENSEMBLE_DIR if saved else ADAPTER_DIR) == ENSEMBLE_DIR
-        if use == "ensemble" and not offered:
-            logger.info("%s: no ensemble offered (%s); serving its best adapter", spec,
-                        "it is below the best adapter on val" if saved else "none was saved: train with --ensemble K")
-        directories.append(str(task_dir / (ENSEMBLE_DIR if use == "ensemble" and offered else ADAPTER_DIR)))
+        directories = [str(run / r["adapter_dir"]) for r in kept]
+    else:
+        directories = [_train_run_adapter(run, spec, result, use) for spec, result in content.get("tasks", {}).items()]
+    if not directories:
+        raise InCAError(f"{run_dir} holds no trained model to serve yet ({report.name} lists none)")
     return directories
+
+
+def _train_run_adapter(run: Path, spec: str, result: dict[str, Any], use: str) -> str:
+    """The adapter an inca-train task serves: its best adapter, or with ``use="ensemble"`` the ensemble
+    ``results.json`` offers."""
+    task_dir = run / (result.get("directory") or Path(result["best"]["adapter_dir"]).parent.name)
+    saved = bool((result.get("ensemble") or {}).get("adapter_dir"))
+    offered = result.get("serve", ENSEMBLE_DIR if saved else ADAPTER_DIR) == ENSEMBLE_DIR
+    if use == "ensemble" and not offered:
+        why = "it is not better than the best adapter on val" if saved else "none was saved: train with --ensemble K"
+        logger.info("%s: no ensemble offered (%s); serving its best adapter", spec, why)
+    return str(task_dir / (ENSEMBLE_DIR if use == "ensemble" and offered else ADAPTER_DIR))
 
 
 def _run_report(directory: str | os.PathLike) -> Path | None:
@@ -251,3 +260,6 @@ def check_output_file(path: str | os.PathLike) -> None:
     except OSError as exc:
         raise InCAError(f"cannot write predictions to {path}: {place} refuses new files "
                         f"({exc.strerror or first_line(exc)}); choose another place") from None
+
+
+_callable_as_api(__name__)  # inca.predict(...) is inca.api.predict(...)
