@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from inca import _callable_as_api
 from inca.adapters.common import describe_trainable, percent_text
 from inca.backbone import Backbone
 from inca.io import atomic_write_text
@@ -223,3 +224,6 @@ def _asked_for_ensembles(results: Report) -> bool:
 def _has_ensembles(results: Report) -> bool:
     """Whether an ensemble was saved for any task."""
     return any((r.get("ensemble") or {}).get("adapter_dir") for r in results["tasks"].values())
+
+
+_callable_as_api(__name__)  # inca.train_suite(...) is inca.api.train_suite(...)

@@ -15,7 +15,7 @@ LAYERS = {
     "inca.activations": 2, "inca.placement": 2, "inca.train": 2, "inca.methods": 2, "inca.probes": 2,
     "inca.inference": 2, "inca.export": 2,
     "inca.suite": 3, "inca.train_suite": 3, "inca.compare": 3, "inca.probe": 3, "inca.probe_report": 3,
-    "inca.predict": 3,
+    "inca.predict": 3, "inca.api": 3,
     "inca.cli": 4, "inca.__main__": 4,
 }
 
