@@ -252,6 +252,10 @@ def compare_parser() -> argparse.ArgumentParser:
     add_config_flags(protocol, RunConfig, where=COMPARE,
                      exclude=tuple(key for key in RunConfig.fields() if key not in RunConfig.PROTOCOL))
     _add_final_norm(protocol)
+    protocol.add_argument("--equal-budget", action="store_true",
+                          help="every method trains --lr-grid configurations per task: its learning rates (a "
+                               "method's other tuned axes at their defaults), InCA's on the layer a linear probe run "
+                               "on train and val ranks best (inca.layers=best:1, inca.rank_by=linear)")
     return parser
 
 
@@ -304,7 +308,7 @@ def _compare(args: argparse.Namespace) -> int:
     specs, backbone = _suite(args)
     settings = config_from_args(RunConfig, args, progress=RunConfig.default("progress"))
     summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, equal_budget=args.equal_budget)
     print(render_markdown(summary), end="")
     print(f"\nwritten to {args.out}/ ({', '.join(written_files(args.out, summary))})")
     return 0
@@ -323,6 +327,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=opt.layer_spec, default="all",
                         help="all | -1 | 0,5,11 | last:K | best:K with --probe-report (default: all)")
     parser.add_argument("--probe-report", help="probe.json written by inca-probe, for --layers best:K")
+    _add_rank_by(parser)
     from .config import add_config_flags
     from .train.config import InCATrainConfig
 
@@ -341,12 +346,21 @@ def _train(args: argparse.Namespace) -> int:
 
     config = config_from_args(InCATrainConfig, args)  # --num-workers: the data group's flag
     specs, backbone = _suite(args)
-    layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report)
+    layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report, args.rank_by)
     results = run_train_suite(backbone, specs, layers_for, str(args.layers), config, args.out,
                               load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
     print(render_summary(results), end="")
     print(f"\nwritten to {args.out}/ ({', '.join(written_files(results))})")
     return 0
+
+
+def _add_rank_by(parser: argparse.ArgumentParser) -> None:
+    from .probes import PROBES
+    from .probes.ranking import RANK_BY, RANK_BY_SOURCE, check_rank_by
+
+    parser.add_argument("--rank-by", type=check_rank_by, default=RANK_BY, metavar="PROBE",
+                        help=f"the probe whose val ranking --layers best:K follows, one of {', '.join(PROBES)} "
+                             f"[{RANK_BY_SOURCE}]")
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

@@ -46,7 +46,7 @@ from inca.adapters.common import (
 from inca.backbone import Backbone
 from inca.io import atomic_write_text, digest
 from inca.memory import PeakMemory, parameter_bytes
-from inca.methods import METHODS, Method, MethodResult, RunConfig, TrainConfig, run_method
+from inca.methods import METHODS, Method, MethodResult, RunConfig, TrainConfig, budget, run_method
 from inca.methods.base import LR_STEP
 from inca.progress import command_units
 from inca.report import fmt, markdown_table, plot_scatter, save_figure
@@ -88,9 +88,10 @@ def _warm_up(backbone: Backbone, task: Task, settings: RunConfig) -> None:
     fit(model, data, FitConfig(epochs=1, batch_size=settings.batch_size, progress=False, desc="warm-up"))
 
 
-def protocol(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
+def protocol(backbone: Backbone, settings: RunConfig, equal_budget: bool = False) -> dict[str, Any]:
     """How every method is trained and selected: what ``compare.json`` records and ``compare.md`` prints."""
-    return {"model_selection": "best-val-epoch", **settings.protocol(), "final_norm": backbone.final_norm}
+    return {"model_selection": "best-val-epoch", **settings.protocol(), "final_norm": backbone.final_norm,
+            "equal_budget": equal_budget}
 
 
 def protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
@@ -118,6 +119,10 @@ def protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
                               f"{features}'s features are computed once, un-augmented)"
                               if protocol["augment"] else "none"),
         f"- learning rate: {lr}",
+        "- tuning budget: " + (f"equal, {grid} trained configuration(s) per method and task (a method's other tuned "
+                               f"axes at their defaults; {sharing}'s layers the best on val by a linear probe run on "
+                               "train and val)" if protocol.get("equal_budget") else
+                               "each method's own; the configurations column counts what each trained per task"),
         f"- last block's tokens ({sharing}): " + ("through the backbone's final norm, as DINO's evaluation reads them"
                                                   if protocol["final_norm"]
                                                   else "as the block outputs them (no final norm)"),
@@ -134,9 +139,11 @@ def _on_shared_backbone(method: Method) -> bool:
     return method.shares_backbone
 
 
-def _run_config(backbone: Backbone, settings: RunConfig) -> dict[str, Any]:
-    """What must match for results to share a comparison (tasks and methods may grow across reruns)."""
+def _run_config(backbone: Backbone, settings: RunConfig, equal_budget: bool = False) -> dict[str, Any]:
+    """What must match for results to share a comparison (tasks and methods may grow across reruns; an equal
+    budget is recorded only when on, as reports before it had none)."""
     return {
+        **({"equal_budget": True} if equal_budget else {}),
         "backbone": backbone.name,
         "weights": backbone.weights,
         "backbone_fingerprint": backbone.fingerprint,
@@ -156,18 +163,22 @@ def run_comparison(
     out_dir: str | os.PathLike,
     load: Callable[[str], Task] = load_task,
     overwrite: bool = False,
+    equal_budget: bool = False,
 ) -> dict[str, Any]:
     """Run every method (name -> full hyper-parameters, see :func:`inca.methods.resolve_methods`) on
     every task (loaded once by ``load`` and shared), writing results and reports after each pair.
 
     Returns the content of ``compare.json``. Pairs already there (same task data, method, hyper-parameters)
     are skipped; a ``compare.json`` made with another backbone, device, epochs, batch size or seed is an error
-    unless ``overwrite``.
+    unless ``overwrite``. With ``equal_budget`` every method trains ``settings.lr_grid`` configurations per task
+    (:func:`inca.methods.budget.equal_budget`); each record counts the configurations its method trained.
     """
     out = Path(out_dir)
+    if equal_budget:
+        methods = budget.equal_budget(methods, settings, backbone.num_blocks)
     run_pair = _PairRunner(backbone, settings, out / RUNS_DIR)
     with command_units(len(task_specs) * len(methods)):  # redirected logs: progress lines per tenth of the pairs
-        return run_suite(out, REPORT_JSON, _fresh_report(backbone, settings, run_pair.backbone_params),
+        return run_suite(out, REPORT_JSON, _fresh_report(backbone, settings, run_pair.backbone_params, equal_budget),
                          _units(task_specs, methods, load, run_pair), write_reports, overwrite=overwrite,
                          finished=_finished, store=_store)
 
@@ -196,6 +207,8 @@ class _PairRunner:
         if peak is not None and METHODS[name].shares_backbone:
             peak += self.backbone_bytes
         record = _record(task, name, hparams, key, result, seconds, peak, self.backbone_params)
+        record["configurations"] = budget.trained_configurations(name, hparams, self.settings,
+                                                                 self.backbone.num_blocks)
         logger.info("%s on %s: test accuracy %.4f (val %.4f), %s, %.1f s", name, task.spec, record["test_acc"],
                     record["val_acc"], describe_trainable(record["trainable_params"], self.backbone_params), seconds)
         return record
@@ -241,15 +254,16 @@ def _units(
             yield Unit(key, f"{name} on {task.spec}", functools.partial(run_pair, task, name, hparams, key))
 
 
-def _fresh_report(backbone: Backbone, settings: RunConfig, backbone_params: int) -> dict[str, Any]:
+def _fresh_report(backbone: Backbone, settings: RunConfig, backbone_params: int,
+                  equal_budget: bool = False) -> dict[str, Any]:
     """``compare.json`` before any pair has run."""
     return {
         "format_version": FORMAT_VERSION,
-        "config": _run_config(backbone, settings),
+        "config": _run_config(backbone, settings, equal_budget),
         "backbone": backbone.describe(),
         "backbone_params": backbone_params,
         "memory": PeakMemory(backbone.device).measures,
-        "protocol": protocol(backbone, settings),
+        "protocol": protocol(backbone, settings, equal_budget),
         "results": [],
     }
 
@@ -288,15 +302,16 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         f"{summary['backbone_params']:,} parameters. Peak memory: {summary['memory']}, plus the backbone's "
         f"weights for methods that run on the shared backbone ({_method_names(_on_shared_backbone)}).",
     ]
-    headers = ["method", "test acc", "val acc", "best epoch", "chosen", "trainable params", "% of backbone",
-               "seconds", "peak memory (MB)", "steps"]
+    headers = ["method", "test acc", "val acc", "best epoch", "chosen", "configurations", "trainable params",
+               "% of backbone", "seconds", "peak memory (MB)", "steps"]
     hparams: dict[str, dict[str, Any]] = {}
     for task, records in _by_task(summary["results"]).items():
         info = records[0]["task_info"]
         sizes = ", ".join(f"{split} {n}" for split, n in info["sizes"].items())
         rows = [
             [r["method"], r["test_acc"], r["val_acc"], r.get("best_epoch"), _chosen(r.get("tuned")),
-             f"{r['trainable_params']:,}", percent_text(r["trainable_pct"]), r["seconds"], r["peak_memory_mb"],
+             _configurations(r.get("configurations")), f"{r['trainable_params']:,}", percent_text(r["trainable_pct"]),
+             r["seconds"], r["peak_memory_mb"],
              r["steps"]]
             for r in records
         ]  # fmt: skip
@@ -318,6 +333,14 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
 
 def _chosen(tuned: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in tuned.items()) if tuned else ""
+
+
+def _configurations(counted: Mapping[str, Any] | None) -> str:
+    """``12 (lr 3 x layers 4)``: a record's trained configurations and their axes (a dash in older reports)."""
+    if counted is None:
+        return "-"
+    axes = " x ".join(f"{axis} {size}" for axis, size in counted["axes"].items())
+    return f"{counted['total']} ({axes})" if axes else str(counted["total"])
 
 
 def _plot_losses(path: Path, summary: Mapping[str, Any]) -> None:

@@ -53,10 +53,12 @@ def plot_lines(
     xlabel: str,
     ylabel: str,
     title: str,
-    marks: dict[str, dict[str, float]] | None = None,
+    marks: dict[str, dict[str, Sequence[float]]] | None = None,
+    dashed: dict[str, Series] | None = None,
 ) -> None:
     """One subplot per panel (e.g. per task), one line per series (x, y) in it; ``marks[panel][series]``
-    highlights one x of a series with a star (e.g. the best layer)."""
+    highlights xs of a series with stars (e.g. the best layers), ``dashed[panel][series]`` is a companion (x, y)
+    drawn dashed in the series' colour (e.g. test accuracy beside the val accuracy that chose)."""
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(6.5 * cols, 4.2 * rows))
@@ -64,8 +66,10 @@ def plot_lines(
     for ax, (panel, series) in zip(axes.flat, panels.items()):
         for label, (x, y) in series.items():
             (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
-            mark = (marks or {}).get(panel, {}).get(label)
-            if mark is not None:
+            companion = (dashed or {}).get(panel, {}).get(label)
+            if companion is not None:
+                ax.plot(*companion, linestyle="--", linewidth=1, color=line.get_color())
+            for mark in (marks or {}).get(panel, {}).get(label, []):
                 best = list(x).index(mark)
                 ax.plot([x[best]], [y[best]], marker="*", markersize=13, color=line.get_color())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -14,9 +14,17 @@ from inca.config import hparam
 from inca.errors import InCAError
 from inca.io import digest
 from inca.options import POOLS
-from inca.probe import layers_from_report, probe_config, probe_task, render_probe_report, run_probe_suite
+from inca.probe import (
+    layers_from_report,
+    probe_config,
+    probe_task,
+    render_probe_report,
+    run_probe_suite,
+    summary_lines,
+)
 from inca.probes import PROBES, READS, ProbeConfig, ProbeSuiteConfig, register_probe
 from inca.probes.knn import KNNProbeConfig, knn_predict
+from inca.probes.ranking import RANK_BY, rank_by_probe, tied_with_best
 from inca.tasks import SPLITS, image_loader, load_task, sequential_batches
 
 from .conftest import TINY_ARGS, TINY_KWARGS, subset_task
@@ -88,7 +96,7 @@ def test_probe_order_changes_no_result(tiny_backbone, digits):
     knn_first = probe_task(tiny_backbone, digits, [1], ProbeSuiteConfig(probes=["knn", "linear"], linear_c=[1.0]))
     linear_first = probe_task(tiny_backbone, digits, [1], ProbeSuiteConfig(probes=["linear", "knn"], linear_c=[1.0]))
     assert set(knn_first["results"]) == {"knn/cls", "knn/mean", "linear/cls", "linear/mean"}
-    for key in ("results", "best_layers", "ranking"):
+    for key in ("results", "best_layers", "rankings"):
         assert knn_first[key] == linear_first[key], key
 
 
@@ -129,8 +137,9 @@ def test_one_backbone_pass_feeds_every_layer(tiny_backbone, digits):
 def test_streaming_epochs_without_memory(tiny_backbone, digits):
     options = ProbeSuiteConfig(probes=["inca"], inca_epochs=2, memory_budget_gb=0)
     calls = probe_task(tiny_backbone, digits, [0, 3], options)["backbone_forward_calls"]
-    train_batches = -(-digits.sizes()["train"] // options.batch_size)
-    assert calls == sum(-(-n // options.batch_size) for n in digits.sizes().values()) + train_batches
+    # The second epoch streams train again, and val again to pick each layer's best epoch.
+    again = sum(-(-digits.sizes()[split] // options.batch_size) for split in ("train", "val"))
+    assert calls == sum(-(-n // options.batch_size) for n in digits.sizes().values()) + again
 
 
 @pytest.mark.slow
@@ -154,17 +163,128 @@ def test_probe_cli_report(tmp_path, capsys):
     assert train_main([*TINY_ARGS, "--tasks", "digits", "--layers", "best:2", "--probe-report",
                        str(out / "probe.json"), "--epochs", "1", "--out", str(run)]) == 0
     trained = json.loads((run / "results.json").read_text())["tasks"]["digits"]["layers"]
-    assert trained == sorted(digits_result["ranking"][:2])
+    assert trained == sorted(digits_result["rankings"][RANK_BY]["ranking"][:2])
 
 
-def test_best_layers_need_the_task_in_the_report(tmp_path):
+# Val accuracies chosen by hand: linear's best pooling ties layers 1, 2 and 3 at 0.9 (their mean over the poolings
+# breaks the tie: 3, then 2, then 1); the InCA probe ties 0, 1 and 3 (the shallower first) and diverged on 2.
+HAND_RESULTS = {
+    "linear/cls": {"0": {"val": 0.8, "test": 0.9}, "1": {"val": 0.9, "test": 0.1}, "2": {"val": 0.9, "test": 0.2},
+                   "3": {"val": 0.7, "test": 0.3}},
+    "linear/mean": {"0": {"val": 0.85, "test": 0.9}, "1": {"val": 0.5, "test": 0.1}, "2": {"val": 0.6, "test": 0.2},
+                    "3": {"val": 0.9, "test": 0.3}},
+    "inca": {"0": {"val": 0.6, "test": 0.1}, "1": {"val": 0.6, "test": 0.9}, "2": {"val": float("nan"), "test": 0.9},
+             "3": {"val": 0.6, "test": 0.2}},
+}
+
+
+def test_rankings_read_val_only_show_ties_and_break_them_by_the_stated_rule():
+    linear, inca = rank_by_probe(HAND_RESULTS, "linear"), rank_by_probe(HAND_RESULTS, "inca")
+    assert (linear.ranking, linear.text) == ([3, 2, 1, 0], "3 = 2 = 1 > 0")
+    assert (inca.ranking, inca.text) == ([0, 1, 3, 2], "0 = 1 = 3 > 2")
+    assert linear.best(2) == [2, 3] and inca.best(2) == [0, 1]
+    assert tied_with_best(HAND_RESULTS["linear/cls"]) == [1, 2] and tied_with_best(HAND_RESULTS["inca"]) == [0, 1, 3]
+    upside_down = {key: {layer: {**score, "test": 1 - score["test"]} for layer, score in by_layer.items()}
+                   for key, by_layer in HAND_RESULTS.items()}
+    assert rank_by_probe(upside_down, "linear") == linear  # test accuracy never enters a ranking
+
+
+def _hand_report(tiny_backbone):
+    results = HAND_RESULTS
+    return {"backbone": tiny_backbone.describe(), "tasks": {"digits": {
+        "layers": [0, 1, 2, 3], "results": results,
+        "best_layers": {key: tied_with_best(by_layer) for key, by_layer in results.items()},
+        "rankings": {name: rank_by_probe(results, name).to_dict() for name in ("linear", "inca")}}}}
+
+
+def test_reports_show_ties_and_say_what_ranked_the_layers(tiny_backbone):
+    report = _hand_report(tiny_backbone)
+    text = render_probe_report(report)
+    linear_cls = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
+                  if line.startswith("| ") and not line.startswith("| layer")}
+    assert linear_cls == {"0": "0.800 / 0.900", "1": "**0.900 / 0.100**", "2": "**0.900 / 0.200**",
+                          "3": "0.700 / 0.300"}  # both tied layers bold
+    assert "- linear" in text and ": 3 = 2 = 1 > 0" in text and "- inca" in text and ": 0 = 1 = 3 > 2" in text
+    assert f"`--rank-by` default: {RANK_BY}" in text and "broken by the probe's mean val accuracy" in text
+    lines = summary_lines(report)
+    assert "digits: linear/cls   best layer   1  val 0.900  test 0.100 (tied with 2)" in lines
+    assert "digits: inca         best layer   0  val 0.600  test 0.100 (tied with 1, 3)" in lines
+
+
+def test_best_layers_follow_the_chosen_probe_of_the_report(tmp_path, tiny_backbone):
     report = tmp_path / "probe.json"
-    report.write_text(json.dumps({"tasks": {"digits": {"ranking": [3, 1, 0, 2]}}}))
-    assert layers_from_report("best:2", 4, str(report))(load_task("digits")) == [1, 3]
+    report.write_text(json.dumps(_hand_report(tiny_backbone)))
+    digits = load_task("digits")
+    assert layers_from_report("best:2", 4, str(report), "linear")(digits) == [2, 3]
+    assert layers_from_report("best:2", 4, str(report), "inca")(digits) == [0, 1]
+    assert layers_from_report("best:1", 4, str(report))(digits) == rank_by_probe(HAND_RESULTS, RANK_BY).best(1)
+    with pytest.raises(InCAError, match="has no knn probe results for 'digits' .*--rank-by"):
+        layers_from_report("best:2", 4, str(report), "knn")  # before any task trains
+    with pytest.raises(InCAError, match="--rank-by: expected a probe, one of linear, knn, inca, got 'svm'"):
+        layers_from_report("best:2", 4, str(report), "svm")
     with pytest.raises(InCAError, match="has no task 'synth-colour'"):
         layers_from_report("best:2", 4, str(report))(load_task("synth-colour"))
     with pytest.raises(InCAError, match="does not exist"):
         layers_from_report("best:2", 4, str(tmp_path / "none.json"))
+    report.write_text(json.dumps({"tasks": {"digits": {"ranking": [3, 1, 0, 2]}}}))
+    with pytest.raises(InCAError, match="no valid probe results; probe it again"):
+        layers_from_report("best:2", 4, str(report))
+
+
+def test_inca_probe_scores_each_layer_at_its_best_val_epoch(tiny_backbone, monkeypatch):
+    """Against the weights each epoch ended with, evaluated here by a plain forward pass of timm's activations."""
+    import copy
+
+    import inca.adapters.inca as adapters
+    from inca.activations import RecordingSource
+
+    banks, epochs = [], []
+
+    class Watched(adapters.InCABank):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            banks.append(self)
+
+    record = RecordingSource.loader
+
+    def loader(self, split, batches):
+        if split == "val":  # each epoch ends with a pass over val: the weights it ended with
+            epochs.append(copy.deepcopy(banks[-1].state_dict()))
+        return record(self, split, batches)
+
+    monkeypatch.setattr(adapters, "InCABank", Watched)
+    monkeypatch.setattr(RecordingSource, "loader", loader)
+    task = subset_task("digits", {"train": 160, "val": 60, "test": 60})
+    layers = [0, 3]
+    scores = probe_task(tiny_backbone, task, layers, ProbeSuiteConfig(probes=["inca"], inca_epochs=4,
+                                                                    inca_lr=0.05))["results"]["inca"]
+    assert len(epochs) == 4
+    bank = copy.deepcopy(banks[-1])
+    accuracy = {}
+    for split in ("val", "test"):
+        tokens = {layer: [] for layer in layers}
+        for images, _ in image_loader(task.splits[split], tiny_backbone.transform,
+                                      sequential_batches(0, len(task.splits[split]), 64)):
+            with torch.no_grad():
+                out = tiny_backbone.model.forward_intermediates(images, indices=layers, output_fmt="NLC",
+                                                                intermediates_only=True, return_prefix_tokens=True)
+            for layer, (patches, prefix) in zip(layers, out):
+                tokens[layer].append(torch.cat([prefix, patches], 1))
+        features = {layer: torch.cat(parts) for layer, parts in tokens.items()}
+        labels = torch.as_tensor(task.splits[split].labels)
+        per_epoch = []
+        for state in epochs:
+            bank.load_state_dict(state)
+            with torch.no_grad():
+                per_epoch.append((bank(features).argmax(-1) == labels).float().mean(1).tolist())
+        accuracy[split] = np.array(per_epoch)  # [epoch, adapter]
+    best = [int(np.argmax(accuracy["val"][:, i])) for i in range(len(layers))]  # the first of equal epochs
+    for i, layer in enumerate(layers):
+        reported = scores[str(layer)]
+        assert reported["best_epoch"] == best[i] + 1
+        assert reported["val"] == pytest.approx(accuracy["val"][best[i], i], abs=1e-6)
+        assert reported["test"] == pytest.approx(accuracy["test"][best[i], i], abs=1e-6)
+    assert any(epoch < 3 for epoch in best), "every layer peaked at the last epoch: the test shows nothing"
 
 
 @pytest.mark.slow
@@ -293,7 +413,7 @@ def test_every_probe_is_documented_and_runs_on_a_tiny_task(name, tiny_backbone):
     for key in keys:
         assert set(result["results"][key]) == {"0", "3"}
         assert all(0 <= score[split] <= 1 for score in result["results"][key].values() for split in ("val", "test"))
-    assert sorted(result["ranking"]) == [0, 3]
+    assert sorted(result["rankings"][name]["ranking"]) == [0, 3]
 
 
 def test_probe_json_keys_and_flags_are_those_of_earlier_reports(tiny_backbone):

@@ -51,7 +51,15 @@ class EndToEndResult(MethodResult):
 @dataclass(frozen=True, kw_only=True)
 class InCAResult(MethodResult):
     """An InCA bank's run: where its activations came from (``cache``: a store, maybe built by an earlier run;
-    ``live``: the backbone) and the best adapter's description."""
+    ``live``: the backbone), the best adapter's description and, for ``layers=best:K``, the probe's ranking of the
+    layers on val that chose them (None: the layers were given)."""
 
     activations: str
     best: dict[str, Any]
+    layer_ranking: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        if self.layer_ranking is None:
+            del values["layer_ranking"]
+        return values

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["InCAGridConfig", "InCATrainConfig", "SearchConfig"]
 
-PAPER = "Dukler et al. 2023 (arXiv:2303.04105)"
+PAPER = ("Dukler et al., 'Your representations are in the network: composable and parallel adaptation for large "
+         "scale models', NeurIPS 2023 (arXiv:2303.04105)")
 OWN = "inca's own choice"
 HALVING = "Jamieson & Talwalkar, AISTATS 2016; Hyperband, Li et al., JMLR 2018; ASHA, Li et al., MLSys 2020"
 
