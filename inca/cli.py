@@ -482,6 +482,7 @@ def probe_parser() -> argparse.ArgumentParser:
 def _probe(args: argparse.Namespace) -> int:
     from .probe import REPORT_JSON, run_probe_suite, summary_lines, written_files
     from .probes import ProbeSuiteConfig
+    from .probes.ranking import RANK_BY
 
     config = ProbeSuiteConfig.from_args(args)
     specs, backbone = _suite(args)
@@ -489,7 +490,8 @@ def _probe(args: argparse.Namespace) -> int:
                              load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))
     print(f"\nwritten to {args.out}/ ({', '.join(written_files(args.out, report))}); "
-          f"train on the best layers with: inca-train --layers best:K --probe-report {args.out}/{REPORT_JSON}")
+          f"train on the best layers with: inca-train --layers best:K --probe-report {args.out}/{REPORT_JSON} "
+          f"(ranked by the {RANK_BY} probe's val accuracy; --rank-by PROBE for another)")
     return 0
 
 

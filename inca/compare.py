@@ -320,6 +320,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         if cached:
             lines += ["", f"{', '.join(cached)} read an activation store: its seconds include building it only if "
                           "no earlier run had built it."]
+        ranked = [f"{r['method']}'s layers: {r['hparams']['layers']}, ranked on val by the "
+                  f"{r['layer_ranking']['rank_by']} probe: {r['layer_ranking']['ranked']}"
+                  for r in records if r.get("layer_ranking")]
+        if ranked:
+            lines += ["", *ranked]
         hparams.update({r["method"]: r["hparams"] for r in records})
     if "protocol" in summary:
         lines += ["", "## Protocol", "", *protocol_lines(summary["protocol"])]

@@ -116,9 +116,10 @@ def write_reports(out: Path, report: dict[str, Any]) -> None:
                marks={spec: result["best_layers"] for spec, result in tasks.items()}, dashed=curves("test"))
     if _has_heatmap(tasks):
         layers = next(iter(tasks.values()))["layers"]
-        grid = np.array([[r["results"]["inca"][str(layer)]["test"] for layer in layers] for r in tasks.values()])
+        grid = np.array([[r["results"]["inca"][str(layer)]["val"] for layer in layers] for r in tasks.values()])
         plot_heatmap(out / HEATMAP_PNG, grid, list(tasks), [str(layer) for layer in layers],
-                     title=f"InCA probe test accuracy, {report['backbone']['name']}", xlabel="block index")
+                     title=f"InCA probe val accuracy (it ranks the layers; test: {REPORT_PNG}), "
+                           f"{report['backbone']['name']}", xlabel="block index")
 
 
 def _has_heatmap(tasks: dict[str, Any]) -> bool:

@@ -95,6 +95,8 @@ def test_equal_budget_comparison_records_its_budget(tiny_backbone, tmp_path):
     assert [records["inca"]["tuned"]["layer"]] == records["inca"]["layer_ranking"]["ranking"][:1]
     text = (tmp_path / "compare.md").read_text()
     assert "| configurations |" in text and "tuning budget: equal, 2 trained configuration(s)" in text
+    assert f"inca's layers: best:1, ranked on val by the linear probe: {records['inca']['layer_ranking']['ranked']}" \
+        in text
     assert json.loads((tmp_path / "compare.json").read_text())["results"][0]["configurations"]["total"] == 2
     with pytest.raises(InCAError, match="differs in equal_budget"):
         run_comparison(tiny_backbone, ["synth-shapes"], methods, RunConfig(epochs=1, batch_size=32, lr_grid=2),
