@@ -3,7 +3,9 @@ redirected (a log file gets ~10 lines, not hundreds of bar redraws), nothing wit
 
 A command made of units (a suite's tasks or (task, method) pairs) declares them with :func:`command_units`; its
 loops then report in a redirected log only when the whole command passes a tenth, at most ten lines whatever the
-number of units and loops (a unit's share counted from the loop that is running in it).
+number of units and loops. A unit's loops run one after another and their number is not known in advance (a store
+built, then the bank trained): the first covers the first half of the unit, the next half of what is left, and so
+on, so that a later loop, often the longest, still gets lines of its own.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ def set_quiet(quiet: bool) -> None:
 
 
 class _Units:
-    """A command's whole work: ``total`` units, ``done`` of them finished, ``reported`` tenths logged."""
+    """A command's whole work: ``total`` units, ``done`` of them finished, ``reported`` tenths logged, and how many
+    loops (``stages``) the running unit has started."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.reported = max(total, 1), 0, 0
+        self.total, self.done, self.reported, self.stages = max(total, 1), 0, 0, 0
 
-    def tenth(self, fraction_of_unit: float) -> int:
-        """The tenth of the command reached with the running unit ``fraction_of_unit`` through."""
-        return min(10, int(10 * (min(self.done, self.total) + min(fraction_of_unit, 1.0)) / self.total))
+    def tenth(self, stage: int, fraction: float) -> int:
+        """The tenth of the command reached with loop ``stage`` of the running unit ``fraction`` through it: loop k
+        covers the unit's share from 1 - 2**-k to 1 - 2**-(k + 1)."""
+        within = 1 - 2.0**-stage + min(fraction, 1.0) * 2.0 ** -(stage + 1)
+        return min(10, int(10 * (min(self.done, self.total) + within) / self.total))
 
 
 _units: _Units | None = None
@@ -61,6 +66,7 @@ def unit_done() -> None:
     """One unit of the running command is finished (run or skipped)."""
     if _units is not None:
         _units.done += 1
+        _units.stages = 0
 
 
 class _LogProgress:
@@ -72,6 +78,9 @@ class _LogProgress:
         self.n = initial
         self.postfix = ""
         self._reported = self._tenth()
+        self._stage = 0
+        if _units is not None:  # the next loop of the running unit
+            self._stage, _units.stages = _units.stages, _units.stages + 1
 
     def _tenth(self) -> int:
         return 10 * self.n // self.total if self.total else 0
@@ -81,7 +90,7 @@ class _LogProgress:
         if not self.total:
             return
         if _units is not None:  # one line per tenth of the whole command
-            tenth = _units.tenth(self.n / self.total)
+            tenth = _units.tenth(self._stage, self.n / self.total)
             if tenth > _units.reported:
                 _units.reported = tenth
                 self._log(f"; unit {min(_units.done + 1, _units.total)} of {_units.total}")

@@ -211,8 +211,8 @@ def train_bank(
         if best is not None:
             accuracy = _validate_and_snapshot(steps, reads, eval_split, batch_size, best, history, epoch)
             message += f", best {eval_split} accuracy {accuracy:.4f}"
-        bar.set_postfix_str(message.split(": ", 1)[1])
-        logger.info(message + f", {sum(steps.frozen)}/{len(steps.bank)} diverged")
+        bar.set_postfix_str(message.split(": ", 1)[1])  # a redirected log shows it at each tenth of the command
+        logger.debug(message + f", {sum(steps.frozen)}/{len(steps.bank)} diverged")
         history.diverged = steps.diverged(history.diverged)
         if epoch + 1 in rungs:
             _prune(steps, halving, history, best, rungs.index(epoch + 1) + 1)
