@@ -68,9 +68,11 @@ def probe_task(
 
 def probe_config(backbone: Backbone, layers: list[int], options: ProbeSuiteConfig) -> dict[str, Any]:
     """What must match for a finished task's probes to be reused by a rerun (not where activations come from,
-    nor the memory budget)."""
+    nor the memory budget). The InCA probe's epoch is recorded: reports that scored its last epoch, as inca once
+    did, are of another configuration."""
     keep = {k: v for k, v in options.to_dict().items() if k not in ("memory_budget_gb", "cache_dir", "num_workers")}
-    return {"backbone": backbone.fingerprint, "layers": layers, **SearchConfig.recorded(keep, prefix="inca_")}
+    scored = {"inca_scored_at": "best-val-epoch"} if "inca" in options.probes else {}
+    return {"backbone": backbone.fingerprint, "layers": layers, **SearchConfig.recorded(keep, prefix="inca_"), **scored}
 
 
 def run_probe_suite(

@@ -422,7 +422,9 @@ def test_probe_json_keys_and_flags_are_those_of_earlier_reports(tiny_backbone):
     assert {k: v for k, v in config.items() if k not in ("backbone", "layers")} == {
         "probes": ["linear", "knn", "inca"], "pools": ["cls", "mean"], "k": 20, "temperature": 0.07,
         "linear_c": [0.01, 0.1, 1.0, 10.0], "inca_lr": 3e-3, "inca_epochs": 5, "batch_size": 64, "seed": 0,
+        "inca_scored_at": "best-val-epoch",  # reports of the InCA probe's last epoch are another configuration
     }
+    assert "inca_scored_at" not in probe_config(tiny_backbone, [0], ProbeSuiteConfig(probes=["knn"]))
     args = probe_parser().parse_args(["--probes", "knn,inca", "--pool", "mean", "--k", "5", "--temperature", "0.1",
                                       "--linear-c", "0.1,1", "--inca-epochs", "2", "--inca-lr", "1e-3",
                                       "--batch-size", "8", "--seed", "3", "--memory-budget-gb", "0"])
