@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -58,9 +59,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run(prog: str, main: Callable[[argparse.Namespace], int], make_parser: Callable[[], _Parser],
-         argv: Sequence[str] | None) -> int:
+         argv: Sequence[str] | None, check: Callable[[argparse.Namespace], argparse.Namespace] | None = None) -> int:
     """Parse ``argv`` with ``make_parser()`` and run ``main``; ``prog`` (the parser's own) names the command in an
-    error raised while the parser is built."""
+    error raised while the parser is built. ``check`` gets the arguments (recipe applied) first and returns them
+    checked: it imports no torch, so bad input is one line within a second of the start, before any work."""
     try:  # a parser lists the registered extensions: an installed plugin that fails to load is one line
         parser = make_parser()
     except InCAError as exc:
@@ -71,19 +73,20 @@ def _run(prog: str, main: Callable[[argparse.Namespace], int], make_parser: Call
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
-    from .distributed import launch  # after parsing: --help and usage errors need no torch
-
-    world = launch()  # joins torchrun's process group; a world of one otherwise
     # Other libraries speak at WARNING (their INFO lines, e.g. font caches or SIMD builds, are noise here);
     # inca itself at INFO, DEBUG with -v, WARNING with --quiet (which also silences progress reports).
-    where = f"[{world.describe()}] " if world.is_distributed else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=f"%(asctime)s {_rank_prefix()}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("inca").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     set_quiet(quiet)
     try:
         if getattr(args, "recipe", None):
             args = _with_recipe(parser, argv, args)
+        if check is not None:
+            args = check(args)
+        from .distributed import launch  # the input is good: now torch
+
+        world = launch()  # joins torchrun's process group; a world of one otherwise
         # Only rank 0 prints the final tables: the other ranks' stdout goes nowhere (their logs still show).
         silenced = contextlib.nullcontext() if world.is_main else contextlib.redirect_stdout(io.StringIO())
         with silenced:
@@ -102,6 +105,13 @@ def _run(prog: str, main: Callable[[argparse.Namespace], int], make_parser: Call
         print(f"{parser.prog}: error: out of memory ({first_line(exc, 80)}): {advice}; finished work is kept and "
               "a rerun resumes it", file=sys.stderr)
         return 2
+
+
+def _rank_prefix() -> str:
+    """``[rank R/N] `` before each log line of a rank torchrun started (from its RANK and WORLD_SIZE, so the log
+    is set up before torch is imported), else nothing."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank {os.environ.get('RANK', '0')}/{size}] " if size > 1 else ""
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -209,9 +219,7 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"ok: {summary['path']}: {summary['backbone']} on {summary['task']}, layers {summary['layers']}, "
               f"{summary['dtype']}{scheme}, rows {summary['rows']}, {summary['files']} files match their checksums")
         return 0
-    if not args.backbone:
-        raise InCAError("--backbone is required to build a store (or pass --verify DIR)")
-    specs = _task_specs(args)
+    specs = args.tasks
     backbone = _backbone(args)
     layers = resolve_layers(args.layers, backbone.num_blocks)
     with command_units(len(specs)):  # redirected logs: progress lines per tenth of all the stores
@@ -224,8 +232,17 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_cache(args: argparse.Namespace) -> argparse.Namespace:
+    """A store to build needs a backbone and good task specs (``--verify`` needs neither)."""
+    if args.verify:
+        return args
+    if not args.backbone:
+        raise InCAError("--backbone is required to build a store (or pass --verify DIR)")
+    return _with_task_specs(args)
+
+
 def cache_main(argv: Sequence[str] | None = None) -> int:
-    return _run(CACHE, _cache, cache_parser, argv)
+    return _run(CACHE, _cache, cache_parser, argv, _check_cache)
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -279,24 +296,28 @@ def _with_recipe(parser: _Parser, argv: Sequence[str] | None,
     return parser.parse_args(argv)
 
 
-def _suite(args: argparse.Namespace):
-    """The task specs and the loaded backbone of a multi-task command (flags or recipe)."""
+def _check_suite(args: argparse.Namespace) -> argparse.Namespace:
+    """A multi-task command's input (flags or recipe) before torch: a backbone named, ``--out`` usable, every task
+    spec good."""
     if not args.backbone:
         raise InCAError("--backbone is required (on the command line or as backbone: in the --recipe)")
     from .io import check_directory
 
-    check_directory(args.out, "--out")  # before anything loads
-    return _task_specs(args), _backbone(args)
+    check_directory(args.out, "--out")
+    return _with_task_specs(args)
 
 
-def _task_specs(args: argparse.Namespace) -> list[str]:
-    """The task specs of ``--tasks``, each checked before anything is loaded."""
-    from .tasks import check_task_spec, parse_task_list, task_settings
+def _with_task_specs(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``tasks`` the list of ``--tasks``' specs, each checked, one per task (as typed)."""
+    from .tasks import check_task_specs, parse_task_list, task_settings
 
-    specs = parse_task_list(args.tasks or [])
-    for spec in specs:
-        check_task_spec(spec, task_settings(args, spec))
-    return specs
+    specs = check_task_specs(parse_task_list(args.tasks or []), lambda spec: task_settings(args, spec))
+    return argparse.Namespace(**{**vars(args), "tasks": specs})
+
+
+def _suite(args: argparse.Namespace):
+    """The task specs (checked by :func:`_check_suite`) and the loaded backbone of a multi-task command."""
+    return args.tasks, _backbone(args)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -314,8 +335,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_compare(args: argparse.Namespace) -> argparse.Namespace:
+    from .methods import METHODS, resolve_methods
+
+    resolve_methods(args.methods or list(METHODS), args.method_args)  # a method or its argument mistyped
+    return _check_suite(args)
+
+
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    return _run(COMPARE, _compare, compare_parser, argv)
+    return _run(COMPARE, _compare, compare_parser, argv, _check_compare)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -341,11 +369,15 @@ def train_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .config import config_from_args
     from .probe import layers_from_report
+    from .probe_report import check_probe_report
+    from .probes.ranking import best_count
     from .train.config import InCATrainConfig
     from .train_suite import render_summary, run_train_suite, written_files
 
     config = config_from_args(InCATrainConfig, args)  # --num-workers: the data group's flag
     specs, backbone = _suite(args)
+    if best_count(str(args.layers)) is not None:  # probed on a backbone of as many blocks, before any task loads
+        check_probe_report(args.probe_report, specs, backbone.num_blocks)
     layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report, args.rank_by)
     results = run_train_suite(backbone, specs, layers_for, str(args.layers), config, args.out,
                               load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
@@ -363,8 +395,21 @@ def _add_rank_by(parser: argparse.ArgumentParser) -> None:
                              f"[{RANK_BY_SOURCE}]")
 
 
+def _check_train(args: argparse.Namespace) -> argparse.Namespace:
+    """The suite's input and, for ``--layers best:K``, a probe report holding every task."""
+    from .probe_report import check_probe_report
+    from .probes.ranking import best_count
+
+    args = _check_suite(args)
+    if best_count(str(args.layers)) is not None:
+        if not args.probe_report:
+            raise InCAError(f"--layers {args.layers} needs --probe-report OUT/probe.json (written by inca-probe)")
+        check_probe_report(args.probe_report, args.tasks)
+    return args
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
-    return _run(TRAIN, _train, train_parser, argv)
+    return _run(TRAIN, _train, train_parser, argv, _check_train)
 
 
 def predict_parser() -> argparse.ArgumentParser:
@@ -496,4 +541,4 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def probe_main(argv: Sequence[str] | None = None) -> int:
-    return _run(PROBE, _probe, probe_parser, argv)
+    return _run(PROBE, _probe, probe_parser, argv, _check_suite)

@@ -265,7 +265,8 @@ def test_litter_fifos_and_bad_images_do_not_stop_a_folder_task(tmp_path):
                   "--skip-bad-images", tmp_path=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cut.jpg (image file is truncated" in result.stderr
-    task = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["folder:data"]
+    task = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"][f"folder:{data.resolve()}"]
+    assert task["typed_spec"] == "folder:data"
     assert task["classes"] == ["a", "b"] and sum(task["sizes"].values()) == 8 and task["skipped_images"] == 1
 
 
@@ -297,3 +298,61 @@ def test_permission_denied_is_one_line_naming_it(tmp_path, denied):
             assert skipped.returncode == 0, skipped.stderr[-2000:]
     finally:
         target.chmod(0o755)
+
+
+NO_TORCH = """import sys
+from inca.cli import {main}
+code = {main}({argv!r})
+assert not any(name.split(".")[0] in ("torch", "timm", "torchvision") for name in sys.modules), "torch imported"
+sys.exit(code)
+"""
+
+
+def without_torch(main: str, argv: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """``main(argv)`` in a fresh interpreter that fails if torch, timm or torchvision was imported."""
+    environment = {**os.environ, "INCA_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-c", NO_TORCH.format(main=main, argv=argv)], capture_output=True,
+                          text=True, env=environment, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(("main", "args", "needle"), [
+    ("train_main", ["--tasks", "digits,folder:/no/such/dir"], "folder:/no/such/dir: /no/such/dir is not a directory"),
+    ("probe_main", ["--tasks", "folder:empty"], "class folders ['a'] under empty hold no valid file"),
+    ("compare_main", ["--tasks", "tv:NoSuchSet", "--data-root", "."], "torchvision has no dataset 'NoSuchSet'"),
+    ("cache_main", ["--tasks", "tv:MNIST", "--data-root", "missing", "--cache-dir", "out"],
+     "--data-root missing is not a directory"),
+    ("train_main", ["--tasks", "digits,synth-colour", "--layers", "best:1", "--probe-report", "probe.json"],
+     "probe report probe.json has no task synth-colour"),
+])
+def test_bad_input_is_refused_before_torch_is_imported(tmp_path, main, args, needle):
+    """Task specs (paths, folder layouts, torchvision names and roots) and the probe report's coverage of every
+    task are checked first: the one-line error comes without importing torch, nothing is written."""
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "probe.json").write_text('{"backbone": {"num_blocks": 4}, "tasks": {"digits": {}}}')
+    out = [] if main == "cache_main" else ["--out", "out"]
+    result = without_torch(main, [*TINY_ARGS, *args, *out], tmp_path)
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_probe_report_of_another_depth_is_refused_before_any_task_loads(tmp_path):
+    report = '{"backbone": {"name": "vit_base_patch16_224", "num_blocks": 12}, "tasks": {"digits": {}}}'
+    (tmp_path / "probe.json").write_text(report)
+    result = inca(*TRAIN, "--layers", "best:2", "--probe-report", "probe.json", tmp_path=tmp_path)
+    assert_one_line_error(result, "probe report probe.json ranks the layers of vit_base_patch16_224 (12 blocks), "
+                                  "but this backbone has 4 blocks")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_probe_report_finds_each_task_under_any_spelling(tmp_path, monkeypatch):
+    """A report keyed by the path as typed (as inca wrote it before canonical specs) covers the same folder given
+    another way; a task it lacks is one line naming the task and the report."""
+    from inca.errors import InCAError
+    from inca.probe_report import check_probe_report
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "probe.json").write_text('{"tasks": {"folder:data": {}, "digits": {}}}')
+    monkeypatch.chdir(tmp_path)
+    check_probe_report("probe.json", [f"folder:{tmp_path / 'data'}/", "digits"])
+    with pytest.raises(InCAError, match=r"^probe report probe.json has no task synth-colour; it has folder:/"):
+        check_probe_report("probe.json", ["digits", "synth-colour"])
