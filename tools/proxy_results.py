@@ -1,11 +1,15 @@
-"""Turn the proxy-backbone runs into ``docs/results.md`` (tables) and its two PNGs.
+"""Turn the proxy-backbone runs into ``docs/results.md`` (tables), its two PNGs, ``docs/results.json`` (every figure
+the claims and README quote) and README's results block.
 
 Reads what the commands in :data:`COMMANDS` wrote (run them first, from the repository root): the proxy's
-``config.json`` (tools/pretrain_proxy.py), the ``inca-compare`` output of recipes/proxy-compare.yaml, and three
-``inca-probe`` reports (the proxy, the same architecture with random weights, and the proxy's last block
-through its final norm). Writes the tables, the figures' sources and the three measured claims: InCA (best
-layer) against full fine-tuning, LoRA-GA's steps to LoRA's final training loss, and whether the best probing
-layer is the last.
+``config.json`` (tools/pretrain_proxy.py), the ``inca-compare`` output of recipes/proxy-compare.yaml, three
+``inca-probe`` reports on the demo tasks (the proxy, the same architecture with random weights, and the proxy's
+last block through its final norm), and the proxy against random weights on data its recipe never saw
+(tools/make_skimage_task.py: a linear probe each, and recipes/proxy-skimage.yaml at three seeds each).
+
+README.md's paragraph between :data:`README_BEGIN` and :data:`README_END` is rendered from docs/results.json by
+:func:`readme_block`, as are the claims in docs/results.md (:func:`claims_lines`, :func:`independent_lines`), so
+the two cannot say different things; tests/test_results_doc.py checks both files against the JSON.
 
     python tools/proxy_results.py
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ from matplotlib.figure import Figure
 from inca.compare import ACCURACY_PNG as COMPARE_ACCURACY_PNG
 from inca.compare import REPORT_JSON as COMPARE_JSON
 from inca.compare import protocol_lines
-from inca.io import atomic_write_text, read_json
+from inca.io import atomic_write_json, atomic_write_text, read_json
 from inca.probe import REPORT_JSON as PROBE_JSON
 from inca.probe import render_probe_report
 from inca.report import fmt, markdown_table, save_figure
@@ -36,6 +41,8 @@ TASKS = "digits,synth-shapes,synth-count,synth-orientation,synth-colour"
 PROXY = "--backbone vit_tiny_patch16_224 --weights runs/proxy/model.safetensors --model-kwargs img_size=32 " \
         "patch_size=8 depth=6"
 RANDOM = "--backbone vit_tiny_patch16_224 --weights random --model-kwargs img_size=32 patch_size=8 depth=6"
+SKIMAGE = "runs/skimage-crops"
+SEEDS = (0, 1, 2)  # of the comparison on the independent data, for its spread
 COMMANDS = [
     "export OMP_NUM_THREADS=1  # one thread per process: faster on cores shared with other jobs",
     "python tools/pretrain_proxy.py --out runs/proxy{steps}",
@@ -43,27 +50,336 @@ COMMANDS = [
     f"inca-probe {PROXY} --tasks {TASKS} --out runs/proxy-probe",
     f"inca-probe {RANDOM} --tasks {TASKS} --probes linear --out runs/random-probe",
     f"inca-probe {PROXY} --tasks {TASKS} --probes linear --layers -1 --final-norm --out runs/proxy-probe-norm",
+    "pip install -e '.[results]'  # scikit-image, whose wheel holds the photographs",
+    f"python tools/make_skimage_task.py --out {SKIMAGE}",
+    f"inca-probe {PROXY} --tasks folder:{SKIMAGE} --probes linear --out runs/proxy-skimage-probe",
+    f"inca-probe {RANDOM} --tasks folder:{SKIMAGE} --probes linear --out runs/random-skimage-probe",
+    f"for s in {' '.join(map(str, SEEDS))}; do",
+    "  inca-compare --recipe recipes/proxy-skimage.yaml --seed $s --out runs/proxy-skimage-compare-seed$s",
+    "  inca-compare --recipe recipes/proxy-skimage.yaml --weights random --seed $s "
+    "--out runs/random-skimage-compare-seed$s",
+    "done",
     "python tools/proxy_results.py",
 ]
 WINDOW = 10  # steps in the trailing mean of the training loss (as tools/bench_lora_ga.py)
 ACCURACY_PNG, LOSS_PNG = "results_accuracy_vs_params.png", "results_loss.png"  # next to results.md
+README_BEGIN = "<!-- results:begin (written by tools/proxy_results.py from docs/results.json; do not edit) -->"
+README_END = "<!-- results:end -->"
+# InCA trains a bank of adapters with one loss per epoch; the linear fit is the end-to-end methods' starting head
+# (head_init linear-probe), so its final loss is where they start, not a target they approach.
+NOT_END_TO_END = ("inca", "linear")
+METHOD_NAMES = {"inca": "InCA", "full": "full fine-tuning", "linear": "linear head on the last block"}
+LAYER_PROBES = ("inca", "linear/cls", "linear/mean", "knn/cls", "knn/mean")
+RECIPE_HISTORY = (
+    "How the recipe was arrived at: it was shaped on the five tasks below. Flips and rotations were left out of "
+    "the views so that synth-orientation stays learnable, and the pixel-reconstruction term was added because, "
+    "with classification alone, the proxy's linear probe lost to random weights on digits and synth-colour. "
+    "Those tasks therefore cannot also be the evidence that its features are learned; the recipe is now frozen "
+    "(the command below repeats it), and [the proxy on data it was not designed on](#the-proxy-on-data-it-was-not-"
+    "designed-on) judges it on photographs that played no part in shaping it.")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--proxy", default="runs/proxy", help="tools/pretrain_proxy.py's --out")
-    parser.add_argument("--compare", default="runs/proxy-compare", help="inca-compare's --out")
-    parser.add_argument("--probe", default="runs/proxy-probe", help="inca-probe --out on the proxy")
-    parser.add_argument("--random-probe", default="runs/random-probe", help="inca-probe --out on random weights")
-    parser.add_argument("--norm-probe", default="runs/proxy-probe-norm", help="inca-probe --final-norm --out")
+    parser.add_argument("--runs", default="runs", help="the folder the commands wrote into")
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--readme", default="README.md", help="the README whose results block is rewritten")
     return parser.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures from the runs (written to docs/results.json)
+# ----------------------------------------------------------------------------------------------------
 
 
 def best_by_val(by_layer: dict[str, dict[str, float]]) -> tuple[int, dict[str, float]]:
     """The layer with the best val accuracy (ties: the shallower) and its scores."""
     layer = min(by_layer, key=lambda k: (-by_layer[k]["val"], int(k)))
     return int(layer), by_layer[layer]
+
+
+def best_linear_probe(result: dict[str, Any]) -> float:
+    """Test accuracy of a task's best linear probe, pool and layer chosen on val."""
+    scores = [best_by_val(v)[1] for k, v in result["results"].items() if k.startswith("linear/")]
+    return max(scores, key=lambda s: s["val"])["test"]
+
+
+def layer_verdict(by_layer: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Where one probe's best val accuracy lies against the last layer: ``below`` (every best layer is below the
+    last), ``last`` (the last alone) or ``tie`` (the last ties with shallower layers)."""
+    best = max(s["val"] for s in by_layer.values())
+    layers = sorted(int(k) for k, s in by_layer.items() if s["val"] == best)
+    last = max(int(k) for k in by_layer)
+    verdict = "below" if last not in layers else "last" if layers == [last] else "tie"
+    return {"best_layers": layers, "last": last, "last_val_gap": best - by_layer[str(last)]["val"],
+            "verdict": verdict}
+
+
+def convergence(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One measure for every end-to-end method: the first step whose smoothed training loss reaches the task's
+    common target, the worst of their final smoothed losses (each reaches it by its last step)."""
+    curves = {m: r["loss_curve"] for m, r in records.items() if m not in NOT_END_TO_END and r.get("loss_curve")}
+    if not curves:
+        return {"target": None, "steps": {}}
+    target = max(float(smoothed_loss(c, WINDOW)[-1]) for c in curves.values())
+    return {"target": target, "steps": {m: steps_to_reach(c, target, WINDOW) for m, c in curves.items()}}
+
+
+def by_task(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    tasks: dict[str, dict[str, dict[str, Any]]] = {}
+    for record in summary["results"]:
+        tasks.setdefault(record["task"], {})[record["method"]] = record
+    return tasks
+
+
+def only_task(by_spec: dict[str, Any]) -> Any:
+    """The entry of a report that holds one task (its spec may name the folder by an absolute path)."""
+    if len(by_spec) != 1:
+        raise SystemExit(f"expected one task, got {', '.join(by_spec)}")
+    return next(iter(by_spec.values()))
+
+
+def relative_spec(spec: str) -> str:
+    """A ``folder:`` spec relative to the working directory, as the commands above give it."""
+    kind, _, path = spec.partition(":")
+    return f"{kind}:{os.path.relpath(path)}" if kind == "folder" and os.path.isabs(path) else spec
+
+
+def independent_figures(probes: dict[str, dict[str, Any]], compares: dict[str, list[dict[str, Any]]]
+                        ) -> dict[str, Any]:
+    """The proxy against random weights on the independent task (each report's only one): the linear probe, and
+    per compared method its test accuracy at each seed."""
+    info = only_task(probes["proxy"]["tasks"])
+    methods = [r["method"] for r in compares["proxy"][0]["results"]]
+    rows = {"linear probe (inca-probe)": {w: [best_linear_probe(only_task(p["tasks"]))] for w, p in probes.items()}}
+    for method in methods:
+        rows[METHOD_NAMES.get(method, method)] = {
+            w: [only_task(by_task(s))[method]["test_acc"] for s in summaries] for w, summaries in compares.items()}
+    return {"task": relative_spec(info["task"]), "classes": len(info["classes"]), "sizes": info["sizes"],
+            "seeds": [s["config"]["seed"] for s in compares["proxy"]],
+            "epochs": compares["proxy"][0]["config"]["epochs"], "rows": rows}
+
+
+def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[str, Any], random: dict[str, Any],
+            independent: dict[str, Any]) -> dict[str, Any]:
+    """Every figure that the claims, the summary and README quote."""
+    figures: dict[str, Any] = {"pretraining": {k: pretraining[k] for k in ("steps", "planned_steps", "seconds")},
+                               "tasks": []}
+    for task, records in by_task(compare).items():
+        inca, full = records.get("inca", {}), records.get("full", {})
+        result = probe["tasks"][task]
+        figures["tasks"].append({
+            "task": task, "inca": inca.get("test_acc"), "inca_layer": (inca.get("tuned") or {}).get("layer"),
+            "full": full.get("test_acc"), "convergence": convergence(records),
+            "layers": {k: layer_verdict(result["results"][k]) for k in LAYER_PROBES if k in result["results"]},
+            "linear_probe": {"random": best_linear_probe(random["tasks"][task]),
+                             "proxy": best_linear_probe(result)}})
+    figures["independent"] = independent
+    return figures
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering from the figures (pure: tests/test_results_doc.py calls these on docs/results.json)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _spread(values: list[float]) -> str:
+    """Mean, and the range when there is more than one value."""
+    mean = f"{np.mean(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.3f}-{max(values):.3f})"
+
+
+def _layer_cell(v: dict[str, Any]) -> str:
+    best = ", ".join(map(str, v["best_layers"]))
+    if v["verdict"] == "last":
+        return f"{best} (the last)"
+    if v["verdict"] == "tie":
+        return f"{best} (tie incl. the last)"
+    return f"{best} (last {v['last']}: {-v['last_val_gap']:+.3f} val)"
+
+
+def _layer_counts(figures: dict[str, Any]) -> dict[str, int]:
+    verdicts = [v["verdict"] for t in figures["tasks"] for v in t["layers"].values()]
+    return {k: verdicts.count(k) for k in ("below", "tie", "last")} | {"total": len(verdicts)}
+
+
+def _starts_at_target(task: dict[str, Any]) -> bool:
+    """Every method is at the target from its first step (the linear-probe head already fits the task): the
+    measure cannot tell the methods apart there."""
+    return all(n == 1 for n in task["convergence"]["steps"].values())
+
+
+def _convergence_ratio(tasks: list[dict[str, Any]], slow: str, fast: str) -> list[float]:
+    """Per task where convergence is measurable, ``slow``'s steps to the common target over ``fast``'s."""
+    steps = [t["convergence"]["steps"] for t in tasks if not _starts_at_target(t)]
+    return [s[slow] / s[fast] for s in steps if s.get(slow) and s.get(fast)]
+
+
+def claims_lines(figures: dict[str, Any]) -> list[str]:
+    """The three measured claims."""
+    tasks = figures["tasks"]
+    lines = ["## The claims, measured", ""]
+    rows, gaps = [], []
+    for t in tasks:
+        if t["inca"] is None or t["full"] is None:
+            continue
+        gaps.append(t["inca"] - t["full"])
+        rows.append([t["task"], f"{t['inca']:.3f} (layer {t['inca_layer']})", f"{t['full']:.3f}",
+                     f"{t['inca'] - t['full']:+.3f}"])
+    lines += ["**InCA on intermediate layers vs full fine-tuning** (the InCA paper: adapters on the frozen "
+              "backbone's intermediate layers rival full fine-tuning). InCA's layer is chosen on val.", "",
+              markdown_table(["task", "InCA (layer)", "full fine-tuning", "InCA - full"], rows).rstrip(), ""]
+    if gaps:
+        lines += [f"Mean gap: {np.mean(gaps):+.3f} over {len(gaps)} tasks.", ""]
+    methods = list(dict.fromkeys(m for t in tasks for m in t["convergence"]["steps"]))
+    rows = [[t["task"], f"{t['convergence']['target']:.4f}", *(t["convergence"]["steps"].get(m, "-")
+                                                              for m in methods)] for t in tasks]
+    ratios = _convergence_ratio(tasks, "lora", "lora-ga")
+    lines += [f"**Convergence** (the LoRA-GA paper: 2-4x fewer steps than LoRA to the same loss), one measure for "
+              f"every end-to-end method: the first step whose training loss (trailing mean over {WINDOW} steps) "
+              "reaches the task's target, the worst of their final losses, which each of them reaches. Every method "
+              "trains at its authors' defaults (learning rate, weight decay, warm-up and schedule differ between "
+              "them).", "",
+              markdown_table(["task", "target loss", *methods], rows).rstrip(), ""]
+    flat = [t["task"] for t in tasks if _starts_at_target(t)]
+    if flat:
+        lines += [f"On {', '.join(flat)} every method is at the target from its first step (the linear-probe head "
+                  "already fits the task): the measure cannot tell them apart there, and the ratios leave it out.",
+                  ""]
+    if ratios:
+        lines += [f"LoRA's steps over LoRA-GA's: {_ratio_range(ratios)} (median {np.median(ratios):.2f}x) over "
+                  f"{len(ratios)} tasks.", ""]
+    counts = _layer_counts(figures)
+    keys = list(dict.fromkeys(k for t in tasks for k in t["layers"]))
+    rows = [[t["task"], *(_layer_cell(t["layers"][k]) if k in t["layers"] else "-" for k in keys)] for t in tasks]
+    lines += ["**Probing finds useful layers below the last** (the InCA paper's layer analysis). Every probe's "
+              "best layer(s) on val accuracy, ties listed as ties; where the last layer is not among them, how far "
+              "its val accuracy is below the best.", "",
+              markdown_table(["task", *keys], rows).rstrip(), "",
+              f"Over {counts['total']} task-probe pairs: the best layer is below the last on {counts['below']}, the "
+              f"last ties for best on {counts['tie']}, the last alone is best on {counts['last']}.", ""]
+    return lines
+
+
+def independent_lines(figures: dict[str, Any]) -> list[str]:
+    """The proxy against random weights on the independent data."""
+    ind = figures["independent"]
+    sizes = ", ".join(f"{k} {n}" for k, n in ind["sizes"].items())
+    lines = ["## The proxy on data it was not designed on", "",
+             "Crops of the real photographs and texture scans that scikit-image's wheel bundles (`skimage/data`: "
+             "an astronaut portrait, a cameraman, a cat, coffee, coins, the Moon, a rocket launch, a retina, a "
+             "stained tissue slide, cells, Hubble's deep field, a motorcycle, a clock, printed and handwritten "
+             "text, brick, grass, gravel), written by `tools/make_skimage_task.py`: the class is the source image, "
+             f"{ind['classes']} classes ({sizes} crops), 32x32 crops of 24-64 pixels, and train, val and test "
+             "crops come from disjoint tiles of each image, so no crop shares a pixel with another split's. The "
+             "data is independent of the proxy: photographs, where the pretraining saw only formulas, installed "
+             "offline by `pip install scikit-image`, and chosen after the recipe was frozen; nothing in the "
+             "recipe was tried on it, and it is not used to change the recipe (that would make it part of the "
+             "design too).", "",
+             f"Random weights (timm's init, seed 0) against the proxy, the same settings for both: the linear probe "
+             f"(`inca-probe --probes linear`, layer and pool chosen on val) and `inca-compare` ({ind['epochs']} "
+             f"epochs, each method at its defaults, InCA's layer chosen on val) at seeds "
+             f"{', '.join(map(str, ind['seeds']))}: test accuracy, the mean and (range) over seeds.", ""]
+    rows = []
+    for name, by_weights in ind["rows"].items():
+        random, proxy = by_weights["random"], by_weights["proxy"]
+        rows.append([name, _spread(random), _spread(proxy), f"{np.mean(proxy) - np.mean(random):+.3f}",
+                     f"{_wins(by_weights)} of {len(proxy)}"])
+    lines += [markdown_table(["method", "random weights", "proxy", "proxy - random", "runs the proxy wins"],
+                             rows).rstrip(), "", independent_verdict(ind), ""]
+    return lines
+
+
+def _wins(by_weights: dict[str, list[float]]) -> int:
+    return sum(p > r for p, r in zip(by_weights["proxy"], by_weights["random"]))
+
+
+def independent_verdict(ind: dict[str, Any]) -> str:
+    """Whether the proxy beats random weights on the independent data: with which methods at every run."""
+    gains = {n: f"{n} {_points(float(np.mean(w['proxy']) - np.mean(w['random'])))}" for n, w in ind["rows"].items()}
+    beats = [gains[n] for n, w in ind["rows"].items() if _wins(w) == len(w["proxy"])]
+    not_beats = [gains[n] for n, w in ind["rows"].items() if _wins(w) < len(w["proxy"])]
+    if not not_beats:
+        return f"The proxy beats random weights here with every method at every run ({', '.join(beats)} points)."
+    if not beats:
+        return (f"The proxy does not beat random weights on this data ({', '.join(not_beats)} points): on these "
+                "photographs its pretraining does not help.")
+    return (f"The proxy beats random weights at every run only with {', '.join(beats)} points; it does not with "
+            f"{', '.join(not_beats)} points.")
+
+
+def readme_block(figures: dict[str, Any]) -> str:
+    """README's results paragraph: every run figure it quotes, from docs/results.json."""
+    tasks = figures["tasks"]
+    run = figures["pretraining"]
+    steps = "" if run["steps"] == run["planned_steps"] else \
+        f" ({run['steps']} of its {run['planned_steps']} steps: the time budget ran out on shared cores)"
+    sentences = [f"The proxy was pretrained in {run['seconds'] / 60:.0f} minutes on 2 CPU cores{steps}."]
+    gaps = {t["task"]: t["inca"] - t["full"] for t in tasks if t["inca"] is not None and t["full"] is not None}
+    if gaps:
+        worst, best = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
+        sentences.append(f"On it, InCA (its layer chosen on val) minus full fine-tuning is "
+                         f"{_points(float(np.mean(list(gaps.values()))))} test points on average (from {worst} "
+                         f"{_points(gaps[worst])} to {best} {_points(gaps[best])}).")
+    ratios = {f: _convergence_ratio(tasks, "lora", f) for f in ("lora-ga", "full")}
+    if all(ratios.values()):
+        sentences.append("To a common training loss (each task's worst final loss of the end-to-end methods), LoRA "
+                         f"takes {_ratio_range(ratios['lora-ga'])} LoRA-GA's steps and {_ratio_range(ratios['full'])} "
+                         f"full fine-tuning's on the {len(ratios['lora-ga'])} tasks where the measure separates "
+                         "them, each method at its authors' defaults.")
+    counts = _layer_counts(figures)
+    sentences.append("Counting every probe (InCA, linear and kNN on both pools), the best layer on val is below the "
+                     f"last in {counts['below']} of {counts['total']} task-probe pairs, the last ties for best in "
+                     f"{counts['tie']} and is best alone in {counts['last']}.")
+    linear = {t["task"]: t["linear_probe"]["proxy"] - t["linear_probe"]["random"] for t in tasks}
+    sentences.append(f"The proxy's best linear probe beats random weights' on {sum(g > 0 for g in linear.values())} "
+                     f"of {len(linear)} demo tasks (" + ", ".join(f"{t} {_points(g)}" for t, g in linear.items())
+                     + " points), the tasks its recipe was shaped on.")
+    ind = figures["independent"]
+    scores = "; ".join(f"{name} {np.mean(w['proxy']):.3f} vs {np.mean(w['random']):.3f}"
+                       for name, w in ind["rows"].items())
+    sentences.append(f"On crops of scikit-image's photographs, which played no part in it, test accuracy of the "
+                     f"proxy vs random weights is {scores} (trained methods: mean of {len(ind['seeds'])} seeds). "
+                     + independent_verdict(ind))
+    return "\n".join(_wrap(" ".join(sentences)))
+
+
+def _ratio_range(ratios: list[float]) -> str:
+    return f"{min(ratios):.2f}x" if min(ratios) == max(ratios) else f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+
+def _wrap(text: str, width: int = 110) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line]
+
+
+def readme_with_block(readme: str, block: str) -> str:
+    """``readme`` with the text between its results markers replaced by ``block``."""
+    pattern = re.compile(re.escape(README_BEGIN) + r"\n.*?" + re.escape(README_END), re.S)
+    if len(pattern.findall(readme)) != 1:
+        raise SystemExit(f"README must hold one results block: {README_BEGIN} ... {README_END}")
+    return pattern.sub(lambda _: f"{README_BEGIN}\n{block}\n{README_END}", readme)
+
+
+def readme_block_of(readme: str) -> str:
+    """The text between README's results markers."""
+    start, end = readme.index(README_BEGIN) + len(README_BEGIN) + 1, readme.index(README_END) - 1
+    return readme[start:end]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables straight from the run outputs
+# ----------------------------------------------------------------------------------------------------
 
 
 def linear_section(proxy: dict[str, Any], random: dict[str, Any]) -> list[str]:
@@ -97,59 +413,54 @@ def linear_section(proxy: dict[str, Any], random: dict[str, Any]) -> list[str]:
     return lines[:intro] + [table.rstrip(), ""] + lines[intro:]
 
 
-def steps_column(records: dict[str, dict[str, Any]]) -> dict[str, int | None]:
-    """Per method, the steps its smoothed training loss takes to reach LoRA's final one."""
-    if "lora" not in records or not records["lora"].get("loss_curve"):
-        return {}
-    target = float(smoothed_loss(records["lora"]["loss_curve"], WINDOW)[-1])
-    return {m: steps_to_reach(r["loss_curve"], target, WINDOW) for m, r in records.items()
-            if m != "inca" and r.get("loss_curve")}
-
-
-def compare_section(summary: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """One table per task, and per task the figures the claims need."""
-    by_task: dict[str, dict[str, dict[str, Any]]] = {}
-    for record in summary["results"]:
-        by_task.setdefault(record["task"], {})[record["method"]] = record
+def compare_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """One table per task: each method's accuracy, size, cost and steps to the common loss target."""
     config = summary["config"]
+    reach = {t["task"]: t["convergence"]["steps"] for t in figures["tasks"]}
     lines = ["## Every method on the proxy", "",
              f"`inca-compare` with {config['epochs']} epochs, batch size {config['batch_size']}, seed "
              f"{config['seed']}, device {config['device']}; every method at its authors' defaults "
              "(`inca-compare --help` lists each with its source). Test accuracy at the best-validation epoch; "
              f"trainable parameters include the head, % of the backbone's {summary['backbone_params']:,}. "
-             f"Steps to LoRA's loss: the first step whose training loss (trailing mean over {WINDOW} steps) is at "
-             "or below LoRA's final one. Peak memory: " + summary["memory"] + ".", ""]
+             "Steps to the common loss: the first step whose training loss (trailing mean over "
+             f"{WINDOW} steps) reaches the task's worst final one among the end-to-end methods (LoRA, LoRA-GA, "
+             "Compacter, Compacter++, full fine-tuning). Peak memory: " + summary["memory"] + ".", ""]
     headers = ["method", "test acc", "trainable params", "% of backbone", "seconds", "peak memory (MB)", "steps",
-               "steps to LoRA's final loss"]
-    figures = []
-    for task, records in by_task.items():
-        reach = steps_column(records)
+               "steps to the common loss"]
+    for task, records in by_task(summary).items():
         rows = [[m, r["test_acc"], f"{r['trainable_params']:,}", r["trainable_pct"], r["seconds"],
-                 r["peak_memory_mb"], r["steps"], reach.get(m, "")] for m, r in records.items()]
+                 r["peak_memory_mb"], r["steps"], reach[task].get(m, "-")] for m, r in records.items()]
         lines += [f"### {task}", "", markdown_table(headers, rows).rstrip(), ""]
-        inca, full, lora = (records.get(m, {}) for m in ("inca", "full", "lora"))
-        figures.append({"task": task, "inca": inca.get("test_acc"),
-                        "inca_layer": (inca.get("tuned") or {}).get("layer"),
-                        "full": full.get("test_acc"), "lora_steps": lora.get("steps"),
-                        "lora_ga_reach": reach.get("lora-ga"), "full_reach": reach.get("full")})
     if any(r.get("activations") == "cache" for r in summary["results"]):
         lines += ["InCA read activation stores: its seconds include building one only where no earlier run had "
                   "built it.", ""]
     lines += ["Protocol:", "", *protocol_lines(summary["protocol"]), "",
               f"![test accuracy vs trainable parameters]({ACCURACY_PNG})", "",
               f"![training loss, trailing mean over {WINDOW} steps]({LOSS_PNG})", ""]
-    return lines, figures
+    return lines
+
+
+def norm_lines(probe: dict[str, Any], norm: dict[str, Any]) -> list[str]:
+    """The last block through the final norm against the best layer's linear probe (CLS token)."""
+    rows = []
+    for task, result in probe["tasks"].items():
+        normed = norm["tasks"].get(task, {}).get("results", {}).get("linear/cls", {}).get(str(result["layers"][-1]))
+        best = best_by_val(result["results"]["linear/cls"])[1]
+        rows.append([task, f"{normed['test']:.3f}" if normed else "-", f"{best['test']:.3f}"])
+    return ["The last block through the backbone's final norm (as DINO evaluates) against the best layer on val, "
+            "linear probe on the CLS token, test accuracy:", "",
+            markdown_table(["task", "last layer + final norm", "best layer"], rows).rstrip(), ""]
 
 
 def plot_losses(path: Path, summary: dict[str, Any]) -> None:
     """The end-to-end methods' training loss per step (trailing mean), one small panel per task."""
-    by_task: dict[str, list[dict[str, Any]]] = {}
+    tasks: dict[str, list[dict[str, Any]]] = {}
     for record in summary["results"]:
         if record["method"] != "inca" and record.get("loss_curve"):
-            by_task.setdefault(record["task"], []).append(record)
+            tasks.setdefault(record["task"], []).append(record)
     fig = Figure(figsize=(8.5, 4.8))
     axes = fig.subplots(2, 3, squeeze=False).ravel()
-    for ax, (task, records) in zip(axes, by_task.items()):
+    for ax, (task, records) in zip(axes, tasks.items()):
         for r in records:
             ax.plot(np.arange(1, r["steps"] + 1), smoothed_loss(r["loss_curve"], WINDOW), linewidth=1,
                     label=r["method"])
@@ -159,65 +470,9 @@ def plot_losses(path: Path, summary: dict[str, Any]) -> None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    for ax in axes[len(by_task):]:
+    for ax in axes[len(tasks):]:
         ax.set_visible(False)
     save_figure(fig, path)
-
-
-def speed_up(steps: int | None, reach: int | None) -> str:
-    return f"{steps / reach:.2f}x" if steps and reach else "-"
-
-
-def claims_section(figures: list[dict[str, Any]], probe: dict[str, Any], norm: dict[str, Any]) -> list[str]:
-    lines = ["## The claims, measured", ""]
-    rows, gaps = [], []
-    for f in figures:
-        if f["inca"] is None or f["full"] is None:
-            continue
-        gap = f["inca"] - f["full"]
-        gaps.append(gap)
-        rows.append([f["task"], f"{f['inca']:.3f} (layer {f['inca_layer']})", f"{f['full']:.3f}", f"{gap:+.3f}"])
-    lines += ["**InCA on intermediate layers vs full fine-tuning** (the InCA paper: adapters on the frozen "
-              "backbone's intermediate layers rival full fine-tuning). InCA's layer is chosen on val.", "",
-              markdown_table(["task", "InCA (layer)", "full fine-tuning", "InCA - full"], rows).rstrip(), "",
-              f"Mean gap: {np.mean(gaps):+.3f} over {len(gaps)} tasks." if gaps else "", ""]
-    rows = []
-    for f in figures:
-        lora = f["lora_steps"]
-        rows.append([f["task"], lora, f["lora_ga_reach"] or "never", speed_up(lora, f["lora_ga_reach"]),
-                     f["full_reach"] or "never", speed_up(lora, f["full_reach"])])
-    lines += ["**LoRA-GA's convergence** (the LoRA-GA paper: 2-4x fewer steps than LoRA to the same loss). "
-              "Steps to reach LoRA's final training loss; speed-up = LoRA's steps / theirs.", "",
-              markdown_table(["task", "LoRA steps", "LoRA-GA steps", "LoRA-GA speed-up", "full FT steps",
-                              "full FT speed-up"], rows).rstrip(), ""]
-    rows = []
-    for task, result in probe["tasks"].items():
-        last = result["layers"][-1]
-        cells = [task]
-        for key in ("inca", "linear/cls", "linear/mean"):
-            if key in result["best_layers"]:
-                best = result["best_layers"][key][0]
-                cells.append(f"{best}" + ("" if best == last else f" (last: {last})"))
-        normed = norm["tasks"].get(task, {}).get("results", {}).get("linear/cls", {}).get(str(last))
-        best_cls = result["results"]["linear/cls"][str(result["best_layers"]["linear/cls"][0])]
-        cells.append(f"{normed['test']:.3f} vs {best_cls['test']:.3f}" if normed else "-")
-        rows.append(cells)
-    lines += ["**Probing finds useful layers below the last** (the InCA paper's layer analysis). Best layer on "
-              "val per probe; the last column sets the last block through the backbone's final norm (as DINO "
-              "evaluates) against the best layer's linear probe, CLS token, test accuracy.", "",
-              markdown_table(["task", "InCA probe", "linear (cls)", "linear (mean)",
-                              "last layer + final norm vs best (linear, cls)"], rows).rstrip(), ""]
-    return lines
-
-
-def wins(proxy: dict[str, Any], random: dict[str, Any]) -> str:
-    """The tasks where the proxy's best linear probe (pool and layer chosen on val) beats random weights'."""
-    def best(result: dict[str, Any]) -> float:
-        scores = [best_by_val(v)[1] for k, v in result["results"].items() if k.startswith("linear/")]
-        return max(scores, key=lambda s: s["val"])["test"]
-
-    won = [t for t in proxy["tasks"] if best(proxy["tasks"][t]) > best(random["tasks"][t])]
-    return f"{len(won)} of {len(proxy['tasks'])} tasks ({', '.join(won) or 'none'})"
 
 
 def objective(pretraining: dict[str, Any]) -> str:
@@ -250,20 +505,24 @@ def with_relative_weights(report: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    out = Path(args.out)
-    proxy = read_json(Path(args.proxy) / "config.json")
-    summary = read_json(Path(args.compare) / COMPARE_JSON)
-    probe = read_json(Path(args.probe) / PROBE_JSON)
-    random = read_json(Path(args.random_probe) / PROBE_JSON)
-    norm = read_json(Path(args.norm_probe) / PROBE_JSON)
-    compare_lines, figures = compare_section(summary)
+    runs, out = Path(args.runs), Path(args.out)
+    proxy = read_json(runs / "proxy" / "config.json")
+    summary = read_json(runs / "proxy-compare" / COMPARE_JSON)
+    probe, random, norm = (read_json(runs / name / PROBE_JSON)
+                           for name in ("proxy-probe", "random-probe", "proxy-probe-norm"))
+    weights = ("random", "proxy")
+    independent = independent_figures(
+        {w: read_json(runs / f"{w}-skimage-probe" / PROBE_JSON) for w in weights},
+        {w: [read_json(runs / f"{w}-skimage-compare-seed{s}" / COMPARE_JSON) for s in SEEDS] for w in weights})
     pretraining = proxy["pretraining"]
+    figures = collect(pretraining, summary, probe, random, independent)
     kwargs = " ".join(f"{k}={v}" for k, v in proxy["model_kwargs"].items())
     lines = [
         "# Results on a pretrained proxy backbone",
         "",
         "Generated by `tools/proxy_results.py` from the runs below; rerun them to reproduce (the proxy's weights "
-        "stay out of git, under `runs/`).",
+        "stay out of git, under `runs/`). Every figure that the claims and README quote is also in "
+        "`docs/results.json`.",
         "",
         f"The backbone is `{proxy['backbone']}` with `{kwargs}`, pretrained offline by `tools/pretrain_proxy.py` on "
         f"formula-driven images ({', '.join(f'{n} {k}' for k, n in pretraining['classes'].items())} classes, "
@@ -271,11 +530,13 @@ def main() -> None:
         f"{pretraining['batch_size']} in {pretraining['seconds']} s, final classification loss "
         f"{pretraining['final_loss']:.3f}{objective(pretraining)}). No natural image and no download is involved.",
         "",
+        RECIPE_HISTORY,
+        "",
         "## Commands",
         "",
         "```",
         *(c.replace("{steps}", "" if pretraining["calibrated"] else
-                    f" --steps {pretraining['planned_steps']} --minutes 20  # a budget the fixed schedule fits")
+                    f" --steps {pretraining['planned_steps']} --minutes 20  # the frozen recipe")
           for c in COMMANDS),
         "```",
         "",
@@ -284,30 +545,34 @@ def main() -> None:
         "other jobs, so seconds are indicative.",
         "",
         *linear_section(probe, random),
-        *compare_lines,
-        *claims_section(figures, probe, norm),
+        *independent_lines(figures),
+        *compare_section(summary, figures),
+        *claims_lines(figures),
+        *norm_lines(probe, norm),
         "## What this does and does not show",
         "",
         "These are a 6-block ViT-Ti at 32 pixels, pretrained for minutes on synthetic formulas, on five small "
-        "tasks of 1,000-1,300 training images, one seed, on CPU. They show that the methods run as their authors "
-        "configure them under one protocol, that the proxy's features are learned (its best linear probe beats "
-        f"random weights' on {wins(probe, random)}), and how the three claims come out at this scale. They do "
-        "not reproduce the papers: the InCA "
-        "paper's claims are about ViT-L/16 and larger, pretrained on ImageNet-21k or more, on its 11-dataset "
-        "suite; LoRA-GA's are about T5 and Llama on GLUE and instruction data; one seed on small tasks leaves "
-        "differences of a few points within noise.",
+        "tasks of 1,000-1,300 training images and one small set of photographs, on CPU. They show that the "
+        "methods run as their authors configure them under one protocol, how the three claims come out at this "
+        "scale, and whether the proxy's features beat random ones on data its recipe was not shaped on. They do "
+        "not reproduce the papers: the InCA paper's claims are about ViT-L/16 and larger, pretrained on "
+        "ImageNet-21k or more, on its 11-dataset suite; LoRA-GA's are about T5 and Llama on GLUE and instruction "
+        "data; one seed on small tasks leaves differences of a few points within noise.",
         "",
         "## The probe report on the proxy",
         "",
         render_probe_report(with_relative_weights(probe)).replace("# Layer probing", "### Layer probing")
         .replace("\n## ", "\n#### "),
     ]
+    atomic_write_json(out.with_suffix(".json"), figures)
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
-    shutil.copyfile(Path(args.compare) / COMPARE_ACCURACY_PNG, out.parent / ACCURACY_PNG)
+    shutil.copyfile(runs / "proxy-compare" / COMPARE_ACCURACY_PNG, out.parent / ACCURACY_PNG)
     plot_losses(out.parent / LOSS_PNG, summary)
-    print(f"wrote {out} and its two plots")
-    for f in figures:
-        print({k: fmt(v) for k, v in f.items()})
+    readme = Path(args.readme)
+    atomic_write_text(readme, readme_with_block(readme.read_text(), readme_block(figures)))
+    print(f"wrote {out}, {out.with_suffix('.json')}, its two plots and {readme}'s results block")
+    for t in figures["tasks"]:
+        print({k: fmt(v) for k, v in t.items() if not isinstance(v, dict)})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""README's results block and docs/results.md say what docs/results.json holds (tools/proxy_results.py renders all
+three from the same figures), and the generator's measures are the ones the documents describe. No training."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import load_tool
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return load_tool("proxy_results")
+
+
+@pytest.fixture(scope="module")
+def figures():
+    import json
+
+    return json.loads((ROOT / "docs" / "results.json").read_text())
+
+
+def test_readme_block_is_the_one_rendered_from_the_figures(results, figures):
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count(results.README_BEGIN) == 1 and readme.count(results.README_END) == 1
+    assert results.readme_block_of(readme) == results.readme_block(figures), \
+        "README's results block was edited by hand or is stale: rerun python tools/proxy_results.py"
+
+
+def test_results_md_states_the_same_figures(results, figures):
+    doc = (ROOT / "docs" / "results.md").read_text()
+    for section in (results.claims_lines(figures), results.independent_lines(figures)):
+        assert "\n".join(section).strip() in doc, "docs/results.md disagrees with docs/results.json"
+
+
+def test_the_old_convergence_claim_is_gone():
+    readme = (ROOT / "README.md").read_text()
+    assert "fewer steps" not in readme and "below the last on 4 of 5" not in readme
+
+
+def test_a_layer_tied_with_the_last_is_not_below_it(results):
+    def scores(*vals):
+        return {str(i): {"val": v, "test": v} for i, v in enumerate(vals)}
+
+    assert results.layer_verdict(scores(0.90, 0.95, 0.95))["verdict"] == "tie"
+    assert results.layer_verdict(scores(0.90, 0.95, 0.95))["best_layers"] == [1, 2]
+    below = results.layer_verdict(scores(0.90, 0.95, 0.93))
+    assert below["verdict"] == "below" and below["last_val_gap"] == pytest.approx(0.02)
+    assert results.layer_verdict(scores(0.90, 0.95, 0.96))["verdict"] == "last"
+
+
+def test_convergence_is_one_target_for_every_end_to_end_method(results):
+    # the target is the worst final trailing-mean loss (1.0, lora's); 10-step windows, counted by hand:
+    # full's window at step 15 holds five 2.0s and five 0.0s, its first mean at or below 1.0
+    records = {"lora": {"loss_curve": [1.0] * 30, "steps": 30},
+               "full": {"loss_curve": [2.0] * 10 + [0.0] * 20, "steps": 30},
+               "linear": {"loss_curve": [3.0] * 30, "steps": 30},  # the starting head: no target of its own
+               "inca": {"loss_curve": [3.0] * 4, "steps": 30}}
+    measured = results.convergence(records)
+    assert measured["target"] == pytest.approx(1.0)
+    assert measured["steps"] == {"lora": 1, "full": 15}
+
+
+def test_readme_block_is_replaced_in_place_and_required(results):
+    readme = f"intro\n{results.README_BEGIN}\nold\ntext\n{results.README_END}\noutro\n"
+    expected = f"intro\n{results.README_BEGIN}\nnew\n{results.README_END}\noutro\n"
+    assert results.readme_with_block(readme, "new") == expected
+    with pytest.raises(SystemExit, match="one results block"):
+        results.readme_with_block("no markers\n", "new")
