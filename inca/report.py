@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .io import atomic_write
@@ -45,6 +47,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
 
 
 Series = dict[str, tuple[Sequence[float], Sequence[float]]]
+LEGEND_ENTRIES = 40  # series a legend of plot_curves names: two columns of 20
 
 
 def plot_lines(
@@ -119,3 +122,49 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax)
     save_figure(fig, path)
 
+
+
+def plot_curves(
+    path: str | os.PathLike,
+    panels: dict[str, dict[str, Sequence[float | None]]],
+    title: str,
+    highlight: str | None = None,
+    marks: dict[str, int] | None = None,
+) -> None:
+    """Per-epoch curves side by side, one panel each (``panels[ylabel][series]``: one value per epoch from epoch 1,
+    None where there is none), each series in one colour across the panels and one legend for them all;
+    ``highlight`` drawn bold, and ``marks[series]`` (an epoch) starred in every panel (e.g. the best epoch). The
+    legend names at most :data:`LEGEND_ENTRIES` series (``highlight`` first when they are more), then how many more."""
+    labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    palette = colormaps["tab10" if len(labels) <= 10 else "tab20" if len(labels) <= 20 else "viridis"]
+    colors = {label: palette(i if len(labels) <= 20 else i / max(1, len(labels) - 1)) for i, label in enumerate(labels)}
+    listed = labels
+    if len(labels) > LEGEND_ENTRIES:
+        listed = sorted(labels, key=lambda label: label != highlight)[: LEGEND_ENTRIES - 1]
+    handles = [Line2D([], [], color=colors[label], linewidth=2.4 if label == highlight else 1.0) for label in listed]
+    if len(listed) < len(labels):
+        handles.append(Line2D([], [], linestyle="none"))
+        listed = [*listed, f"... {len(labels) - len(listed)} more"]
+    columns = -(-len(listed) // 20)  # legend columns of at most 20 entries
+    fig = Figure(figsize=(5.5 * len(panels) + 1.6 * columns + 1, 4.2))
+    axes = fig.subplots(1, len(panels) + 1, squeeze=False,
+                        gridspec_kw={"width_ratios": [4] * len(panels) + [1.2 * columns]})[0]
+    for ax, (ylabel, series) in zip(axes, panels.items()):
+        for label, values in series.items():
+            y = np.array([np.nan if v is None else v for v in values], dtype=float)
+            x = np.arange(1, len(y) + 1)
+            bold = label == highlight
+            ax.plot(x, y, color=colors[label], linewidth=2.4 if bold else 1.0, zorder=3 if bold else 2,
+                    marker="o" if len(y) < 30 else None, markersize=2.5)
+            mark = (marks or {}).get(label)
+            if mark and 0 < mark <= len(y) and np.isfinite(y[mark - 1]):
+                ax.plot([mark], [y[mark - 1]], marker="*", markersize=12, color=colors[label], zorder=4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[-1].axis("off")
+    axes[-1].legend(handles, listed, loc="upper left", fontsize=8 if len(labels) <= 10 else 6, ncols=columns,
+                    frameon=False)
+    fig.suptitle(title)
+    save_figure(fig, path)
