@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "inca"
 LAYERS = {
     "inca.errors": 0, "inca.io": 0, "inca.devices": 0, "inca.report": 0, "inca.recipe": 0, "inca.options": 0,
     "inca.progress": 0, "inca.distributed": 0, "inca.memory": 0, "inca.config": 0, "inca.registry": 0,
-    "inca.images": 0,
+    "inca.images": 0, "inca.convergence": 0, "inca.training_log": 0,
     "inca.backbone": 1, "inca.tasks": 1, "inca.cache": 1, "inca.adapters": 1, "inca.quantize": 1,
     "inca.activations": 2, "inca.placement": 2, "inca.train": 2, "inca.methods": 2, "inca.probes": 2,
     "inca.inference": 2, "inca.export": 2,

@@ -6,9 +6,11 @@ import json
 import re
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import inca.methods.run as run
@@ -211,7 +213,7 @@ def test_a_new_method_is_one_registration(tiny_backbone, data):
                         save=METHODS["full"].save, load=METHODS["full"].load)
         assert list(METHODS)[-1] == "biases" and "  biases: biases only" in methods_help()
         assert resolve_methods("biases", ["biases.lr=0.5"]) == {
-            "biases": {"lr": 0.5, "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 1.0}
+            "biases": {"lr": 0.5, "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 1.0, "schedule": "cosine"}
         }
         model = build(tiny_backbone, "biases", {}, data)
         assert trainable(model) == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
@@ -247,13 +249,27 @@ def test_inca_runs_on_the_shared_backbone_with_its_own_trainer():
 
 def test_lora_ga_differs_from_lora_only_where_its_authors_do():
     lora, ga = METHODS["lora"].defaults(), METHODS["lora-ga"].defaults()
-    assert {k for k in lora if lora[k] != ga[k]} == {"lr", "weight_decay", "warmup_ratio", "rslora"}
+    assert {k for k in lora if lora[k] != ga[k]} == {"lr", "weight_decay", "warmup_ratio", "schedule", "rslora"}
     assert set(ga) - set(lora) == {"gamma", "direction", "scale", "init_batches"}
     assert (ga["weight_decay"], ga["warmup_ratio"], ga["max_grad_norm"]) == (0.0, 0.03, 1.0)
     assert (lora["alpha"], lora["weight_decay"]) == (16.0, 0.1)
     for name in E2E:
         assert METHODS[name].defaults()["max_grad_norm"] == 1.0, name
     assert METHODS["compacter"].defaults()["weight_decay"] == 0.0
+
+
+def test_the_same_trainer_recipe_trains_lora_with_lora_gas_trainer_settings():
+    """recipes/proxy-lora-same-trainer.yaml: LoRA as the LoRA-GA paper's baseline, every trainer setting LoRA-GA's,
+    the same learning-rate grid; LoRA's own rank, alpha and scale."""
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "proxy-lora-same-trainer.yaml").read_text())
+    methods = resolve_methods(recipe["methods"], recipe["method_args"])
+    lora, ga = methods["lora"], methods["lora-ga"]
+    trainer = ("lr", "weight_decay", "warmup_ratio", "schedule", "max_grad_norm")
+    assert {k: lora[k] for k in trainer} == {k: ga[k] for k in trainer} == {
+        "lr": 1e-4, "weight_decay": 0.0, "warmup_ratio": 0.03, "schedule": "cosine", "max_grad_norm": 1.0}
+    assert (lora["rank"], lora["alpha"], lora["rslora"]) == (ga["rank"], ga["alpha"], False)
+    grids = [[c.lr for c in get_method(m).make_config(methods[m]).tuning_grid(recipe["lr_grid"])] for m in methods]
+    assert grids[0] == grids[1] and len(grids[0]) == 3
 
 
 def test_lr_grid_is_log_spaced_around_the_default_and_compacter_also_tunes_its_reduction():
@@ -307,12 +323,13 @@ def test_the_lr_grid_keeps_the_best_on_val_and_ties_keep_the_default(monkeypatch
     scripted = {5e-4: 0.5, 5e-4 / 3: 0.7, 1.5e-3: 0.7}
     trained = []
 
-    def fake_train(name, backbone, task, config, settings, head=None):
+    def fake_train(name, backbone, task, config, settings, head=None, log=None):
         trained.append(config.lr)
         acc = scripted[min(scripted, key=lambda lr: abs(lr - config.lr))]
         return nn.Linear(2, 2), FitResult(acc / 2, acc, 1, [acc], [1.0], 1)
 
     monkeypatch.setattr(run, "train_e2e", fake_train)
+    monkeypatch.setattr(run, "save_end_to_end", lambda *args: None)  # a stand-in model has nothing to save
     task = types.SimpleNamespace(spec="fake", num_classes=2)
     settings = RunConfig(epochs=1, head_init="random", lr_grid=3, progress=False)
     metrics = run_method("lora", None, task, {}, settings, tmp_path)

@@ -17,18 +17,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from inca import options as opt
 from inca.config import Config, hparam, type_name
 from inca.errors import InCAError
+from inca.train.config import SCHEDULE_HELP, SCHEDULES, TIMM_SCHEDULE
 
 if TYPE_CHECKING:
     import torch
 
     from inca.activations import DataSource
 
-__all__ = ["HEAD_INITS", "LR_STEP", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunConfig", "TrainConfig", "hparam",
-           "lr_candidates", "type_name"]
+__all__ = ["HEAD_INITS", "HF_SCHEDULE", "LR_STEP", "PEFT_DIR", "ApplyContext", "MethodConfig", "RunConfig",
+           "TrainConfig", "hparam", "lr_candidates", "type_name"]
 
 HEAD_INITS = ("linear-probe", "random", "zero")
 LR_STEP = 3.0  # --lr-grid: neighbouring learning rates are this factor apart (inca's own choice: half a decade)
 HF_TRAINER = "HF TrainingArguments' default max_grad_norm=1.0"
+HF_SCHEDULE = "HF TrainingArguments' default lr_scheduler_type='linear' (get_linear_schedule_with_warmup)"
 PEFT_DIR = "peft"  # under a run's work_dir: the PEFT export of a LoRA-type model (RunConfig.export_peft)
 OWN = "inca's own choice"
 
@@ -52,7 +54,8 @@ def lr_candidates(lr: float, size: int) -> list[float]:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(MethodConfig):
     """Hyper-parameters of a method trained by the shared end-to-end loop (:func:`inca.train.e2e.fit`):
-    AdamW with timm's weight-decay groups, cosine schedule after a linear warm-up, gradient-norm clipping."""
+    AdamW with timm's weight-decay groups, a linear warm-up then a cosine, linear or constant schedule,
+    gradient-norm clipping."""
 
     lr: float = hparam(help="peak learning rate of AdamW")
     weight_decay: float = hparam(
@@ -60,9 +63,11 @@ class TrainConfig(MethodConfig):
         source="ours: one value for every end-to-end method",
     )  # fmt: skip
     warmup_ratio: float = hparam(
-        0.1, help="fraction of all steps that warm the learning rate up linearly, before the cosine decay",
+        0.1, help="fraction of all steps that warm the learning rate up linearly, before the schedule's decay",
         source="ours: one value for every end-to-end method",
     )  # fmt: skip
+    schedule: str = hparam("cosine", help=SCHEDULE_HELP, check=opt.choice(*SCHEDULES),
+                           source=f"{OWN}: cosine, {TIMM_SCHEDULE}")
     max_grad_norm: float = hparam(
         1.0, help="clip the gradient's global L2 norm to this before each step (0: off)",
         source=f"{HF_TRAINER}, kept by the LoRA, LoRA-GA and Compacter authors' trainers", check=opt.non_negative_float,

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from inca.methods.base import HF_TRAINER, ApplyContext, TrainConfig, hparam
+from inca.methods.base import HF_SCHEDULE, HF_TRAINER, ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
 from inca.registry import lazy
 
@@ -27,6 +27,9 @@ class CompacterConfig(TrainConfig):
     warmup_ratio: float = hparam(0.1, source=f"ours: one value for every end-to-end method ({CONFIG} warms up "
                                              "500 steps, warmup_steps: 500)")
     max_grad_norm: float = hparam(1.0, source=f"{CONFIG} sets none: {HF_TRAINER}")
+    schedule: str = hparam("linear", source=f"{CONFIG} sets no lr_scheduler_type, and the authors' Seq2SeqTrainer "
+                                            "(seq2seq/third_party/trainers/seq2seq_trainer.py) keeps HF Trainer's "
+                                            f"scheduler: {HF_SCHEDULE}")
     phm_dim: int = hparam(4, help="n, the number of Kronecker products (divides the width and the bottleneck)",
                           source=f"{PAPER}; {CONFIG} (hypercomplex_division: 4)")
     rank: int = hparam(1, help="rank of each factorised B_i = s_i t_i^T", source=f"{PAPER} (LPHM rank 1)")

@@ -23,7 +23,8 @@ class FullConfig(TrainConfig):
     lr: float = hparam(1e-4, source="Wang et al. 2024 (LoRA-GA) fine-tune T5-base fully at 1e-4: Outsider565/LoRA-GA, "
                                     "conf/model/t5base.yaml (learning_rate: 1e-4)")
     weight_decay: float = hparam(0.0, source=f"{BASELINE} baseline: weight_decay = 0)")
-    warmup_ratio: float = hparam(0.03, source=f"{BASELINE} baseline: warmup_ratio = 0.03, cosine)")
+    warmup_ratio: float = hparam(0.03, source=f"{BASELINE} baseline: warmup_ratio = 0.03)")
+    schedule: str = hparam("cosine", source=f"{BASELINE} baseline: lr_scheduler_type = \"cosine\")")
 
 
 def apply(model: nn.Module, config: FullConfig, context: ApplyContext) -> None:

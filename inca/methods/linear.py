@@ -10,6 +10,7 @@ from inca import options as opt
 from inca.methods.base import ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
 from inca.options import POOLS
+from inca.train.config import TIMM_SCHEDULE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,6 +26,7 @@ class LinearConfig(TrainConfig):
     lr: float = hparam(1e-2, source=f"{OURS}; a head on fixed features takes larger steps than fine-tuning "
                                     "(1e-3 left it under-fitted after 5 epochs on the proxy backbone)")
     weight_decay: float = hparam(0.0, source=OURS)
+    schedule: str = hparam("cosine", source=f"{OURS}; cosine, {TIMM_SCHEDULE}")
     pool: str = hparam(
         "auto", help="the head's input: the backbone's own pooling (auto: timm's global_pool, the class token of "
                      "most ViTs), the class token (cls) or the mean of the patch tokens (mean)",

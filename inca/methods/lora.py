@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from inca.methods.base import HF_TRAINER, ApplyContext, TrainConfig, hparam
+from inca.methods.base import HF_SCHEDULE, HF_TRAINER, ApplyContext, TrainConfig, hparam
 from inca.methods.registry import register_method
 from inca.options import DEFAULT_TARGET
 from inca.registry import lazy
@@ -26,6 +26,7 @@ class LoRAConfig(TrainConfig):
     weight_decay: float = hparam(0.1, source=f"{GLUE} (--weight_decay 0.1)")
     warmup_ratio: float = hparam(0.06, source=f"{TABLE_9}; {GLUE} (--warmup_ratio 0.06)")
     max_grad_norm: float = hparam(1.0, source=f"{GLUE} runs HF run_glue.py: {HF_TRAINER}")
+    schedule: str = hparam("linear", source=f"{GLUE} passes no --lr_scheduler_type to HF run_glue.py: {HF_SCHEDULE}")
     rank: int = hparam(8, help="rank r of the update B A", source=f"{TABLE_9}; {GLUE} (--lora_r 8)")
     alpha: float = hparam(16.0, help="scale s = alpha / r (alpha / sqrt(r) with rslora)",
                           source=f"{GLUE} (--lora_alpha 16; the paper's Table 9 says 8)")

@@ -31,7 +31,8 @@ class LoRAGAConfig(lora.LoRAConfig):
     lr: float = hparam(1e-4, source=f"{REPO}, conf/model/t5base.yaml (learning_rate: 1e-4, as full fine-tuning): "
                                     "LoRA-GA starts on full fine-tuning's trajectory")
     weight_decay: float = hparam(0.0, source=f"{TRAINER} (weight_decay = 0)")
-    warmup_ratio: float = hparam(0.03, source=f"{TRAINER} (warmup_ratio = 0.03, lr_scheduler_type cosine)")
+    warmup_ratio: float = hparam(0.03, source=f"{TRAINER} (warmup_ratio = 0.03)")
+    schedule: str = hparam("cosine", source=f"{TRAINER} (lr_scheduler_type = \"cosine\")")
     max_grad_norm: float = hparam(1.0, source=f"{TRAINER}: {HF_TRAINER}; {REPO}, peft/examples/lora_ga_finetuning/"
                                               "float_llama2-7b_metamath.py (max_grad_norm=1.0)")
     rslora: bool = hparam(True, source=f"{REPO}, reproduce/Readme.md: LoRA-GA runs with peft.use_rslora=True "

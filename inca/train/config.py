@@ -19,11 +19,17 @@ from .halving import SEARCHES, SuccessiveHalving
 if TYPE_CHECKING:
     from ..adapters.inca import AdapterSpec
 
-__all__ = ["InCAGridConfig", "InCATrainConfig", "SearchConfig"]
+__all__ = ["SCHEDULES", "SCHEDULE_HELP", "InCAGridConfig", "InCATrainConfig", "SearchConfig"]
 
 PAPER = ("Dukler et al., 'Your representations are in the network: composable and parallel adaptation for large "
          "scale models', NeurIPS 2023 (arXiv:2303.04105)")
 OWN = "inca's own choice"
+# The learning-rate schedules every trainer offers after its linear warm-up (inca.train.optim.lr_schedule); here, not
+# beside the torch code, so that configs are read without importing torch.
+SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULE_HELP = (f"learning rate after the linear warm-up, one of {' | '.join(SCHEDULES)}: a cosine or linear decay to "
+                 "0 at the last step, or constant")
+TIMM_SCHEDULE = "timm's train.py default (--sched cosine)"
 HALVING = "Jamieson & Talwalkar, AISTATS 2016; Hyperband, Li et al., JMLR 2018; ASHA, Li et al., MLSys 2020"
 
 
@@ -91,8 +97,12 @@ class InCAGridConfig(SearchConfig):
         source=f"{OWN}: light decay, as the adapter is small and keeps the weights of its best validation epoch",
     )  # fmt: skip
     warmup_ratio: float = hparam(
-        0.1, help="fraction of all steps that warm the learning rate up linearly, before the cosine decay",
+        0.1, help="fraction of all steps that warm the learning rate up linearly, before the schedule's decay",
         check=opt.ratio, source=f"{OWN}: a tenth of training, the end-to-end methods' warm-up too",
+    )  # fmt: skip
+    schedule: str = hparam(
+        "cosine", check=opt.choice(*SCHEDULES),
+        help=SCHEDULE_HELP, source=f"{OWN}: cosine, {TIMM_SCHEDULE}, as the bank has always trained",
     )  # fmt: skip
     queries: list[int] = hparam([1], help="learned queries per adapter (grid)", check=opt.positive_int,
                                 source=f"{PAPER}: an InCA adapter cross-attends with one learned query")
@@ -112,6 +122,15 @@ class InCAGridConfig(SearchConfig):
         for key in self.grid_axes():
             if not getattr(self, key) and key != "heads":  # no heads: the backbone's number
                 raise InCAError(f"--{key.replace('_', '-')} needs at least one value")
+
+    @classmethod
+    def recorded(cls, settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """As :meth:`SearchConfig.recorded`, and without the schedule when it is cosine, the one schedule of the
+        reports written before it was a setting."""
+        settings = super().recorded(settings, prefix)
+        if settings.get(f"{prefix}schedule") != "cosine":
+            return settings
+        return {k: v for k, v in settings.items() if k != f"{prefix}schedule"}
 
     @classmethod
     def grid_axes(cls) -> tuple[str, ...]:

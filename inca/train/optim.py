@@ -1,5 +1,5 @@
-"""Optimisation for adapter banks: AdamW with a learning rate and weight decay per stacked row, and a
-cosine learning-rate schedule with linear warm-up."""
+"""Optimisation for adapter banks: AdamW with a learning rate and weight decay per stacked row; and the one family
+of learning-rate schedules (linear warm-up, then cosine, linear or constant) every inca trainer uses."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from torch.optim.adamw import adamw
 from torch.torch_version import TorchVersion
 
 from inca.errors import InCAError
+from inca.train.config import SCHEDULES
 
-__all__ = ["BatchedAdamW", "cosine_schedule", "fused_adamw"]
+__all__ = ["BatchedAdamW", "cosine_schedule", "fused_adamw", "lr_schedule"]
 
 _FUSED_CPU = TorchVersion(torch.__version__) >= "2.4"  # torch's fused AdamW kernel runs on CPU from 2.4
 
@@ -129,15 +130,34 @@ class BatchedAdamW:
             t.copy_(state[k])
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Learning-rate multiplier of update ``step`` (0-based): linear warm-up from ``1/warmup_steps`` to 1,
-    then a cosine from 1 down to ``min_ratio`` at ``total_steps``. (No zero-lr first step: it would be
-    a wasted update.)"""
+def lr_schedule(
+    schedule: str, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """Learning-rate multiplier of update ``step`` (0-based) under ``schedule`` (one of
+    :data:`~inca.train.config.SCHEDULES`): a linear warm-up from ``1/warmup_steps`` to 1, then
+
+    * ``cosine``: ``0.5 (1 + cos(pi p))``, ``p`` the fraction of the steps after the warm-up done;
+    * ``linear``: ``1 - p`` (Hugging Face Trainer's default, ``get_linear_schedule_with_warmup``);
+    * ``constant``: 1,
+
+    the decays scaled to end at ``min_ratio`` at ``total_steps``. After the warm-up these are the Hugging Face
+    Trainer's ``get_{cosine,linear,constant}_schedule_with_warmup``; during it, update ``step`` takes the value
+    theirs gives update ``step + 1`` (no zero-lr first step: it would be a wasted update)."""
+    if schedule not in SCHEDULES:
+        raise InCAError(f"unknown learning-rate schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
 
     return multiplier
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """:func:`lr_schedule`'s ``cosine``: what an InCA bank trains with by default."""
+    return lr_schedule("cosine", total_steps, warmup_steps, min_ratio)
