@@ -254,7 +254,7 @@ def compare_parser() -> argparse.ArgumentParser:
     parser = _suite_parser(
         COMPARE,
         textwrap.fill(f"Compare methods ({', '.join(METHODS)}) on the same backbone, splits, batches and seed; "
-                      "writes compare.json/.md and two plots.", 78),
+                      "writes compare.json/.md and plots.", 78),
         out="compare", out_help="output directory; a rerun skips finished pairs",
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the method table's layout
@@ -273,7 +273,24 @@ def compare_parser() -> argparse.ArgumentParser:
                           help="every method trains --lr-grid configurations per task: its learning rates (a "
                                "method's other tuned axes at their defaults), InCA's on the layer a linear probe run "
                                "on train and val ranks best (inca.layers=best:1, inca.rank_by=linear)")
+    _add_log_dir(parser, "method")
     return parser
+
+
+def _add_log_dir(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help=f"also write each {what}'s training loss, validation accuracy and learning rate per epoch "
+                             "as TensorBoard runs under DIR, as they train (view: tensorboard --logdir DIR; needs pip "
+                             "install inca[tensorboard]; default: none)")
+
+
+def _training_log(args: argparse.Namespace):
+    """The TensorBoard log of ``--log-dir`` (None without it), checked before any work starts."""
+    if args.log_dir is None:
+        return None
+    from .training_log import TrainingLog
+
+    return TrainingLog(args.log_dir)
 
 
 def _with_recipe(parser: _Parser, argv: Sequence[str] | None,
@@ -326,12 +343,14 @@ def _compare(args: argparse.Namespace) -> int:
     from .methods import METHODS, RunConfig, resolve_methods
 
     methods = resolve_methods(args.methods or list(METHODS), args.method_args)
+    log = _training_log(args)
     specs, backbone = _suite(args)
     settings = config_from_args(RunConfig, args, progress=RunConfig.default("progress"))
     summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
-                             overwrite=args.overwrite, equal_budget=args.equal_budget)
+                             overwrite=args.overwrite, log=log, equal_budget=args.equal_budget)
     print(render_markdown(summary), end="")
     print(f"\nwritten to {args.out}/ ({', '.join(written_files(args.out, summary))})")
+    _print_log_dir(args)
     return 0
 
 
@@ -363,27 +382,31 @@ def train_parser() -> argparse.ArgumentParser:
     grid = parser.add_argument_group("adapter grid (comma-separated or repeated values; the cross product is trained)")
     add_config_flags(grid, InCATrainConfig, exclude=tuple(k for k in InCATrainConfig.fields() if k not in axes))
     add_config_flags(parser.add_argument_group("training"), InCATrainConfig, exclude=(*axes, "num_workers"))
+    _add_log_dir(parser, "adapter")
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .api import train_suite
     from .config import config_from_args
-    from .probe import layers_from_report
-    from .probe_report import check_probe_report
-    from .probes.ranking import best_count
     from .train.config import InCATrainConfig
-    from .train_suite import render_summary, run_train_suite, written_files
+    from .train_suite import render_summary, written_files
 
     config = config_from_args(InCATrainConfig, args)  # --num-workers: the data group's flag
+    log = _training_log(args)
     specs, backbone = _suite(args)
-    if best_count(str(args.layers)) is not None:  # probed on a backbone of as many blocks, before any task loads
-        check_probe_report(args.probe_report, specs, backbone.num_blocks)
-    layers_for = layers_from_report(str(args.layers), backbone.num_blocks, args.probe_report, args.rank_by)
-    results = run_train_suite(backbone, specs, layers_for, str(args.layers), config, args.out,
-                              load_task=lambda spec: _load_task(args, spec), overwrite=args.overwrite)
+    results = train_suite(backbone, specs, args.out, str(args.layers), probe_report=args.probe_report,
+                          rank_by=args.rank_by, overwrite=args.overwrite, config=config,
+                          load_task=lambda spec: _load_task(args, spec), log=log)
     print(render_summary(results), end="")
     print(f"\nwritten to {args.out}/ ({', '.join(written_files(results))})")
+    _print_log_dir(args)
     return 0
+
+
+def _print_log_dir(args: argparse.Namespace) -> None:
+    if args.log_dir is not None:
+        print(f"TensorBoard runs in {args.log_dir}/ (view: tensorboard --logdir {args.log_dir})")
 
 
 def _add_rank_by(parser: argparse.ArgumentParser) -> None:
@@ -415,12 +438,25 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def predict_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PREDICT,
-        description="Classify images with adapters saved by inca-train: every task from one backbone pass per batch. "
-                    "Exit code 0: every image predicted; 1: some images could not be read (each is named) and the "
-                    "rows of all the others are written; 2: bad input, nothing written.",
+        description="Classify images with the models inca-train and inca-compare saved: InCA adapters and ensembles "
+                    "(every task from one backbone pass per batch) and LoRA, LoRA-GA, Compacter, full fine-tuning "
+                    "and linear-probe models (each runs its own forward pass), together. One row per image, a "
+                    "column per task (several models of one task: TASK@METHOD, TASK@adapter, TASK@ensemble, ... as "
+                    "the log says). Exit code 0: every image predicted; 1: some images could not be read (each is "
+                    "named on stderr) and the rows of all the others are written; 2: bad input, nothing written.",
     )
-    parser.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
-                        help="an adapter or ensemble directory (OUT/<task>-<hash>/adapter); repeat for more tasks")
+    parser.add_argument("--adapter", nargs="+", action="extend", metavar="[NAME=]DIR",
+                        help="saved adapters or models: OUT/<task>-<hash>/adapter (or /ensemble) of inca-train, "
+                             "OUT/runs/<task>-<hash>/<method>/adapter of inca-compare; several after one flag (a "
+                             "shell glob such as OUT/*/adapter) or the flag repeated; an output directory is read "
+                             "as --run")
+    parser.add_argument("--run", nargs="+", action="extend", metavar="DIR",
+                        help="output directories: of inca-train (each task's best adapter on val, or see --use), of "
+                             "inca-compare (every trained model of every task)")
+    parser.add_argument("--use", choices=["adapter", "ensemble"], default="adapter",
+                        help="what --run serves of each inca-train task: its best adapter, or its ensemble where "
+                             "results.json offers one (saved with --ensemble K and better on val than the best "
+                             "adapter; else the best adapter, logged)")
     todo = parser.add_mutually_exclusive_group()
     todo.add_argument("--images", nargs="+", help="image files or directories")
     todo.add_argument("--export-onnx", metavar="FILE",
@@ -458,10 +494,10 @@ def _predict(args: argparse.Namespace) -> int:
             changed = resign_adapter(directory)
             print(f"{directory}: signed ({'; '.join(changed)})" if changed else f"{directory}: unchanged")
         return 0
-    if not args.adapter or not (args.images or args.export_onnx):
-        raise InCAError("--adapter with --images (or --export-onnx FILE) is required (or --resign DIR to accept an "
-                        "edited adapter config)")
-    adapters = adapter_paths(args.adapter)
+    if not (args.adapter or args.run) or not (args.images or args.export_onnx):
+        raise InCAError("--adapter DIR... or --run DIR, with --images (or --export-onnx FILE), is required (or "
+                        "--resign DIR to accept an edited adapter config)")
+    adapters = adapter_paths(args.adapter or [], args.run or [], args.use)
     if args.export_onnx:
         from .export import export_onnx
 

@@ -8,10 +8,12 @@ validation over the same number of values (``--lr-grid``); and the backbone's fi
 tokens or not (``Backbone.final_norm``).
 
 For each (task, method) it records test accuracy, that validation accuracy, the tuned values, trainable
-parameters (count and % of the backbone's), wall seconds, peak memory, steps and the per-step training loss,
-then rewrites ``compare.json`` (atomically), ``compare.md``, ``compare_accuracy_vs_params.png`` and
-``compare_loss.png``. A rerun into the same directory skips every
-pair already in ``compare.json`` with the same task data and hyper-parameters, so an interrupted comparison
+parameters (count and % of the backbone's), wall seconds, peak memory, steps, the per-step training loss, its
+training curves (each epoch's mean loss and validation accuracy; with ``--log-dir`` also in TensorBoard) and, per
+task, each method's steps to a common training loss (:mod:`inca.convergence`), then rewrites
+``compare.json`` (atomically), ``compare.md``, ``compare_accuracy_vs_params.png``,
+``compare_loss.png`` and each task's ``runs/<task>-<fingerprint>/curves.png``. A rerun into the same directory
+skips every pair already in ``compare.json`` with the same task data and hyper-parameters, so an interrupted comparison
 loses at most the pair that was running.
 
 Peak memory (:class:`inca.memory.PeakMemory`) is each method's own footprint, measured from a reset just
@@ -44,18 +46,22 @@ from inca.adapters.common import (
     trainable_percent,
 )
 from inca.backbone import Backbone
+from inca.convergence import convergence_lines, convergence_table
 from inca.io import atomic_write_text, digest
 from inca.memory import PeakMemory, parameter_bytes
 from inca.methods import METHODS, Method, MethodResult, RunConfig, TrainConfig, budget, run_method
 from inca.methods.base import LR_STEP
 from inca.progress import command_units
-from inca.report import fmt, markdown_table, plot_scatter, save_figure
+from inca.report import fmt, markdown_table, plot_curves, plot_scatter, save_figure
 from inca.suite import Unit, run_suite, spelling_of, task_directory
 from inca.tasks import SPLITS, Task, load_task
 from inca.train.e2e import FitConfig, fit, trainable_copy
+from inca.train.runner import ADAPTER_DIR
+from inca.training_log import TrainingLog, scope
 
 __all__ = [
     "ACCURACY_PNG",
+    "CURVES_PNG",
     "LOSS_PNG",
     "REPORT_JSON",
     "REPORT_MD",
@@ -72,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD = "compare.json", "compare.md"
 ACCURACY_PNG, LOSS_PNG = "compare_accuracy_vs_params.png", "compare_loss.png"
+CURVES_PNG = "curves.png"  # per task, in its RUNS_DIR directory
 RUNS_DIR = "runs"  # each (task, method)'s own files: RUNS_DIR/<task>-<fingerprint>/<method>/ (adapters, PEFT exports)
 FORMAT_VERSION = 1
 
@@ -163,10 +170,12 @@ def run_comparison(
     out_dir: str | os.PathLike,
     load: Callable[[str], Task] = load_task,
     overwrite: bool = False,
+    log: TrainingLog | None = None,
     equal_budget: bool = False,
 ) -> dict[str, Any]:
     """Run every method (name -> full hyper-parameters, see :func:`inca.methods.resolve_methods`) on
-    every task (loaded once by ``load`` and shared), writing results and reports after each pair.
+    every task (loaded once by ``load`` and shared), writing results and reports after each pair; with ``log``
+    each method's epochs also go to TensorBoard, under ``<task directory>/<method>``.
 
     Returns the content of ``compare.json``. Pairs already there (same task data, method, hyper-parameters)
     are skipped; a ``compare.json`` made with another backbone, device, epochs, batch size or seed is an error
@@ -176,7 +185,7 @@ def run_comparison(
     out = Path(out_dir)
     if equal_budget:
         methods = budget.equal_budget(methods, settings, backbone.num_blocks)
-    run_pair = _PairRunner(backbone, settings, out / RUNS_DIR)
+    run_pair = _PairRunner(backbone, settings, out / RUNS_DIR, log)
     with command_units(len(task_specs) * len(methods)):  # redirected logs: progress lines per tenth of the pairs
         return run_suite(out, REPORT_JSON, _fresh_report(backbone, settings, run_pair.backbone_params, equal_budget),
                          _units(task_specs, methods, load, run_pair), write_reports, overwrite=overwrite,
@@ -187,8 +196,8 @@ class _PairRunner:
     """Runs one (task, method) pair and returns its ``compare.json`` record. The first pair is preceded by an
     unmeasured warm-up (:func:`_warm_up`); each method's files go to ``runs_dir/<task>-<fingerprint>/<method>``."""
 
-    def __init__(self, backbone: Backbone, settings: RunConfig, runs_dir: Path) -> None:
-        self.backbone, self.settings, self.runs_dir = backbone, settings, runs_dir
+    def __init__(self, backbone: Backbone, settings: RunConfig, runs_dir: Path, log: TrainingLog | None) -> None:
+        self.backbone, self.settings, self.runs_dir, self.log = backbone, settings, runs_dir, log
         self.backbone_params = backbone_parameter_count(backbone.model)
         self.backbone_bytes = parameter_bytes(backbone.model)
         self.warm = False
@@ -200,8 +209,9 @@ class _PairRunner:
         logger.info("%s on %s: training", name, task.spec)
         with PeakMemory(self.backbone.device) as memory:
             start = time.perf_counter()
-            result = run_method(name, self.backbone, task, hparams, self.settings,
-                                self.runs_dir / task_directory(task) / name)
+            with scope(self.log, f"{task_directory(task)}/{name}") as log:
+                result = run_method(name, self.backbone, task, hparams, self.settings,
+                                    self.runs_dir / task_directory(task) / name, log=log)
             seconds = time.perf_counter() - start
         peak = memory.peak_bytes
         if peak is not None and METHODS[name].shares_backbone:
@@ -233,8 +243,11 @@ def _record(
         "steps": result.steps,
         "tuned": result.tuned,
         "hparams": hparams,
-        "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint},
+        "task_info": {"classes": task.num_classes, "sizes": task.sizes(), "fingerprint": task.fingerprint,
+                      "directory": task_directory(task)},
         "key": key,
+        # the trained model in inca's format, relative to the output directory: what inca-predict --run serves
+        "adapter_dir": f"{RUNS_DIR}/{task_directory(task)}/{name}/{ADAPTER_DIR}",
     }
     record.update({k: v for k, v in result.to_dict().items() if k not in record})
     return record
@@ -274,13 +287,16 @@ def _finished(summary: dict[str, Any], key: str) -> bool:
 
 def _store(summary: dict[str, Any], key: str, record: dict[str, Any]) -> None:
     """Replace the same (task, method) in place (hyper-parameters changed, or the task recorded under another
-    spelling of its spec by an inca version before canonical specs), else append."""
+    spelling of its spec by an inca version before canonical specs), else append; then the convergence
+    figures of every task (:func:`~inca.convergence.convergence_table`)."""
     results = summary["results"]
     for i, old in enumerate(results):
         if old["method"] == record["method"] and spelling_of(old["task"], record["task"]):
             results[i] = record
-            return
-    results.append(record)
+            break
+    else:
+        results.append(record)
+    summary["convergence"] = convergence_table([summary])
 
 
 def _by_task(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -316,6 +332,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             for r in records
         ]  # fmt: skip
         lines += ["", f"## {task} ({info['classes']} classes; {sizes})", "", markdown_table(headers, rows).rstrip()]
+        if _curves_png(records):
+            lines += ["", f"![Training curves: each method's training loss and validation accuracy per epoch]"
+                          f"({_curves_png(records)})"]
         cached = [r["method"] for r in records if r.get("activations") == "cache"]
         if cached:
             lines += ["", f"{', '.join(cached)} read an activation store: its seconds include building it only if "
@@ -326,6 +345,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         if ranked:
             lines += ["", *ranked]
         hparams.update({r["method"]: r["hparams"] for r in records})
+    if summary["results"]:
+        lines += ["", "## Convergence", "", *convergence_lines(convergence_table([summary]))]
     if "protocol" in summary:
         lines += ["", "## Protocol", "", *protocol_lines(summary["protocol"])]
         if summary["protocol"]["lr_grid"] > 1:
@@ -383,14 +404,35 @@ def write_reports(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> str
         title = "test accuracy vs trainable parameters" + (f" (mean over {n_tasks} tasks)" if n_tasks > 1 else "")
         plot_scatter(out / ACCURACY_PNG, points, "trainable parameters (log scale)", "test accuracy", title)
         _plot_losses(out / LOSS_PNG, summary)
+        _plot_curves(out, summary)
     return text
+
+
+def _curves_png(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """Where the plot of a task's training curves goes, relative to the output directory (None: its records have
+    no curves, or do not name the task's directory)."""
+    directory = records[0]["task_info"].get("directory")
+    if directory is None or not any("epoch_loss" in r for r in records):
+        return None
+    return f"{RUNS_DIR}/{directory}/{CURVES_PNG}"
+
+
+def _plot_curves(out: Path, summary: Mapping[str, Any]) -> None:
+    """One figure per task: each method's training loss and validation accuracy per epoch, its best epoch starred."""
+    for task, records in _by_task(summary["results"]).items():
+        path, runs = _curves_png(records), [r for r in records if "epoch_loss" in r]
+        if path is not None:
+            plot_curves(out / path, {"training loss": {r["method"]: r["epoch_loss"] for r in runs},
+                                     "validation accuracy": {r["method"]: r["val_curve"] for r in runs}},
+                        f"{task}: training curves (star: the epoch each method is reported at)",
+                        marks={r["method"]: r["best_epoch"] for r in runs})
 
 
 def written_files(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> list[str]:
     """What the comparison wrote under ``out_dir``, as paths relative to it (the methods' own files by pattern)."""
     files = [REPORT_MD, REPORT_JSON]
     if summary["results"]:
-        files += [ACCURACY_PNG, LOSS_PNG]
+        files += [ACCURACY_PNG, LOSS_PNG, f"{RUNS_DIR}/<task>-<fingerprint>/{CURVES_PNG}"]
     if any(path.is_dir() for path in Path(out_dir, RUNS_DIR).glob("*/*")):
         files.append(f"{RUNS_DIR}/<task>-<fingerprint>/<method>/")
     return files

@@ -18,18 +18,22 @@ from typing import Any
 from inca import _callable_as_api
 from inca.adapters.common import describe_trainable, percent_text
 from inca.backbone import Backbone
+from inca.distributed import current
 from inca.io import atomic_write_text
 from inca.progress import command_units
-from inca.report import markdown_table
+from inca.report import markdown_table, plot_curves
 from inca.suite import Report, Unit, run_suite, task_directory
 from inca.tasks import Task
 from inca.train.config import InCATrainConfig
 from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, SOURCE_OPTIONS, train_inca_task
+from inca.training_log import TrainingLog, adapter_names, scope
 
 __all__ = [
+    "CURVES_PNG",
     "REPORT_JSON",
     "REPORT_MD",
     "render_results",
+    "plot_adapter_curves",
     "render_summary",
     "run_train_suite",
     "train_config",
@@ -40,6 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD = "results.json", "results.md"
+CURVES_PNG = "curves.png"  # in each task's directory
 
 
 def train_config(backbone: Backbone, layers_spec: str, options: InCATrainConfig) -> dict[str, Any]:
@@ -57,16 +62,22 @@ def run_train_suite(
     out: str | os.PathLike,
     load_task: Callable[[str], Task],
     overwrite: bool = False,
+    log: TrainingLog | None = None,
 ) -> Report:
-    """:func:`~inca.train.runner.train_inca_task` on each task into ``out/<task>-<fingerprint>/``; ``results.json``
-    and ``results.md`` after each task (a rerun with the same configuration skips the finished ones)."""
+    """:func:`~inca.train.runner.train_inca_task` on each task into ``out/<task>-<fingerprint>/``, with a plot of its
+    adapters' training curves (``curves.png``); ``results.json`` and ``results.md`` after each task (a rerun with the
+    same configuration skips the finished ones). With ``log`` every adapter's epochs also go to TensorBoard, under
+    the task's directory name."""
     out = Path(out)
     # Every spec loads before any training starts; results are keyed by the canonical spec (one per task).
     tasks = {task.spec: task for task in map(load_task, task_specs)}
 
     def train(task: Task) -> dict[str, Any]:
         directory = task_directory(task)
-        result = train_inca_task(backbone, task, layers_for(task), options, out / directory)
+        with scope(log, directory) as task_log:
+            result = train_inca_task(backbone, task, layers_for(task), options, out / directory, log=task_log)
+        if current().is_main:
+            plot_adapter_curves(out / directory / CURVES_PNG, result)
         logger.info("%s: best layer %d, val %.4f, test %.4f, %s (%.1fs)", task.spec, result["best"]["layer"],
                     result["val_acc"], result["test_acc"],
                     describe_trainable(result["trainable_params"], result["backbone_params"]), result["seconds"])
@@ -92,6 +103,18 @@ def run_train_suite(
 def write_reports(out: Path, results: Report) -> None:
     """``results.md`` from ``results`` (``results.json``'s content, which the suite writes)."""
     atomic_write_text(out / REPORT_MD, render_results(results))
+
+
+def plot_adapter_curves(path: Path, result: dict[str, Any]) -> None:
+    """One task's training curves: every adapter's training loss and validation accuracy per epoch (a pruned one up
+    to its rung), named as in TensorBoard; the selected adapter bold, its best epoch starred."""
+    adapters = result["adapters"]
+    names = adapter_names(adapters)
+    chosen = names[result["best"]["index"]]
+    plot_curves(path, {"training loss": {name: a["epoch_loss"] for name, a in zip(names, adapters)},
+                       "validation accuracy": {name: a["val_curve"] for name, a in zip(names, adapters)}},
+                f"{result['task']}: {len(adapters)} adapters (bold: {chosen}, selected on val)", highlight=chosen,
+                marks={chosen: result["best"]["best_epoch"]})
 
 
 def render_summary(results: Report) -> str:
@@ -184,6 +207,9 @@ def render_results(results: Report) -> str:
     for spec, r in results["tasks"].items():
         lines.append(f"## {spec}\n")
         lines += [f"Warning: {warning}.\n" for warning in r.get("warnings", [])]
+        if r.get("directory") and "val_curve" in r["adapters"][0]:
+            lines.append(f"![Training curves: each adapter's training loss and validation accuracy per epoch]"
+                         f"({r['directory']}/{CURVES_PNG})\n")
         halving = bool(r.get("rungs"))
         if halving:
             lines.append(f"Successive halving: {r['adapter_epochs']} adapter-epochs of the full grid's "
@@ -207,7 +233,7 @@ def render_results(results: Report) -> str:
 
 def written_files(results: Report) -> list[str]:
     """What the suite wrote under its output directory, as paths relative to it (a task's directory by pattern)."""
-    files = [REPORT_JSON, REPORT_MD, f"<task>-<fingerprint>/{ADAPTER_DIR}/"]
+    files = [REPORT_JSON, REPORT_MD, f"<task>-<fingerprint>/{ADAPTER_DIR}/", f"<task>-<fingerprint>/{CURVES_PNG}"]
     if _has_ensembles(results):
         files.append(f"<task>-<fingerprint>/{ENSEMBLE_DIR}/")
     return files

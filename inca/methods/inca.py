@@ -25,6 +25,7 @@ from inca.train.config import InCAGridConfig, InCATrainConfig
 if TYPE_CHECKING:
     from inca.backbone import Backbone
     from inca.tasks import Task
+    from inca.training_log import TrainingLog
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +68,7 @@ class InCAConfig(InCAGridConfig, MethodConfig):
 
 def run(
     method: Method, backbone: Backbone, task: Task, config: InCAConfig, settings: RunConfig,
-    work_dir: str | os.PathLike,
+    work_dir: str | os.PathLike, log: TrainingLog | None = None,
 ) -> InCAResult:  # fmt: skip
     """Train the config's grid as one bank on the live backbone (each learning rate widened to
     ``settings.lr_grid`` values, as the end-to-end methods are tuned; augmented views streamed live with
@@ -85,8 +86,9 @@ def run(
         seed=settings.seed, num_workers=settings.num_workers, augment=settings.augment,
     )  # fmt: skip
     with seeded(settings.seed, backbone.device):  # the augmentation's draws
-        result = train_inca_task(backbone, task, layers, train_config, work_dir)
+        result = train_inca_task(backbone, task, layers, train_config, work_dir, log=log)
     best = json.loads(json.dumps(result["best"], default=str))
+    chosen = result["adapters"][best["index"]]
     return InCAResult(
         test_acc=float(result["test_acc"]),
         val_acc=float(result["val_acc"]),
@@ -95,10 +97,13 @@ def run(
         steps=int(result["steps"]),
         loss_curve=[float(x) for x in result["loss_curve"]],  # one value per epoch (the bank trainer's)
         tuned={"lr": best["lr"], "layer": best["layer"]},
+        epoch_loss=chosen["epoch_loss"],
+        val_curve=chosen["val_curve"],
         activations=result["activations"],
         best=best,
         layer_ranking=ranking.to_dict() if ranking else None,
     )
+
 
 def learning_rates(lrs: list[float], lr_grid: int) -> list[float]:
     """Each of the grid's learning rates widened to ``lr_grid`` values, as the end-to-end methods are tuned."""
@@ -115,7 +120,6 @@ def _best_layers(backbone: Backbone, task: Task, config: InCAConfig, settings: R
                         f"best:{backbone.num_blocks}")
     run = ProbeRunConfig(batch_size=settings.batch_size, seed=settings.seed, num_workers=settings.num_workers)
     return rank_on_val(backbone, task, list(range(backbone.num_blocks)), config.rank_by, run)
-
 
 
 register_method(

@@ -109,8 +109,9 @@ def register_method(
     """Add a method to :data:`METHODS` (``--methods`` order is registration order) and return it.
 
     An end-to-end method gives ``apply``, ``save`` and ``load``; any other gives its own
-    ``run(method, backbone, task, config, settings, work_dir) -> MethodResult``. Every hyper-parameter needs
-    a default, a help text and a source (checked here, so a method missing one fails at import).
+    ``run(method, backbone, task, config, settings, work_dir, log=None) -> MethodResult`` (``log``: the
+    :class:`~inca.training_log.TrainingLog` its epochs go to, or None). Every hyper-parameter needs a default, a
+    help text and a source (checked here, so a method missing one fails at import).
     """
     if run is None and None in (apply, save, load):
         raise ValueError(f"method {name!r} needs apply, save and load (end-to-end) or its own run")

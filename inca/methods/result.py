@@ -16,7 +16,9 @@ __all__ = ["EndToEndResult", "InCAResult", "MethodResult"]
 class MethodResult:
     """Every method's figures: accuracies at the epoch with the best validation accuracy, the trainable
     parameters (head included), the optimiser steps of the kept run, its training loss (per step, or per epoch
-    for a bank) and the tuned values it was chosen with."""
+    for a bank) and the tuned values it was chosen with. Its training curves, one value per epoch trained:
+    ``epoch_loss``, the epoch's mean training loss (None: the epoch's first step diverged), and ``val_curve``, the
+    validation accuracy after it (``val_curve[best_epoch - 1] == val_acc``)."""
 
     test_acc: float
     val_acc: float
@@ -25,6 +27,8 @@ class MethodResult:
     steps: int
     loss_curve: list[float]
     tuned: dict[str, Any]
+    epoch_loss: list[float | None]
+    val_curve: list[float | None]
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready values, one key per field."""
@@ -33,10 +37,9 @@ class MethodResult:
 
 @dataclass(frozen=True, kw_only=True)
 class EndToEndResult(MethodResult):
-    """An end-to-end method's run: its validation accuracy per epoch, the step its loss diverged at (None: it
-    did not), every point of its tuning grid, and where its PEFT export went (None: not exported)."""
+    """An end-to-end method's run: the step its loss diverged at (None: it did not), every point of its tuning
+    grid, and where its PEFT export went (None: not exported)."""
 
-    val_curve: list[float]
     diverged_at_step: int | None
     grid: list[dict[str, Any]]
     peft_dir: str | None = None

@@ -27,11 +27,14 @@ from inca.adapters.common import count_parameters, logit_layers
 from inca.backbone import Backbone
 from inca.distributed import current
 from inca.errors import InCAError
+from inca.inference import save_end_to_end
 from inca.methods.base import PEFT_DIR, ApplyContext, MethodConfig, RunConfig, TrainConfig
 from inca.methods.registry import Method, get_method
 from inca.methods.result import EndToEndResult, MethodResult
 from inca.tasks import SPLITS, Task
 from inca.train.e2e import FitConfig, FitResult, fit, pooled_features, trainable_copy
+from inca.train.runner import ADAPTER_DIR
+from inca.training_log import TrainingLog, run_name
 
 __all__ = ["PEFT_DIR", "build_model", "probe_head", "run_method", "seeded", "train_e2e"]
 
@@ -65,7 +68,7 @@ def _end_to_end(name: str) -> Method:
 def _fit_config(config: TrainConfig, settings: RunConfig, desc: str) -> FitConfig:
     return FitConfig(
         settings.epochs, settings.batch_size, config.lr, config.weight_decay, config.warmup_ratio, settings.seed,
-        settings.progress, desc=desc, max_grad_norm=config.max_grad_norm,
+        settings.progress, desc=desc, max_grad_norm=config.max_grad_norm, schedule=config.schedule,
     )  # fmt: skip
 
 
@@ -80,11 +83,13 @@ def probe_head(model: nn.Module, data: DataSource, settings: RunConfig) -> dict[
     return {k: v.detach().cpu() for k, v in head.state_dict().items()}
 
 
-def fit_head(model: nn.Module, features: DataSource, fit_config: FitConfig) -> FitResult:
+def fit_head(
+    model: nn.Module, features: DataSource, fit_config: FitConfig, log: TrainingLog | None = None
+) -> FitResult:
     """Fit ``model``'s head on its pooled ``features``. A distilled DeiT's second head takes the same weights,
     so the average of its two heads' logits is this head's."""
     first, *others = logit_layers(model)
-    result = fit(first, features, fit_config)
+    result = fit(first, features, fit_config, log)
     for other in others:
         other.load_state_dict(first.state_dict())
     return result
@@ -123,11 +128,12 @@ def build_model(
 
 def train_e2e(
     name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunConfig,
-    head: Mapping[str, torch.Tensor] | None = None,
+    head: Mapping[str, torch.Tensor] | None = None, log: TrainingLog | None = None,
 ) -> tuple[nn.Module, FitResult]:  # fmt: skip
     """Train end-to-end method ``name`` on ``task``: the trained timm model (best epoch by val) and its
     :class:`FitResult`. ``hparams``: the method's config, or some of its hyper-parameters (the rest default);
-    ``head``: the linear-probe head when one was fitted already (:func:`probe_head`)."""
+    ``head``: the linear-probe head when one was fitted already (:func:`probe_head`); ``log``: where its epochs
+    go in TensorBoard."""
     method = _end_to_end(name)
     config: TrainConfig = method.make_config(hparams)
     data = ImageBatches(task, backbone, settings.num_workers, augment=settings.augment and not method.features_only)
@@ -138,8 +144,8 @@ def train_e2e(
         model = build_model(name, backbone, task.num_classes, config, data, settings, head)
         if method.features_only:
             features = pooled_features(model, data, settings.batch_size, SPLITS)
-            return model, fit_head(model, features, fit_config)
-        return model, fit(model, data, fit_config)
+            return model, fit_head(model, features, fit_config, log)
+        return model, fit(model, data, fit_config, log)
 
 
 def _task_probe_head(
@@ -161,15 +167,17 @@ def _tuned(config: TrainConfig, default: TrainConfig) -> dict[str, Any]:
 
 def run_e2e(
     method: Method, backbone: Backbone, task: Task, config: MethodConfig, settings: RunConfig,
-    work_dir: str | os.PathLike,
+    work_dir: str | os.PathLike, log: TrainingLog | None = None,
 ) -> EndToEndResult:  # fmt: skip
     """Train an end-to-end method, over its tuning grid when ``settings.lr_grid`` > 1 (every point from the
     same start, the best on val kept; ties keep the earlier point, the method's own config first); with
     ``settings.export_peft`` also export it (``work_dir/peft``)."""
     head = _task_probe_head(method, backbone, task, config, settings)  # once: every grid point starts the same
     grid, best = [], None
-    for point in config.tuning_grid(settings.lr_grid):
-        model, result = train_e2e(method.name, backbone, task, point, settings, head)
+    points = list(config.tuning_grid(settings.lr_grid))
+    for point in points:
+        point_log = log.scoped(run_name(_tuned(point, config))) if log is not None and len(points) > 1 else log
+        model, result = train_e2e(method.name, backbone, task, point, settings, head, point_log)
         grid.append({**_tuned(point, config), "val_acc": result.val_acc, "best_epoch": result.best_epoch,
                      "diverged_at_step": result.diverged_at_step})
         if best is None or result.val_acc > best[2].val_acc:
@@ -178,6 +186,12 @@ def run_e2e(
     point, model, result = best
     if len(grid) > 1:
         logger.info("%s on %s: %s chosen on val out of %d", method.name, task.spec, _tuned(point, config), len(grid))
+    if current().is_main:  # inca's own format, which inca-predict serves: work_dir/adapter, as an InCA adapter's
+        save_end_to_end(method.name, model, Path(work_dir) / ADAPTER_DIR, backbone, task.classes, point.head_pool, {
+            "task": task.spec, "hparams": point.to_dict(), "val_accuracy": result.val_acc,
+            "test_accuracy": result.test_acc,
+            "training": {"epochs": settings.epochs, "batch_size": settings.batch_size, "seed": settings.seed},
+        })  # fmt: skip
     peft_dir = None
     if settings.export_peft and method.export is not None:
         peft_dir = Path(work_dir) / PEFT_DIR
@@ -187,18 +201,19 @@ def run_e2e(
     return EndToEndResult(
         test_acc=result.test_acc, val_acc=result.val_acc, best_epoch=result.best_epoch,
         trainable_params=count_parameters(model).trainable, steps=result.steps, loss_curve=result.loss_curve,
-        tuned=_tuned(point, config), val_curve=result.val_curve, diverged_at_step=result.diverged_at_step,
+        tuned=_tuned(point, config), epoch_loss=result.epoch_loss, val_curve=result.val_curve,
+        diverged_at_step=result.diverged_at_step,
         grid=grid, peft_dir=None if peft_dir is None else str(peft_dir),
     )  # fmt: skip
 
 
 def run_method(
     name: str, backbone: Backbone, task: Task, hparams: Hparams, settings: RunConfig,
-    work_dir: str | os.PathLike,
+    work_dir: str | os.PathLike, log: TrainingLog | None = None,
 ) -> MethodResult:  # fmt: skip
     """Train method ``name`` on ``task``: its :class:`~inca.methods.result.MethodResult` (test/val accuracy at
     the best epoch by val, trainable parameters, steps, training loss, ...). ``work_dir`` is where a method may
-    write files."""
+    write files; ``log``, where its epochs go in TensorBoard (a grid of tuned values: one run per point)."""
     method = get_method(name)
     run = method.run or run_e2e
-    return run(method, backbone, task, method.make_config(hparams), settings, work_dir)
+    return run(method, backbone, task, method.make_config(hparams), settings, work_dir, log=log)

@@ -26,14 +26,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from inca.activations import EVAL_BATCH_SIZE, ActivationSource, narrow_source
-from inca.adapters.inca import InCABank
+from inca.adapters.inca import AdapterSpec, InCABank
 from inca.devices import autocast
 from inca.distributed import current
 from inca.errors import InCAError, first_line, require_positive
 from inca.io import atomic_write
 from inca.progress import progress as progress_bar
 from inca.train.halving import SuccessiveHalving
-from inca.train.optim import BatchedAdamW, cosine_schedule
+from inca.train.optim import BatchedAdamW, lr_schedule
+from inca.training_log import TrainingLog, adapter_names
 
 __all__ = [
     "BankHistory",
@@ -146,18 +147,20 @@ def train_bank(
     warmup_ratio: float = 0.1,
     warmup_steps: int | None = None,
     min_lr_ratio: float = 0.0,
+    schedule: str = "cosine",
     eval_split: str | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_identity: Mapping[str, object] | None = None,
     progress: bool = True,
     micro_batches: int = 1,
     halving: SuccessiveHalving | None = None,
+    log: TrainingLog | None = None,
 ) -> BankHistory:
     """Train every adapter of ``bank`` on the ``train`` split: one forward, one backward (the sum of the
     adapters' mean cross-entropies, so each gets its own gradient) and one :class:`BatchedAdamW` step per
-    batch, learning rates from the specs times a cosine schedule with linear warm-up (``warmup_steps``,
-    else ``warmup_ratio`` of all steps; the default is inca-train's, see :mod:`inca.train.config`). bf16 autocast
-    on CUDA.
+    batch, learning rates from the specs times ``schedule`` (:func:`~inca.train.optim.lr_schedule`: cosine, linear
+    or constant) after a linear warm-up (``warmup_steps``, else ``warmup_ratio`` of all steps; the defaults are
+    inca-train's, see :mod:`inca.train.config`). bf16 autocast on CUDA.
 
     An adapter whose loss goes non-finite is marked in ``bank.diverged`` and frozen from then on; the
     others go on unchanged. With ``eval_split`` each epoch ends with an accuracy on that split and each adapter
@@ -177,6 +180,9 @@ def train_bank(
     nothing (bit for bit on a CPU: see :data:`inca.adapters.inca.ATTEND_ROWS`; CUDA's kernels round by shape).
     At the end every adapter, pruned or not, is back in ``bank`` with the weights of its best epoch; the history
     says how long each trained (``epochs_trained``, ``stopped_rung``) and what each rung did (``rungs``).
+
+    With ``log`` each epoch of each adapter goes to TensorBoard as it ends, one run per adapter named by
+    :func:`~inca.training_log.adapter_names`; a resumed run writes only the epochs it trains.
     """
     require_positive(epochs=epochs, batch_size=batch_size, micro_batches=micro_batches)
     if halving is not None and eval_split is None:
@@ -192,15 +198,16 @@ def train_bank(
     total = epochs * steps_per_epoch
     warmup = round(warmup_ratio * total) if warmup_steps is None else warmup_steps
     config = _run_config(bank, n, epochs, global_batch, seed, warmup, min_lr_ratio, eval_split, halving, rungs,
-                         checkpoint_identity)
+                         checkpoint_identity, schedule)
     best = BestEpochs(bank) if eval_split is not None else None
-    schedule = cosine_schedule(total, warmup, min_lr_ratio)
-    steps = _BankSteps(bank, BatchedAdamW(bank.optimizer_groups()), schedule, device, micro_batches, done=0)
+    multiplier = lr_schedule(schedule, total, warmup, min_lr_ratio)
+    steps = _BankSteps(bank, BatchedAdamW(bank.optimizer_groups()), multiplier, device, micro_batches, done=0)
     start, history = _resume_or_start(checkpoint_path, config, steps, best)
     steps.done = start * steps_per_epoch
     reads = source if len(steps.active) == len(bank) else narrow_source(source, steps.bank.layers)
     bar = progress_bar(total=total, initial=steps.done, enabled=progress and world.is_main, desc="InCA bank",
                        unit="step")
+    names = adapter_names([asdict(spec) for spec in bank.specs]) if log is not None else []
     for epoch in range(start, epochs):
         loss_sum = steps.epoch(reads, epoch_batches(n, global_batch, seed, epoch), epoch, bar)
         epoch_loss = (loss_sum / steps_per_epoch).masked_fill(steps.bank.diverged, math.nan).tolist()
@@ -214,6 +221,8 @@ def train_bank(
         bar.set_postfix_str(message.split(": ", 1)[1])  # a redirected log shows it at each tenth of the command
         logger.debug(message + f", {sum(steps.frozen)}/{len(steps.bank)} diverged")
         history.diverged = steps.diverged(history.diverged)
+        if log is not None:
+            _log_epoch(log, names, bank.specs, history, steps)
         if epoch + 1 in rungs:
             _prune(steps, halving, history, best, rungs.index(epoch + 1) + 1)
             reads = narrow_source(source, steps.bank.layers)
@@ -228,6 +237,19 @@ def train_bank(
         best.restore(bank)
         history.best_epoch = list(best.epoch)
     return history
+
+
+def _log_epoch(
+    log: TrainingLog, names: list[str], specs: Sequence[AdapterSpec], history: BankHistory, steps: _BankSteps
+) -> None:
+    """The epoch just recorded in ``history``, one run per adapter that trained in it and has not diverged: its
+    training loss, validation accuracy (when validated) and learning rate at the end of the epoch."""
+    epoch, multiplier = len(history.train_loss), steps.schedule(steps.done)
+    for i in steps.active:
+        if not history.diverged[i]:
+            accuracy = history.val_accuracy[-1][i] if len(history.val_accuracy) == epoch else None
+            log.scalars(epoch, {"train/loss": history.train_loss[-1][i], "val/accuracy": accuracy,
+                                "lr": specs[i].lr * multiplier}, run=names[i])
 
 
 def _spread(values: list[float], active: list[int], size: int) -> list[float]:
@@ -479,7 +501,7 @@ def _check_finite(features: Mapping[int, Tensor], epoch: int) -> None:
 def _run_config(
     bank: InCABank, train_rows: int, epochs: int, global_batch: int, seed: int, warmup: int, min_lr_ratio: float,
     eval_split: str | None, halving: SuccessiveHalving | None = None, rungs: Sequence[int] = (),
-    identity: Mapping[str, object] | None = None,
+    identity: Mapping[str, object] | None = None, schedule: str = "cosine",
 ) -> dict:  # fmt: skip
     """What identifies a run, JSON round-tripped as a checkpoint stores it: only a checkpoint of this very run
     is resumed (``identity``: what else it must have been made with, such as the backbone's and the data's
@@ -500,6 +522,8 @@ def _run_config(
     }
     if halving is not None:  # a grid run's config is as it always was, so its checkpoints still resume
         config["halving"] = {"rate": halving.rate, "rungs": list(rungs)}
+    if schedule != "cosine":  # likewise a cosine run's
+        config["schedule"] = schedule
     return json.loads(json.dumps(config))
 
 

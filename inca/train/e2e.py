@@ -1,10 +1,10 @@
 """End-to-end training through the backbone: the one loop every comparison method trains with.
 
 Full fine-tuning, LoRA, LoRA-GA, Compacter and the linear probe differ only in which model they hand
-:func:`fit` and which of its parameters require grad; the loop (AdamW with timm's weight-decay groups,
-cosine schedule with linear warm-up, gradient-norm clipping, bf16 autocast on CUDA, per-step loss,
-validation every epoch, best-by-validation state evaluated once on test) is shared, so their numbers are
-comparable.
+:func:`fit`, which of its parameters require grad and their hyper-parameters; the loop (AdamW with timm's
+weight-decay groups, a linear warm-up then each method's schedule, gradient-norm clipping, bf16 autocast on
+CUDA, per-step loss, validation every epoch, best-by-validation state evaluated once on test) is shared, so
+their numbers are comparable.
 
 Batch order comes from :func:`inca.train.bank.epoch_batches` (a permutation seeded by ``(seed, epoch)``),
 the same order an InCA bank sees, so every method visits the same batches for a given seed.
@@ -17,7 +17,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,8 @@ from inca.options import BATCH_SIZE, POOLS
 from inca.progress import progress
 from inca.tasks import sequential_batches
 from inca.train.bank import epoch_batches
-from inca.train.optim import cosine_schedule, fused_adamw
+from inca.train.optim import fused_adamw, lr_schedule
+from inca.training_log import TrainingLog
 
 __all__ = [
     "FitConfig",
@@ -51,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Optimisation of one end-to-end run. ``warmup_ratio`` of all steps warm up linearly, then cosine to 0;
-    the gradient's global L2 norm is clipped to ``max_grad_norm`` (0: no clipping) before each step.
+    """Optimisation of one end-to-end run. ``warmup_ratio`` of all steps warm up linearly, then ``schedule``
+    (:func:`~inca.train.optim.lr_schedule`: cosine or linear to 0, or constant); the gradient's global L2 norm
+    is clipped to ``max_grad_norm`` (0: no clipping) before each step.
 
     The defaults serve direct library use (inca's own choice: common AdamW fine-tuning values); every method
     passes its own config's values, each with its source (:mod:`inca.methods`)."""
@@ -66,11 +68,13 @@ class FitConfig:
     progress: bool = True
     desc: str = "train"
     max_grad_norm: float = 1.0
+    schedule: str = "cosine"
 
 
 @dataclass
 class FitResult:
-    """Accuracies at the best validation epoch (1-based ``best_epoch``); the loss of every step."""
+    """Accuracies at the best validation epoch (1-based ``best_epoch``); the validation accuracy of every epoch, the
+    loss of every step and each epoch's mean loss (None for an epoch whose first step diverged)."""
 
     test_acc: float
     val_acc: float
@@ -79,6 +83,7 @@ class FitResult:
     loss_curve: list[float]
     steps: int
     diverged_at_step: int | None = None
+    epoch_loss: list[float | None] = field(default_factory=list)
 
 
 def batch_loss(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device) -> Tensor:
@@ -146,12 +151,13 @@ def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
-def fit(model: nn.Module, data: DataSource, config: FitConfig) -> FitResult:
+def fit(model: nn.Module, data: DataSource, config: FitConfig, log: TrainingLog | None = None) -> FitResult:
     """Train the parameters of ``model`` that require grad on ``train``; validate each epoch; test the best.
 
     The validation-best trainable state is restored before the single test evaluation (selection never
     sees test). A non-finite loss stops training (the step is not applied) and is reported as
-    ``diverged_at_step``; the epoch's validation still runs, so the best finite state is kept.
+    ``diverged_at_step``; the epoch's validation still runs, so the best finite state is kept. With ``log`` each
+    epoch's mean loss, validation accuracy and learning rate go to TensorBoard as it ends.
     """
     require_positive(epochs=config.epochs, batch_size=config.batch_size)
     if config.max_grad_norm < 0:
@@ -166,13 +172,19 @@ def fit(model: nn.Module, data: DataSource, config: FitConfig) -> FitResult:
     optimizer, schedule = _optimisation(model, params, config, total)
     losses: list[Tensor] = []
     val_curve: list[float] = []
+    epoch_loss: list[float | None] = []
     best_acc, best_epoch, best_state, diverged_at = -1.0, 0, None, None
     bar = progress(total=total, desc=config.desc, unit="step", enabled=config.progress)
     for epoch in range(config.epochs):
+        done = len(losses)
         diverged_at = _train_epoch(model, data, config, optimizer, schedule, params, batch_size, epoch, losses,
                                    on_step=bar.update)
         val_acc = evaluate(model, data, "val", config.batch_size)
         val_curve.append(val_acc)
+        epoch_loss.append(torch.stack(losses[done:]).mean().item() if len(losses) > done else None)
+        if log is not None:
+            log.scalars(epoch + 1, {"train/loss": epoch_loss[-1], "val/accuracy": val_acc,
+                                    "lr": optimizer.param_groups[0]["lr"]})
         if val_acc > best_acc:
             best_acc, best_epoch, best_state = val_acc, epoch + 1, _trainable_state(model)
         loss_text = f"loss {losses[-1].item():.4f}, " if losses else ""
@@ -184,19 +196,19 @@ def fit(model: nn.Module, data: DataSource, config: FitConfig) -> FitResult:
     _restore_trainable_state(model, best_state)
     test_acc = evaluate(model, data, "test", config.batch_size)
     loss_curve = torch.stack(losses).float().cpu().tolist() if losses else []
-    return FitResult(test_acc, best_acc, best_epoch, val_curve, loss_curve, len(losses), diverged_at)
+    return FitResult(test_acc, best_acc, best_epoch, val_curve, loss_curve, len(losses), diverged_at, epoch_loss)
 
 
 def _optimisation(
     model: nn.Module, params: list[nn.Parameter], config: FitConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over timm's weight-decay groups (the fused kernel where torch has it for the device), and its schedule:
-    a linear warm-up over ``warmup_ratio`` of all steps, then cosine to 0."""
+    a linear warm-up over ``warmup_ratio`` of all steps, then ``config.schedule``."""
     no_decay = getattr(model, "no_weight_decay", lambda: ())()
     groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused_adamw(params[0].device))
     warmup = round(config.warmup_ratio * total_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, warmup))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.schedule, total_steps, warmup))
 
 
 def _train_epoch(

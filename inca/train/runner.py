@@ -30,6 +30,7 @@ from ..distributed import current
 from ..errors import InCAError
 from ..io import refuse_symlink
 from ..tasks import Task
+from ..training_log import TrainingLog
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
 from .config import InCATrainConfig
 
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 ADAPTER_DIR = "adapter"
+CURVES = ("epoch_loss", "val_curve")  # each adapter's, one value per epoch it trained (null: diverged by then)
 ENSEMBLE_DIR = "ensemble"
 
 
@@ -61,8 +63,10 @@ def train_inca_task(
     config: InCATrainConfig,
     out_dir: str | os.PathLike,
     device: str | torch.device | None = None,
+    log: TrainingLog | None = None,
 ) -> dict[str, Any]:
-    """Train the grid's bank on ``task``, save the best adapter (by val) under ``out_dir/adapter``.
+    """Train the grid's bank on ``task``, save the best adapter (by val) under ``out_dir/adapter``; with ``log``,
+    each adapter's epochs go to TensorBoard as they end.
 
     Resumes from ``out_dir/checkpoint.safetensors`` after an interruption; returns the task's results.
     """
@@ -90,8 +94,8 @@ def train_inca_task(
     cached = isinstance(source, CachedSource)
     history = train_bank(
         bank, source, epochs=config.epochs, batch_size=config.batch_size, device=device, seed=config.seed,
-        warmup_ratio=config.warmup_ratio, eval_split="val", checkpoint_path=checkpoint, halving=halving,
-        checkpoint_identity=run_identity(backbone, task, layers, config),
+        warmup_ratio=config.warmup_ratio, schedule=config.schedule, eval_split="val", checkpoint_path=checkpoint,
+        halving=halving, checkpoint_identity=run_identity(backbone, task, layers, config), log=log,
     )
     best, val_acc = select_best(bank, source, "val")
     test_acc = evaluate_bank(bank, source, "test")
@@ -113,7 +117,9 @@ def train_inca_task(
     adapters = [
         {**asdict(s), "val_acc": _num(val_acc[i]), "test_acc": _num(test_acc[i]), "diverged": bool(bank.diverged[i]),
          "best_epoch": history.best_epoch[i], "final_train_loss": _num(history.train_loss[trained[i] - 1][i]),
-         "epochs_trained": trained[i], "stopped_rung": history.stopped_rung[i]}
+         "epochs_trained": trained[i], "stopped_rung": history.stopped_rung[i],
+         "epoch_loss": _curve(history.train_loss, i, trained[i]),
+         "val_curve": _curve(history.val_accuracy, i, trained[i])}
         for i, s in enumerate(specs)
     ]
     steps = config.epochs * -(-source.num_rows("train") // (config.batch_size * world.size))
@@ -129,7 +135,8 @@ def train_inca_task(
         "cache_device": source.device if cached else None,
         "cache_decision": source.decision,  # what --cache auto measured to choose, if it measured
         "adapters": adapters,
-        "best": {"index": best, **adapters[best], "adapter_dir": str(out_dir / ADAPTER_DIR)},
+        "best": {"index": best, **{k: v for k, v in adapters[best].items() if k not in CURVES},
+                 "adapter_dir": str(out_dir / ADAPTER_DIR)},
         "val_acc": adapters[best]["val_acc"],
         "test_acc": adapters[best]["test_acc"],
         "ensemble": ensemble,
@@ -221,6 +228,10 @@ def _ensemble(
     return {"requested": k, "k": len(members), "members": members, "val_acc": val, "test_acc": test,
             "trainable_params": params, "adapter_dir": str(directory)}
 
+
+def _curve(history: list[list[float]], adapter: int, epochs: int) -> list[float | None]:
+    """Adapter ``adapter``'s values of its first ``epochs`` epochs in a :class:`~inca.train.bank.BankHistory` curve."""
+    return [_num(row[adapter]) for row in history[:epochs]]
 
 
 def _num(value: Any) -> float | None:
