@@ -36,17 +36,13 @@ def subset_task(spec: str, sizes: dict[str, int]):
 
 
 def load_tool(name: str):
-    """``tools/<name>.py`` as a module: the tools are scripts beside each other, not a package. Registered in
-    sys.modules (a dataclass resolves its annotations through its module), with tools/ importable for their
-    own ``import curves``."""
+    """``tools/<name>.py`` as a module: the tools are scripts, not a package. Registered in sys.modules (a
+    dataclass resolves its annotations through its module)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    tools = Path(__file__).parents[1] / "tools"
-    if str(tools) not in sys.path:
-        sys.path.append(str(tools))
-    spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

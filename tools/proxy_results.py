@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from curves import smoothed_loss, steps_to_reach
 from matplotlib.figure import Figure
 
 from inca.compare import ACCURACY_PNG as COMPARE_ACCURACY_PNG
 from inca.compare import REPORT_JSON as COMPARE_JSON
 from inca.compare import protocol_lines
+from inca.convergence import DEFAULT_WINDOW, crossings, smoothed_loss
 from inca.io import atomic_write_json, atomic_write_text, read_json
 from inca.probe import REPORT_JSON as PROBE_JSON
 from inca.probe import render_probe_report
@@ -61,7 +61,7 @@ COMMANDS = [
     "done",
     "python tools/proxy_results.py",
 ]
-WINDOW = 10  # steps in the trailing mean of the training loss (as tools/bench_lora_ga.py)
+WINDOW = DEFAULT_WINDOW  # steps in the trailing mean of the training loss, inca.convergence's
 ACCURACY_PNG, LOSS_PNG = "results_accuracy_vs_params.png", "results_loss.png"  # next to results.md
 README_BEGIN = "<!-- results:begin (written by tools/proxy_results.py from docs/results.json; do not edit) -->"
 README_END = "<!-- results:end -->"
@@ -116,13 +116,14 @@ def layer_verdict(by_layer: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 
 def convergence(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One measure for every end-to-end method: the first step whose smoothed training loss reaches the task's
-    common target, the worst of their final smoothed losses (each reaches it by its last step)."""
+    """inca.convergence's measure over the end-to-end methods: the first step whose smoothed training loss
+    reaches the task's common target, the worst of their final smoothed losses (each reaches it by its last
+    step)."""
     curves = {m: r["loss_curve"] for m, r in records.items() if m not in NOT_END_TO_END and r.get("loss_curve")}
     if not curves:
         return {"target": None, "steps": {}}
-    target = max(float(smoothed_loss(c, WINDOW)[-1]) for c in curves.values())
-    return {"target": target, "steps": {m: steps_to_reach(c, target, WINDOW) for m, c in curves.items()}}
+    target, steps = crossings(curves, WINDOW)
+    return {"target": target, "steps": steps}
 
 
 def by_task(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
