@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from inca.compare import ACCURACY_PNG as COMPARE_ACCURACY_PNG
 from inca.compare import REPORT_JSON as COMPARE_JSON
 from inca.compare import protocol_lines
-from inca.convergence import DEFAULT_WINDOW, crossings, smoothed_loss
+from inca.convergence import DEFAULT_WINDOW, convergence_lines, convergence_table, crossings, smoothed_loss
 from inca.io import atomic_write_json, atomic_write_text, read_json
 from inca.probe import REPORT_JSON as PROBE_JSON
 from inca.probe import render_probe_report
@@ -58,6 +58,7 @@ COMMANDS = [
     "  inca-compare --recipe recipes/proxy-skimage.yaml --seed $s --out runs/proxy-skimage-compare-seed$s",
     "  inca-compare --recipe recipes/proxy-skimage.yaml --weights random --seed $s "
     "--out runs/random-skimage-compare-seed$s",
+    "  inca-compare --recipe recipes/proxy-lora-same-trainer.yaml --seed $s --out runs/proxy-lora-same-trainer-seed$s",
     "done",
     "python tools/proxy_results.py",
 ]
@@ -161,8 +162,19 @@ def independent_figures(probes: dict[str, dict[str, Any]], compares: dict[str, l
             "epochs": compares["proxy"][0]["config"]["epochs"], "rows": rows}
 
 
+def same_trainer_figures(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """LoRA and LoRA-GA through the same trainer settings (recipes/proxy-lora-same-trainer.yaml), one run per seed:
+    each method's test accuracy per seed, and inca.convergence's table over the runs (LoRA the reference)."""
+    accuracy: dict[str, dict[str, list[float]]] = {}
+    for summary in summaries:
+        for r in summary["results"]:
+            accuracy.setdefault(r["task"], {}).setdefault(r["method"], []).append(r["test_acc"])
+    return {"seeds": [s["config"]["seed"] for s in summaries], "accuracy": accuracy,
+            "convergence": convergence_table(summaries, WINDOW, reference="lora")}
+
+
 def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[str, Any], random: dict[str, Any],
-            independent: dict[str, Any]) -> dict[str, Any]:
+            independent: dict[str, Any], same_trainer: dict[str, Any]) -> dict[str, Any]:
     """Every figure that the claims, the summary and README quote."""
     figures: dict[str, Any] = {"pretraining": {k: pretraining[k] for k in ("steps", "planned_steps", "seconds")},
                                "tasks": []}
@@ -176,6 +188,7 @@ def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[st
             "linear_probe": {"random": best_linear_probe(random["tasks"][task]),
                              "proxy": best_linear_probe(result)}})
     figures["independent"] = independent
+    figures["same_trainer"] = same_trainer
     return figures
 
 
@@ -254,6 +267,7 @@ def claims_lines(figures: dict[str, Any]) -> list[str]:
     if ratios:
         lines += [f"LoRA's steps over LoRA-GA's: {_ratio_range(ratios)} (median {np.median(ratios):.2f}x) over "
                   f"{len(ratios)} tasks.", ""]
+    lines += same_trainer_lines(figures["same_trainer"])
     counts = _layer_counts(figures)
     keys = list(dict.fromkeys(k for t in tasks for k in t["layers"]))
     rows = [[t["task"], *(_layer_cell(t["layers"][k]) if k in t["layers"] else "-" for k in keys)] for t in tasks]
@@ -263,6 +277,32 @@ def claims_lines(figures: dict[str, Any]) -> list[str]:
               markdown_table(["task", *keys], rows).rstrip(), "",
               f"Over {counts['total']} task-probe pairs: the best layer is below the last on {counts['below']}, the "
               f"last ties for best on {counts['tie']}, the last alone is best on {counts['last']}.", ""]
+    return lines
+
+
+def _same_trainer_ratios(same: dict[str, Any]) -> dict[str, list[float]]:
+    """LoRA's steps over LoRA-GA's, min and max over the seeds, per task where no method is at the target from its
+    first step at any seed (where the measure separates them)."""
+    return {task: e["methods"]["lora-ga"]["ratio"] for task, e in same["convergence"]["tasks"].items()
+            if "lora-ga" in e["methods"] and all(m["steps"][0] > 1 for m in e["methods"].values())}
+
+
+def same_trainer_lines(same: dict[str, Any]) -> list[str]:
+    """LoRA against LoRA-GA as the LoRA-GA paper runs its baseline: both through the same trainer settings."""
+    rows = [[task, *(_spread(by_method.get(m, [])) if m in by_method else "-" for m in ("lora", "lora-ga"))]
+            for task, by_method in same["accuracy"].items()]
+    ratios = _same_trainer_ratios(same)
+    lines = ["**LoRA vs LoRA-GA through the same trainer**, as the LoRA-GA paper runs its LoRA baseline "
+             "(`recipes/proxy-lora-same-trainer.yaml`: LoRA with LoRA-GA's learning rate, weight decay 0, warm-up "
+             "0.03, cosine schedule and clipping at 1.0; both tune their learning rate over the same 3 values), seeds "
+             f"{', '.join(map(str, same['seeds']))}. Test accuracy, mean and (range) over seeds:", "",
+             markdown_table(["task", "LoRA", "LoRA-GA"], rows).rstrip(), "", *convergence_lines(same["convergence"]),
+             ""]
+    if ratios:
+        lines += [f"Through the same trainer, LoRA's steps over LoRA-GA's: "
+                  f"{_ratio_range([r for pair in ratios.values() for r in pair])} over the seeds on the "
+                  f"{len(ratios)} tasks where no method is at the target from its first step "
+                  f"({', '.join(ratios)}).", ""]
     return lines
 
 
@@ -332,6 +372,13 @@ def readme_block(figures: dict[str, Any]) -> str:
                          f"takes {_ratio_range(ratios['lora-ga'])} LoRA-GA's steps and {_ratio_range(ratios['full'])} "
                          f"full fine-tuning's on the {len(ratios['lora-ga'])} tasks where the measure separates "
                          "them, each method at its authors' defaults.")
+    same = _same_trainer_ratios(figures["same_trainer"])
+    if same:
+        sentences.append(f"Through the same trainer settings, as the LoRA-GA paper runs its baseline, LoRA takes "
+                         f"{_ratio_range([r for pair in same.values() for r in pair])} LoRA-GA's steps on "
+                         f"{len(same)} tasks over {len(figures['same_trainer']['seeds'])} seeds"
+                         + "".join(f"; {task} left out, where both start at the target at some seed"
+                                   for task in figures["same_trainer"]["accuracy"] if task not in same) + ".")
     counts = _layer_counts(figures)
     sentences.append("Counting every probe (InCA, linear and kNN on both pools), the best layer on val is below the "
                      f"last in {counts['below']} of {counts['total']} task-probe pairs, the last ties for best in "
@@ -515,8 +562,10 @@ def main() -> None:
     independent = independent_figures(
         {w: read_json(runs / f"{w}-skimage-probe" / PROBE_JSON) for w in weights},
         {w: [read_json(runs / f"{w}-skimage-compare-seed{s}" / COMPARE_JSON) for s in SEEDS] for w in weights})
+    same_trainer = same_trainer_figures(
+        [read_json(runs / f"proxy-lora-same-trainer-seed{s}" / COMPARE_JSON) for s in SEEDS])
     pretraining = proxy["pretraining"]
-    figures = collect(pretraining, summary, probe, random, independent)
+    figures = collect(pretraining, summary, probe, random, independent, same_trainer)
     kwargs = " ".join(f"{k}={v}" for k, v in proxy["model_kwargs"].items())
     lines = [
         "# Results on a pretrained proxy backbone",
