@@ -69,3 +69,11 @@ def test_readme_block_is_replaced_in_place_and_required(results):
     assert results.readme_with_block(readme, "new") == expected
     with pytest.raises(SystemExit, match="one results block"):
         results.readme_with_block("no markers\n", "new")
+
+
+def test_fixes_md_says_for_each_ablation_whether_the_demo_can_show_it():
+    ablate = load_tool("ablate_fixes")
+    doc = (ROOT / "docs" / "fixes.md").read_text()
+    assert ablate.blind_spots() in doc
+    for fix in [*ablate.FIXES, ablate.EVERY_FIX]:
+        assert f"### {fix.name}\n\n{fix.what}. {ablate.shows(fix)}\n" in doc, fix.name
