@@ -159,7 +159,8 @@ def test_shared_units_show_in_interim_reports_in_unit_order_while_their_files_st
     out, writes = shared_suite(tmp_path, ["a", "bb", "ccc"])
     interim = writes[0]  # after rank 0's first unit, which ends only once the other rank has left a result
     assert len(interim["tasks"]) >= 2 and interim["tasks"] == [k for k in ("a", "bb", "ccc") if k in interim["tasks"]]
-    assert interim["left"] == len(interim["tasks"])  # what the report shows is still in its rank's file
+    # what the report shows is still in its rank's file (the other rank may have left one more since it was read)
+    assert interim["left"] >= len(interim["tasks"])
     report = json.loads((out / "report.json").read_text())
     assert list(report["tasks"]) == ["a", "bb", "ccc"] == writes[-1]["tasks"]
     assert writes[-1]["left"] == 3 and not list((out / UNITS_DIR).glob("*.json"))  # files go once the report holds them
