@@ -10,19 +10,16 @@ task's classes out).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    # the workflow: what inca-probe, inca-train and inca-predict run (inca.predict and inca.train_suite: the modules,
-    # which called run the functions of inca.api)
-    "predict": "inca.predict",
+    # the workflow: what inca-probe, inca-train and inca-predict run
+    "predict": "inca.api",
     "probe_suite": "inca.api",
     "probe_task": "inca.api",
-    "train_suite": "inca.train_suite",
+    "train_suite": "inca.api",
     # backbone, data, activation store
     "Backbone": "inca.backbone",
     "create_backbone": "inca.backbone",
@@ -70,28 +67,11 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-class _WorkflowModule(types.ModuleType):
-    """A submodule named like a workflow function of :mod:`inca.api` (``inca.train_suite``, ``inca.predict``) is
-    also that function when called: Python binds a package's attribute to its submodule once the submodule is
-    imported, so ``inca.train_suite(...)`` has to work whichever of the two the name holds."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from inca import api
-
-        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
-
-
-def _callable_as_api(module: str) -> None:
-    """Called by such a submodule as it is imported (see :class:`_WorkflowModule`)."""
-    sys.modules[module].__class__ = _WorkflowModule
-
-
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'inca' has no attribute {name!r}")
-    imported = importlib.import_module(module)
-    value = imported if module == f"inca.{name}" else getattr(imported, name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -440,7 +440,7 @@ def open_source(
         raise InCAError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
     if train_transform is not None:
         logger.info("%s: streaming live activations (augmented training images: a store holds one fixed view)",
-                    task.spec)
+                    task.name)
         return LiveSource(backbone, task, layers, num_workers, train_transform=train_transform)
     if cache == "never":
         return LiveSource(backbone, task, layers, num_workers)
@@ -453,11 +453,11 @@ def open_source(
                  batch_size, held_on)
     reason, found, decision = world.broadcast(plan.choose(cache, dtype, verify) if world.is_main else None)
     if reason:
-        logger.info("%s: streaming live activations (%s)", task.spec, reason)
+        logger.info("%s: streaming live activations (%s)", task.name, reason)
         source: CachedSource | LiveSource = LiveSource(backbone, task, layers, num_workers)
     else:
         if found is not None:
-            logger.info("%s: reading activations from %s", task.spec, found)
+            logger.info("%s: reading activations from %s", task.name, found)
             store = open_cache(found, backbone, task, layers, dtype)
         else:
             store = build_cache(backbone, task, layers, cache_dir, dtype=dtype or "float16", num_workers=num_workers)
@@ -491,7 +491,7 @@ class _Plan:
         if found is not None:
             if verify:
                 verify_cache(found.path)
-                logger.info("%s: every file of %s matches its checksum", self.task.spec, found.path)
+                logger.info("%s: every file of %s matches its checksum", self.task.name, found.path)
             return None, str(found.path), None
         if cache == "reuse":
             return "no activation store holds these layers, and this command builds none", None, None
@@ -503,7 +503,7 @@ class _Plan:
             return reason, None, {"choice": "stream", "reason": reason}
         decision = self.measure(size)
         verdict = "building a store" if decision.choice == "build" else "streaming live activations"
-        logger.info("%s: %s, measured cheaper: %s", self.task.spec, verdict, decision.message())
+        logger.info("%s: %s, measured cheaper: %s", self.task.name, verdict, decision.message())
         why = None if decision.choice == "build" else f"measured cheaper than a store: {decision.message()}"
         return why, None, decision.to_dict()
 

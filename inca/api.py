@@ -17,7 +17,7 @@ from .options import BATCH_SIZE
 
 if TYPE_CHECKING:
     from .backbone import Backbone
-    from .predict import ImagePrediction
+    from .prediction import ImagePrediction
     from .probes import ProbeSuiteConfig
     from .tasks import Task
     from .train.config import InCATrainConfig
@@ -76,7 +76,7 @@ def train_suite(
     from .probe_report import check_probe_report
     from .probes.ranking import RANK_BY, best_count
     from .train.config import InCATrainConfig
-    from .train_suite import run_train_suite
+    from .training import run_train_suite
 
     tasks = list(tasks)
     specs = [_spec(t) for t in tasks]
@@ -98,11 +98,11 @@ def predict(
     """``inca-predict``: classify image files (or directories of them) for every task at once, one backbone pass per
     batch. ``adapters``: saved adapter directories, or output directories of ``inca-train`` (each task's adapter,
     or with ``use="ensemble"`` its ensemble where ``results.json`` offers one) or ``inca-compare``. Returns one
-    :class:`~inca.predict.ImagePrediction` per image (its ``labels`` and ``probabilities`` per task, top-``k``);
+    :class:`~inca.prediction.ImagePrediction` per image (its ``labels`` and ``probabilities`` per task, top-``k``);
     an unreadable image is a one-line :class:`~inca.errors.InCAError`."""
     from .devices import resolve_device
     from .inference import MultiTaskInCA
-    from .predict import adapter_paths, expand_images, predict_images
+    from .prediction import adapter_paths, expand_images, predict_images
 
     directories = [str(a) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters)]
     files = expand_images([str(i) for i in ([images] if isinstance(images, (str, os.PathLike)) else images)])

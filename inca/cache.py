@@ -362,7 +362,7 @@ def _build_pending(
     mine = {split: [np.arange(a, b) for a, b in world.shard(np.asarray(spans, dtype=np.int64).reshape(-1, 2))]
             for split, spans in plan.items()}
     rows = sum(len(batch) for batches in mine.values() for batch in batches)
-    with progress(total=rows, unit="img", desc=f"cache {task.spec}") as bar:
+    with progress(total=rows, unit="img", desc=f"cache {task.name}") as bar:
         for split, batches in mine.items():
             if batches:
                 _build_split(path, backbone, task, split, layers, manifest["dtype"], batches, num_workers,

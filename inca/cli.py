@@ -227,7 +227,7 @@ def _cache(args: argparse.Namespace) -> int:
             task = _load_task(args, spec)
             cache = build_cache(backbone, task, layers, args.cache_dir, args.batch_size, args.dtype,
                                 args.num_workers, args.commit_seconds, rebuild=args.rebuild)
-            print(f"{task.spec}: {cache.path} ({cache.dtype}, layers {cache.layers}, rows {task.sizes()})")
+            print(f"{task.name}: {cache.path} ({cache.dtype}, layers {cache.layers}, rows {task.sizes()})")
             unit_done()
     return 0
 
@@ -390,7 +390,7 @@ def _train(args: argparse.Namespace) -> int:
     from .api import train_suite
     from .config import config_from_args
     from .train.config import InCATrainConfig
-    from .train_suite import render_summary, written_files
+    from .training import render_summary, written_files
 
     config = config_from_args(InCATrainConfig, args)  # --num-workers: the data group's flag
     log = _training_log(args)
@@ -480,23 +480,13 @@ def _predict(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .inference import MultiTaskInCA
     from .io import atomic_write_text
-    from .predict import (
-        adapter_paths,
-        check_output_file,
-        expand_images,
-        format_predictions,
-        output_format,
-        predict_images,
-    )
+    from .prediction import adapter_paths, format_predictions, output_format, predict_images
 
     if args.resign:
         for directory in args.resign:
             changed = resign_adapter(directory)
             print(f"{directory}: signed ({'; '.join(changed)})" if changed else f"{directory}: unchanged")
         return 0
-    if not (args.adapter or args.run) or not (args.images or args.export_onnx):
-        raise InCAError("--adapter DIR... or --run DIR, with --images (or --export-onnx FILE), is required (or "
-                        "--resign DIR to accept an edited adapter config)")
     adapters = adapter_paths(args.adapter or [], args.run or [], args.use)
     if args.export_onnx:
         from .export import export_onnx
@@ -505,9 +495,7 @@ def _predict(args: argparse.Namespace) -> int:
         export_onnx(model, args.export_onnx)
         print(f"ONNX model of {', '.join(model.tasks)} written to {args.export_onnx}", file=sys.stderr)
         return 0
-    if args.output:
-        check_output_file(args.output)
-    files = expand_images(args.images)
+    files = args.images  # the image files, found by _check_predict
     model = MultiTaskInCA.from_saved(adapters, args.weights, resolve_device(args.device))
     fmt = output_format(args.format, args.output)
     bad: list[str] = []
@@ -531,8 +519,18 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_predict(args: argparse.Namespace) -> argparse.Namespace:
+    """The saved models and runs, the images and the files to write (``--resign`` is checked as it signs)."""
+    if args.resign:
+        return args
+    from .prediction import check_predict_input
+
+    files = check_predict_input(args.adapter or [], args.run or [], args.images, args.output, args.export_onnx)
+    return argparse.Namespace(**{**vars(args), "images": files})
+
+
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    return _run(PREDICT, _predict, predict_parser, argv)
+    return _run(PREDICT, _predict, predict_parser, argv, _check_predict)
 
 
 def probe_parser() -> argparse.ArgumentParser:

@@ -51,10 +51,11 @@ from inca.io import atomic_write_text, digest
 from inca.memory import PeakMemory, parameter_bytes
 from inca.methods import METHODS, Method, MethodResult, RunConfig, TrainConfig, budget, run_method
 from inca.methods.base import LR_STEP
+from inca.outputs import COMPARE_REPORT
 from inca.progress import command_units
 from inca.report import fmt, markdown_table, plot_curves, plot_scatter, save_figure
 from inca.suite import Unit, run_suite, spelling_of, task_directory
-from inca.tasks import SPLITS, Task, load_task
+from inca.tasks import SPLITS, Task, by_task_name, load_task, task_names
 from inca.train.e2e import FitConfig, fit, trainable_copy
 from inca.train.runner import ADAPTER_DIR
 from inca.training_log import TrainingLog, scope
@@ -76,7 +77,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPORT_JSON, REPORT_MD = "compare.json", "compare.md"
+REPORT_JSON, REPORT_MD = COMPARE_REPORT, "compare.md"
 ACCURACY_PNG, LOSS_PNG = "compare_accuracy_vs_params.png", "compare_loss.png"
 CURVES_PNG = "curves.png"  # per task, in its RUNS_DIR directory
 RUNS_DIR = "runs"  # each (task, method)'s own files: RUNS_DIR/<task>-<fingerprint>/<method>/ (adapters, PEFT exports)
@@ -206,7 +207,7 @@ class _PairRunner:
         if not self.warm:
             _warm_up(self.backbone, task, self.settings)
             self.warm = True
-        logger.info("%s on %s: training", name, task.spec)
+        logger.info("%s on %s: training", name, task.name)
         with PeakMemory(self.backbone.device) as memory:
             start = time.perf_counter()
             with scope(self.log, f"{task_directory(task)}/{name}") as log:
@@ -219,7 +220,7 @@ class _PairRunner:
         record = _record(task, name, hparams, key, result, seconds, peak, self.backbone_params)
         record["configurations"] = budget.trained_configurations(name, hparams, self.settings,
                                                                  self.backbone.num_blocks)
-        logger.info("%s on %s: test accuracy %.4f (val %.4f), %s, %.1f s", name, task.spec, record["test_acc"],
+        logger.info("%s on %s: test accuracy %.4f (val %.4f), %s, %.1f s", name, task.name, record["test_acc"],
                     record["val_acc"], describe_trainable(record["trainable_params"], self.backbone_params), seconds)
         return record
 
@@ -264,7 +265,7 @@ def _units(
         for name, hparams in methods.items():
             hparams = json.loads(json.dumps(dict(hparams)))
             key = digest({"task": task.fingerprint, "method": name, "hparams": hparams})
-            yield Unit(key, f"{name} on {task.spec}", functools.partial(run_pair, task, name, hparams, key))
+            yield Unit(key, f"{name} on {task.name}", functools.partial(run_pair, task, name, hparams, key))
 
 
 def _fresh_report(backbone: Backbone, settings: RunConfig, backbone_params: int,
@@ -300,10 +301,11 @@ def _store(summary: dict[str, Any], key: str, record: dict[str, Any]) -> None:
 
 
 def _by_task(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The records of each task, keyed by the name it shows in the reports (:func:`~inca.tasks.task_names`)."""
     tasks: dict[str, list[dict[str, Any]]] = {}
     for record in results:
         tasks.setdefault(record["task"], []).append(record)
-    return tasks
+    return by_task_name(tasks)
 
 
 def render_markdown(summary: Mapping[str, Any]) -> str:
@@ -346,7 +348,10 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             lines += ["", *ranked]
         hparams.update({r["method"]: r["hparams"] for r in records})
     if summary["results"]:
-        lines += ["", "## Convergence", "", *convergence_lines(convergence_table([summary]))]
+        table = convergence_table([summary])
+        names = task_names(table["tasks"])
+        lines += ["", "## Convergence", "", *convergence_lines(
+            {**table, "tasks": {names[spec]: entry for spec, entry in table["tasks"].items()}})]
     if "protocol" in summary:
         lines += ["", "## Protocol", "", *protocol_lines(summary["protocol"])]
         if summary["protocol"]["lr_grid"] > 1:

@@ -29,6 +29,7 @@ from inca.adapters.saved import TaskAdapter, load_adapter
 from inca.backbone import Backbone, create_backbone, intermediate_tokens, resolve_layers
 from inca.errors import InCAError
 from inca.methods.registry import get_method
+from inca.tasks import task_names
 from inca.train.e2e import trainable_copy
 
 __all__ = ["EndToEndModel", "InCAClassifier", "MultiTaskInCA", "check_adapter_fits", "load_end_to_end",
@@ -198,12 +199,14 @@ class MultiTaskInCA(_FrozenBackbone):
 def column_names(
     directories: Sequence[str | os.PathLike], metadata: Sequence[Mapping[str, Any]], methods: Sequence[str]
 ) -> list[str]:
-    """Each saved model's name (its column in ``inca-predict``'s rows): the task it records, else its directory's
-    name. Several of one task become ``task@suffix``, the suffix the first that tells them all apart of: their
-    method; the components in which their paths differ (``adapter``/``ensemble``, the runs' directories, joined
-    by ``/``); their position. Each renaming is logged."""
+    """Each saved model's name (its column in ``inca-predict``'s rows): the name of the task it records
+    (:func:`~inca.tasks.task_names`: a folder's own name), else its directory's name. Several of one task become
+    ``task@suffix``, the suffix the first that tells them all apart of: their method; the components in which their
+    paths differ (``adapter``/``ensemble``, the runs' directories, joined by ``/``); their position. Each renaming
+    is logged."""
     tasks = [str(meta.get("task") or Path(directory).name) for directory, meta in zip(directories, metadata)]
-    names = list(tasks)
+    shown = task_names(tasks)
+    names = [shown[task] for task in tasks]
     for task in dict.fromkeys(tasks):
         group = [k for k, t in enumerate(tasks) if t == task]
         if len(group) < 2:
@@ -216,9 +219,9 @@ def column_names(
                    [str(j + 1) for j in range(len(group))]]
         suffixes = next(option for option in options if len(set(option)) == len(group))
         for k, suffix in zip(group, suffixes):
-            names[k] = f"{task}@{suffix}"
-        logger.info("%d saved models of task %s: columns %s (name them with NAME=DIR to choose)", len(group), task,
-                    ", ".join(f"{names[k]} ({directories[k]})" for k in group))
+            names[k] = f"{shown[task]}@{suffix}"
+        logger.info("%d saved models of task %s: columns %s (name them with NAME=DIR to choose)", len(group),
+                    shown[task], ", ".join(f"{names[k]} ({directories[k]})" for k in group))
     return names
 
 

@@ -29,7 +29,7 @@ from .probes.run import run_probes, usable_pools
 from .progress import command_units
 from .report import markdown_table, plot_heatmap, plot_lines
 from .suite import Unit, finished_on_same_data, run_suite
-from .tasks import Task
+from .tasks import Task, by_task_name, task_names
 from .train.config import SearchConfig
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def run_probe_suite(
 
     fresh = {"backbone": backbone.describe(), "config": probe_config(backbone, layers, options),
              "probes": options.probes, "tasks": {}}
-    units = (Unit(spec, spec, functools.partial(probe, task)) for spec, task in tasks.items())
+    names = task_names(tasks)
+    units = (Unit(spec, names[spec], functools.partial(probe, task)) for spec, task in tasks.items())
     with command_units(len(tasks)):  # redirected logs: progress lines per tenth of the tasks
         return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite,
                          finished=finished_on_same_data(tasks, "probed"))
@@ -106,16 +107,16 @@ def run_probe_suite(
 def write_reports(out: Path, report: dict[str, Any]) -> None:
     """``probe.md`` and the plots of ``report`` (``probe.json``'s content, which the suite writes)."""
     atomic_write_text(out / REPORT_MD, render_probe_report(report))
-    tasks = report["tasks"]
+    tasks = by_task_name(report["tasks"])
 
     def curves(split: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-        return {spec: {key: ([int(k) for k in by_layer], [v[split] for v in by_layer.values()])
-                       for key, by_layer in result["results"].items()} for spec, result in tasks.items()}
+        return {name: {key: ([int(k) for k in by_layer], [v[split] for v in by_layer.values()])
+                       for key, by_layer in result["results"].items()} for name, result in tasks.items()}
 
     plot_lines(out / REPORT_PNG, curves("val"), xlabel="block index (depth)",
                ylabel="accuracy: val (solid, chooses the layer), test (dashed)",
                title=f"Layer probes of {report['backbone']['name']} (star: best on val, every tied layer)",
-               marks={spec: result["best_layers"] for spec, result in tasks.items()}, dashed=curves("test"))
+               marks={name: result["best_layers"] for name, result in tasks.items()}, dashed=curves("test"))
     if _has_heatmap(tasks):
         layers = next(iter(tasks.values()))["layers"]
         grid = np.array([[r["results"]["inca"][str(layer)]["val"] for layer in layers] for r in tasks.values()])
@@ -146,9 +147,9 @@ def render_probe_report(report: dict[str, Any]) -> str:
     lines = [f"# Layer probing: {backbone['name']} ({backbone['weights']} weights)\n",
              f"Last block's tokens: {norm}. Layers are chosen on val accuracy only: a probe with several poolings "
              f"scores a layer by its best pooling; {TIE_RULE}.\n"]
-    for spec, result in report["tasks"].items():
+    for name, result in by_task_name(report["tasks"]).items():
         keys = list(result["results"])
-        lines.append(f"## {spec}\n")
+        lines.append(f"## {name}\n")
         rows = []
         for layer in result["layers"]:
             row: list[Any] = [layer]
@@ -170,11 +171,11 @@ def render_probe_report(report: dict[str, Any]) -> str:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """One line per task and probe: the best layer on val (and those tied with it) and its accuracy."""
     lines = []
-    for spec, result in report["tasks"].items():
+    for name, result in by_task_name(report["tasks"]).items():
         for key, best in result["best_layers"].items():
             score = result["results"][key][str(best[0])]
             tied = f" (tied with {', '.join(map(str, best[1:]))})" if len(best) > 1 else ""
-            lines.append(f"{spec}: {key:<12} best layer {best[0]:>3}  val {score['val']:.3f}  "
+            lines.append(f"{name}: {key:<12} best layer {best[0]:>3}  val {score['val']:.3f}  "
                          f"test {score['test']:.3f}{tied}")
     return lines
 
@@ -206,7 +207,7 @@ def layers_from_report(
             raise InCAError(f"probe report {report} has no task {task.spec!r} (it has {', '.join(tasks) or 'none'})")
         ranking = rank_by_probe(tasks[task.spec], rank_by)
         chosen = resolve_layers(ranking.best(count), num_blocks)
-        logger.info("%s: training on the %d best layers on val by the %s probe, %s (ranked %s)", task.spec,
+        logger.info("%s: training on the %d best layers on val by the %s probe, %s (ranked %s)", task.name,
                     len(chosen), rank_by, chosen, ranking.text)
         return chosen
 

@@ -3,7 +3,7 @@
 After each unit the suite's report is rewritten atomically, so an interrupted suite loses at most the unit that
 was running, and a rerun into the same directory with the same configuration skips every finished unit. A report
 of another configuration is never silently replaced: that takes ``overwrite``. :func:`run_suite` is that loop
-for ``inca-train`` (:mod:`inca.train_suite`), ``inca-probe`` and ``inca-compare``.
+for ``inca-train`` (:mod:`inca.training`), ``inca-probe`` and ``inca-compare``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def finished_on_same_data(tasks: dict[str, Task], done: str) -> Callable[[Report
     def finished(report: Report, spec: str) -> bool:
         result = report["tasks"].get(spec)
         if result is not None and result.get("fingerprint") != tasks[spec].fingerprint:
-            logger.warning("%s: its data changed since it was %s; running it again", spec, done)
+            logger.warning("%s: its data changed since it was %s; running it again", tasks[spec].name, done)
             return False
         return result is not None
 

@@ -335,6 +335,23 @@ def test_bad_input_is_refused_before_torch_is_imported(tmp_path, main, args, nee
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--adapter", "no/such/adapter", "--images", "a.png"], "--adapter no/such/adapter is not a directory"),
+    (["--adapter", "faces=empty", "--images", "a.png"], "--adapter empty holds no saved adapter (adapter_config.json)"),
+    (["--run", "adapter", "--images", "a.png"], "adapter is not an output directory of inca-train (results.json)"),
+    (["--adapter", "adapter", "--images", "a.png", "b.png"], "image b.png does not exist"),
+    (["--adapter", "adapter", "--images", "a.png", "--output", "a.png/rows.csv"], "a.png is a file, not a directory"),
+    (["--adapter", "adapter", "--export-onnx", "empty"], "cannot write the ONNX model to empty: it is a directory"),
+])
+def test_inca_predict_checks_its_input_before_torch_is_imported(tmp_path, args, needle):
+    """The saved models, runs, images and the file to write are checked before any model loads."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "a.png").write_bytes(b"")
+    assert_one_line_error(without_torch("predict_main", args, tmp_path), needle)
+
+
 def test_a_probe_report_of_another_depth_is_refused_before_any_task_loads(tmp_path):
     report = '{"backbone": {"name": "vit_base_patch16_224", "num_blocks": 12}, "tasks": {"digits": {}}}'
     (tmp_path / "probe.json").write_text(report)

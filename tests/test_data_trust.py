@@ -188,7 +188,7 @@ def test_a_full_disk_while_saving_an_adapter_is_one_line(tmp_path):
 
 
 SECOND_TASK_OUT_OF_MEMORY = (
-    "import inca.train_suite as s\n_train = s.train_inca_task\n_calls = []\n"
+    "import inca.training as s\n_train = s.train_inca_task\n_calls = []\n"
     "def _second_fails(*a, **k):\n"
     "    _calls.append(1)\n"
     "    if len(_calls) == 2:\n"

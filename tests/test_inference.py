@@ -194,7 +194,7 @@ def upright_and_tagged(path_upright, path_tagged, seed: int = 0) -> np.ndarray:
 
 
 def test_training_stores_and_prediction_read_the_same_upright_pixels(tiny_backbone, tmp_path):
-    from inca.predict import predict_images
+    from inca.prediction import predict_images
     from inca.tasks.folder import FileSource
 
     upright = upright_and_tagged(tmp_path / "upright.png", tmp_path / "tagged.png")

@@ -17,7 +17,7 @@ from inca.cli import compare_main, predict_main, train_main
 from inca.inference import MultiTaskInCA, column_names
 from inca.methods import RunConfig
 from inca.methods.run import train_e2e
-from inca.predict import adapter_paths
+from inca.prediction import adapter_paths
 from inca.tasks import SPLITS, Task
 
 from .conftest import TINY_ARGS
@@ -47,6 +47,15 @@ def test_several_models_of_one_task_get_distinct_columns(caplog):
     assert "3 saved models of task t" in caplog.text
     assert column_names(["x/adapter", "y/adapter"], [{"task": "t"}] * 2, ["lora", "full"]) == ["t@lora", "t@full"]
     assert column_names(["x/adapter", "x/adapter"], [{"task": "t"}] * 2, ["inca"] * 2) == ["t@1", "t@2"]
+
+
+def test_a_folder_task_s_column_is_its_folder_s_name():
+    """A folder task records its absolute path; its column is the folder's name, unless two tasks share it."""
+    pets = [{"task": "folder:/data/pets"}]
+    assert column_names(["x/adapter", "y/adapter"], pets * 2, ["inca", "lora"]) == ["pets@inca", "pets@lora"]
+    assert column_names(["x/adapter", "y/adapter"], [*pets, {"task": "digits"}], ["inca"] * 2) == ["pets", "digits"]
+    assert column_names(["x/adapter", "y/adapter"], [*pets, {"task": "folder:/other/pets"}], ["inca"] * 2) == [
+        "folder:/data/pets", "folder:/other/pets"]
 
 
 @pytest.mark.slow

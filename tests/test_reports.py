@@ -12,7 +12,7 @@ from inca import options as opt
 def test_every_command_and_library_default_uses_one_batch_size():
     from inca.activations import open_source
     from inca.cache import build_cache
-    from inca.predict import predict_images
+    from inca.prediction import predict_images
     from inca.train.e2e import FitConfig
 
     parsers = (cli.cache_parser, cli.compare_parser, cli.train_parser, cli.probe_parser, cli.predict_parser)
@@ -25,7 +25,7 @@ def test_every_command_and_library_default_uses_one_batch_size():
 
 def _train(tmp_path, config, layers=(0, 1), spec="synth-count"):
     from inca.backbone import create_backbone
-    from inca.train_suite import run_train_suite
+    from inca.training import run_train_suite
     from tests.conftest import subset_task
 
     backbone = create_backbone("vit_tiny_patch16_224", "random", {"img_size": 32, "patch_size": 8, "depth": 2})
@@ -47,7 +47,7 @@ def test_serve_prefers_the_adapter_unless_the_ensemble_is_better_on_val():
 
 def test_ensemble_larger_than_the_grid_is_warned_and_recorded(tmp_path, caplog):
     from inca.train.config import InCATrainConfig
-    from inca.train_suite import render_results, written_files
+    from inca.training import render_results, written_files
 
     results, task = _train(tmp_path, InCATrainConfig(epochs=1, lr=[3e-3], ensemble=3, cache="never"))
     assert (task["ensemble"]["requested"], task["ensemble"]["k"]) == (3, 2)
@@ -72,7 +72,7 @@ def test_ensemble_larger_than_the_grid_is_warned_and_recorded(tmp_path, caplog):
 def test_an_ensemble_below_the_best_adapter_is_reported_and_not_served(tmp_path, monkeypatch):
     import inca.train.runner
     from inca.train.config import InCATrainConfig
-    from inca.train_suite import render_results
+    from inca.training import render_results
 
     monkeypatch.setattr(inca.train.runner, "evaluate_ensemble", lambda *args: 0.0)  # worse than any adapter
     results, task = _train(tmp_path, InCATrainConfig(epochs=1, lr=[3e-3], ensemble=2, cache="never"))
@@ -90,7 +90,7 @@ def test_results_md_has_a_legend_split_sizes_and_chance_levels(tmp_path, caplog)
 
     from inca.adapters.common import percent_text
     from inca.train.config import InCATrainConfig
-    from inca.train_suite import render_results
+    from inca.training import render_results
     from tests.conftest import subset_task
 
     with caplog.at_level(logging.INFO, logger="inca"):
@@ -181,3 +181,50 @@ def test_a_suite_logs_at_most_ten_progress_lines(tmp_path, caplog, monkeypatch):
     assert 1 <= len(lines) <= 10 and all("unit 1 of 1" in line for line in lines)
     per_epoch = [r for r in caplog.records if r.levelno >= logging.INFO and "epoch 1/3" in r.getMessage()]
     assert not per_epoch and "best val accuracy" in lines[-1]  # the epoch's figures ride on the progress line
+
+
+def test_a_folder_task_is_shown_by_its_folder_s_name_and_recorded_by_its_spec(tmp_path, caplog):
+    """results.md, the printed summary, probe.md, compare.md and the log name a folder task by its folder (two
+    folders of one name by their specs), while the JSON keeps the canonical spec and the spec as typed."""
+    import logging
+
+    from inca.backbone import create_backbone
+    from inca.compare import _store, render_markdown
+    from inca.probe import render_probe_report, summary_lines
+    from inca.tasks import Task, task_names
+    from inca.train.config import InCATrainConfig
+    from inca.training import render_results, render_summary, run_train_suite
+    from tests.conftest import subset_task
+
+    spec = "folder:/data/pets"
+    data = subset_task("synth-count", {"train": 40, "val": 20, "test": 20})
+    task = Task(spec, data.classes, data.splits, data.identity, typed_spec="folder:../data/pets/")
+    backbone = create_backbone("vit_tiny_patch16_224", "random", {"img_size": 32, "patch_size": 8, "depth": 2})
+    with caplog.at_level(logging.INFO, logger="inca"):
+        results = run_train_suite(backbone, [spec], lambda _: [1], "1", InCATrainConfig(epochs=1, lr=[3e-3],
+                                  cache="never"), tmp_path, load_task=lambda _: task)
+    assert results["tasks"][spec]["typed_spec"] == "folder:../data/pets/"
+    assert "pets: best layer 1" in caplog.text and "/data/pets" not in caplog.text
+    shown = [render_results(results), render_summary(results)]
+
+    scores = {"0": {"val": 0.5, "test": 0.5}}
+    shown += [render_probe_report({"backbone": backbone.describe(), "tasks": {spec: {
+        "layers": [0], "results": {"knn/cls": scores}, "best_layers": {"knn/cls": [0]}, "rankings": {}}}})]
+    shown += summary_lines({"tasks": {spec: {"results": {"knn/cls": scores}, "best_layers": {"knn/cls": [0]}}}})
+
+    report = {"config": {"seed": 0, "backbone": "b", "weights": "random", "epochs": 1, "batch_size": 2,
+                         "device": "cpu"}, "backbone_params": 10, "memory": "m", "results": []}
+    for method, curve in (("lora", [1.0, 0.9, 0.8]), ("linear", [0.9, 0.9, 0.9])):
+        _store(report, method, {"task": spec, "method": method, "loss_curve": curve, "steps": 3, "test_acc": 0.5,
+                                "val_acc": 0.5, "best_epoch": 1, "trainable_params": 1, "trainable_pct": 10.0,
+                                "seconds": 1.0, "peak_memory_mb": None, "hparams": {}, "key": method,
+                                "task_info": {"classes": 2, "sizes": {"train": 6}}})
+    shown.append(render_markdown(report))
+    for text in shown:
+        assert "pets" in text and "/data/pets" not in text, text
+    assert "## pets" in shown[0] and "| pets " in shown[1] and "## pets (2 classes" in shown[-1]
+    assert "\n| pets " in shown[-1].split("## Convergence")[1]
+
+    assert task_names([spec, "folder:/elsewhere/pets", "folder:/data/faces", "digits", "folder:/data/digits"]) == {
+        spec: spec, "folder:/elsewhere/pets": "folder:/elsewhere/pets", "folder:/data/faces": "faces",
+        "digits": "digits", "folder:/data/digits": "folder:/data/digits"}  # alike names: the specs, told apart

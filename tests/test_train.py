@@ -161,7 +161,7 @@ def test_all_diverged_is_one_line(tmp_path, capsys):
 def test_finished_tasks_survive_a_later_failure(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    import inca.train_suite
+    import inca.training
 
     for cls in ("a", "b"):
         for i in range(6):
@@ -169,7 +169,7 @@ def test_finished_tasks_survive_a_later_failure(tmp_path, capsys, monkeypatch):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "imgs" / "b" / "5.jpg")
-    train = inca.train_suite.train_inca_task
+    train = inca.training.train_inca_task
 
     def cut_then_train(backbone, task, *args, **kwargs):
         """Every image is checked before training starts: this one is cut in half after that, while the first
@@ -179,7 +179,7 @@ def test_finished_tasks_survive_a_later_failure(tmp_path, capsys, monkeypatch):
             (tmp_path / "imgs" / "b" / "5.jpg").write_bytes(data[: len(data) // 2])
         return train(backbone, task, *args, **kwargs)
 
-    monkeypatch.setattr(inca.train_suite, "train_inca_task", cut_then_train)
+    monkeypatch.setattr(inca.training, "train_inca_task", cut_then_train)
     code, out = _run_train(tmp_path, "--tasks", f"synth-colour,folder:{tmp_path / 'imgs'}", "--layers", "-1",
                            "--epochs", "1", "--num-workers", "0")
     assert code == 2
@@ -214,4 +214,4 @@ def test_predict_refuses_other_backbone_weights(tmp_path, capsys):
                          "--weights", str(tmp_path / "other.safetensors")]) == 2
     _one_line_error(capsys, "trained on vit_tiny_patch16_224 with other weights")
     assert predict_main(["--adapter", str(tmp_path), "--images", str(image)]) == 2
-    _one_line_error(capsys, "is not a saved adapter")
+    _one_line_error(capsys, "holds no saved adapter")

@@ -137,7 +137,7 @@ def train_e2e(
     method = _end_to_end(name)
     config: TrainConfig = method.make_config(hparams)
     data = ImageBatches(task, backbone, settings.num_workers, augment=settings.augment and not method.features_only)
-    fit_config = _fit_config(config, settings, f"{name} on {task.spec}")
+    fit_config = _fit_config(config, settings, f"{name} on {task.name}")
     if head is None:
         head = _task_probe_head(method, backbone, task, config, settings)
     with seeded(settings.seed, backbone.device):
@@ -185,7 +185,7 @@ def run_e2e(
         del model
     point, model, result = best
     if len(grid) > 1:
-        logger.info("%s on %s: %s chosen on val out of %d", method.name, task.spec, _tuned(point, config), len(grid))
+        logger.info("%s on %s: %s chosen on val out of %d", method.name, task.name, _tuned(point, config), len(grid))
     if current().is_main:  # inca's own format, which inca-predict serves: work_dir/adapter, as an InCA adapter's
         save_end_to_end(method.name, model, Path(work_dir) / ADAPTER_DIR, backbone, task.classes, point.head_pool, {
             "task": task.spec, "hparams": point.to_dict(), "val_accuracy": result.val_acc,
@@ -197,7 +197,7 @@ def run_e2e(
         peft_dir = Path(work_dir) / PEFT_DIR
         if current().is_main:  # data-parallel ranks hold the same model: one writes it
             method.export(model, peft_dir, backbone, config.head_pool)
-        logger.info("%s on %s: PEFT adapter written to %s", method.name, task.spec, peft_dir)
+        logger.info("%s on %s: PEFT adapter written to %s", method.name, task.name, peft_dir)
     return EndToEndResult(
         test_acc=result.test_acc, val_acc=result.val_acc, best_epoch=result.best_epoch,
         trainable_params=count_parameters(model).trainable, steps=result.steps, loss_curve=result.loss_curve,

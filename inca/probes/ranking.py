@@ -141,5 +141,5 @@ def rank_on_val(backbone: Backbone, task: Task, layers: list[int], probe: str, r
     without_test = Task(task.spec, task.classes, splits, task.identity)
     options = ProbeSuiteConfig(probes=[check_rank_by(probe)], **run.to_dict())
     ranking = rank_by_probe(run_probes(backbone, without_test, layers, options).results, probe)
-    logger.info("%s: layers ranked on val by the %s probe: %s", task.spec, probe, ranking.text)
+    logger.info("%s: layers ranked on val by the %s probe: %s", task.name, probe, ranking.text)
     return ranking

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import SPLITS, Split, Task
+from .base import SPLITS, Split, Task, by_task_name, task_name, task_names
 from .registry import (
     BUILTIN_SOURCES,
     TASK_SOURCES,
@@ -40,6 +40,7 @@ __all__ = [
     "TaskLoadConfig",
     "TaskSource",
     "add_task_source_flags",
+    "by_task_name",
     "canonical_task_spec",
     "check_task_spec",
     "check_task_specs",
@@ -47,6 +48,8 @@ __all__ = [
     "load_task",
     "parse_task_list",
     "register_task_source",
+    "task_name",
+    "task_names",
     "task_settings",
     "task_sources_help",
     "task_spec_forms",

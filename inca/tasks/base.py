@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -16,6 +17,7 @@ from ..errors import InCAError, first_line
 from ..io import FINGERPRINT_LENGTH, canonical_json
 
 SPLITS = ("train", "val", "test")
+T = TypeVar("T")
 # The shares carved out as test and val when a dataset lacks those splits: inca's own choice, a common hold-out.
 # Test is a fifth of the rows, then val a tenth of what is left (72/8/20 of the whole), each stratified by class.
 VAL_FRACTION = 0.1
@@ -108,12 +110,9 @@ class Task:
 
     @property
     def name(self) -> str:
-        """A short readable name: a path's last component (``folder:/data/faces`` -> ``faces``), else the spec.
-        Not unique alone (two folders may share a name): output names add the fingerprint."""
-        _, colon, argument = self.spec.partition(":")
-        if colon and os.path.isabs(argument):
-            return os.path.basename(argument.rstrip(os.sep)) or self.spec
-        return self.spec
+        """A short readable name (:func:`task_name`). Not unique alone (two folders may share a name): output names
+        add the fingerprint, reports and prediction columns :func:`task_names`."""
+        return task_name(self.spec)
 
     @property
     def slug(self) -> str:
@@ -136,6 +135,30 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "classes": self.classes, "sizes": self.sizes(), "fingerprint": self.fingerprint}
+
+
+def task_name(spec: str) -> str:
+    """A task's short readable name, from its spec: a path's last component (``folder:/data/faces`` -> ``faces``),
+    else the spec itself (``digits``, ``tv:CIFAR10``)."""
+    _, colon, argument = spec.partition(":")
+    if colon and os.path.isabs(argument):
+        return os.path.basename(argument.rstrip(os.sep)) or spec
+    return spec
+
+
+def task_names(specs: Iterable[str]) -> dict[str, str]:
+    """The name each of ``specs`` (canonical) shows in reports, summaries and prediction columns: its
+    :func:`task_name`, or where two of them share that name (two folders called ``faces``) their whole specs, so no
+    two tasks look alike. Reports' JSON keeps the specs."""
+    short = {spec: task_name(spec) for spec in specs}
+    counts = Counter(short.values())
+    return {spec: name if counts[name] == 1 else spec for spec, name in short.items()}
+
+
+def by_task_name(by_spec: Mapping[str, T]) -> dict[str, T]:
+    """``by_spec`` (a report's tasks, keyed by canonical spec) keyed by the names they show (:func:`task_names`)."""
+    names = task_names(by_spec)
+    return {names[spec]: value for spec, value in by_spec.items()}
 
 
 def slugify(spec: str) -> str:

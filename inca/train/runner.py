@@ -6,7 +6,7 @@ halving (``search="halving"``: at each rung only the best adapters on the valida
 is validated after each epoch it trains and ends with the weights of its best epoch (the end-to-end methods' model
 selection); the best adapter on the validation split, pruned ones included, is saved with its metadata and
 reported with its test accuracy, next to every other adapter's figures.
-Suites of tasks (``inca-train``) are :func:`inca.train_suite.run_train_suite`.
+Suites of tasks (``inca-train``) are :func:`inca.training.run_train_suite`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..backbone import Backbone
 from ..distributed import current
 from ..errors import InCAError
 from ..io import refuse_symlink
+from ..outputs import ADAPTER_DIR, ENSEMBLE_DIR
 from ..tasks import Task
 from ..training_log import TrainingLog
 from .bank import evaluate_bank, evaluate_ensemble, select_best, top_adapters, train_bank
@@ -37,9 +38,7 @@ from .config import InCATrainConfig
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-ADAPTER_DIR = "adapter"
 CURVES = ("epoch_loss", "val_curve")  # each adapter's, one value per epoch it trained (null: diverged by then)
-ENSEMBLE_DIR = "ensemble"
 
 
 # Settings that say where activations come from or how fast, not what is trained: they may change between a
@@ -87,7 +86,7 @@ def train_inca_task(
     )
     require_memory_for_bank(specs, backbone.width, task.num_classes, device)
     bank = InCABank(specs, backbone.width, task.num_classes)
-    logger.info("%s: training %d adapters together on layers %s", task.spec, len(specs), layers)
+    logger.info("%s: training %d adapters together on layers %s", task.name, len(specs), layers)
     refuse_symlink(out_dir, "the task's output directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT_FILE
@@ -210,7 +209,7 @@ def _ensemble(
         made = f"the ensemble has {len(members)} members" if len(members) >= 2 else "no ensemble is made"
         warnings.append(f"--ensemble {k} asked for {k} adapters and only {len(members)} of the {len(val_acc)} did not "
                         f"diverge: {made}")
-        logger.warning("%s: %s", task.spec, warnings[-1])
+        logger.warning("%s: %s", task.name, warnings[-1])
     if len(members) < 2:
         return {"requested": k, "k": len(members), "members": members}
     val, test = (evaluate_ensemble(bank, source, members, split) for split in ("val", "test"))
@@ -218,12 +217,12 @@ def _ensemble(
                                      {**provenance, "val_accuracy": val, "test_accuracy": test})
     if current().is_main:
         save_adapter(ensemble, directory)
-    logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.spec, len(members), val, test)
+    logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.name, len(members), val, test)
     best_val = float(val_acc[members[0]])
     if val < best_val:
         warnings.append(f"the ensemble of {len(members)} is below the best single adapter on val ({val:.4f} < "
                         f"{best_val:.4f}): it is saved but not served by default")
-        logger.warning("%s: %s", task.spec, warnings[-1])
+        logger.warning("%s: %s", task.name, warnings[-1])
     params = sum(p.numel() for p in ensemble.parameters())
     return {"requested": k, "k": len(members), "members": members, "val_acc": val, "test_acc": test,
             "trainable_params": params, "adapter_dir": str(directory)}

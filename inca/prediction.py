@@ -3,7 +3,8 @@ batch serves them all) and write one row per image: CSV or JSON Lines.
 
 Images are read by :func:`inca.images.open_image` (fully decoded, upright by their EXIF orientation, as in
 training) in DataLoader workers; one that cannot be read is skipped and reported, never a reason to lose the
-rows of the others.
+rows of the others. Torch is imported only to predict: what the saved models, runs, images and output paths
+are is read and checked (:func:`check_predict_input`) before it is.
 """
 
 from __future__ import annotations
@@ -17,27 +18,21 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from . import _callable_as_api
-from .adapters.common import CONFIG_FILE
-from .compare import REPORT_JSON as COMPARE_REPORT
-from .devices import autocast
 from .errors import InCAError, first_line, require_positive
-from .images import open_image
-from .inference import MultiTaskInCA
+from .images import IMAGE_EXTENSIONS, open_image
 from .io import existing_parent, read_json_file
 from .options import BATCH_SIZE
-from .tasks import sequential_batches
-from .train.runner import ADAPTER_DIR, ENSEMBLE_DIR
-from .train_suite import REPORT_JSON as TRAIN_REPORT
+from .outputs import ADAPTER_CONFIG, ADAPTER_DIR, COMPARE_REPORT, ENSEMBLE_DIR, TRAIN_REPORT
+
+if TYPE_CHECKING:
+    import torch
+
+    from .inference import MultiTaskInCA
 
 __all__ = ["FORMATS", "USES", "ImagePrediction", "adapter_paths", "check_output_file", "expand_images",
-           "format_predictions", "output_format", "predict_images", "run_adapters"]
+           "check_predict_input", "format_predictions", "output_format", "predict_images", "run_adapters"]
 
 FORMATS = ("csv", "jsonl")
 USES = ("adapter", "ensemble")  # what --run serves of each inca-train task
@@ -67,6 +62,12 @@ def predict_images(
     An image that cannot be read (damaged, truncated, not a regular file, no permission) is skipped and
     ``on_bad_image(path, reason)`` is called; without ``on_bad_image`` it is a one-line :class:`InCAError`.
     """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .devices import autocast
+    from .tasks import sequential_batches
+
     if model.transform is None:
         raise InCAError("predict_images needs a MultiTaskInCA built from an inca Backbone (it knows the preprocessing)")
     require_positive(top_k=top_k, batch_size=batch_size)
@@ -100,7 +101,7 @@ def predict_images(
             )  # fmt: skip
 
 
-class _ImageFiles(Dataset):
+class _ImageFiles:
     """``(row, preprocessed image, None)``, or ``(row, None, why it cannot be read)``: decoded in workers."""
 
     def __init__(self, files: Sequence[str], transform: Callable) -> None:
@@ -121,6 +122,8 @@ class _ImageFiles(Dataset):
 
 def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     """The readable rows of a batch, their images stacked, and the others with the reason."""
+    import torch
+
     rows = [row for row, image, _ in items if image is not None]
     images = torch.stack([image for _, image, _ in items if image is not None]) if rows else None
     return rows, images, [(row, reason) for row, image, reason in items if image is None]
@@ -152,15 +155,15 @@ def adapter_paths(items: Sequence[str], runs: Sequence[str] = (), use: str = "ad
     items as a mapping of names to directories, plain directories as a list (named by their recorded tasks). An
     item that exists as a path is a directory even if it holds ``=``; naming some adapters but not all is an
     error. An output directory of inca-train or inca-compare among the plain items is read as ``--run`` (logged)."""
-    pairs = [item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item) for item in items]
-    named = {name: directory for name, _, directory in pairs if name}
+    pairs = [_name_and_directory(item) for item in items]
+    named = {name: directory for name, directory in pairs if name}
     if named and (len(named) != len(pairs) or runs):
         raise InCAError("--adapter: name every adapter (NAME=DIR, names distinct) or none (--run's adapters are "
                         "named by their tasks)")
     if named:
         return named
     directories: list[str] = []
-    for directory in [directory for _, _, directory in pairs]:
+    for directory in [directory for _, directory in pairs]:
         if _run_report(directory) is None:
             directories.append(directory)
         else:
@@ -178,15 +181,12 @@ def run_adapters(run_dir: str | os.PathLike, use: str = "adapter") -> list[str]:
     (InCA's adapter, LoRA's, full fine-tuning's, ...). Found inside ``run_dir`` wherever the run was made from."""
     if use not in USES:
         raise InCAError(f"--use {use!r} is not one of {', '.join(USES)}")
-    report = _run_report(run_dir)
-    if report is None:
-        raise InCAError(f"{run_dir} is not an output directory of inca-train ({TRAIN_REPORT}) or inca-compare "
-                        f"({COMPARE_REPORT}); pass saved adapters with --adapter OUT/<task>-<hash>/adapter")
+    report = _required_run_report(run_dir)
     content = read_json_file(report, "run the command again into another directory")
     run = Path(run_dir)
     if report.name == COMPARE_REPORT:
         results = content.get("results", [])
-        kept = [r for r in results if (run / r.get("adapter_dir", "-") / CONFIG_FILE).is_file()]
+        kept = [r for r in results if (run / r.get("adapter_dir", "-") / ADAPTER_CONFIG).is_file()]
         if len(kept) < len(results):
             logger.warning("%s: %d of its %d trained models were not saved (an older inca-compare trained them): "
                            "they are not served", run_dir, len(results) - len(kept), len(results))
@@ -210,11 +210,27 @@ def _train_run_adapter(run: Path, spec: str, result: dict[str, Any], use: str) -
     return str(task_dir / (ENSEMBLE_DIR if use == "ensemble" and offered else ADAPTER_DIR))
 
 
+def _name_and_directory(item: str) -> tuple[str, str]:
+    """An ``--adapter`` value's name (empty when not named) and directory: ``NAME=DIR``, unless it exists as a
+    path."""
+    name, _, directory = item.partition("=") if "=" in item and not os.path.exists(item) else ("", "", item)
+    return name, directory
+
+
+def _required_run_report(run_dir: str | os.PathLike) -> Path:
+    """The report of the output directory ``run_dir`` (a one-line error when it is not one)."""
+    report = _run_report(run_dir)
+    if report is None:
+        raise InCAError(f"{run_dir} is not an output directory of inca-train ({TRAIN_REPORT}) or inca-compare "
+                        f"({COMPARE_REPORT}); pass saved adapters with --adapter OUT/<task>-<hash>/adapter")
+    return report
+
+
 def _run_report(directory: str | os.PathLike) -> Path | None:
     """The report that makes ``directory`` an output directory of inca-train or inca-compare (None: it is not one,
     or it is a saved adapter)."""
     path = Path(directory)
-    if not path.is_dir() or (path / CONFIG_FILE).exists():
+    if not path.is_dir() or (path / ADAPTER_CONFIG).exists():
         return None
     return next((path / name for name in (TRAIN_REPORT, COMPARE_REPORT) if (path / name).is_file()), None)
 
@@ -233,33 +249,56 @@ def expand_images(paths: Sequence[str]) -> list[str]:
     files: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS
+            files.extend(sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                                 and not p.is_dir()))
         elif path.exists() or path.is_symlink():
             files.append(str(path))
         else:
             raise InCAError(f"image {path} does not exist")
     if not files:
-        raise InCAError(f"no images found in {', '.join(map(str, paths))} (extensions: {', '.join(IMG_EXTENSIONS)})")
+        raise InCAError(f"no images found in {', '.join(map(str, paths))} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
-def check_output_file(path: str | os.PathLike) -> None:
+def check_predict_input(adapters: Sequence[str], runs: Sequence[str], images: Sequence[str] | None,
+                        output: str | None = None, export_onnx: str | None = None) -> list[str]:
+    """What inca-predict is given, checked before torch is imported or any model loads: each ``--adapter`` a saved
+    adapter or model (it holds ``adapter_config.json``) or an output directory, each ``--run`` an output directory of
+    inca-train or inca-compare, the images there, and ``--output`` or ``--export-onnx`` writable. Returns the image
+    files (none for an export)."""
+    if not (adapters or runs) or not (images or export_onnx):
+        raise InCAError("--adapter DIR... or --run DIR, with --images (or --export-onnx FILE), is required (or "
+                        "--resign DIR to accept an edited adapter config)")
+    for _, directory in map(_name_and_directory, adapters):
+        if not Path(directory).is_dir():
+            raise InCAError(f"--adapter {directory} is not a directory: give a saved adapter "
+                            "(OUT/<task>-<hash>/adapter) or an output directory of inca-train or inca-compare")
+        if not (Path(directory) / ADAPTER_CONFIG).is_file() and _run_report(directory) is None:
+            raise InCAError(f"--adapter {directory} holds no saved adapter ({ADAPTER_CONFIG}) and no report of "
+                            f"inca-train ({TRAIN_REPORT}) or inca-compare ({COMPARE_REPORT})")
+    for run in runs:
+        _required_run_report(run)
+    if export_onnx:
+        check_output_file(export_onnx, "the ONNX model", "model.onnx")
+        return []
+    if output:
+        check_output_file(output)
+    return expand_images(images or [])
+
+
+def check_output_file(path: str | os.PathLike, what: str = "predictions", example: str = "predictions.csv") -> None:
     """Refuse, before any work, an output path that cannot be written: a directory, or a place that refuses
     new files (read-only, no permission). Its missing parent directories are created when it is written."""
     target = Path(path)
     if target.is_dir():
-        raise InCAError(f"cannot write predictions to {path}: it is a directory; name a file in it, e.g. "
-                        f"{target / 'predictions.csv'}")
+        raise InCAError(f"cannot write {what} to {path}: it is a directory; name a file in it, e.g. "
+                        f"{target / example}")
     place = existing_parent(target.parent)
     if not place.is_dir():
-        raise InCAError(f"cannot write predictions to {path}: {place} is a file, not a directory")
+        raise InCAError(f"cannot write {what} to {path}: {place} is a file, not a directory")
     try:
         with tempfile.TemporaryFile(dir=place):
             pass
     except OSError as exc:
-        raise InCAError(f"cannot write predictions to {path}: {place} refuses new files "
+        raise InCAError(f"cannot write {what} to {path}: {place} refuses new files "
                         f"({exc.strerror or first_line(exc)}); choose another place") from None
-
-
-_callable_as_api(__name__)  # inca.predict(...) is inca.api.predict(...)

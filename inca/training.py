@@ -15,15 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from inca import _callable_as_api
 from inca.adapters.common import describe_trainable, percent_text
 from inca.backbone import Backbone
 from inca.distributed import current
 from inca.io import atomic_write_text
+from inca.outputs import TRAIN_REPORT
 from inca.progress import command_units
 from inca.report import markdown_table, plot_curves
 from inca.suite import Report, Unit, run_suite, task_directory
-from inca.tasks import Task
+from inca.tasks import Task, by_task_name, task_name, task_names
 from inca.train.config import InCATrainConfig
 from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, SOURCE_OPTIONS, train_inca_task
 from inca.training_log import TrainingLog, adapter_names, scope
@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPORT_JSON, REPORT_MD = "results.json", "results.md"
+REPORT_JSON, REPORT_MD = TRAIN_REPORT, "results.md"
 CURVES_PNG = "curves.png"  # in each task's directory
 
 
@@ -78,7 +78,7 @@ def run_train_suite(
             result = train_inca_task(backbone, task, layers_for(task), options, out / directory, log=task_log)
         if current().is_main:
             plot_adapter_curves(out / directory / CURVES_PNG, result)
-        logger.info("%s: best layer %d, val %.4f, test %.4f, %s (%.1fs)", task.spec, result["best"]["layer"],
+        logger.info("%s: best layer %d, val %.4f, test %.4f, %s (%.1fs)", task.name, result["best"]["layer"],
                     result["val_acc"], result["test_acc"],
                     describe_trainable(result["trainable_params"], result["backbone_params"]), result["seconds"])
         # What to serve, relative to ``out`` (the run moves as one directory): inca-predict --run reads it.
@@ -90,12 +90,13 @@ def run_train_suite(
         """A task counts as done only if its data is the same as when it was trained."""
         done = report["tasks"].get(spec)
         if done is not None and done.get("fingerprint") != tasks[spec].fingerprint:
-            logger.warning("%s: its data changed since it was trained; training it again", spec)
+            logger.warning("%s: its data changed since it was trained; training it again", tasks[spec].name)
             return False
         return done is not None
 
     fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
-    units = (Unit(spec, spec, functools.partial(train, task)) for spec, task in tasks.items())
+    names = task_names(tasks)
+    units = (Unit(spec, names[spec], functools.partial(train, task)) for spec, task in tasks.items())
     with command_units(len(tasks)):
         return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite, finished=finished)
 
@@ -113,8 +114,8 @@ def plot_adapter_curves(path: Path, result: dict[str, Any]) -> None:
     chosen = names[result["best"]["index"]]
     plot_curves(path, {"training loss": {name: a["epoch_loss"] for name, a in zip(names, adapters)},
                        "validation accuracy": {name: a["val_curve"] for name, a in zip(names, adapters)}},
-                f"{result['task']}: {len(adapters)} adapters (bold: {chosen}, selected on val)", highlight=chosen,
-                marks={chosen: result["best"]["best_epoch"]})
+                f"{task_name(result['task'])}: {len(adapters)} adapters (bold: {chosen}, selected on val)",
+                highlight=chosen, marks={chosen: result["best"]["best_epoch"]})
 
 
 def render_summary(results: Report) -> str:
@@ -124,10 +125,10 @@ def render_summary(results: Report) -> str:
     headers = ["task", "best layer", "lr", "queries", "val acc", "test acc", "params", "% backbone", "adapters",
                "activations", "seconds"]
     rows = [
-        [spec, r["best"]["layer"], r["best"]["lr"], r["best"]["num_queries"], r["val_acc"], r["test_acc"],
+        [name, r["best"]["layer"], r["best"]["lr"], r["best"]["num_queries"], r["val_acc"], r["test_acc"],
          r["trainable_params"], percent_text(r["trainable_percent"]), len(r["adapters"]), r["activations"],
          f"{r['seconds']:.1f}"]
-        for spec, r in results["tasks"].items()
+        for name, r in by_task_name(results["tasks"]).items()
     ]
     if _has_halving(results):  # what successive halving spent of the full grid's adapter-epochs
         headers.insert(headers.index("adapters") + 1, "adapter-epochs")
@@ -184,9 +185,9 @@ def _data_table(results: Report) -> str:
     """Each task's split sizes and the accuracies an adapter has to beat."""
     headers = ["task", "classes", "train rows", "val rows", "test rows", "chance", "majority val", "majority test"]
     rows = []
-    for spec, r in results["tasks"].items():
+    for name, r in by_task_name(results["tasks"]).items():
         base = r.get("baselines") or {}
-        rows.append([spec, len(r["classes"]), *(r["sizes"][s] for s in ("train", "val", "test")), base.get("chance"),
+        rows.append([name, len(r["classes"]), *(r["sizes"][s] for s in ("train", "val", "test")), base.get("chance"),
                      base.get("majority_val"), base.get("majority_test")])
     return ("## Data\n\n" + markdown_table(headers, rows)
             + "\nchance: 1 / classes (guessing uniformly); majority val / test: the accuracy of always answering the "
@@ -204,8 +205,8 @@ def render_results(results: Report) -> str:
     lines = [render_summary(results)]
     if results["tasks"]:
         lines += [*_legend(results), _data_table(results)]
-    for spec, r in results["tasks"].items():
-        lines.append(f"## {spec}\n")
+    for name, r in by_task_name(results["tasks"]).items():
+        lines.append(f"## {name}\n")
         lines += [f"Warning: {warning}.\n" for warning in r.get("warnings", [])]
         if r.get("directory") and "val_curve" in r["adapters"][0]:
             lines.append(f"![Training curves: each adapter's training loss and validation accuracy per epoch]"
@@ -251,5 +252,3 @@ def _has_ensembles(results: Report) -> bool:
     """Whether an ensemble was saved for any task."""
     return any((r.get("ensemble") or {}).get("adapter_dir") for r in results["tasks"].values())
 
-
-_callable_as_api(__name__)  # inca.train_suite(...) is inca.api.train_suite(...)
