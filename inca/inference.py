@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from inca.adapters.common import amend_adapter, read_config
+from inca.adapters.common import config_additions, read_config
 from inca.adapters.saved import METHOD as INCA
 from inca.adapters.saved import TaskAdapter, load_adapter
 from inca.backbone import Backbone, create_backbone, intermediate_tokens, resolve_layers
@@ -103,12 +103,12 @@ def save_end_to_end(
     head_pool: str | None = None, metadata: Mapping[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """Save ``model`` (a trainable copy of ``backbone`` that ``method`` trained) with the method's own ``save``,
-    then sign into its config what rebuilding and serving it needs: the backbone's description (name, weights,
-    weights hash, model kwargs, preprocessing), ``classes``, the head's pooling (``head_pool``, None: the
-    backbone's own) and ``metadata`` (task, accuracies, hyper-parameters)."""
-    get_method(method).save(model, directory)
-    amend_adapter(directory, {**(metadata or {}), TRAINED_WITH: method, "backbone": backbone.describe(),
-                              "classes": list(classes), "head_pool": head_pool})
+    whose signed config also records what rebuilding and serving it needs: the backbone's description (name,
+    weights, weights hash, model kwargs, preprocessing), ``classes``, the head's pooling (``head_pool``, None: the
+    backbone's own) and ``metadata`` (task, accuracies, hyper-parameters). The weights are written once."""
+    with config_additions(directory, {**(metadata or {}), TRAINED_WITH: method, "backbone": backbone.describe(),
+                                      "classes": list(classes), "head_pool": head_pool}):
+        get_method(method).save(model, directory)
 
 
 def load_end_to_end(directory: str | os.PathLike, backbone: Backbone) -> EndToEndModel:

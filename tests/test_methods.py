@@ -13,10 +13,12 @@ import torch
 import yaml
 from torch import nn
 
+import inca.adapters.common as common
 import inca.methods.run as run
 from inca.activations import TensorBatches
 from inca.adapters.common import CONFIG_FILE, WEIGHTS_FILE, count_parameters, head_parameters, set_trainable
 from inca.errors import InCAError
+from inca.inference import load_end_to_end, save_end_to_end
 from inca.methods import (
     HEAD_INITS,
     METHODS,
@@ -124,7 +126,9 @@ def test_init_keeps_the_backbone_features(tiny_backbone, data, name):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_save_load_round_trip_onto_a_fresh_backbone_copy(tiny_backbone, data, tmp_path, case):
+def test_save_load_round_trip_onto_a_fresh_backbone_copy(tiny_backbone, data, tmp_path, monkeypatch, case):
+    """Saved as inca-compare saves it: the method's ``save`` with the serving provenance signed in, whose
+    weights are written once (not again to sign the provenance)."""
     name, overrides = case
     method = get_method(name)
     model = build(tiny_backbone, name, overrides, data)
@@ -137,9 +141,12 @@ def test_save_load_round_trip_onto_a_fresh_backbone_copy(tiny_backbone, data, tm
     with torch.no_grad():
         expected = model(x)
 
-    method.save(model, tmp_path)
+    written = count_weight_writes(monkeypatch)
+    save_end_to_end(name, model, tmp_path, tiny_backbone, [f"c{k}" for k in range(CLASSES)], None, {"task": "t"})
+    assert written == [str(tmp_path / WEIGHTS_FILE)]
     assert {p.name for p in tmp_path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
-    assert json.loads((tmp_path / CONFIG_FILE).read_text())["method"] in (name, "lora", "compacter")
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["method"] in (name, "lora", "compacter") and config["trained_with"] == name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SETTINGS.seed + 1)  # another head: the saved one must replace it
         fresh = trainable_copy(tiny_backbone, CLASSES).eval()
@@ -147,6 +154,41 @@ def test_save_load_round_trip_onto_a_fresh_backbone_copy(tiny_backbone, data, tm
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
     assert trainable(fresh) == trainable(model)
+
+
+def count_weight_writes(monkeypatch) -> list[str]:
+    """The weights files written from now on, one entry per write."""
+    written, save_file = [], common.save_file
+
+    def counted(tensors, path, metadata=None):
+        written.append(str(Path(path).parent / WEIGHTS_FILE))  # the file the temporary one replaces
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(common, "save_file", counted)
+    return written
+
+
+def test_a_saved_end_to_end_model_is_refused_once_its_config_or_weights_are_edited(tiny_backbone, data, tmp_path):
+    model = build(tiny_backbone, "linear", {}, data)
+    save_end_to_end("linear", model, tmp_path, tiny_backbone, list("wxyz"), None, {"task": "t"})
+    loaded = load_end_to_end(tmp_path, tiny_backbone)
+    with torch.no_grad():
+        assert torch.equal(loaded(images()), model(images()))
+    assert loaded.classes == list("wxyz") and loaded.metadata["task"] == "t"
+    config_file, weights = tmp_path / CONFIG_FILE, tmp_path / WEIGHTS_FILE
+    config, saved = config_file.read_text(), weights.read_bytes()
+    config_file.write_text(config.replace('"task": "t"', '"task": "u"'))
+    with pytest.raises(InCAError, match='was edited after it was saved .*task: "t" -> "u"'):
+        load_end_to_end(tmp_path, tiny_backbone)
+    config_file.write_text(config)
+    weights.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    with pytest.raises(InCAError, match="does not match"):
+        load_end_to_end(tmp_path, tiny_backbone)
+    with pytest.raises(InCAError, match=r"sets \['method'\], which saving it for serving records"):
+        save_end_to_end("linear", model, tmp_path / "n", tiny_backbone, list("wxyz"), None, {"method": "mine"})
+    with (pytest.raises(InCAError, match="nothing was saved to .* through inca.adapters.common.write_adapter"),
+          common.config_additions(tmp_path / "o", {"task": "t"})):
+        common.write_adapter(tmp_path / "elsewhere", {"method": "full"}, {})
 
 
 def test_loading_another_methods_adapter_is_a_clear_error(tiny_backbone, data, tmp_path):

@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +145,11 @@ def write_adapter(
     The weights file carries, in its header metadata (:data:`SIGNED_CONFIG_KEY`), the config they were
     saved with, and the config records the weights file's SHA-256, written last. So a crash between the two
     files or a weights file from another save is detected on load, and so is a hand edit of the config (two
-    class names swapped, a layer changed) that would give the same weights another meaning.
+    class names swapped, a layer changed) that would give the same weights another meaning. Inside
+    :func:`config_additions` for ``directory``, ``config`` gains its keys before it is signed.
     """
     directory = Path(directory)
+    config = _with_additions(directory, config)
     clash = sorted(set(config) & set(_UNSIGNED))
     if clash:
         raise InCAError(f"an adapter config may not set {clash}: write_adapter records them")
@@ -195,15 +199,45 @@ def resign_adapter(
     return changed
 
 
-def amend_adapter(directory: str | os.PathLike, additions: dict[str, Any]) -> None:
-    """Add keys to the config of a saved adapter and sign it again (the weights are rewritten as they are): what a
-    method's ``save`` does not know, such as the provenance a saved model is served by. A key the config has
-    already is refused rather than replaced."""
-    config, tensors = read_adapter(directory, None)
-    clash = sorted(set(config) & set(additions))
+@dataclass
+class _Additions:
+    directory: Path
+    keys: dict[str, Any]
+    written: bool = False
+
+
+_ADDITIONS: ContextVar[_Additions | None] = ContextVar("inca_adapter_config_additions", default=None)
+
+
+@contextmanager
+def config_additions(directory: str | os.PathLike, additions: Mapping[str, Any]) -> Iterator[None]:
+    """Inside this block, :func:`write_adapter` adds ``additions`` to the config it signs for ``directory``: keys a
+    method's ``save(model, directory)`` does not know, such as the provenance a saved model is served by. They
+    go into the one save, so the weights are written once (re-signing afterwards would write them again) and no
+    config is ever signed without them. A key the method's config sets already is refused rather than replaced,
+    and so is a ``save`` that wrote nothing through :func:`write_adapter` there."""
+    pending = _Additions(Path(directory).resolve(), dict(additions))
+    token = _ADDITIONS.set(pending)
+    try:
+        yield
+    finally:
+        _ADDITIONS.reset(token)
+    if not pending.written:
+        raise InCAError(f"nothing was saved to {directory} through inca.adapters.common.write_adapter, so "
+                        f"{sorted(pending.keys)} could not be recorded; a method's save must write its adapter with it")
+
+
+def _with_additions(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the keys of the enclosing :func:`config_additions` for ``directory``, if any."""
+    pending = _ADDITIONS.get()
+    if pending is None or directory.resolve() != pending.directory:
+        return config
+    clash = sorted(set(config) & set(pending.keys))
     if clash:
-        raise InCAError(f"{directory}: the adapter config sets {clash} already; save it again without them")
-    write_adapter(directory, {**_signed_part(config), **additions}, tensors)
+        raise InCAError(f"{directory}: the method's adapter config sets {clash}, which saving it for serving "
+                        "records; rename them in the method's save")
+    pending.written = True
+    return {**config, **pending.keys}
 
 
 def config_changes(before: Any, after: Any, name: str = "") -> list[str]:

@@ -13,9 +13,9 @@ the config it was saved with). A config edited by hand (two class names swapped)
 what changed; :func:`resign_adapter` accepts a deliberate edit.
 
 Every other method's trained model is saved in the same format by that method's ``save`` (its trainable or
-changed tensors, and the config its ``load`` rebuilds it from), and then given the keys an InCA adapter records
-for serving: ``classes``, ``task``, ``backbone`` (name, weights, weights hash, model kwargs, preprocessing), the
-accuracies and how it was trained (:func:`inca.inference.save_end_to_end`). So one loader,
+changed tensors, and the config its ``load`` rebuilds it from), its config given, in that one save, the keys an
+InCA adapter records for serving: ``classes``, ``task``, ``backbone`` (name, weights, weights hash, model kwargs,
+preprocessing), the accuracies and how it was trained (:func:`inca.inference.save_end_to_end`). So one loader,
 :meth:`inca.inference.MultiTaskInCA.from_saved`, serves both kinds, reading each config's ``method``.
 """
 
