@@ -10,4 +10,4 @@ TRAIN_REPORT = "results.json"  # inca-train's report (inca.training.REPORT_JSON)
 COMPARE_REPORT = "compare.json"  # inca-compare's (inca.compare.REPORT_JSON)
 ADAPTER_DIR = "adapter"  # a task's best adapter, or a compared method's saved model, in its directory
 ENSEMBLE_DIR = "ensemble"  # an inca-train task's saved ensemble, beside its adapter
-ADAPTER_CONFIG = "adapter_config.json"  # in every saved adapter or model (inca.adapters.common.CONFIG_FILE)
+ADAPTER_CONFIG = "adapter_config.json"  # in every saved adapter or model

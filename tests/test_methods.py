@@ -372,7 +372,7 @@ def test_the_lr_grid_keeps_the_best_on_val_and_ties_keep_the_default(monkeypatch
 
     monkeypatch.setattr(run, "train_e2e", fake_train)
     monkeypatch.setattr(run, "save_end_to_end", lambda *args: None)  # a stand-in model has nothing to save
-    task = types.SimpleNamespace(spec="fake", num_classes=2, classes=["a", "b"])
+    task = types.SimpleNamespace(spec="fake", name="fake", num_classes=2, classes=["a", "b"])
     settings = RunConfig(epochs=1, head_init="random", lr_grid=3, progress=False)
     metrics = run_method("lora", None, task, {}, settings, tmp_path)
     assert trained == pytest.approx([5e-4, 5e-4 / 3, 1.5e-3], rel=1e-5)

@@ -25,9 +25,9 @@ from torch import nn
 
 from inca.errors import InCAError, first_line
 from inca.io import atomic_write, atomic_write_json, file_sha256, read_json_file
+from inca.outputs import ADAPTER_CONFIG as CONFIG_FILE
 
 WEIGHTS_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter_config.json"
 # 2: the weights file's header carries the config they were saved with (1: it did not; still read).
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
