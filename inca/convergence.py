@@ -5,11 +5,15 @@ Every method is timed by its own first crossing of the same target (never one me
 another's crossing), and the ratios between methods come from those figures alone. The loss is smoothed by a
 trailing mean over ``window`` steps (:func:`smoothed_loss`), the same window for every method. Only runs whose
 curve has one loss per optimiser step are measured: a run that recorded one mean loss per epoch (an InCA bank)
-or that diverged is listed as not measured, with why. With several runs of a comparison (one per seed) each
-figure is reported as its min-max over them; with one run there is no spread, and the table says so.
+or that diverged is listed as not measured, with why. So is a method that trains only a head on frozen features
+(``Method.features_only``: ``linear``; looked up by name, so older ``compare.json`` files read the same): its
+loss is bounded by those features and is where the end-to-end methods start (``head_init`` ``linear-probe``), so
+as the worst final loss it would set a target they all meet within a few steps. With several runs of a comparison
+(one per seed) each figure is reported as its min-max over them; with one run there is no spread, and the table
+says so.
 
-No torch: this reads ``compare.json`` records (``task``, ``method``, ``steps``, ``loss_curve``,
-``diverged_at_step``).
+No torch (the method registry loads without it): this reads ``compare.json`` records (``task``, ``method``,
+``steps``, ``loss_curve``, ``diverged_at_step``).
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from inca.methods import METHODS
 from inca.report import markdown_table
 
-__all__ = ["DEFAULT_WINDOW", "convergence_lines", "convergence_table", "crossings", "smoothed_loss",
+__all__ = ["DEFAULT_WINDOW", "FEATURES_ONLY", "convergence_lines", "convergence_table", "crossings", "smoothed_loss",
            "steps_to_reach"]
 
 # inca's own choice, the window docs/results.md has used: it averages several batches' losses yet stays short against
 # runs of hundreds of steps.
 DEFAULT_WINDOW = 10
+FEATURES_ONLY = ("a head on frozen features: its loss is bounded by them and is where the end-to-end methods start, "
+                 "so it would set a target they meet within a few steps")
 
 
 def smoothed_loss(curve: Sequence[float], window: int = DEFAULT_WINDOW) -> np.ndarray:
@@ -50,7 +57,10 @@ def crossings(curves: Mapping[str, Sequence[float]], window: int = DEFAULT_WINDO
 
 
 def _why_not_measured(record: Mapping[str, Any]) -> str | None:
-    """Why a run's curve cannot be measured per step (None: it can)."""
+    """Why a run's curve is not measured (None: it is)."""
+    method = METHODS.get(record["method"])  # None: a plugin method not installed here
+    if method is not None and method.features_only:
+        return FEATURES_ONLY
     if record.get("diverged_at_step") is not None:
         return f"diverged at step {record['diverged_at_step']}"
     if len(record.get("loss_curve") or []) != record["steps"] or not record["steps"]:

@@ -10,12 +10,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "inca"
 LAYERS = {
     "inca.errors": 0, "inca.io": 0, "inca.devices": 0, "inca.report": 0, "inca.recipe": 0, "inca.options": 0,
     "inca.progress": 0, "inca.distributed": 0, "inca.memory": 0, "inca.config": 0, "inca.registry": 0,
-    "inca.images": 0, "inca.convergence": 0, "inca.training_log": 0, "inca.outputs": 0,
+    "inca.images": 0, "inca.training_log": 0, "inca.outputs": 0,
     "inca.backbone": 1, "inca.tasks": 1, "inca.cache": 1, "inca.adapters": 1, "inca.quantize": 1,
     "inca.activations": 2, "inca.placement": 2, "inca.train": 2, "inca.methods": 2, "inca.probes": 2,
     "inca.inference": 2, "inca.export": 2,
-    "inca.suite": 3, "inca.training": 3, "inca.compare": 3, "inca.probe": 3, "inca.probe_report": 3,
-    "inca.prediction": 3, "inca.api": 3,
+    "inca.suite": 3, "inca.training": 3, "inca.compare": 3, "inca.convergence": 3, "inca.probe": 3,
+    "inca.probe_report": 3, "inca.prediction": 3, "inca.api": 3,
     "inca.cli": 4, "inca.__main__": 4,
 }
 

@@ -76,8 +76,9 @@ def test_compare_runs_every_method_writes_reports_and_resumes(tmp_path, capsys):
     assert records["full"]["trainable_params"] == total + 192 * 4 + 4
     for m in ("lora", "linear", "full"):
         assert records[m]["trainable_pct"] == pytest.approx(100 * records[m]["trainable_params"] / total)
+    # the defaults: --equal-budget is a flag, off unless given
     assert summary["protocol"] == {"model_selection": "best-val-epoch", "head_init": "linear-probe",
-                                   "augment": False, "lr_grid": 1, "final_norm": False}
+                                   "augment": False, "lr_grid": 1, "final_norm": False, "equal_budget": False}
     assert records["inca"]["best_epoch"] == 1 and records["lora"]["tuned"] == {"lr": 5e-4}
     markdown = (out / "compare.md").read_text()
     assert all(f"| {m} " in markdown for m in ALL) and "## synth-shapes" in markdown

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from inca.compare import _store, render_markdown
-from inca.convergence import convergence_lines, convergence_table, crossings, smoothed_loss, steps_to_reach
+from inca.convergence import (
+    FEATURES_ONLY,
+    convergence_lines,
+    convergence_table,
+    crossings,
+    smoothed_loss,
+    steps_to_reach,
+)
 
 
 def record(task, method, curve, steps=None, diverged=None):
@@ -57,6 +64,18 @@ def test_table_ratios_spread_over_seeds_and_what_is_not_measured():
     assert "Not measured: inca on t (its trainer records one loss per epoch, not per step); full on t (diverged" in text
     assert convergence_table(runs, window=2, reference="lora-ga")["tasks"]["t"]["methods"]["lora"]["ratio"] == \
         pytest.approx([0.5, 1.0])
+
+
+def test_a_head_trained_on_frozen_features_sets_no_target():
+    # window 2: lora 1, .9, .7, .5; full 1.2, 1.1, .9, .7; linear 1, 1, 1, 1. With linear's final 1.0 as the
+    # target, lora would be there at step 1 and full at step 3; without it the target is full's .7: lora 3, full 4
+    runs = [summary(0, [record("t", "lora", [1.0, 0.8, 0.6, 0.4]), record("t", "full", [1.2, 1.0, 0.8, 0.6]),
+                        record("t", "linear", [1.0, 1.0, 1.0, 1.0])])]
+    task = convergence_table(runs, window=2)["tasks"]["t"]
+    assert task["target"] == pytest.approx([0.7, 0.7])
+    assert {m: f["steps"] for m, f in task["methods"].items()} == {"lora": [3, 3], "full": [4, 4]}
+    assert task["not_measured"] == {"linear": FEATURES_ONLY}
+    assert f"Not measured: linear on t ({FEATURES_ONLY})." in convergence_lines(convergence_table(runs, window=2))
 
 
 def test_compare_json_and_md_carry_the_table_for_one_seed():

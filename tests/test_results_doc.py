@@ -51,16 +51,21 @@ def test_a_layer_tied_with_the_last_is_not_below_it(results):
     assert results.layer_verdict(scores(0.90, 0.95, 0.96))["verdict"] == "last"
 
 
-def test_convergence_is_one_target_for_every_end_to_end_method(results):
-    # the target is the worst final trailing-mean loss (1.0, lora's); 10-step windows, counted by hand:
-    # full's window at step 15 holds five 2.0s and five 0.0s, its first mean at or below 1.0
-    records = {"lora": {"loss_curve": [1.0] * 30, "steps": 30},
-               "full": {"loss_curve": [2.0] * 10 + [0.0] * 20, "steps": 30},
-               "linear": {"loss_curve": [3.0] * 30, "steps": 30},  # the starting head: no target of its own
-               "inca": {"loss_curve": [3.0] * 4, "steps": 30}}
-    measured = results.convergence(records)
-    assert measured["target"] == pytest.approx(1.0)
-    assert measured["steps"] == {"lora": 1, "full": 15}
+def test_convergence_ratios_are_inca_convergences_where_it_separates_the_methods(results, figures):
+    from inca.convergence import FEATURES_ONLY, convergence_table
+
+    def record(task, method, curve):
+        return {"task": task, "method": method, "loss_curve": curve, "steps": len(curve)}
+
+    # window 2, by hand. a: both at the target 1.0 from step 1, so a is left out. b: lora 2, 2, 1.5, 1 and
+    # lora-ga 2, 1.5, 1, 1 -> target 1.0, steps 4 and 3; linear (3 throughout) would have made the target 3,
+    # reached by both at step 1, had it been measured
+    table = convergence_table([{"config": {"seed": 0}, "results": [
+        record("a", "lora", [1.0] * 4), record("a", "lora-ga", [1.0] * 4),
+        record("b", "lora", [2.0, 2.0, 1.0, 1.0]), record("b", "lora-ga", [2.0, 1.0, 1.0, 1.0]),
+        record("b", "linear", [3.0] * 4)]}], window=2, reference="lora")
+    assert results._ratios(table, "lora-ga") == {"b": pytest.approx([4 / 3, 4 / 3])}
+    assert all(e["not_measured"]["linear"] == FEATURES_ONLY for e in figures["convergence"]["tasks"].values())
 
 
 def test_readme_block_is_replaced_in_place_and_required(results):

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from inca.adapters.common import percent_text
 from inca.compare import ACCURACY_PNG as COMPARE_ACCURACY_PNG
 from inca.compare import REPORT_JSON as COMPARE_JSON
 from inca.compare import protocol_lines
-from inca.convergence import DEFAULT_WINDOW, convergence_lines, convergence_table, crossings, smoothed_loss
+from inca.convergence import DEFAULT_WINDOW, convergence_lines, convergence_table, smoothed_loss
 from inca.io import atomic_write_json, atomic_write_text, read_json
 from inca.probe import REPORT_JSON as PROBE_JSON
 from inca.probe import render_probe_report
@@ -66,9 +67,6 @@ WINDOW = DEFAULT_WINDOW  # steps in the trailing mean of the training loss, inca
 ACCURACY_PNG, LOSS_PNG = "results_accuracy_vs_params.png", "results_loss.png"  # next to results.md
 README_BEGIN = "<!-- results:begin (written by tools/proxy_results.py from docs/results.json; do not edit) -->"
 README_END = "<!-- results:end -->"
-# InCA trains a bank of adapters with one loss per epoch; the linear fit is the end-to-end methods' starting head
-# (head_init linear-probe), so its final loss is where they start, not a target they approach.
-NOT_END_TO_END = ("inca", "linear")
 METHOD_NAMES = {"inca": "InCA", "full": "full fine-tuning", "linear": "linear head on the last block"}
 LAYER_PROBES = ("inca", "linear/cls", "linear/mean", "knn/cls", "knn/mean")
 RECIPE_HISTORY = (
@@ -114,17 +112,6 @@ def layer_verdict(by_layer: dict[str, dict[str, float]]) -> dict[str, Any]:
     verdict = "below" if last not in layers else "last" if layers == [last] else "tie"
     return {"best_layers": layers, "last": last, "last_val_gap": best - by_layer[str(last)]["val"],
             "verdict": verdict}
-
-
-def convergence(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """inca.convergence's measure over the end-to-end methods: the first step whose smoothed training loss
-    reaches the task's common target, the worst of their final smoothed losses (each reaches it by its last
-    step)."""
-    curves = {m: r["loss_curve"] for m, r in records.items() if m not in NOT_END_TO_END and r.get("loss_curve")}
-    if not curves:
-        return {"target": None, "steps": {}}
-    target, steps = crossings(curves, WINDOW)
-    return {"target": target, "steps": steps}
 
 
 def by_task(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -183,10 +170,11 @@ def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[st
         result = probe["tasks"][task]
         figures["tasks"].append({
             "task": task, "inca": inca.get("test_acc"), "inca_layer": (inca.get("tuned") or {}).get("layer"),
-            "full": full.get("test_acc"), "convergence": convergence(records),
+            "full": full.get("test_acc"),
             "layers": {k: layer_verdict(result["results"][k]) for k in LAYER_PROBES if k in result["results"]},
             "linear_probe": {"random": best_linear_probe(random["tasks"][task]),
                              "proxy": best_linear_probe(result)}})
+    figures["convergence"] = convergence_table([compare], WINDOW, reference="lora")
     figures["independent"] = independent
     figures["same_trainer"] = same_trainer
     return figures
@@ -221,16 +209,16 @@ def _layer_counts(figures: dict[str, Any]) -> dict[str, int]:
     return {k: verdicts.count(k) for k in ("below", "tie", "last")} | {"total": len(verdicts)}
 
 
-def _starts_at_target(task: dict[str, Any]) -> bool:
-    """Every method is at the target from its first step (the linear-probe head already fits the task): the
-    measure cannot tell the methods apart there."""
-    return all(n == 1 for n in task["convergence"]["steps"].values())
+def _ratios(table: dict[str, Any], method: str) -> dict[str, list[float]]:
+    """The reference's steps over ``method``'s, ``[min, max]`` over the runs, from an inca.convergence table, on
+    each task where the measure separates the methods: none is at the target from its first step at any run
+    (where the linear-probe head already fits a task, every method would tie at step 1)."""
+    return {task: e["methods"][method]["ratio"] for task, e in table["tasks"].items()
+            if method in e["methods"] and all(m["steps"][0] > 1 for m in e["methods"].values())}
 
 
-def _convergence_ratio(tasks: list[dict[str, Any]], slow: str, fast: str) -> list[float]:
-    """Per task where convergence is measurable, ``slow``'s steps to the common target over ``fast``'s."""
-    steps = [t["convergence"]["steps"] for t in tasks if not _starts_at_target(t)]
-    return [s[slow] / s[fast] for s in steps if s.get(slow) and s.get(fast)]
+def _ratio_values(ratios: dict[str, list[float]]) -> list[float]:
+    return [r for pair in ratios.values() for r in pair]
 
 
 def claims_lines(figures: dict[str, Any]) -> list[str]:
@@ -249,24 +237,19 @@ def claims_lines(figures: dict[str, Any]) -> list[str]:
               markdown_table(["task", "InCA (layer)", "full fine-tuning", "InCA - full"], rows).rstrip(), ""]
     if gaps:
         lines += [f"Mean gap: {np.mean(gaps):+.3f} over {len(gaps)} tasks.", ""]
-    methods = list(dict.fromkeys(m for t in tasks for m in t["convergence"]["steps"]))
-    rows = [[t["task"], f"{t['convergence']['target']:.4f}", *(t["convergence"]["steps"].get(m, "-")
-                                                              for m in methods)] for t in tasks]
-    ratios = _convergence_ratio(tasks, "lora", "lora-ga")
-    lines += [f"**Convergence** (the LoRA-GA paper: 2-4x fewer steps than LoRA to the same loss), one measure for "
-              f"every end-to-end method: the first step whose training loss (trailing mean over {WINDOW} steps) "
-              "reaches the task's target, the worst of their final losses, which each of them reaches. Every method "
-              "trains at its authors' defaults (learning rate, weight decay, warm-up and schedule differ between "
-              "them).", "",
-              markdown_table(["task", "target loss", *methods], rows).rstrip(), ""]
-    flat = [t["task"] for t in tasks if _starts_at_target(t)]
+    table = figures["convergence"]
+    ratios = _ratios(table, "lora-ga")
+    lines += ["**Convergence** (the LoRA-GA paper: 2-4x fewer steps than LoRA to the same loss), inca.convergence's "
+              "measure, every method at its authors' defaults (learning rate, weight decay, warm-up and schedule "
+              "differ between them).", "", *convergence_lines(table), ""]
+    flat = [task for task in table["tasks"] if task not in ratios]
     if flat:
-        lines += [f"On {', '.join(flat)} every method is at the target from its first step (the linear-probe head "
+        lines += [f"On {', '.join(flat)} a method is at the target from its first step (the linear-probe head "
                   "already fits the task): the measure cannot tell them apart there, and the ratios leave it out.",
                   ""]
     if ratios:
-        lines += [f"LoRA's steps over LoRA-GA's: {_ratio_range(ratios)} (median {np.median(ratios):.2f}x) over "
-                  f"{len(ratios)} tasks.", ""]
+        lines += [f"LoRA's steps over LoRA-GA's: {_ratio_range(ratios)} (median "
+                  f"{np.median(_ratio_values(ratios)):.2f}x) over {len(ratios)} tasks.", ""]
     lines += same_trainer_lines(figures["same_trainer"])
     counts = _layer_counts(figures)
     keys = list(dict.fromkeys(k for t in tasks for k in t["layers"]))
@@ -280,18 +263,11 @@ def claims_lines(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _same_trainer_ratios(same: dict[str, Any]) -> dict[str, list[float]]:
-    """LoRA's steps over LoRA-GA's, min and max over the seeds, per task where no method is at the target from its
-    first step at any seed (where the measure separates them)."""
-    return {task: e["methods"]["lora-ga"]["ratio"] for task, e in same["convergence"]["tasks"].items()
-            if "lora-ga" in e["methods"] and all(m["steps"][0] > 1 for m in e["methods"].values())}
-
-
 def same_trainer_lines(same: dict[str, Any]) -> list[str]:
     """LoRA against LoRA-GA as the LoRA-GA paper runs its baseline: both through the same trainer settings."""
     rows = [[task, *(_spread(by_method.get(m, [])) if m in by_method else "-" for m in ("lora", "lora-ga"))]
             for task, by_method in same["accuracy"].items()]
-    ratios = _same_trainer_ratios(same)
+    ratios = _ratios(same["convergence"], "lora-ga")
     lines = ["**LoRA vs LoRA-GA through the same trainer**, as the LoRA-GA paper runs its LoRA baseline "
              "(`recipes/proxy-lora-same-trainer.yaml`: LoRA with LoRA-GA's learning rate, weight decay 0, warm-up "
              "0.03, cosine schedule and clipping at 1.0; both tune their learning rate over the same 3 values), seeds "
@@ -300,7 +276,7 @@ def same_trainer_lines(same: dict[str, Any]) -> list[str]:
              ""]
     if ratios:
         lines += [f"Through the same trainer, LoRA's steps over LoRA-GA's: "
-                  f"{_ratio_range([r for pair in ratios.values() for r in pair])} over the seeds on the "
+                  f"{_ratio_range(ratios)} over the seeds on the "
                   f"{len(ratios)} tasks where no method is at the target from its first step "
                   f"({', '.join(ratios)}).", ""]
     return lines
@@ -366,16 +342,16 @@ def readme_block(figures: dict[str, Any]) -> str:
         sentences.append(f"On it, InCA (its layer chosen on val) minus full fine-tuning is "
                          f"{_points(float(np.mean(list(gaps.values()))))} test points on average (from {worst} "
                          f"{_points(gaps[worst])} to {best} {_points(gaps[best])}).")
-    ratios = {f: _convergence_ratio(tasks, "lora", f) for f in ("lora-ga", "full")}
+    ratios = {f: _ratios(figures["convergence"], f) for f in ("lora-ga", "full")}
     if all(ratios.values()):
         sentences.append("To a common training loss (each task's worst final loss of the end-to-end methods), LoRA "
                          f"takes {_ratio_range(ratios['lora-ga'])} LoRA-GA's steps and {_ratio_range(ratios['full'])} "
                          f"full fine-tuning's on the {len(ratios['lora-ga'])} tasks where the measure separates "
                          "them, each method at its authors' defaults.")
-    same = _same_trainer_ratios(figures["same_trainer"])
+    same = _ratios(figures["same_trainer"]["convergence"], "lora-ga")
     if same:
         sentences.append(f"Through the same trainer settings, as the LoRA-GA paper runs its baseline, LoRA takes "
-                         f"{_ratio_range([r for pair in same.values() for r in pair])} LoRA-GA's steps on "
+                         f"{_ratio_range(same)} LoRA-GA's steps on "
                          f"{len(same)} tasks over {len(figures['same_trainer']['seeds'])} seeds"
                          + "".join(f"; {task} left out, where both start at the target at some seed"
                                    for task in figures["same_trainer"]["accuracy"] if task not in same) + ".")
@@ -396,8 +372,9 @@ def readme_block(figures: dict[str, Any]) -> str:
     return "\n".join(_wrap(" ".join(sentences)))
 
 
-def _ratio_range(ratios: list[float]) -> str:
-    return f"{min(ratios):.2f}x" if min(ratios) == max(ratios) else f"{min(ratios):.2f}-{max(ratios):.2f}x"
+def _ratio_range(ratios: dict[str, list[float]]) -> str:
+    low, high = min(_ratio_values(ratios)), max(_ratio_values(ratios))
+    return f"{low:.2f}x" if low == high else f"{low:.2f}-{high:.2f}x"
 
 
 def _wrap(text: str, width: int = 110) -> list[str]:
@@ -464,20 +441,22 @@ def linear_section(proxy: dict[str, Any], random: dict[str, Any]) -> list[str]:
 def compare_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
     """One table per task: each method's accuracy, size, cost and steps to the common loss target."""
     config = summary["config"]
-    reach = {t["task"]: t["convergence"]["steps"] for t in figures["tasks"]}
+    reach = {task: entry["methods"] for task, entry in figures["convergence"]["tasks"].items()}
     lines = ["## Every method on the proxy", "",
              f"`inca-compare` with {config['epochs']} epochs, batch size {config['batch_size']}, seed "
              f"{config['seed']}, device {config['device']}; every method at its authors' defaults "
              "(`inca-compare --help` lists each with its source). Test accuracy at the best-validation epoch; "
              f"trainable parameters include the head, % of the backbone's {summary['backbone_params']:,}. "
              "Steps to the common loss: the first step whose training loss (trailing mean over "
-             f"{WINDOW} steps) reaches the task's worst final one among the end-to-end methods (LoRA, LoRA-GA, "
-             "Compacter, Compacter++, full fine-tuning). Peak memory: " + summary["memory"] + ".", ""]
+             f"{WINDOW} steps) reaches the task's worst final one among the methods measured ([the convergence "
+             "claim](#the-claims-measured) says which are not, and why). Peak memory: " + summary["memory"] + ".",
+             ""]
     headers = ["method", "test acc", "trainable params", "% of backbone", "seconds", "peak memory (MB)", "steps",
                "steps to the common loss"]
     for task, records in by_task(summary).items():
-        rows = [[m, r["test_acc"], f"{r['trainable_params']:,}", r["trainable_pct"], r["seconds"],
-                 r["peak_memory_mb"], r["steps"], reach[task].get(m, "-")] for m, r in records.items()]
+        rows = [[m, r["test_acc"], f"{r['trainable_params']:,}", percent_text(r["trainable_pct"]), r["seconds"],
+                 r["peak_memory_mb"], r["steps"], reach[task][m]["steps"][0] if m in reach[task] else "-"]
+                for m, r in records.items()]
         lines += [f"### {task}", "", markdown_table(headers, rows).rstrip(), ""]
     if any(r.get("activations") == "cache" for r in summary["results"]):
         lines += ["InCA read activation stores: its seconds include building one only where no earlier run had "
