@@ -22,7 +22,7 @@ from inca.io import atomic_write_text
 from inca.outputs import TRAIN_REPORT
 from inca.progress import command_units
 from inca.report import markdown_table, plot_curves
-from inca.suite import Report, Unit, run_suite, task_directory
+from inca.suite import Report, Unit, finished_on_same_data, run_suite, task_directory
 from inca.tasks import Task, by_task_name, task_name, task_names
 from inca.train.config import InCATrainConfig
 from inca.train.runner import ADAPTER_DIR, ENSEMBLE_DIR, SOURCE_OPTIONS, train_inca_task
@@ -86,19 +86,12 @@ def run_train_suite(
                 "fingerprint": task.fingerprint, "typed_spec": task.typed_spec,
                 "skipped_images": task.identity.get("skipped_images", 0)}
 
-    def finished(report: Report, spec: str) -> bool:
-        """A task counts as done only if its data is the same as when it was trained."""
-        done = report["tasks"].get(spec)
-        if done is not None and done.get("fingerprint") != tasks[spec].fingerprint:
-            logger.warning("%s: its data changed since it was trained; training it again", tasks[spec].name)
-            return False
-        return done is not None
-
     fresh = {"backbone": backbone.describe(), "config": train_config(backbone, layers_spec, options), "tasks": {}}
     names = task_names(tasks)
     units = (Unit(spec, names[spec], functools.partial(train, task)) for spec, task in tasks.items())
     with command_units(len(tasks)):
-        return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite, finished=finished)
+        return run_suite(out, REPORT_JSON, fresh, units, write_reports, overwrite=overwrite,
+                         finished=finished_on_same_data(tasks, "trained"))
 
 
 def write_reports(out: Path, results: Report) -> None:
