@@ -127,6 +127,18 @@ def intermediate_tokens(model: nn.Module, images: torch.Tensor, layers: list[int
     return tokens
 
 
+def block_tokens(model: nn.Module, images: torch.Tensor, layers: list[int],
+                 final_norm: bool = False) -> dict[int, torch.Tensor]:
+    """:func:`intermediate_tokens` by block index; with ``final_norm`` the last block's tokens go through the
+    model's final norm, as its own head reads them. One definition for extraction and for serving, so adapters
+    are served the tokens they were trained on."""
+    tokens = dict(zip(layers, intermediate_tokens(model, images, layers), strict=True)) if layers else {}
+    last = len(model.blocks) - 1
+    if final_norm and last in tokens:
+        tokens[last] = model.norm(tokens[last])
+    return tokens
+
+
 @dataclass
 class Backbone:
     """A frozen timm ViT with the preprocessing of the model actually built."""
@@ -240,11 +252,7 @@ class Backbone:
         layers = resolve_layers(list(layers), self.num_blocks)
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast(self.device):
-            tokens = dict(zip(layers, intermediate_tokens(self.model, images, layers), strict=True))
-            last = self.num_blocks - 1
-            if self.final_norm and last in tokens:
-                tokens[last] = self.model.norm(tokens[last])
-            return tokens
+            return block_tokens(self.model, images, layers, self.final_norm)
 
 
 def create_backbone(

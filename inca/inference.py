@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from inca.adapters.common import config_additions, read_config
 from inca.adapters.saved import METHOD as INCA
 from inca.adapters.saved import TaskAdapter, load_adapter
-from inca.backbone import Backbone, create_backbone, intermediate_tokens, resolve_layers
+from inca.backbone import Backbone, block_tokens, create_backbone, intermediate_tokens, resolve_layers
 from inca.errors import InCAError
 from inca.methods.registry import get_method
 from inca.tasks import task_names
@@ -158,11 +158,7 @@ class MultiTaskInCA(_FrozenBackbone):
         self.final_norm = isinstance(backbone, Backbone) and backbone.final_norm
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        tokens = intermediate_tokens(self.backbone, images, self.layers) if self.layers else []
-        features = dict(zip(self.layers, tokens))
-        last = len(self.backbone.blocks) - 1
-        if self.final_norm and last in features:
-            features[last] = self.backbone.norm(features[last])
+        features = block_tokens(self.backbone, images, self.layers, self.final_norm)
         return {task: adapter(features) if isinstance(adapter, TaskAdapter) else adapter(images)
                 for task, adapter in zip(self.tasks, self.adapters)}
 
