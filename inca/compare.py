@@ -334,9 +334,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             for r in records
         ]  # fmt: skip
         lines += ["", f"## {task} ({info['classes']} classes; {sizes})", "", markdown_table(headers, rows).rstrip()]
-        if _curves_png(records):
-            lines += ["", f"![Training curves: each method's training loss and validation accuracy per epoch]"
-                          f"({_curves_png(records)})"]
+        png = _curves_png(records)
+        if png:
+            lines += ["", f"![Training curves: each method's training loss and validation accuracy per epoch]({png})"]
         cached = [r["method"] for r in records if r.get("activations") == "cache"]
         if cached:
             lines += ["", f"{', '.join(cached)} read an activation store: its seconds include building it only if "
@@ -348,7 +348,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             lines += ["", *ranked]
         hparams.update({r["method"]: r["hparams"] for r in records})
     if summary["results"]:
-        table = convergence_table([summary])
+        table = summary.get("convergence") or convergence_table([summary])  # stored by _store; older reports lack it
         names = task_names(table["tasks"])
         lines += ["", "## Convergence", "", *convergence_lines(
             {**table, "tasks": {names[spec]: entry for spec, entry in table["tasks"].items()}})]
