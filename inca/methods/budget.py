@@ -5,9 +5,9 @@ With ``--lr-grid K`` an end-to-end method trains its :meth:`~inca.methods.base.T
 rates; Compacter K x its reduction factors) and InCA a bank of K learning rates x its other grid axes x its layers.
 Under an equal budget every method trains K: a method whose authors tune another axis too keeps that axis at its
 default (a field ``X_grid`` is pinned to ``[X]``), and InCA trains its per-layer grid on the layers that the cheap
-``rank_by`` probe (the linear probe by default) ranks best on val (``layers=best:L``, L = K / its per-layer grid).
+linear probe ranks best on val, whatever ``rank_by`` says, (``layers=best:L``, L = K / its per-layer grid).
 A config may declare its own count and budget (``configurations(lr_grid, num_blocks)``,
-``within_budget(budget, lr_grid)``), as InCA's does.
+``within_budget(lr_grid)``), as InCA's does.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def equal_budget(methods: Mapping[str, Mapping[str, Any]], settings: RunConfig,
     for name, hparams in methods.items():
         config = get_method(name).make_config(hparams)
         within = getattr(config, "within_budget", None)
-        changes = within(budget, settings.lr_grid) if within is not None else _pinned_axes(config)
+        changes = within(budget) if within is not None else _pinned_axes(config)
         chosen[name] = {**hparams, **changes}
         count = trained_configurations(name, chosen[name], settings, num_blocks)["total"]
         if count != budget:

@@ -54,16 +54,16 @@ class InCAConfig(InCAGridConfig, MethodConfig):
         count = best_count(self.layers)
         return {**self.per_layer(lr_grid), "layers": count or len(resolve_layers(self.layers, num_blocks))}
 
-    def within_budget(self, budget: int, lr_grid: int) -> dict[str, Any]:
-        """The hyper-parameters that make the bank ``budget`` adapters: its per-layer grid on the best
-        ``budget / per-layer`` layers by the linear probe's val ranking (refused unless that divides). The linear
+    def within_budget(self, lr_grid: int) -> dict[str, Any]:
+        """The hyper-parameters that make the bank ``lr_grid`` adapters (the budget): its per-layer grid on the best
+        ``lr_grid / per-layer`` layers by the linear probe's val ranking (refused unless that divides). The linear
         probe, whatever ``rank_by`` says: a logistic regression on pooled features, as cheap as the head every
         end-to-end method fits first, where the InCA probe would train an adapter per layer beyond the budget."""
         size = math.prod(self.per_layer(lr_grid).values())
-        if budget % size:
+        if lr_grid % size:
             raise InCAError(f"--equal-budget: inca's grid has {size} adapters per layer, which does not divide the "
-                            f"budget of {budget} configurations; give inca one value per grid axis (--method-args)")
-        return {"layers": f"best:{budget // size}", "rank_by": "linear"}
+                            f"budget of {lr_grid} configurations; give inca one value per grid axis (--method-args)")
+        return {"layers": f"best:{lr_grid // size}", "rank_by": "linear"}
 
 
 def run(
