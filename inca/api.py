@@ -69,7 +69,8 @@ def train_suite(
     """``inca-train``: a grid of InCA adapters trained together on each task's ``layers`` (``"best:K"``: the K best
     of ``probe_report``, ranked by the ``rank_by`` probe), into ``out``: each task's best adapter (and ensemble)
     and ``results.json``/``results.md``; a rerun with the same settings skips finished tasks. Returns
-    ``results.json``'s content (per task: accuracies, every adapter, ``serve_dir``: what :func:`predict` serves).
+    ``results.json``'s content (per task: accuracies, every adapter, ``serve_dir``: what :func:`predict` serves
+    with ``use="ensemble"``).
     ``settings``: the grid and training options (``epochs=3``, ``lr=[1e-3, 3e-3]``, ``ensemble=2``, ...; see
     ``inca-train --help``), or a ``config``. The probe report is checked against every task before training."""
     from .probe import layers_from_report
