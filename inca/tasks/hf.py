@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from PIL import Image
 
 from ..errors import InCAError, first_line
 from .base import Split, Task, indices_by_name, make_splits
+from .folder import canonical_folder
 from .registry import TaskLoadConfig, register_task_source
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
@@ -240,7 +240,7 @@ def _check(spec: str, argument: str, settings: TaskLoadConfig) -> None:
 def _canonical(argument: str) -> str:
     """A dataset on disk by its resolved path (a hub name as given), with its config."""
     name, colon, config = argument.partition(":")
-    return f"{os.fspath(Path(name).expanduser().resolve())}{colon}{config}" if _on_disk(name) else argument
+    return f"{canonical_folder(name)}{colon}{config}" if _on_disk(name) else argument
 
 
 register_task_source(

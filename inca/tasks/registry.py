@@ -248,7 +248,8 @@ def load_task(
         source.check(spec.strip(), argument, settings)
     if source.canonical is not None:
         argument = source.canonical(argument)
-    task = source.load(canonical_task_spec(spec), argument, settings)
+    canonical = f"{source.prefix}{argument}" if source.canonical and source.prefix else spec.strip()
+    task = source.load(canonical, argument, settings)  # canonical_task_spec(spec), the source asked once
     task.typed_spec = spec.strip()
     return task
 
