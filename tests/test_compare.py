@@ -1,6 +1,5 @@
 """inca-compare: every method through the CLI, reports that parse, resumable reruns, one-line errors."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -168,9 +167,8 @@ def test_the_protocol_is_stated_under_the_tables():
 
 
 def test_steps_to_reach_a_loss_reads_the_smoothed_curve():
-    spec = importlib.util.spec_from_file_location("curves", Path(__file__).parents[1] / "tools" / "curves.py")
-    curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curves)
+    from inca import convergence as curves
+
     assert curves.smoothed_loss([4.0, 2.0, 0.0], window=2).tolist() == [4.0, 3.0, 1.0]
     assert curves.steps_to_reach([4.0, 2.0, 0.0, 0.0], 1.0, window=2) == 3
     assert curves.steps_to_reach([4.0, 2.0], 1.0, window=1) is None
