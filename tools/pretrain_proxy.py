@@ -31,8 +31,8 @@ AdamW, a linear warm-up then a cosine decay, label smoothing, gradient clipping,
 kept at its random init (MoCo v3, Chen et al., ICCV 2021, fixes it for stability). Weight decay 0.05 and label
 smoothing 0.1 are DeiT's (Touvron et al., ICML 2021); gradient clipping at norm 1.0 is HF TrainingArguments'
 default; the other settings (learning rate, warm-up, batch, reconstruction weight, class counts, the views'
-strengths) are inca's own choice, sized so that a run of about 15 minutes on 2 CPU cores shows each image about
-ten times (1300 steps of 128 views of the 16,640 images).
+strengths) are inca's own choice, sized so that a run of 10 to 20 minutes on one CPU thread (608 s measured,
+docs/results.md) shows each image about ten times (1300 steps of 128 views of the 16,640 images).
 
 How these choices were made, and what follows: the views (no flips) and the reconstruction term were shaped on
 the tasks docs/results.md reports (synth-orientation; digits and synth-colour, where classification alone lost

@@ -163,8 +163,8 @@ def same_trainer_figures(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[str, Any], random: dict[str, Any],
             independent: dict[str, Any], same_trainer: dict[str, Any]) -> dict[str, Any]:
     """Every figure that the claims, the summary and README quote."""
-    figures: dict[str, Any] = {"pretraining": {k: pretraining[k] for k in ("steps", "planned_steps", "seconds")},
-                               "tasks": []}
+    kept = ("steps", "planned_steps", "seconds", "threads")
+    figures: dict[str, Any] = {"pretraining": {k: pretraining[k] for k in kept}, "tasks": []}
     for task, records in by_task(compare).items():
         inca, full = records.get("inca", {}), records.get("full", {})
         result = probe["tasks"][task]
@@ -335,7 +335,8 @@ def readme_block(figures: dict[str, Any]) -> str:
     run = figures["pretraining"]
     steps = "" if run["steps"] == run["planned_steps"] else \
         f" ({run['steps']} of its {run['planned_steps']} steps: the time budget ran out on shared cores)"
-    sentences = [f"The proxy was pretrained in {run['seconds'] / 60:.0f} minutes on 2 CPU cores{steps}."]
+    sentences = [f"The proxy was pretrained in {run['seconds'] / 60:.0f} minutes on {run['threads']} CPU "
+                 f"thread{'s' if run['threads'] > 1 else ''}{steps}."]
     gaps = {t["task"]: t["inca"] - t["full"] for t in tasks if t["inca"] is not None and t["full"] is not None}
     if gaps:
         worst, best = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
