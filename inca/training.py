@@ -160,7 +160,8 @@ def _legend(results: Report) -> list[str]:
             "**ensemble**: the top-K adapters by val accuracy averaged (`--ensemble K`; fewer when fewer did not "
             "diverge), with its **ens. val acc** and **ens. test acc**; **serve** is what `inca-predict --run "
             "--use ensemble` serves (`--run` alone serves the best adapter): the ensemble only when its val accuracy "
-            "is above the best adapter's, else the adapter (`results.json`: each task's `serve` and `serve_dir`)."
+            "is strictly above the best adapter's (a tie goes to the adapter), else the adapter (`results.json`: each "
+            "task's `serve` and `serve_dir`)."
         )
     lines.append(
         f"**params**: the best adapter's trainable parameters (its classifier included); **% backbone**: those as a "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from inca import cli
 from inca import options as opt
 
@@ -40,6 +42,7 @@ def test_serve_prefers_the_adapter_unless_the_ensemble_is_better_on_val():
 
     assert serve(0.5, None) == "adapter"
     assert serve(0.5, {"val_acc": 0.5}) == "adapter"  # a tie: the same accuracy for one adapter's cost
+    assert serve(float(torch.tensor(17 / 30).float()), {"val_acc": 17 / 30}) == "adapter"  # 17 of 30 both: a tie
     assert serve(0.5, {"val_acc": 0.49}) == "adapter"
     assert serve(0.5, {"val_acc": 0.51}) == "ensemble"
     assert serve(0.5, {"requested": 2, "k": 1, "members": [0]}) == "adapter"  # none was made
@@ -78,9 +81,23 @@ def test_an_ensemble_below_the_best_adapter_is_reported_and_not_served(tmp_path,
     results, task = _train(tmp_path, InCATrainConfig(epochs=1, lr=[3e-3], ensemble=2, cache="never"))
     assert task["ensemble"]["val_acc"] == 0.0 < task["val_acc"]
     assert task["serve"] == "adapter" and task["serve_dir"].endswith("/adapter")
-    assert task["warnings"] == [f"the ensemble of 2 is below the best single adapter on val (0.0000 < "
+    assert task["warnings"] == [f"the ensemble of 2 is below the best single adapter on val (0.0000 vs "
                                 f"{task['val_acc']:.4f}): it is saved but not served by default"]
     assert f"Warning: {task['warnings'][0]}." in render_results(results)
+
+
+def test_an_ensemble_tied_with_the_best_adapter_is_reported_and_not_served(tmp_path, monkeypatch):
+    import inca.train.runner
+    from inca.train.config import InCATrainConfig
+
+    real = inca.train.runner.evaluate_ensemble  # an ensemble of the best adapter alone: the same answers, a tie
+    monkeypatch.setattr(inca.train.runner, "evaluate_ensemble",
+                        lambda bank, source, members, split: real(bank, source, members[:1], split))
+    _, task = _train(tmp_path, InCATrainConfig(epochs=1, lr=[3e-3], ensemble=2, cache="never"))
+    assert task["serve"] == "adapter" and task["serve_dir"].endswith("/adapter")
+    assert task["warnings"] == [f"the ensemble of 2 is tied with the best single adapter on val "
+                                f"({task['ensemble']['val_acc']:.4f} vs {task['val_acc']:.4f}): it is saved but not "
+                                "served by default"]
 
 
 def test_results_md_has_a_legend_split_sizes_and_chance_levels(tmp_path, caplog):

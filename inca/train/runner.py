@@ -188,11 +188,20 @@ def baselines(task: Task) -> dict[str, float | None]:
 
 
 def serve(best_val: float, ensemble: dict[str, Any] | None) -> str:
-    """What to serve a task with by default: ``"ensemble"`` only when its val accuracy is above the best single
-    adapter's (a tie goes to the adapter: the same accuracy for one adapter's cost), else ``"adapter"``. The value
-    is also the name of the directory it is saved in, under the task's."""
-    better = ensemble is not None and ensemble.get("val_acc") is not None and ensemble["val_acc"] > best_val
-    return ENSEMBLE_DIR if better else ADAPTER_DIR
+    """What to serve a task with by default: ``"ensemble"`` only when :func:`ensemble_shortfall` finds none, else
+    ``"adapter"``. The value is also the name of the directory it is saved in, under the task's."""
+    made = ensemble is not None and ensemble.get("val_acc") is not None
+    return ENSEMBLE_DIR if made and ensemble_shortfall(ensemble["val_acc"], best_val) is None else ADAPTER_DIR
+
+
+def ensemble_shortfall(ensemble_val: float, best_val: float) -> str | None:
+    """Why an ensemble is not served: ``"below"`` or ``"tied with"`` the best adapter on val, ``None`` when it is
+    strictly above (a tie goes to the adapter: the same accuracy for one adapter's cost). Both are compared in
+    float32, the precision the bank's accuracies have, so the same count of correct answers is a tie."""
+    ensemble32, best32 = np.float32(ensemble_val), np.float32(best_val)
+    if ensemble32 > best32:
+        return None
+    return "tied with" if ensemble32 == best32 else "below"
 
 
 def _ensemble(
@@ -219,8 +228,9 @@ def _ensemble(
         save_adapter(ensemble, directory)
     logger.info("%s: ensemble of the top %d adapters: val %.4f, test %.4f", task.name, len(members), val, test)
     best_val = float(val_acc[members[0]])
-    if val < best_val:
-        warnings.append(f"the ensemble of {len(members)} is below the best single adapter on val ({val:.4f} < "
+    shortfall = ensemble_shortfall(val, best_val)
+    if shortfall is not None:
+        warnings.append(f"the ensemble of {len(members)} is {shortfall} the best single adapter on val ({val:.4f} vs "
                         f"{best_val:.4f}): it is saved but not served by default")
         logger.warning("%s: %s", task.name, warnings[-1])
     params = sum(p.numel() for p in ensemble.parameters())
