@@ -18,6 +18,7 @@ from .options import BATCH_SIZE
 if TYPE_CHECKING:
     from .backbone import Backbone
     from .prediction import ImagePrediction
+    from .probe_report import ProbeReport
     from .probes import ProbeSuiteConfig
     from .tasks import Task
     from .train.config import InCATrainConfig
@@ -62,19 +63,20 @@ def probe_suite(
 
 def train_suite(
     backbone: Backbone, tasks: Iterable[str | Task], out: str | os.PathLike, layers: LayerSpec = "all", *,
-    probe_report: str | os.PathLike | None = None, rank_by: str | None = None, overwrite: bool = False,
+    probe_report: str | os.PathLike | ProbeReport | None = None, rank_by: str | None = None, overwrite: bool = False,
     config: InCATrainConfig | None = None, load_task: Callable[[str], Task] | None = None,
     log: TrainingLog | None = None, **settings: Any,
 ) -> dict[str, Any]:
     """``inca-train``: a grid of InCA adapters trained together on each task's ``layers`` (``"best:K"``: the K best
-    of ``probe_report``, ranked by the ``rank_by`` probe), into ``out``: each task's best adapter (and ensemble)
-    and ``results.json``/``results.md``; a rerun with the same settings skips finished tasks. Returns
+    of ``probe_report``, its path or a :class:`~inca.probe_report.ProbeReport` already read, ranked by the
+    ``rank_by`` probe), into ``out``: each task's best adapter (and ensemble) and ``results.json``/``results.md``;
+    a rerun with the same settings skips finished tasks. Returns
     ``results.json``'s content (per task: accuracies, every adapter, ``serve_dir``: what :func:`predict` serves
     with ``use="ensemble"``).
     ``settings``: the grid and training options (``epochs=3``, ``lr=[1e-3, 3e-3]``, ``ensemble=2``, ...; see
     ``inca-train --help``), or a ``config``. The probe report is checked against every task before training."""
     from .probe import layers_from_report
-    from .probe_report import check_probe_report
+    from .probe_report import ProbeReport, check_probe_report
     from .probes.ranking import RANK_BY, best_count
     from .train.config import InCATrainConfig
     from .training import run_train_suite
@@ -83,9 +85,9 @@ def train_suite(
     specs = [_spec(t) for t in tasks]
     config = config or InCATrainConfig(**settings)
     spec = _layer_text(layers)
-    report = None if probe_report is None else str(probe_report)
+    report = probe_report if probe_report is None or isinstance(probe_report, ProbeReport) else str(probe_report)
     if best_count(spec) is not None and report is not None:  # every task, probed on as many blocks, before any loads
-        check_probe_report(report, specs, backbone.num_blocks)
+        report = check_probe_report(report, specs, backbone.num_blocks)  # read once, passed on
     layers_for = layers_from_report(spec, backbone.num_blocks, report, rank_by or RANK_BY)
     return run_train_suite(backbone, specs, layers_for, spec, config, out, load_task=load_task or _loader(tasks),
                            overwrite=overwrite, log=log)

@@ -340,14 +340,14 @@ def _suite(args: argparse.Namespace):
 def _compare(args: argparse.Namespace) -> int:
     from .compare import render_markdown, run_comparison, written_files
     from .config import config_from_args
-    from .methods import METHODS, RunConfig, resolve_methods
+    from .methods import RunConfig
 
-    methods = resolve_methods(args.methods or list(METHODS), args.method_args)
     log = _training_log(args)
     specs, backbone = _suite(args)
     settings = config_from_args(RunConfig, args, progress=RunConfig.default("progress"))
-    summary = run_comparison(backbone, specs, methods, settings, args.out, load=lambda spec: _load_task(args, spec),
-                             overwrite=args.overwrite, log=log, equal_budget=args.equal_budget)
+    summary = run_comparison(backbone, specs, args.methods, settings, args.out,
+                             load=lambda spec: _load_task(args, spec), overwrite=args.overwrite, log=log,
+                             equal_budget=args.equal_budget)
     print(render_markdown(summary), end="")
     print(f"\nwritten to {args.out}/ ({', '.join(written_files(args.out, summary))})")
     _print_log_dir(args)
@@ -355,10 +355,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _check_compare(args: argparse.Namespace) -> argparse.Namespace:
+    """The suite's input, with ``methods`` resolved once (a method or its argument mistyped is one line): each
+    method's name mapped to its full hyper-parameters."""
     from .methods import METHODS, resolve_methods
 
-    resolve_methods(args.methods or list(METHODS), args.method_args)  # a method or its argument mistyped
-    return _check_suite(args)
+    methods = resolve_methods(args.methods or list(METHODS), args.method_args)
+    return _check_suite(argparse.Namespace(**{**vars(args), "methods": methods}))
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
@@ -427,7 +429,8 @@ def _check_train(args: argparse.Namespace) -> argparse.Namespace:
     if best_count(str(args.layers)) is not None:
         if not args.probe_report:
             raise InCAError(f"--layers {args.layers} needs --probe-report OUT/probe.json (written by inca-probe)")
-        check_probe_report(args.probe_report, args.tasks)
+        report = check_probe_report(args.probe_report, args.tasks)  # read once: train_suite takes it as read
+        args = argparse.Namespace(**{**vars(args), "probe_report": report})
     return args
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from inca.adapters.common import config_additions, read_config
+from inca.adapters.common import config_additions, configs_read_once, read_config
 from inca.adapters.saved import METHOD as INCA
 from inca.adapters.saved import TaskAdapter, load_adapter
 from inca.backbone import Backbone, block_tokens, create_backbone, intermediate_tokens, resolve_layers
@@ -178,17 +178,19 @@ class MultiTaskInCA(_FrozenBackbone):
         directories = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
         if not directories:
             raise InCAError("MultiTaskInCA.from_saved needs at least one saved adapter directory")
-        configs = [read_config(directory) for directory in directories]
-        inca = {k: load_adapter(directories[k]) for k, config in enumerate(configs) if config.get("method") == INCA}
-        metadata = [inca[k].metadata if k in inca else config for k, config in enumerate(configs)]
-        names = list(adapters) if isinstance(adapters, Mapping) else column_names(
-            directories, metadata, [str(config.get(TRAINED_WITH) or config.get("method")) for config in configs])
-        _check_same_provenance(dict(zip(names, metadata)))
-        record = _backbone_record(metadata[0], names[0])
-        backbone = create_backbone(record["name"], weights or record["weights"], record.get("model_kwargs"), device,
-                                   final_norm=bool(record.get("final_norm")))
-        served = {name: inca[k] if k in inca else load_end_to_end(directories[k], backbone)
-                  for k, name in enumerate(names)}
+        with configs_read_once():  # one read of each config: choosing the loader, naming, loading
+            configs = [read_config(directory) for directory in directories]
+            inca = {k: load_adapter(directories[k]) for k, config in enumerate(configs)
+                    if config.get("method") == INCA}
+            metadata = [inca[k].metadata if k in inca else config for k, config in enumerate(configs)]
+            names = list(adapters) if isinstance(adapters, Mapping) else column_names(
+                directories, metadata, [str(config.get(TRAINED_WITH) or config.get("method")) for config in configs])
+            _check_same_provenance(dict(zip(names, metadata)))
+            record = _backbone_record(metadata[0], names[0])
+            backbone = create_backbone(record["name"], weights or record["weights"], record.get("model_kwargs"),
+                                       device, final_norm=bool(record.get("final_norm")))
+            served = {name: inca[k] if k in inca else load_end_to_end(directories[k], backbone)
+                      for k, name in enumerate(names)}
         return cls(backbone, served).to(device)
 
 

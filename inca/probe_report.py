@@ -8,7 +8,9 @@ trained as ``folder:/home/me/data/faces``, and so is a report written before spe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,29 @@ from .errors import InCAError
 from .io import read_json_file
 from .tasks import canonical_task_spec
 
-__all__ = ["check_probe_report", "read_probe_report"]
+__all__ = ["ProbeReport", "check_probe_report", "read_probe_report"]
 
 _FIX = "pass the probe.json that inca-probe wrote"
 
 
-def read_probe_report(report: str) -> dict[str, Any]:
-    """The content of the ``inca-probe`` report ``report``, its ``tasks`` keyed by canonical spec; a file that is
-    not one (missing, not JSON, no tasks) is refused in one line."""
+@dataclass(frozen=True)
+class ProbeReport:
+    """An ``inca-probe`` report read once, passed on from the start-up check to the layers' choice: its content
+    (as :func:`read_probe_report` gives it) and its path, which messages name (``str()``)."""
+
+    path: str
+    content: dict[str, Any]
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def read_probe_report(report: str | os.PathLike | ProbeReport) -> dict[str, Any]:
+    """The content of the ``inca-probe`` report ``report``, its ``tasks`` keyed by canonical spec (a
+    :class:`ProbeReport`'s, already read, as it is); a file that is not one (missing, not JSON, no tasks) is
+    refused in one line."""
+    if isinstance(report, ProbeReport):
+        return report.content
     if not Path(report).is_file():
         raise InCAError(f"probe report {report} does not exist; run inca-probe first")
     content = read_json_file(report, _FIX, what="probe report")
@@ -40,11 +57,15 @@ def _canonical(spec: str) -> str:
         return spec
 
 
-def check_probe_report(report: str, specs: Sequence[str], num_blocks: int | None = None) -> None:
-    """Every task of ``specs`` is in ``report`` (one line naming the first missing task and the report), and,
-    given the backbone's ``num_blocks``, the report probed a backbone of as many blocks (its layer indices mean
-    the same blocks)."""
-    content = read_probe_report(report)
+def check_probe_report(
+    report: str | os.PathLike | ProbeReport, specs: Sequence[str], num_blocks: int | None = None
+) -> ProbeReport:
+    """``report`` (read unless it is a :class:`ProbeReport`), checked: every task of ``specs`` is in it (one line
+    naming the first missing task and the report), and, given the backbone's ``num_blocks``, it probed a backbone of
+    as many blocks (its layer indices mean the same blocks)."""
+    if not isinstance(report, ProbeReport):
+        report = ProbeReport(str(report), read_probe_report(report))
+    content = report.content
     tasks = content["tasks"]
     missing = [spec for spec in specs if canonical_task_spec(spec) not in tasks]
     if missing:
@@ -57,3 +78,4 @@ def check_probe_report(report: str, specs: Sequence[str], num_blocks: int | None
         raise InCAError(f"probe report {report} ranks the layers of {name} ({probed} blocks), but this backbone has "
                         f"{num_blocks} blocks: probe this backbone with inca-probe, or pass its --backbone and "
                         "--model-kwargs")
+    return report

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import timm
 
+import inca.methods
 import inca.tasks
 from inca.cli import compare_main, compare_parser
 from inca.compare import protocol_lines
@@ -129,7 +130,9 @@ def test_recipe_with_unknown_key_and_mismatched_out_dir(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_recipe_values_are_defaults_and_flags_override(tmp_path):
+def test_recipe_values_are_defaults_and_flags_override(tmp_path, monkeypatch):
+    resolved, resolve = [], inca.methods.resolve_methods  # once, when the input is checked, and passed on
+    monkeypatch.setattr(inca.methods, "resolve_methods", lambda *a: resolved.append(a) or resolve(*a))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "backbone: vit_tiny_patch16_224\nweights: random\nmodel_kwargs: {img_size: 32, patch_size: 8, depth: 4}\n"
@@ -144,6 +147,7 @@ def test_recipe_values_are_defaults_and_flags_override(tmp_path):
     hparams = summary["results"][0]["hparams"]
     assert hparams["rank"] == 2 and hparams["lr"] == 1e-3  # the flag wins, the recipe's other keys stay
     assert summary["results"][0]["trainable_params"] == lora_count(2)
+    assert len(resolved) == 1
 
 
 def test_demo_recipe_has_only_valid_keys():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import inca.adapters.common
 import inca.tasks
 from inca.activations import ImageBatches
 from inca.cli import compare_main, predict_main, train_main
@@ -59,14 +60,18 @@ def test_a_folder_task_s_column_is_its_folder_s_name():
 
 
 @pytest.mark.slow
-def test_compare_saves_every_model_and_predict_serves_them_as_trained(tmp_path, small_tasks, tiny_backbone, capsys):
+def test_compare_saves_every_model_and_predict_serves_them_as_trained(tmp_path, small_tasks, tiny_backbone, capsys,
+                                                                     monkeypatch):
     out = tmp_path / "cmp"
     assert compare_main([*TINY_ARGS, "--device", "cpu", "--tasks", "synth-shapes", "--epochs", "1", "--batch-size",
                          "16", "--methods", "inca,lora,linear", "--method-args", "linear.pool=mean", "inca.layers=-1",
                          "--out", str(out)]) == 0
     records = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["results"]}
     # One call serves an InCA adapter (on the shared pass) beside two end-to-end models, a column each.
+    reads, read = [], inca.adapters.common.read_json_file  # each config read once: loader, column and load share it
+    monkeypatch.setattr(inca.adapters.common, "read_json_file", lambda path, *a: reads.append(path) or read(path, *a))
     model = MultiTaskInCA.from_saved([out / r["adapter_dir"] for r in records.values()])
+    assert sorted(reads) == sorted(out / r["adapter_dir"] / "adapter_config.json" for r in records.values())
     assert model.tasks == ["synth-shapes@inca", "synth-shapes@lora", "synth-shapes@linear"]
     task = inca.tasks.load_task("synth-shapes")
     images, labels = next(iter(ImageBatches(task, tiny_backbone).loader("test", [np.arange(SIZES["test"])])))

@@ -8,6 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+import inca.probe_report
 from inca.backbone import create_backbone
 from inca.cli import probe_main, probe_parser, train_main
 from inca.config import hparam
@@ -143,7 +144,7 @@ def test_streaming_epochs_without_memory(tiny_backbone, digits):
 
 
 @pytest.mark.slow
-def test_probe_cli_report(tmp_path, capsys):
+def test_probe_cli_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "probe"
     assert probe_main([*TINY_ARGS, "--tasks", "digits,synth-colour", "--out", str(out), "--linear-c", "1"]) == 0
     printed = capsys.readouterr().out
@@ -160,8 +161,11 @@ def test_probe_cli_report(tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     run = tmp_path / "run"
+    reads, read = [], inca.probe_report.read_json_file  # probe.json read once, when the input is checked
+    monkeypatch.setattr(inca.probe_report, "read_json_file", lambda p, *a, **k: reads.append(p) or read(p, *a, **k))
     assert train_main([*TINY_ARGS, "--tasks", "digits", "--layers", "best:2", "--probe-report",
                        str(out / "probe.json"), "--epochs", "1", "--out", str(run)]) == 0
+    assert reads == [str(out / "probe.json")]
     trained = json.loads((run / "results.json").read_text())["tasks"]["digits"]["layers"]
     assert trained == sorted(digits_result["rankings"][RANK_BY]["ranking"][:2])
 

@@ -305,10 +305,28 @@ def _read_files(
     return config, tensors, signed
 
 
+_READ: ContextVar[dict[Path, dict[str, Any]] | None] = ContextVar("inca_adapter_configs_read", default=None)
+
+
+@contextmanager
+def configs_read_once() -> Iterator[None]:
+    """Inside this block each saved adapter's config is read from disk once: choosing its loader, checking its
+    provenance and loading it (a method's ``load(model, directory)``, which takes a directory) share that read."""
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """A saved adapter's config as its file says, before its weights or signature are checked (which
-    :func:`read_adapter` does): enough to choose the loader of the method it names."""
+    :func:`read_adapter` does): enough to choose the loader of the method it names. Inside
+    :func:`configs_read_once`, a config read already is not read again."""
     directory = Path(directory)
+    read = _READ.get()
+    if read is not None and directory.resolve() in read:
+        return read[directory.resolve()]
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (files)")
@@ -317,6 +335,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     config = read_json_file(config_path, "save the adapter again")
     if not isinstance(config, dict):
         raise InCAError(f"{config_path} is not an adapter config (a JSON object); save the adapter again")
+    if read is not None:
+        read[directory.resolve()] = config
     return config
 
 
