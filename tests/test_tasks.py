@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import inca.tasks.folder
 from inca import options as opt
 from inca.config import hparam
 from inca.errors import InCAError
@@ -92,7 +93,7 @@ def test_folder_class_layout(tmp_path):
     assert sum(task.sizes().values()) == 30
 
 
-def test_folder_split_layout(tmp_path):
+def test_folder_split_layout(tmp_path, monkeypatch):
     for split, count in [("train", 6), ("val", 2), ("test", 3)]:
         for cls in ["a", "b", "c"]:
             for i in range(count):
@@ -100,6 +101,10 @@ def test_folder_split_layout(tmp_path):
     task = load_task(f"folder:{tmp_path}")
     _check_task(task, 3)
     assert task.sizes() == {"train": 18, "val": 6, "test": 9}
+    listed, visible = [], inca.tasks.folder._visible_entries  # a load lists every folder once
+    monkeypatch.setattr(inca.tasks.folder, "_visible_entries", lambda s, d: listed.append(str(d)) or visible(s, d))
+    assert inca.tasks.folder.load_folder_task("folder:x", str(tmp_path)).sizes() == task.sizes()
+    assert len(listed) == len(set(listed)) == 1 + 3 + 3 * 3  # the root, its split folders and their class folders
     assert "/val/" in task.splits["val"].source.describe(int(task.splits["val"].rows[0]))
 
 

@@ -89,9 +89,10 @@ def load_folder_task(spec: str, path: str, seed: int = 0, skip_bad_images: bool 
     """The task in ``path`` (layout rules in the module docstring); unreadable images are all named in one
     error, or dropped (and counted in the task's identity) with ``skip_bad_images``."""
     root = _directory(spec, path)
-    folders, class_dirs = folder_layout(spec, root)
-    for directory in dict.fromkeys([root, *folders.values()]):
-        _warn_loose_images(spec, directory)
+    layout = folder_layout(spec, root)
+    folders, class_dirs = layout.folders, layout.class_dirs
+    for directory, loose in layout.loose.items():
+        _warn_loose_images(spec, directory, loose)
     classes = sorted(class_dirs["train"])
     paths: list[str] = []
     seen: set[str] = set()
@@ -134,11 +135,24 @@ def _directory(spec: str, path: str) -> Path:
     return root
 
 
-def folder_layout(spec: str, root: Path) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
-    """The split folders (``{"train": root}`` in a class layout) and each split's class folders by name: every
-    layout rule but the images', checked by listing folders only."""
-    folders = split_folders(spec, root) or {"train": root}
-    class_dirs = {split: _class_folders(spec, folder) for split, folder in folders.items()}
+@dataclass(frozen=True)
+class FolderLayout:
+    """A folder task's layout from one listing of its root and of each split folder: the split folders
+    (``{"train": root}`` in a class layout), each split's class folders by name, and the image files lying
+    directly in those folders (in no class)."""
+
+    folders: dict[str, Path]
+    class_dirs: dict[str, dict[str, Path]]
+    loose: dict[Path, list[str]]
+
+
+def folder_layout(spec: str, root: Path) -> FolderLayout:
+    """Every layout rule but the images', checked by listing the root and the split folders once each."""
+    listed = _visible_entries(spec, root)
+    folders = split_folders(spec, root, listed) or {"train": root}
+    listings = {folder: listed if folder == root else _visible_entries(spec, folder) for folder in folders.values()}
+    class_dirs = {split: {e.name: Path(e.path) for e in listings[folder] if _is_dir(e)}
+                  for split, folder in folders.items()}
     if not class_dirs["train"]:
         raise InCAError(f"task {spec}: no class folders in {folders['train']}; expected "
                         f"{folders['train']}/<class>/<images>")
@@ -147,7 +161,9 @@ def folder_layout(spec: str, root: Path) -> tuple[dict[str, Path], dict[str, dic
         if unknown:
             raise InCAError(f"task {spec}: {folders[split]} has classes {unknown[:5]} that train does not have "
                             f"({folders['train']}); class folders are matched by name across splits")
-    return folders, class_dirs
+    loose = {directory: [e.path for e in entries if _is_image(e)]
+             for directory, entries in {root: listed, **listings}.items()}
+    return FolderLayout(folders, class_dirs, loose)
 
 
 def _no_images(spec: str, empty: list[str], folder: Path) -> InCAError:
@@ -155,13 +171,13 @@ def _no_images(spec: str, empty: list[str], folder: Path) -> InCAError:
                      f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folders")
 
 
-def split_folders(spec: str, root: Path) -> dict[str, Path]:
-    """``{split: folder}`` (train first) when ``root`` is a split layout, ``{}`` when it is a class layout;
-    every ambiguous mix is refused, naming the folders."""
+def split_folders(spec: str, root: Path, entries: list[os.DirEntry]) -> dict[str, Path]:
+    """``{split: folder}`` (train first) when ``root`` (listed as ``entries``) is a split layout, ``{}`` when it is
+    a class layout; every ambiguous mix is refused, naming the folders."""
     split_of = {name: split for split, names in SPLIT_DIR_NAMES.items() for name in names}
     found: dict[str, list[Path]] = {}
     others: list[Path] = []
-    for entry in _visible_entries(spec, root):
+    for entry in entries:
         if _is_dir(entry):
             split = split_of.get(entry.name.lower())
             (others if split is None else found.setdefault(split, [])).append(Path(entry.path))
@@ -180,13 +196,7 @@ def split_folders(spec: str, root: Path) -> dict[str, Path]:
     return {split: found[split][0] for split in SPLIT_DIR_NAMES if split in found}
 
 
-def _class_folders(spec: str, directory: Path) -> dict[str, Path]:
-    """The class folders in ``directory`` by name (a sorted dict)."""
-    return {entry.name: Path(entry.path) for entry in _visible_entries(spec, directory) if _is_dir(entry)}
-
-
-def _warn_loose_images(spec: str, directory: Path) -> None:
-    loose = [entry.path for entry in _visible_entries(spec, directory) if _is_image(entry)]
+def _warn_loose_images(spec: str, directory: Path, loose: list[str]) -> None:
     if loose:
         logger.warning("task %s: %d image file(s) directly in %s belong to no class folder and are left out, "
                         "e.g. %s", spec, len(loose), directory, loose[0])
@@ -359,11 +369,11 @@ def _report_duplicates(spec: str, splits: dict[str, Split], paths: list[str], ha
 def _check(spec: str, path: str, settings: TaskLoadConfig) -> None:
     """The folder exists and has a valid layout, each train class folder holding an image file: folders are
     listed, no image is read."""
-    folders, class_dirs = folder_layout(spec, _directory(spec, path))
-    empty = [name for name, folder in class_dirs["train"].items() if next(_walk_images(spec, folder, set()), None)
-             is None]
+    layout = folder_layout(spec, _directory(spec, path))
+    empty = [name for name, folder in layout.class_dirs["train"].items()
+             if next(_walk_images(spec, folder, set()), None) is None]
     if empty:
-        raise _no_images(spec, empty, folders["train"])
+        raise _no_images(spec, empty, layout.folders["train"])
 
 
 def canonical_folder(path: str) -> str:
