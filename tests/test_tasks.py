@@ -691,6 +691,36 @@ def test_images_turned_by_exif_are_part_of_a_folder_task_identity(tmp_path):
     assert load_task(f"folder:{tmp_path / 'photos'}").identity["turned_by_exif"] == 1
 
 
+class _PhotoDataset(_ToyDataset):
+    """Its images read from files, as torchvision's Flowers102 or DTD do (``Image.open(f).convert("RGB")``), the
+    first one a photo stored on its side whose EXIF says to turn it."""
+
+    def __init__(self, root, train=True, download=False):
+        super().__init__(root, train, download)
+        self.root = root
+
+    def __getitem__(self, row):
+        if row > 0:
+            return super().__getitem__(row)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+        path = os.path.join(self.root, "photo.jpg")
+        Image.new("RGB", (12, 8)).save(path, exif=exif)
+        with Image.open(path) as image:
+            return image.convert("RGB"), self.targets[row]
+
+
+def test_torchvision_images_from_files_are_read_upright_by_their_exif(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "ToyPhotos", _PhotoDataset, raising=False)
+    task = load_task("tv:ToyPhotos", data_root=str(tmp_path))
+    source = task.splits["train"].source
+    assert source.load(0).size == (8, 12)  # upright, as a folder task and inca-predict read the same file
+    assert source.load(1).size == (8, 8)
+    assert task.identity["upright"]
+
+
 def _small_folder(root, shade: int = 0) -> None:
     for c, name in enumerate(["dark", "bright"]):
         for i in range(6):

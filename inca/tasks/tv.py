@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import InCAError, first_line
 from .base import Split, Task, indices_by_name, make_splits, tree_digest
@@ -45,8 +45,10 @@ class TorchvisionSource:
     name: str
 
     def load(self, row: int) -> Image.Image:
+        """Row ``row``'s image; one a dataset read from a file (Flowers102, DTD, ...: PIL keeps its EXIF) upright
+        by its EXIF orientation, as folder images and prediction read them (:mod:`inca.images`)."""
         image = self.dataset[row][0]
-        return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        return ImageOps.exif_transpose(image) if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
     def describe(self, row: int) -> str:
         return f"{self.name} row {row}"
@@ -107,8 +109,10 @@ def load_torchvision_task(
             _logger.warning("%s: %d of %d rows of the %s split have no label (-1) and are left out", spec,
                             len(labels) - len(labelled), len(labels), split)
         available[split] = Split(TorchvisionSource(dataset, f"{spec}[{split}]"), labelled, labels[labelled])
+    # "upright": images are read turned by their EXIF orientation, so no store built before they were is reused.
     identity = {"dataset": cls.__name__, "root": os.path.realpath(data_root),
-                "sizes": {split: len(d) for split, d in datasets.items()}, "files": tree_digest(data_root)}
+                "sizes": {split: len(d) for split, d in datasets.items()}, "files": tree_digest(data_root),
+                "upright": True}
     return Task(spec, classes, make_splits(available, seed=seed), identity)
 
 
