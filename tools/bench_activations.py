@@ -25,7 +25,8 @@ and procedurally generated images (``synth-shapes`` rows, upsampled by the backb
 
     OMP_NUM_THREADS=2 python tools/bench_activations.py --rows 256
     OMP_NUM_THREADS=1 python tools/bench_activations.py --rows 256 --only int8 decision held schemes
-    OMP_NUM_THREADS=1 python tools/bench_activations.py --only --accuracy "--recipe recipes/demo.yaml"
+    OMP_NUM_THREADS=1 python tools/bench_activations.py --only --accuracy "--recipe recipes/demo.yaml" \
+        --json runs/bench-dtype-demo.json  # docs/results.md's
     python tools/bench_activations.py --backbone vit_large_patch16_224 --device cuda --rows 2048
 """
 
@@ -53,6 +54,7 @@ from inca.adapters.inca import AdapterSpec, InCABank
 from inca.backbone import Backbone, create_backbone, resolve_layers
 from inca.cache import ActivationCache, build_cache, store_bytes
 from inca.devices import resolve_device
+from inca.io import atomic_write_json
 from inca.placement import Workload, decide, measure_rates
 from inca.quantize import Int8Layout, quantize
 from inca.tasks import SPLITS, Split, Task, image_loader, load_task, sequential_batches
@@ -354,7 +356,11 @@ def main() -> None:
     parser.add_argument("--schemes", action="store_true", help="also compare the 8-bit schemes (8)")
     parser.add_argument("--accuracy", metavar="ARGS", help='also run inca-train ARGS with both dtypes (9), e.g. '
                                                            '"--recipe recipes/demo.yaml"')
+    parser.add_argument("--json", metavar="PATH", help="also write --accuracy's figures here (tools/proxy_results.py "
+                                                       "reads them)")
     args = parser.parse_args()
+    if args.json and not args.accuracy:
+        parser.error("--json writes --accuracy's figures: give --accuracy too")
     logging.basicConfig(level=logging.WARNING)
     sections = set(SECTIONS[:7] if args.only is None else args.only) - ({"probe"} if args.skip_probe else set())
     sections |= {"schemes"} if args.schemes else set()
@@ -381,6 +387,10 @@ def main() -> None:
               f"{np.mean([a['bfloat16'] for a in table.values()]):>8.4f} {np.mean(points['bfloat16']):>+7.2f} "
               f"{np.mean([a['int8'] for a in table.values()]):>8.4f} {np.mean(points['int8']):>+7.2f}  "
               "(target for int8: within 0.5 points)")
+        if args.json:
+            atomic_write_json(Path(args.json), {"arguments": args.accuracy, "threads": torch.get_num_threads(),
+                                                "test_acc": table})
+            print(f"wrote {args.json}")
 
 
 def run_sections(sections: set[str], args: argparse.Namespace, backbone: Backbone, task: Task,

@@ -16,6 +16,7 @@ on frozen random features). With the pretrained proxy of ``docs/results.md`` pre
     OMP_NUM_THREADS=1 python tools/bench_search.py
     OMP_NUM_THREADS=1 python tools/bench_search.py --tasks digits --repeats 3 --skip-proxy
     OMP_NUM_THREADS=1 python tools/bench_search.py --skip-demo      # the proxy backbone alone
+    OMP_NUM_THREADS=1 python tools/bench_search.py --repeats 2 --json runs/bench-search.json   # docs/results.md's
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from inca.activations import open_source
 from inca.backbone import Backbone, create_backbone, resolve_layers
+from inca.io import atomic_write_json
 from inca.report import markdown_table
 from inca.tasks import Task, load_task
 from inca.train.config import InCATrainConfig
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
 PROXY_KWARGS = ["img_size=32", "patch_size=8", "depth=6"]  # docs/results.md's proxy
 SEARCHES = ("grid", "halving")
+BACKBONES = {"demo": "random weights, recipes/demo.yaml", "proxy": "docs/results.md's pretrained proxy"}
 
 
 def run_once(backbone: Backbone, task: Task, layers: list[int], config: InCATrainConfig, work: Path) -> dict:
@@ -81,38 +85,50 @@ def why_it_differs(grid: dict, halving: dict) -> str:
             f"{theirs['epochs_trained']}, best val {theirs['val_acc']:.3f}; {grid['val_acc']:.3f} after all epochs)")
 
 
-def bench(backbone: Backbone, tasks: list[str], args: argparse.Namespace, work: Path) -> tuple[str, dict]:
-    """The comparison on ``backbone``: its Markdown table and totals."""
+def task_figures(spec: str, grid: dict, halving: dict) -> dict:
+    """What ``--json`` records of one task: per search its median wall time, adapter-epochs and the selected
+    adapter's accuracies, and why halving selected another adapter where it did."""
+    return {"task": spec, "adapters": len(grid["adapters"]),
+            **{search: {key: result[key] for key in ("wall", "adapter_epochs", "val_acc", "test_acc")}
+               for search, result in (("grid", grid), ("halving", halving))},
+            "selected": why_it_differs(grid, halving)}
+
+
+def bench(backbone: Backbone, tasks: list[str], args: argparse.Namespace, work: Path) -> list[dict]:
+    """The comparison on ``backbone``: :func:`task_figures` of each task."""
     base = dict(lr=args.lr, queries=args.queries, weight_decay=args.weight_decay, epochs=args.epochs,
                 batch_size=args.batch_size, cache="always", cache_dir=str(work / "cache"))
     configs = {"grid": InCATrainConfig(**base),
                "halving": InCATrainConfig(**base, search="halving", halving_rate=args.halving_rate)}
-    rows, totals = [], {"grid": 0.0, "halving": 0.0, "test": {"grid": [], "halving": []}}
+    figures = []
     for first, spec in enumerate(tasks):
-        task = load_task(spec)
-        results = compare_task(backbone, task, configs, args.repeats, first, work / spec)
-        grid, halving = results["grid"], results["halving"]
-        for search in SEARCHES:
-            totals[search] += results[search]["wall"]
-            totals["test"][search].append(results[search]["test_acc"])
-        rows.append([
-            spec, len(grid["adapters"]), f"{grid['wall']:.1f}", f"{halving['wall']:.1f}",
-            f"{halving['wall'] / grid['wall']:.2f}x", grid["adapter_epochs"], halving["adapter_epochs"],
-            f"{grid['val_acc']:.3f} / {grid['test_acc']:.3f}", f"{halving['val_acc']:.3f} / {halving['test_acc']:.3f}",
-            why_it_differs(grid, halving),
-        ])
-        logging.getLogger(__name__).warning("%s done: grid %.1fs, halving %.1fs", spec, grid["wall"], halving["wall"])
-    rows.append([
-        "**all**", "", f"{totals['grid']:.1f}", f"{totals['halving']:.1f}",
-        f"{totals['halving'] / totals['grid']:.2f}x", "", "",
-        f"mean test {statistics.mean(totals['test']['grid']):.3f}",
-        f"mean test {statistics.mean(totals['test']['halving']):.3f}", "",
-    ])
-    table = markdown_table(
+        results = compare_task(backbone, load_task(spec), configs, args.repeats, first, work / spec)
+        figures.append(task_figures(spec, results["grid"], results["halving"]))
+        logging.getLogger(__name__).warning("%s done: grid %.1fs, halving %.1fs", spec, results["grid"]["wall"],
+                                            results["halving"]["wall"])
+    return figures
+
+
+def summary(figures: list[dict]) -> dict[str, float]:
+    """Over the tasks: halving's total wall time over the grid's, and each search's mean test accuracy."""
+    wall = {search: sum(t[search]["wall"] for t in figures) for search in SEARCHES}
+    return {"wall_ratio": wall["halving"] / wall["grid"],
+            **{f"{search}_test": statistics.mean(t[search]["test_acc"] for t in figures) for search in SEARCHES}}
+
+
+def table(figures: list[dict]) -> str:
+    """The printed Markdown table of :func:`bench`'s figures."""
+    rows = [[t["task"], t["adapters"], f"{t['grid']['wall']:.1f}", f"{t['halving']['wall']:.1f}",
+             f"{t['halving']['wall'] / t['grid']['wall']:.2f}x", t["grid"]["adapter_epochs"],
+             t["halving"]["adapter_epochs"], f"{t['grid']['val_acc']:.3f} / {t['grid']['test_acc']:.3f}",
+             f"{t['halving']['val_acc']:.3f} / {t['halving']['test_acc']:.3f}", t["selected"]] for t in figures]
+    total = summary(figures)
+    rows.append(["**all**", "", "", "", f"{total['wall_ratio']:.2f}x", "", "", f"mean test {total['grid_test']:.3f}",
+                 f"mean test {total['halving_test']:.3f}", ""])
+    return markdown_table(
         ["task", "adapters", "grid s", "halving s", "halving / grid", "grid adapter-epochs",
          "halving adapter-epochs", "grid: val / test", "halving: val / test", "selected"], rows,
     )  # fmt: skip
-    return table, totals
 
 
 def main() -> None:
@@ -130,6 +146,7 @@ def main() -> None:
                         help="docs/results.md's pretrained proxy (tools/pretrain_proxy.py); skipped when absent")
     parser.add_argument("--skip-proxy", action="store_true")
     parser.add_argument("--skip-demo", action="store_true", help="the proxy backbone alone")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures here (tools/proxy_results.py reads it)")
     args = parser.parse_args()
     for key in ("lr", "weight_decay"):
         setattr(args, key, [float(v) for v in getattr(args, key).split(",")])
@@ -137,21 +154,27 @@ def main() -> None:
     tasks = args.tasks.split(",")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    backbones = {} if args.skip_demo else {"demo (random weights, recipes/demo.yaml)": lambda: create_backbone(
+    backbones = {} if args.skip_demo else {"demo": lambda: create_backbone(
         demo["backbone"], demo["weights"], demo["model_kwargs"])}
     if not args.skip_proxy and Path(args.proxy_weights).is_file():
-        backbones["proxy (docs/results.md)"] = lambda: create_backbone(demo["backbone"], args.proxy_weights,
-                                                                        PROXY_KWARGS)
+        backbones["proxy"] = lambda: create_backbone(demo["backbone"], args.proxy_weights, PROXY_KWARGS)
     elif not args.skip_proxy:
         print(f"proxy weights {args.proxy_weights} absent (tools/pretrain_proxy.py makes them): demo backbone only\n")
+    figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in backbones.items():
-            table, totals = bench(make(), tasks, args, Path(tmp) / name.split()[0])
-            difference = 100 * (statistics.mean(totals["test"]["halving"]) - statistics.mean(totals["test"]["grid"]))
-            print(f"## {name}: {args.epochs} epochs, halving rate {args.halving_rate}\n\n{table}\n")
-            print(f"wall time halving / grid: {totals['halving'] / totals['grid']:.2f}x; mean test accuracy of the "
-                  f"selected adapter: {difference:+.1f} points with halving\n")
-
+            figures[name] = bench(make(), tasks, args, Path(tmp) / name)
+            total = summary(figures[name])
+            print(f"## {name} ({BACKBONES[name]}): {args.epochs} epochs, halving rate {args.halving_rate}\n\n"
+                  f"{table(figures[name])}\n")
+            print(f"wall time halving / grid: {total['wall_ratio']:.2f}x; mean test accuracy of the selected "
+                  f"adapter: {100 * (total['halving_test'] - total['grid_test']):+.1f} points with halving\n")
+    if args.json:
+        settings = {key: getattr(args, key) for key in ("epochs", "lr", "queries", "weight_decay", "halving_rate",
+                                                         "batch_size", "repeats")}
+        atomic_write_json(Path(args.json), {"settings": settings, "threads": torch.get_num_threads(),
+                                            "backbones": figures})
+        print(f"wrote {args.json}")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,10 @@ Reads what the commands in :data:`COMMANDS` wrote (run them first, from the repo
 ``config.json`` (tools/pretrain_proxy.py), the ``inca-compare`` output of recipes/proxy-compare.yaml, three
 ``inca-probe`` reports on the demo tasks (the proxy, the same architecture with random weights, and the proxy's
 last block through its final norm), and the proxy against random weights on data its recipe never saw
-(tools/make_skimage_task.py: a linear probe each, and recipes/proxy-skimage.yaml at three seeds each).
+(tools/make_skimage_task.py: a linear probe each, and recipes/proxy-skimage.yaml at three seeds each), the
+comparison again at an equal tuning budget (``inca-compare --equal-budget``), and the ``--json`` figures of
+tools/bench_activations.py (test accuracy from stores of each element type) and tools/bench_search.py (successive
+halving against the grid), on the demo backbone and on the proxy. A missing input stops it, naming the file.
 
 README.md's paragraph between :data:`README_BEGIN` and :data:`README_END` is rendered from docs/results.json by
 :func:`readme_block`, as are the claims in docs/results.md (:func:`claims_lines`, :func:`independent_lines`), so
@@ -21,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from inca.io import atomic_write_json, atomic_write_text, read_json
 from inca.probe import REPORT_JSON as PROBE_JSON
 from inca.probe import render_probe_report
 from inca.report import fmt, markdown_table, save_figure
+from inca.tasks import by_task_name
 
 TASKS = "digits,synth-shapes,synth-count,synth-orientation,synth-colour"
 PROXY = "--backbone vit_tiny_patch16_224 --weights runs/proxy/model.safetensors --model-kwargs img_size=32 " \
@@ -44,10 +49,16 @@ PROXY = "--backbone vit_tiny_patch16_224 --weights runs/proxy/model.safetensors 
 RANDOM = "--backbone vit_tiny_patch16_224 --weights random --model-kwargs img_size=32 patch_size=8 depth=6"
 SKIMAGE = "runs/skimage-crops"
 SEEDS = (0, 1, 2)  # of the comparison on the independent data, for its spread
+DTYPE_ARGS = {"demo": "--recipe recipes/demo.yaml",
+              "proxy": "--recipe recipes/demo.yaml --weights runs/proxy/model.safetensors --model-kwargs img_size=32 "
+                       "patch_size=8 depth=6"}
+BACKBONE_NAMES = {"demo": "The demo's backbone (random weights)", "proxy": "The proxy"}
+SEARCH_ETA2 = "bench-search-eta2.json"  # optional: without it the halving section leaves rate 2 out
 COMMANDS = [
     "export OMP_NUM_THREADS=1  # one thread per process: faster on cores shared with other jobs",
     "python tools/pretrain_proxy.py --out runs/proxy{steps}",
     "inca-compare --recipe recipes/proxy-compare.yaml",
+    "inca-compare --recipe recipes/proxy-compare.yaml --equal-budget --out runs/proxy-compare-equal",
     f"inca-probe {PROXY} --tasks {TASKS} --out runs/proxy-probe",
     f"inca-probe {RANDOM} --tasks {TASKS} --probes linear --out runs/random-probe",
     f"inca-probe {PROXY} --tasks {TASKS} --probes linear --layers -1 --final-norm --out runs/proxy-probe-norm",
@@ -61,6 +72,10 @@ COMMANDS = [
     "--out runs/random-skimage-compare-seed$s",
     "  inca-compare --recipe recipes/proxy-lora-same-trainer.yaml --seed $s --out runs/proxy-lora-same-trainer-seed$s",
     "done",
+    *(f'python tools/bench_activations.py --only --accuracy "{a}" --json runs/bench-dtype-{b}.json'
+      for b, a in DTYPE_ARGS.items()),
+    "python tools/bench_search.py --repeats 2 --json runs/bench-search.json",
+    f"python tools/bench_search.py --halving-rate 2 --json runs/{SEARCH_ETA2}",
     "python tools/proxy_results.py",
 ]
 WINDOW = DEFAULT_WINDOW  # steps in the trailing mean of the training loss, inca.convergence's
@@ -70,8 +85,9 @@ README_END = "<!-- results:end -->"
 METHOD_NAMES = {"inca": "InCA", "full": "full fine-tuning", "linear": "linear head on the last block"}
 LAYER_PROBES = ("inca", "linear/cls", "linear/mean", "knn/cls", "knn/mean")
 RECIPE_HISTORY = (
-    "How the recipe was arrived at: it was shaped on the five tasks below. Flips and rotations were left out of "
-    "the views so that synth-orientation stays learnable, and the pixel-reconstruction term was added because, "
+    "How the recipe was arrived at ([proxy-recipe.md](proxy-recipe.md) tells it in full): it was shaped on the "
+    "five tasks below. Flips and rotations were left out of the views so that synth-orientation stays learnable, "
+    "and the pixel-reconstruction term was added because, "
     "with classification alone, the proxy's linear probe lost to random weights on digits and synth-colour. "
     "Those tasks therefore cannot also be the evidence that its features are learned; the recipe is now frozen "
     "(the command below repeats it), and [the proxy on data it was not designed on](#the-proxy-on-data-it-was-not-"
@@ -115,10 +131,19 @@ def layer_verdict(by_layer: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 
 def by_task(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """A comparison's records by task and method, tasks keyed by the names its reports show."""
     tasks: dict[str, dict[str, dict[str, Any]]] = {}
     for record in summary["results"]:
         tasks.setdefault(record["task"], {})[record["method"]] = record
-    return tasks
+    return by_task_name(tasks)
+
+
+def read_run(path: Path) -> Any:
+    """A run's output; a missing one stops the script naming it, never a figure made up in its place."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the command that writes it (the Commands list of docs/results.md, "
+                         "COMMANDS in tools/proxy_results.py) first")
+    return read_json(path)
 
 
 def only_task(by_spec: dict[str, Any]) -> Any:
@@ -154,25 +179,55 @@ def same_trainer_figures(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     each method's test accuracy per seed, and inca.convergence's table over the runs (LoRA the reference)."""
     accuracy: dict[str, dict[str, list[float]]] = {}
     for summary in summaries:
-        for r in summary["results"]:
-            accuracy.setdefault(r["task"], {}).setdefault(r["method"], []).append(r["test_acc"])
+        for task, records in by_task(summary).items():
+            for method, r in records.items():
+                accuracy.setdefault(task, {}).setdefault(method, []).append(r["test_acc"])
     return {"seeds": [s["config"]["seed"] for s in summaries], "accuracy": accuracy,
             "convergence": convergence_table(summaries, WINDOW, reference="lora")}
 
 
+def budget_figures(default: dict[str, Any], equal: dict[str, Any]) -> dict[str, Any]:
+    """Per task and method, test accuracy and configurations trained at each method's own tuning budget and at the
+    equal one (``inca-compare --equal-budget``), with InCA's layer."""
+    if not equal["protocol"].get("equal_budget"):
+        raise SystemExit("the equal-budget comparison was run without --equal-budget")
+    tasks: dict[str, dict[str, dict[str, Any]]] = {}
+    for budget, summary in (("own", default), ("equal", equal)):
+        for task, records in by_task(summary).items():
+            for method, r in records.items():
+                tasks.setdefault(task, {}).setdefault(method, {})[budget] = {
+                    "test_acc": r["test_acc"], "configurations": r["configurations"]["total"],
+                    "layer": (r.get("tuned") or {}).get("layer")}
+    return {"lr_grid": equal["protocol"]["lr_grid"], "tasks": tasks}
+
+
+def search_figures(runs: Path) -> list[dict[str, Any]]:
+    """tools/bench_search.py's ``--json`` runs: halving rate 3, then rate 2 where it was run; each must hold both
+    backbones."""
+    names = ["bench-search.json", *([SEARCH_ETA2] if (runs / SEARCH_ETA2).is_file() else [])]
+    searches = [read_run(runs / name) for name in names]
+    for name, search in zip(names, searches):
+        if set(search["backbones"]) != {"demo", "proxy"}:
+            raise SystemExit(f"{runs / name} holds the {' and '.join(search['backbones'])} backbone only: run "
+                             "tools/bench_search.py with neither --skip-demo nor --skip-proxy, the proxy's weights in "
+                             "place")
+    return searches
+
+
 def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[str, Any], random: dict[str, Any],
             independent: dict[str, Any], same_trainer: dict[str, Any]) -> dict[str, Any]:
-    """Every figure that the claims, the summary and README quote."""
+    """The figures of the runs on the proxy that the claims, the summary and README quote."""
     kept = ("steps", "planned_steps", "seconds", "threads")
     figures: dict[str, Any] = {"pretraining": {k: pretraining[k] for k in kept}, "tasks": []}
+    probed, random_probed = by_task_name(probe["tasks"]), by_task_name(random["tasks"])
     for task, records in by_task(compare).items():
         inca, full = records.get("inca", {}), records.get("full", {})
-        result = probe["tasks"][task]
+        result = probed[task]
         figures["tasks"].append({
             "task": task, "inca": inca.get("test_acc"), "inca_layer": (inca.get("tuned") or {}).get("layer"),
             "full": full.get("test_acc"),
             "layers": {k: layer_verdict(result["results"][k]) for k in LAYER_PROBES if k in result["results"]},
-            "linear_probe": {"random": best_linear_probe(random["tasks"][task]),
+            "linear_probe": {"random": best_linear_probe(random_probed[task]),
                              "proxy": best_linear_probe(result)}})
     figures["convergence"] = convergence_table([compare], WINDOW, reference="lora")
     figures["independent"] = independent
@@ -370,23 +425,12 @@ def readme_block(figures: dict[str, Any]) -> str:
     sentences.append(f"On crops of scikit-image's photographs, which played no part in it, test accuracy of the "
                      f"proxy vs random weights is {scores} (trained methods: mean of {len(ind['seeds'])} seeds). "
                      + independent_verdict(ind))
-    return "\n".join(_wrap(" ".join(sentences)))
+    return textwrap.fill(" ".join(sentences), width=110, break_long_words=False, break_on_hyphens=False)
 
 
 def _ratio_range(ratios: dict[str, list[float]]) -> str:
     low, high = min(_ratio_values(ratios)), max(_ratio_values(ratios))
     return f"{low:.2f}x" if low == high else f"{low:.2f}-{high:.2f}x"
-
-
-def _wrap(text: str, width: int = 110) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    return [*lines, line]
 
 
 def readme_with_block(readme: str, block: str) -> str:
@@ -468,6 +512,91 @@ def compare_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[st
     return lines
 
 
+def budget_lines(figures: dict[str, Any]) -> list[str]:
+    """Each method's test accuracy at its own tuning budget against an equal one, with the configurations trained."""
+    budget = figures["equal_budget"]
+    k = budget["lr_grid"]
+    lines = ["## Equal tuning budgets", "",
+             "The comparison above gives each method the tuning its authors give it, so the methods train different "
+             f"numbers of configurations per task. `--equal-budget` reruns it with {_plural(k, 'configuration')} "
+             f"for every method (`--lr-grid {k}`): a method's other tuned axes stay at their defaults, and InCA "
+             "trains on the one layer that a linear probe, run inside the comparison on the train and val splits, "
+             "ranks best on val (`best:1`). Test accuracy (configurations trained per task; InCA's layer, chosen on "
+             "val):", ""]
+    rows = []
+    for task, methods in budget["tasks"].items():
+        for method, runs in methods.items():
+            own, equal = runs["own"], runs["equal"]
+            rows.append([task, method, *map(_budget_cell, (own, equal)), f"{equal['test_acc'] - own['test_acc']:+.3f}"])
+    return [*lines, markdown_table(["task", "method", "own budget", "equal budget", "equal - own"], rows).rstrip(), ""]
+
+
+def _budget_cell(run: dict[str, Any]) -> str:
+    layer = "" if run["layer"] is None else f"; layer {run['layer']}"
+    return f"{run['test_acc']:.3f} ({run['configurations']}{layer})"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def dtype_lines(figures: dict[str, Any]) -> list[str]:
+    """Test accuracy from stores of each element type, against float16, on the demo backbone and the proxy."""
+    dtypes = figures["dtypes"]
+    lines = ["## Store element types", "",
+             "`inca-train` with an activation store of each element type (`--cache-dtype`), the same seeds: test "
+             "accuracy, and in points against float16 (`tools/bench_activations.py --accuracy`). The demo is "
+             "`recipes/demo.yaml` (a 4-block ViT-Ti with random weights); the proxy, the same recipe on the proxy "
+             "backbone.", ""]
+    for name, report in dtypes.items():
+        acc = report["test_acc"]
+        points = {d: {t: 100 * (a[d] - a["float16"]) for t, a in acc.items()} for d in ("bfloat16", "int8")}
+        rows = [[task, f"{a['float16']:.3f}", *(f"{a[d]:.3f} ({points[d][task]:+.1f})" for d in points)]
+                for task, a in acc.items()]
+        rows.append(["**mean**", f"{np.mean([a['float16'] for a in acc.values()]):.3f}",
+                     *(f"{np.mean([a[d] for a in acc.values()]):.3f} ({np.mean(list(points[d].values())):+.2f})"
+                       for d in points)])
+        widest = {d: max(abs(v) for v in points[d].values()) for d in points}
+        lines += [f"### {BACKBONE_NAMES[name]}: `inca-train {report['arguments']}`", "",
+                  markdown_table(["task", "float16", "bfloat16 (points)", "int8 (points)"], rows).rstrip(), "",
+                  f"Per task, bfloat16 moves test accuracy by up to {widest['bfloat16']:.1f} points and int8 by up "
+                  f"to {widest['int8']:.1f}, either way.", ""]
+    return lines
+
+
+def search_lines(figures: dict[str, Any]) -> list[str]:
+    """Successive halving against the full grid (tools/bench_search.py), per backbone and halving rate."""
+    runs = figures["search"]
+    settings = runs[0]["settings"]
+    lines = ["## Successive halving against the grid", "",
+             "`inca-train --search halving` against `--search grid` (`tools/bench_search.py`): every layer x "
+             f"learning rates {', '.join(f'{v:g}' for v in settings['lr'])} x queries "
+             f"{', '.join(map(str, settings['queries']))} x weight decays "
+             f"{', '.join(f'{v:g}' for v in settings['weight_decay'])}, {settings['epochs']} epochs, on each task "
+             f"of `recipes/demo.yaml`, its two searches reading one activation store, interleaved, at "
+             f"{_plural(runs[0]['threads'], 'thread')}. Wall time is the median over the runs; test accuracy is that "
+             "of the adapter each search selects on val; selected: where the searches' choices differ, what became "
+             "of the grid's choice in the halving run.", ""]
+    for run in runs:
+        for name, tasks in run["backbones"].items():
+            rows = [[t["task"], t["adapters"], f"{t['grid']['wall']:.1f}", f"{t['halving']['wall']:.1f}",
+                     f"{t['halving']['wall'] / t['grid']['wall']:.2f}x",
+                     f"{t['halving']['adapter_epochs']} of {t['grid']['adapter_epochs']}",
+                     f"{t['grid']['test_acc']:.3f}", f"{t['halving']['test_acc']:.3f}",
+                     f"{100 * (t['halving']['test_acc'] - t['grid']['test_acc']):+.1f}", t["selected"]] for t in tasks]
+            wall = {s: sum(t[s]["wall"] for t in tasks) for s in ("grid", "halving")}
+            test = {s: float(np.mean([t[s]["test_acc"] for t in tasks])) for s in ("grid", "halving")}
+            lines += [f"### {BACKBONE_NAMES[name]}, halving rate {run['settings']['halving_rate']}, "
+                      f"{_plural(run['settings']['repeats'], 'run')} of each search", "",
+                      markdown_table(["task", "adapters", "grid s", "halving s", "halving / grid",
+                                      "halving's adapter-epochs", "grid test", "halving test", "points", "selected"],
+                                     rows).rstrip(), "",
+                      f"Over the tasks: halving took {wall['halving'] / wall['grid']:.2f}x the grid's wall time, and "
+                      f"the mean test accuracy of the selected adapter is {test['halving']:.3f} against "
+                      f"{test['grid']:.3f} ({_points(test['halving'] - test['grid'])} points).", ""]
+    return lines
+
+
 def norm_lines(probe: dict[str, Any], norm: dict[str, Any]) -> list[str]:
     """The last block through the final norm against the best layer's linear probe (CLS token)."""
     rows = []
@@ -534,18 +663,22 @@ def with_relative_weights(report: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     args = parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    proxy = read_json(runs / "proxy" / "config.json")
-    summary = read_json(runs / "proxy-compare" / COMPARE_JSON)
-    probe, random, norm = (read_json(runs / name / PROBE_JSON)
+    proxy = read_run(runs / "proxy" / "config.json")
+    summary = read_run(runs / "proxy-compare" / COMPARE_JSON)
+    probe, random, norm = (read_run(runs / name / PROBE_JSON)
                            for name in ("proxy-probe", "random-probe", "proxy-probe-norm"))
     weights = ("random", "proxy")
     independent = independent_figures(
-        {w: read_json(runs / f"{w}-skimage-probe" / PROBE_JSON) for w in weights},
-        {w: [read_json(runs / f"{w}-skimage-compare-seed{s}" / COMPARE_JSON) for s in SEEDS] for w in weights})
+        {w: read_run(runs / f"{w}-skimage-probe" / PROBE_JSON) for w in weights},
+        {w: [read_run(runs / f"{w}-skimage-compare-seed{s}" / COMPARE_JSON) for s in SEEDS] for w in weights})
     same_trainer = same_trainer_figures(
-        [read_json(runs / f"proxy-lora-same-trainer-seed{s}" / COMPARE_JSON) for s in SEEDS])
+        [read_run(runs / f"proxy-lora-same-trainer-seed{s}" / COMPARE_JSON) for s in SEEDS])
     pretraining = proxy["pretraining"]
     figures = collect(pretraining, summary, probe, random, independent, same_trainer)
+    figures["equal_budget"] = budget_figures(summary, read_run(runs / "proxy-compare-equal" / COMPARE_JSON))
+    figures["dtypes"] = {name: read_run(runs / f"bench-dtype-{name}.json") for name in DTYPE_ARGS}
+    figures["search"] = search_figures(runs)
+    commands = [c for c in COMMANDS if SEARCH_ETA2 not in c or len(figures["search"]) > 1]
     kwargs = " ".join(f"{k}={v}" for k, v in proxy["model_kwargs"].items())
     lines = [
         "# Results on a pretrained proxy backbone",
@@ -567,7 +700,7 @@ def main() -> None:
         "```",
         *(c.replace("{steps}", "" if pretraining["calibrated"] else
                     f" --steps {pretraining['planned_steps']} --minutes 20  # the frozen recipe")
-          for c in COMMANDS),
+          for c in commands),
         "```",
         "",
         sizing(pretraining) + f" Machine: {os.cpu_count()} CPU cores "
@@ -577,8 +710,11 @@ def main() -> None:
         *linear_section(probe, random),
         *independent_lines(figures),
         *compare_section(summary, figures),
+        *budget_lines(figures),
         *claims_lines(figures),
         *norm_lines(probe, norm),
+        *dtype_lines(figures),
+        *search_lines(figures),
         "## What this does and does not show",
         "",
         "These are a 6-block ViT-Ti at 32 pixels, pretrained for minutes on synthetic formulas, on five small "
