@@ -5,7 +5,7 @@ Reads what the commands in :data:`COMMANDS` wrote (run them first, from the repo
 ``config.json`` (tools/pretrain_proxy.py), the ``inca-compare`` output of recipes/proxy-compare.yaml, three
 ``inca-probe`` reports on the demo tasks (the proxy, the same architecture with random weights, and the proxy's
 last block through its final norm), and the proxy against random weights on data its recipe never saw
-(tools/make_skimage_task.py: a linear probe each, and recipes/proxy-skimage.yaml at three seeds each), the
+(tools/make_photo_task.py: a linear probe each, and recipes/proxy-skimage.yaml at three seeds each), the
 comparison again at an equal tuning budget (``inca-compare --equal-budget``), and the ``--json`` figures of
 tools/bench_activations.py (test accuracy from stores of each element type) and tools/bench_search.py (successive
 halving against the grid), on the demo backbone and on the proxy. A missing input stops it, naming the file.
@@ -48,6 +48,7 @@ PROXY = "--backbone vit_tiny_patch16_224 --weights runs/proxy/model.safetensors 
         "patch_size=8 depth=6"
 RANDOM = "--backbone vit_tiny_patch16_224 --weights random --model-kwargs img_size=32 patch_size=8 depth=6"
 SKIMAGE = "runs/skimage-crops"
+CROPS = "tools/make_photo_task.py --source skimage"  # writes the independent task
 SEEDS = (0, 1, 2)  # of the comparison on the independent data, for its spread
 DTYPE_ARGS = {"demo": "--recipe recipes/demo.yaml",
               "proxy": "--recipe recipes/demo.yaml --weights runs/proxy/model.safetensors --model-kwargs img_size=32 "
@@ -63,7 +64,7 @@ COMMANDS = [
     f"inca-probe {RANDOM} --tasks {TASKS} --probes linear --out runs/random-probe",
     f"inca-probe {PROXY} --tasks {TASKS} --probes linear --layers -1 --final-norm --out runs/proxy-probe-norm",
     "pip install -e '.[results]'  # scikit-image, whose wheel holds the photographs",
-    f"python tools/make_skimage_task.py --out {SKIMAGE}",
+    f"python {CROPS} --out {SKIMAGE}",
     f"inca-probe {PROXY} --tasks folder:{SKIMAGE} --probes linear --out runs/proxy-skimage-probe",
     f"inca-probe {RANDOM} --tasks folder:{SKIMAGE} --probes linear --out runs/random-skimage-probe",
     f"for s in {' '.join(map(str, SEEDS))}; do",
@@ -85,13 +86,10 @@ README_END = "<!-- results:end -->"
 METHOD_NAMES = {"inca": "InCA", "full": "full fine-tuning", "linear": "linear head on the last block"}
 LAYER_PROBES = ("inca", "linear/cls", "linear/mean", "knn/cls", "knn/mean")
 RECIPE_HISTORY = (
-    "How the recipe was arrived at ([proxy-recipe.md](proxy-recipe.md) tells it in full): it was shaped on the "
-    "five tasks below. Flips and rotations were left out of the views so that synth-orientation stays learnable, "
-    "and the pixel-reconstruction term was added because, "
-    "with classification alone, the proxy's linear probe lost to random weights on digits and synth-colour. "
-    "Those tasks therefore cannot also be the evidence that its features are learned; the recipe is now frozen "
-    "(the command below repeats it), and [the proxy on data it was not designed on](#the-proxy-on-data-it-was-not-"
-    "designed-on) judges it on photographs that played no part in shaping it.")
+    "How the recipe was arrived at, on which images it was tried, and which data played no part in shaping it: "
+    "[proxy-recipe.md](proxy-recipe.md). The recipe is frozen (the command below repeats it), and [the proxy on data "
+    "it was not designed on](#the-proxy-on-data-it-was-not-designed-on) judges it on photographs that played no "
+    "part in shaping it.")
 
 
 def parse_args() -> argparse.Namespace:
@@ -345,7 +343,7 @@ def independent_lines(figures: dict[str, Any]) -> list[str]:
              "Crops of the real photographs and texture scans that scikit-image's wheel bundles (`skimage/data`: "
              "an astronaut portrait, a cameraman, a cat, coffee, coins, the Moon, a rocket launch, a retina, a "
              "stained tissue slide, cells, Hubble's deep field, a motorcycle, a clock, printed and handwritten "
-             "text, brick, grass, gravel), written by `tools/make_skimage_task.py`: the class is the source image, "
+             f"text, brick, grass, gravel), written by `{CROPS}`: the class is the source image, "
              f"{ind['classes']} classes ({sizes} crops), 32x32 crops of 24-64 pixels, and train, val and test "
              "crops come from disjoint tiles of each image, so no crop shares a pixel with another split's. The "
              "data is independent of the proxy: photographs, where the pretraining saw only formulas, installed "
