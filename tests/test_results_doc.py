@@ -142,7 +142,7 @@ def bench_figures(results):
                           "synth-count": {"float16": 0.60, "bfloat16": 0.57, "int8": 0.60}}}
     default = _summary([_record("digits", "inca", 0.9, 6, 3), _record("digits", "lora", 0.8, 1)], equal=False)
     equal = _summary([_record("digits", "inca", 0.85, 1, 5), _record("digits", "lora", 0.8, 1)], equal=True)
-    return {"search": [{"settings": settings, "threads": 1, "backbones": {"demo": tasks, "proxy": tasks}}],
+    return {"search": {"settings": settings, "threads": 1, "backbones": {"demo": tasks, "proxy": tasks}},
             "dtypes": {"demo": dtype, "proxy": dtype}, "equal_budget": results.budget_figures(default, equal)}
 
 
@@ -195,14 +195,12 @@ def test_a_missing_run_stops_the_generator_naming_it(results, bench_figures, tmp
 
     with pytest.raises(SystemExit, match="bench-search.json is missing"):
         results.search_figures(tmp_path)
-    demo_only = {**bench_figures["search"][0], "backbones": {"demo": bench_figures["search"][0]["backbones"]["demo"]}}
+    demo_only = {**bench_figures["search"], "backbones": {"demo": bench_figures["search"]["backbones"]["demo"]}}
     (tmp_path / "bench-search.json").write_text(json.dumps(demo_only))
     with pytest.raises(SystemExit, match="demo backbone only"):
         results.search_figures(tmp_path)
-    (tmp_path / "bench-search.json").write_text(json.dumps(bench_figures["search"][0]))
-    assert len(results.search_figures(tmp_path)) == 1  # the rate-2 run is optional
-    (tmp_path / results.SEARCH_ETA2).write_text(json.dumps(bench_figures["search"][0]))
-    assert len(results.search_figures(tmp_path)) == 2
+    (tmp_path / "bench-search.json").write_text(json.dumps(bench_figures["search"]))
+    assert results.search_figures(tmp_path) == bench_figures["search"]
 
 
 @pytest.mark.slow

@@ -54,7 +54,6 @@ DTYPE_ARGS = {"demo": "--recipe recipes/demo.yaml",
               "proxy": "--recipe recipes/demo.yaml --weights runs/proxy/model.safetensors --model-kwargs img_size=32 "
                        "patch_size=8 depth=6"}
 BACKBONE_NAMES = {"demo": "The demo's backbone (random weights)", "proxy": "The proxy"}
-SEARCH_ETA2 = "bench-search-eta2.json"  # optional: without it the halving section leaves rate 2 out
 COMMANDS = [
     "export OMP_NUM_THREADS=1  # one thread per process: faster on cores shared with other jobs",
     "python tools/pretrain_proxy.py --out runs/proxy{steps}",
@@ -75,8 +74,7 @@ COMMANDS = [
     "done",
     *(f'python tools/bench_activations.py --only --accuracy "{a}" --json runs/bench-dtype-{b}.json'
       for b, a in DTYPE_ARGS.items()),
-    "python tools/bench_search.py --repeats 2 --json runs/bench-search.json",
-    f"python tools/bench_search.py --halving-rate 2 --json runs/{SEARCH_ETA2}",
+    "python tools/bench_search.py --repeats {repeats} --json runs/bench-search.json",
     "python tools/proxy_results.py",
 ]
 WINDOW = DEFAULT_WINDOW  # steps in the trailing mean of the training loss, inca.convergence's
@@ -199,17 +197,14 @@ def budget_figures(default: dict[str, Any], equal: dict[str, Any]) -> dict[str, 
     return {"lr_grid": equal["protocol"]["lr_grid"], "tasks": tasks}
 
 
-def search_figures(runs: Path) -> list[dict[str, Any]]:
-    """tools/bench_search.py's ``--json`` runs: halving rate 3, then rate 2 where it was run; each must hold both
-    backbones."""
-    names = ["bench-search.json", *([SEARCH_ETA2] if (runs / SEARCH_ETA2).is_file() else [])]
-    searches = [read_run(runs / name) for name in names]
-    for name, search in zip(names, searches):
-        if set(search["backbones"]) != {"demo", "proxy"}:
-            raise SystemExit(f"{runs / name} holds the {' and '.join(search['backbones'])} backbone only: run "
-                             "tools/bench_search.py with neither --skip-demo nor --skip-proxy, the proxy's weights in "
-                             "place")
-    return searches
+def search_figures(runs: Path) -> dict[str, Any]:
+    """tools/bench_search.py's ``--json`` run, which must hold both backbones."""
+    search = read_run(runs / "bench-search.json")
+    if set(search["backbones"]) != {"demo", "proxy"}:
+        raise SystemExit(f"{runs / 'bench-search.json'} holds the {' and '.join(search['backbones'])} backbone only: "
+                         "run tools/bench_search.py with neither --skip-demo nor --skip-proxy, the proxy's weights in "
+                         "place")
+    return search
 
 
 def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[str, Any], random: dict[str, Any],
@@ -563,35 +558,34 @@ def dtype_lines(figures: dict[str, Any]) -> list[str]:
 
 
 def search_lines(figures: dict[str, Any]) -> list[str]:
-    """Successive halving against the full grid (tools/bench_search.py), per backbone and halving rate."""
-    runs = figures["search"]
-    settings = runs[0]["settings"]
+    """Successive halving against the full grid (tools/bench_search.py), per backbone."""
+    run = figures["search"]
+    settings = run["settings"]
     lines = ["## Successive halving against the grid", "",
              "`inca-train --search halving` against `--search grid` (`tools/bench_search.py`): every layer x "
              f"learning rates {', '.join(f'{v:g}' for v in settings['lr'])} x queries "
              f"{', '.join(map(str, settings['queries']))} x weight decays "
              f"{', '.join(f'{v:g}' for v in settings['weight_decay'])}, {settings['epochs']} epochs, on each task "
              f"of `recipes/demo.yaml`, its two searches reading one activation store, interleaved, at "
-             f"{_plural(runs[0]['threads'], 'thread')}. Wall time is the median over the runs; test accuracy is that "
+             f"{_plural(run['threads'], 'thread')}. Wall time is the median over the runs; test accuracy is that "
              "of the adapter each search selects on val; selected: where the searches' choices differ, what became "
              "of the grid's choice in the halving run.", ""]
-    for run in runs:
-        for name, tasks in run["backbones"].items():
-            rows = [[t["task"], t["adapters"], f"{t['grid']['wall']:.1f}", f"{t['halving']['wall']:.1f}",
-                     f"{t['halving']['wall'] / t['grid']['wall']:.2f}x",
-                     f"{t['halving']['adapter_epochs']} of {t['grid']['adapter_epochs']}",
-                     f"{t['grid']['test_acc']:.3f}", f"{t['halving']['test_acc']:.3f}",
-                     f"{100 * (t['halving']['test_acc'] - t['grid']['test_acc']):+.1f}", t["selected"]] for t in tasks]
-            wall = {s: sum(t[s]["wall"] for t in tasks) for s in ("grid", "halving")}
-            test = {s: float(np.mean([t[s]["test_acc"] for t in tasks])) for s in ("grid", "halving")}
-            lines += [f"### {BACKBONE_NAMES[name]}, halving rate {run['settings']['halving_rate']}, "
-                      f"{_plural(run['settings']['repeats'], 'run')} of each search", "",
-                      markdown_table(["task", "adapters", "grid s", "halving s", "halving / grid",
-                                      "halving's adapter-epochs", "grid test", "halving test", "points", "selected"],
-                                     rows).rstrip(), "",
-                      f"Over the tasks: halving took {wall['halving'] / wall['grid']:.2f}x the grid's wall time, and "
-                      f"the mean test accuracy of the selected adapter is {test['halving']:.3f} against "
-                      f"{test['grid']:.3f} ({_points(test['halving'] - test['grid'])} points).", ""]
+    for name, tasks in run["backbones"].items():
+        rows = [[t["task"], t["adapters"], f"{t['grid']['wall']:.1f}", f"{t['halving']['wall']:.1f}",
+                 f"{t['halving']['wall'] / t['grid']['wall']:.2f}x",
+                 f"{t['halving']['adapter_epochs']} of {t['grid']['adapter_epochs']}",
+                 f"{t['grid']['test_acc']:.3f}", f"{t['halving']['test_acc']:.3f}",
+                 f"{100 * (t['halving']['test_acc'] - t['grid']['test_acc']):+.1f}", t["selected"]] for t in tasks]
+        wall = {s: sum(t[s]["wall"] for t in tasks) for s in ("grid", "halving")}
+        test = {s: float(np.mean([t[s]["test_acc"] for t in tasks])) for s in ("grid", "halving")}
+        lines += [f"### {BACKBONE_NAMES[name]}, halving rate {run['settings']['halving_rate']}, "
+                  f"{_plural(run['settings']['repeats'], 'run')} of each search", "",
+                  markdown_table(["task", "adapters", "grid s", "halving s", "halving / grid",
+                                  "halving's adapter-epochs", "grid test", "halving test", "points", "selected"],
+                                 rows).rstrip(), "",
+                  f"Over the tasks: halving took {wall['halving'] / wall['grid']:.2f}x the grid's wall time, and "
+                  f"the mean test accuracy of the selected adapter is {test['halving']:.3f} against "
+                  f"{test['grid']:.3f} ({_points(test['halving'] - test['grid'])} points).", ""]
     return lines
 
 
@@ -676,7 +670,6 @@ def main() -> None:
     figures["equal_budget"] = budget_figures(summary, read_run(runs / "proxy-compare-equal" / COMPARE_JSON))
     figures["dtypes"] = {name: read_run(runs / f"bench-dtype-{name}.json") for name in DTYPE_ARGS}
     figures["search"] = search_figures(runs)
-    commands = [c for c in COMMANDS if SEARCH_ETA2 not in c or len(figures["search"]) > 1]
     kwargs = " ".join(f"{k}={v}" for k, v in proxy["model_kwargs"].items())
     lines = [
         "# Results on a pretrained proxy backbone",
@@ -698,7 +691,7 @@ def main() -> None:
         "```",
         *(c.replace("{steps}", "" if pretraining["calibrated"] else
                     f" --steps {pretraining['planned_steps']} --minutes 20  # the frozen recipe")
-          for c in commands),
+          .replace("{repeats}", str(figures["search"]["settings"]["repeats"])) for c in COMMANDS),
         "```",
         "",
         sizing(pretraining) + f" Machine: {os.cpu_count()} CPU cores "
