@@ -103,7 +103,7 @@ def test_folder_split_layout(tmp_path, monkeypatch):
     assert task.sizes() == {"train": 18, "val": 6, "test": 9}
     listed, visible = [], inca.tasks.folder._visible_entries  # a load lists every folder once
     monkeypatch.setattr(inca.tasks.folder, "_visible_entries", lambda s, d: listed.append(str(d)) or visible(s, d))
-    assert inca.tasks.folder.load_folder_task("folder:x", str(tmp_path)).sizes() == task.sizes()
+    assert load_task(f"folder:{tmp_path}").sizes() == task.sizes()
     assert len(listed) == len(set(listed)) == 1 + 3 + 3 * 3  # the root, its split folders and their class folders
     assert "/val/" in task.splits["val"].source.describe(int(task.splits["val"].rows[0]))
 

@@ -388,4 +388,5 @@ def _load(spec: str, path: str, settings: TaskLoadConfig) -> Task:
 register_task_source(
     "folder:", load=_load, check=_check, canonical=canonical_folder, spec_form="folder:PATH",
     summary="images in PATH/<class>/ or PATH/{train,val,test}/<class>/",
+    check_on_load=False,  # the load checks the layout and each train class's images from its one listing
 )  # fmt: skip

@@ -8,7 +8,8 @@ A task source turns the specs it claims into a :class:`~inca.tasks.base.Task`. I
   them when it declares settings of its own;
 * optionally ``check(spec, argument, settings)``: cheap checks (a folder exists and has the layout, a dataset
   name is known) that run for every spec before torch, a backbone or any task is loaded, so a typo costs
-  nothing; they import no torch;
+  nothing; they import no torch. :func:`load_task` runs them again before ``load``, unless the source says its
+  load makes them itself (``check_on_load=False``: a folder's load lists its folders once);
 * optionally ``canonical(argument) -> argument``: the one spelling of what ``argument`` names (a folder's
   resolved absolute path), so that every spelling of a spec is one task (one fingerprint, store and output).
 
@@ -104,6 +105,7 @@ class TaskSource:
     check: CheckFn | None = None
     config: type[TaskLoadConfig] = TaskLoadConfig
     canonical: CanonicalFn | None = None
+    check_on_load: bool = True
 
     def argument(self, spec: str) -> str | None:
         """What ``spec`` names for this source (the text after its prefix, or the exact name); None when the
@@ -140,12 +142,14 @@ def register_task_source(
     config: type[TaskLoadConfig] = TaskLoadConfig,
     name: str | None = None,
     canonical: CanonicalFn | None = None,
+    check_on_load: bool = True,
 ) -> TaskSource:
     """Add a task source to :data:`TASK_SOURCES` and return it.
 
     ``prefix_or_names`` is a prefix ending in ``:`` (``"hf:"``: the source is named ``hf``), one exact spec
     (``"digits"``), or several (then ``name`` names the family: ``synth``); ``canonical`` (prefix sources) gives
-    the one spelling of an argument (see the module docstring). Settings of the source's own are
+    the one spelling of an argument and ``check_on_load=False`` says the load makes every check of ``check``
+    itself (see the module docstring). Settings of the source's own are
     fields of a ``config`` subclassing :class:`TaskLoadConfig`, each with a default, help and source (checked
     here, so a source missing one fails at import).
     """
@@ -166,7 +170,7 @@ def register_task_source(
         raise ValueError(f"task source {name!r}: its config must subclass TaskLoadConfig (shared settings)")
     config.check_definition(f"task source {name!r}")
     return TASK_SOURCES.register(name, TaskSource(name, prefix, names, load, spec_form, summary, check, config,
-                                                  canonical))
+                                                  canonical, check_on_load))
 
 
 def task_spec_forms() -> str:
@@ -244,7 +248,7 @@ def load_task(
         raise TypeError("load_task: pass the loading settings as keywords or as settings=, not both")
     source, argument = find_task_source(spec)
     settings = source.settings(settings)
-    if source.check is not None:
+    if source.check is not None and source.check_on_load:
         source.check(spec.strip(), argument, settings)
     if source.canonical is not None:
         argument = source.canonical(argument)
