@@ -76,7 +76,7 @@ def train_suite(
     ``settings``: the grid and training options (``epochs=3``, ``lr=[1e-3, 3e-3]``, ``ensemble=2``, ...; see
     ``inca-train --help``), or a ``config``. The probe report is checked against every task before training."""
     from .probe import layers_from_report
-    from .probe_report import ProbeReport, check_probe_report
+    from .probe_report import check_probe_report
     from .probes.ranking import RANK_BY, best_count
     from .train.config import InCATrainConfig
     from .training import run_train_suite
@@ -85,9 +85,9 @@ def train_suite(
     specs = [_spec(t) for t in tasks]
     config = config or InCATrainConfig(**settings)
     spec = _layer_text(layers)
-    report = probe_report if probe_report is None or isinstance(probe_report, ProbeReport) else str(probe_report)
+    report = probe_report
     if best_count(spec) is not None and report is not None:  # every task, probed on as many blocks, before any loads
-        report = check_probe_report(report, specs, backbone.num_blocks)  # read once, passed on
+        report = check_probe_report(report, specs, backbone.num_blocks)  # read once (unless read already), passed on
     layers_for = layers_from_report(spec, backbone.num_blocks, report, rank_by or RANK_BY)
     return run_train_suite(backbone, specs, layers_for, spec, config, out, load_task=load_task or _loader(tasks),
                            overwrite=overwrite, log=log)
