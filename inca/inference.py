@@ -114,17 +114,18 @@ def save_end_to_end(
 def load_end_to_end(directory: str | os.PathLike, backbone: Backbone) -> EndToEndModel:
     """What :func:`save_end_to_end` wrote, rebuilt on ``backbone`` (the one it records, which must have the same
     weights): a trainable copy with a new head, and the method's ``load`` puts the saved tensors in."""
-    config = read_config(directory)
-    method = get_method(str(config.get(TRAINED_WITH) or config.get("method")))
-    classes = config.get("classes")
-    if method.load is None or not isinstance(classes, list) or not classes:
-        raise InCAError(f"{directory} holds a {method.name!r} model without the classes inca-compare records (or a "
-                        "method that cannot load one); save it again with inca-compare")
-    metadata = {key: value for key, value in config.items() if key not in ("method", TRAINED_WITH, "classes")}
-    check_adapter_fits(metadata, backbone, str(config.get("task") or directory))
-    with torch.random.fork_rng(devices=[]):  # the new head's draw, overwritten by the saved one
-        model = trainable_copy(backbone, len(classes), pool=config.get("head_pool"))
-    method.load(model, directory)  # checks the weights and the config's signature
+    with configs_read_once():  # the method's load shares this read of the config
+        config = read_config(directory)
+        method = get_method(str(config.get(TRAINED_WITH) or config.get("method")))
+        classes = config.get("classes")
+        if method.load is None or not isinstance(classes, list) or not classes:
+            raise InCAError(f"{directory} holds a {method.name!r} model without the classes inca-compare records (or "
+                            "a method that cannot load one); save it again with inca-compare")
+        metadata = {key: value for key, value in config.items() if key not in ("method", TRAINED_WITH, "classes")}
+        check_adapter_fits(metadata, backbone, str(config.get("task") or directory))
+        with torch.random.fork_rng(devices=[]):  # the new head's draw, overwritten by the saved one
+            model = trainable_copy(backbone, len(classes), pool=config.get("head_pool"))
+        method.load(model, directory)  # checks the weights and the config's signature
     return EndToEndModel(model, method.name, classes, metadata)
 
 

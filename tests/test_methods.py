@@ -168,10 +168,15 @@ def count_weight_writes(monkeypatch) -> list[str]:
     return written
 
 
-def test_a_saved_end_to_end_model_is_refused_once_its_config_or_weights_are_edited(tiny_backbone, data, tmp_path):
+def test_a_saved_end_to_end_model_is_refused_once_its_config_or_weights_are_edited(tiny_backbone, data, tmp_path,
+                                                                                    monkeypatch):
     model = build(tiny_backbone, "linear", {}, data)
     save_end_to_end("linear", model, tmp_path, tiny_backbone, list("wxyz"), None, {"task": "t"})
-    loaded = load_end_to_end(tmp_path, tiny_backbone)
+    with monkeypatch.context() as patched:  # the config is read once: rebuilding and the method's load share it
+        reads, read = [], common.read_json_file
+        patched.setattr(common, "read_json_file", lambda path, *a: reads.append(path) or read(path, *a))
+        loaded = load_end_to_end(tmp_path, tiny_backbone)
+    assert reads == [tmp_path / CONFIG_FILE]
     with torch.no_grad():
         assert torch.equal(loaded(images()), model(images()))
     assert loaded.classes == list("wxyz") and loaded.metadata["task"] == "t"

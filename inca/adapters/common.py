@@ -311,7 +311,11 @@ _READ: ContextVar[dict[Path, dict[str, Any]] | None] = ContextVar("inca_adapter_
 @contextmanager
 def configs_read_once() -> Iterator[None]:
     """Inside this block each saved adapter's config is read from disk once: choosing its loader, checking its
-    provenance and loading it (a method's ``load(model, directory)``, which takes a directory) share that read."""
+    provenance and loading it (a method's ``load(model, directory)``, which takes a directory) share that read.
+    A block inside another shares the outer one's reads."""
+    if _READ.get() is not None:
+        yield
+        return
     token = _READ.set({})
     try:
         yield
