@@ -193,14 +193,23 @@ def test_readme_quotes_no_benchmark_figure(results):
 def test_a_missing_run_stops_the_generator_naming_it(results, bench_figures, tmp_path):
     import json
 
-    with pytest.raises(SystemExit, match="bench-search.json is missing"):
+    with pytest.raises(SystemExit, match="bench-search-demo.json is missing"):
         results.search_figures(tmp_path)
-    demo_only = {**bench_figures["search"], "backbones": {"demo": bench_figures["search"]["backbones"]["demo"]}}
-    (tmp_path / "bench-search.json").write_text(json.dumps(demo_only))
-    with pytest.raises(SystemExit, match="demo backbone only"):
+    search = bench_figures["search"]
+    for name in ("demo", "proxy"):  # each file holds the other backbone only
+        other = "proxy" if name == "demo" else "demo"
+        part = {**search, "backbones": {other: search["backbones"][other]}}
+        (tmp_path / results.SEARCH_RUNS[name]).write_text(json.dumps(part))
+    with pytest.raises(SystemExit, match="holds no run on the demo backbone"):
         results.search_figures(tmp_path)
-    (tmp_path / "bench-search.json").write_text(json.dumps(bench_figures["search"]))
-    assert results.search_figures(tmp_path) == bench_figures["search"]
+    for name in ("demo", "proxy"):
+        part = {**search, "backbones": {name: search["backbones"][name]}}
+        (tmp_path / results.SEARCH_RUNS[name]).write_text(json.dumps(part))
+    assert results.search_figures(tmp_path) == search
+    slower = {**search, "threads": 2, "backbones": {"proxy": search["backbones"]["proxy"]}}
+    (tmp_path / results.SEARCH_RUNS["proxy"]).write_text(json.dumps(slower))
+    with pytest.raises(SystemExit, match="different settings or threads"):
+        results.search_figures(tmp_path)
 
 
 @pytest.mark.slow
@@ -210,14 +219,15 @@ def test_bench_search_json_is_what_the_generator_reads(results, tmp_path, monkey
     import sys
 
     search = load_tool("bench_search")
-    out = tmp_path / "bench-search.json"
+    out = tmp_path / results.SEARCH_RUNS["demo"]
     monkeypatch.setattr(sys, "argv", ["bench_search.py", "--tasks", "synth-colour", "--epochs", "3", "--lr",
                                       "3e-3,1e-3", "--queries", "1", "--weight-decay", "1e-4", "--skip-proxy",
                                       "--json", str(out)])
     search.main()
     written = json.loads(out.read_text())
-    with pytest.raises(SystemExit, match="demo backbone only"):
+    with pytest.raises(SystemExit, match="bench-search-proxy.json is missing"):
         results.search_figures(tmp_path)
-    written["backbones"]["proxy"] = written["backbones"]["demo"]
-    text = "\n".join(results.search_lines({"search": [written]}))
+    (tmp_path / results.SEARCH_RUNS["proxy"]).write_text(json.dumps(
+        {**written, "backbones": {"proxy": written["backbones"]["demo"]}}))
+    text = "\n".join(results.search_lines({"search": results.search_figures(tmp_path)}))
     assert "| synth-colour" in text and "of 24" in text  # 8 adapters x 3 epochs in the grid

@@ -53,6 +53,7 @@ SEEDS = (0, 1, 2)  # of the comparison on the independent data, for its spread
 DTYPE_ARGS = {"demo": "--recipe recipes/demo.yaml",
               "proxy": "--recipe recipes/demo.yaml --weights runs/proxy/model.safetensors --model-kwargs img_size=32 "
                        "patch_size=8 depth=6"}
+SEARCH_RUNS = {"demo": "bench-search-demo.json", "proxy": "bench-search-proxy.json"}  # tools/bench_search.py --json
 BACKBONE_NAMES = {"demo": "The demo's backbone (random weights)", "proxy": "The proxy"}
 COMMANDS = [
     "export OMP_NUM_THREADS=1  # one thread per process: faster on cores shared with other jobs",
@@ -74,7 +75,8 @@ COMMANDS = [
     "done",
     *(f'python tools/bench_activations.py --only --accuracy "{a}" --json runs/bench-dtype-{b}.json'
       for b, a in DTYPE_ARGS.items()),
-    "python tools/bench_search.py --repeats {repeats} --json runs/bench-search.json",
+    *(f"python tools/bench_search.py --skip-{other} --repeats {{repeats}} --json runs/{SEARCH_RUNS[name]}"
+      for name, other in (("demo", "proxy"), ("proxy", "demo"))),
     "python tools/proxy_results.py",
 ]
 WINDOW = DEFAULT_WINDOW  # steps in the trailing mean of the training loss, inca.convergence's
@@ -198,13 +200,18 @@ def budget_figures(default: dict[str, Any], equal: dict[str, Any]) -> dict[str, 
 
 
 def search_figures(runs: Path) -> dict[str, Any]:
-    """tools/bench_search.py's ``--json`` run, which must hold both backbones."""
-    search = read_run(runs / "bench-search.json")
-    if set(search["backbones"]) != {"demo", "proxy"}:
-        raise SystemExit(f"{runs / 'bench-search.json'} holds the {' and '.join(search['backbones'])} backbone only: "
-                         "run tools/bench_search.py with neither --skip-demo nor --skip-proxy, the proxy's weights in "
-                         "place")
-    return search
+    """tools/bench_search.py's ``--json`` runs, one a backbone (the demo's needs no proxy, so it can run first),
+    joined into one: they must share their settings and threads."""
+    parts = {name: read_run(runs / file) for name, file in SEARCH_RUNS.items()}
+    for name, part in parts.items():
+        if name not in part["backbones"]:
+            raise SystemExit(f"{runs / SEARCH_RUNS[name]} holds no run on the {name} backbone: rerun its command")
+    demo, proxy = parts["demo"], parts["proxy"]
+    if (demo["settings"], demo["threads"]) != (proxy["settings"], proxy["threads"]):
+        raise SystemExit(f"{runs / SEARCH_RUNS['demo']} and {runs / SEARCH_RUNS['proxy']} were run with different "
+                         "settings or threads: rerun both with the same")
+    return {"settings": demo["settings"], "threads": demo["threads"],
+            "backbones": {name: part["backbones"][name] for name, part in parts.items()}}
 
 
 def collect(pretraining: dict[str, Any], compare: dict[str, Any], probe: dict[str, Any], random: dict[str, Any],
