@@ -149,7 +149,9 @@ def run_suite(
             suite.complete_replacement(out / report_file)
             return suite.report
         suite.report = world.broadcast(suite.report)
-        pending = suite.pending(list(units))
+        pending = suite.pending(units)
+        for _ in range(len(units) - len(pending)):  # finished in an earlier run: done, as run_in_order counts them
+            unit_done()
         if len(pending) < world.size:
             suite.run_data_parallel(pending)
         else:
@@ -261,6 +263,7 @@ class _SuiteRun:
             result = self.run_unit(unit, data_parallel=True)
             if self.world.is_main:
                 self.keep(unit, result)
+            unit_done()
         if self.world.is_main:
             self.save()
 
@@ -277,6 +280,7 @@ class _SuiteRun:
                                   {"config": self.report["config"], "key": unit.key, "result": result})
                 if self.world.is_main:  # the reports grow as units finish, not only at the end
                     self.write_interim(order)
+                unit_done()  # this rank's progress lines count the units it ran
         self.world.barrier()
         if self.world.is_main:
             self.merge(order)
