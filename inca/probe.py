@@ -22,7 +22,7 @@ import numpy as np
 from .backbone import Backbone, resolve_layers
 from .errors import InCAError
 from .io import atomic_write_text
-from .probe_report import read_probe_report
+from .probe_report import ProbeReport, read_probe_report
 from .probes import ProbeSuiteConfig
 from .probes.ranking import RANK_BY, best_count, check_rank_by, probe_keys, rank_by_probe, tied_with_best
 from .probes.run import run_probes, usable_pools
@@ -181,7 +181,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def layers_from_report(
-    spec: str, num_blocks: int, report: str | None, rank_by: str = RANK_BY
+    spec: str, num_blocks: int, report: str | os.PathLike | ProbeReport | None, rank_by: str = RANK_BY
 ) -> Callable[[Task], list[int]]:
     """Layers to train per task: a plain layer spec, or ``best:K``, the K layers that ``rank_by``'s probe ranked
     best on val for that task in an ``inca-probe`` report."""
@@ -214,7 +214,7 @@ def layers_from_report(
     return best_layers
 
 
-def _read_results(report: str) -> dict[str, dict[str, Any]]:
+def _read_results(report: str | os.PathLike | ProbeReport) -> dict[str, dict[str, Any]]:
     """Each task's probe results in the ``inca-probe`` report ``report``; a file that is not one (missing, not
     JSON, not a report, a task without its results) is refused in one line. Keyed by canonical spec."""
     tasks = read_probe_report(report)["tasks"]
