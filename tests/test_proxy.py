@@ -21,21 +21,21 @@ def proxy():
 
 
 def test_every_family_draws_distinct_classes_deterministically_from_the_seed(proxy):
-    counts = {"fractals": 2, "contours": 2, "textures": 2}
+    counts = {"fractals": 2, "contours": 2, "textures": 2, "leaves": 2}
     images, labels = proxy.make_dataset(counts, 4, seed=0)
-    assert images.shape == (24, 32, 32, 3) and images.dtype == np.uint8
-    assert labels.tolist() == [c for c in range(6) for _ in range(4)]
+    assert images.shape == (32, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [c for c in range(8) for _ in range(4)]
     again, _ = proxy.make_dataset(counts, 4, seed=0)
     other, _ = proxy.make_dataset(counts, 4, seed=1)
     assert np.array_equal(images, again) and not np.array_equal(images, other)
-    means = images.reshape(6, 4, -1).astype(float).mean(1)
-    assert all(np.abs(means[a] - means[b]).mean() > 1 for a in range(6) for b in range(a))  # classes differ
+    means = images.reshape(8, 4, -1).astype(float).mean(1)
+    assert all(np.abs(means[a] - means[b]).mean() > 1 for a in range(8) for b in range(a))  # classes differ
     assert images.std() > 20  # not blank
 
 
 def test_views_are_seeded_crops_of_the_same_size(proxy):
     images = torch.rand(4, 3, 32, 32)
-    views = [proxy.random_views(images, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    views = [proxy.random_views(images, torch.Generator().manual_seed(s), grey_share=0.5) for s in (0, 0, 1)]
     assert views[0].shape == images.shape and torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])
 
 
@@ -43,7 +43,7 @@ def test_views_are_seeded_crops_of_the_same_size(proxy):
 def test_a_short_run_writes_weights_inca_loads(tmp_path):
     out = tmp_path / "proxy"
     args = ["--out", str(out), "--steps", "3", "--warmup-steps", "2", "--fractals", "2", "--contours", "1",
-            "--textures", "1", "--per-class", "8", "--batch-size", "8", "--depth", "2"]
+            "--textures", "1", "--leaves", "1", "--per-class", "8", "--batch-size", "8", "--depth", "2"]
     done = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, check=True)
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"] == "vit_tiny_patch16_224"

@@ -1,4 +1,5 @@
-"""tools/make_skimage_task.py: no crop shares a pixel with a crop of another split, and the task is seeded."""
+"""tools/make_photo_task.py: no crop shares a pixel with a crop of another split, the task is seeded, and the design
+set's images load from the installed packages."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from tests.conftest import load_tool
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("make_skimage_task")
+    return load_tool("make_photo_task")
 
 
 def _covered(boxes, width, height):
@@ -34,3 +35,12 @@ def test_splits_draw_crops_from_disjoint_pixels(tool, width, height):
 def test_the_same_seed_deals_the_same_tiles(tool):
     first, again, other = (tool.deal_tiles(256, 256, np.random.default_rng(s)) for s in (0, 0, 1))
     assert first == again and first != other
+
+
+def test_design_images_load_and_each_gives_every_split_a_tile(tool):
+    images = tool.design_images()
+    assert len(images) == 6 and not set(images) & {name.split(".")[0] for name in tool.SKIMAGE}
+    for name, image in images.items():
+        image = tool.shrink(image)
+        assert image.mode == "RGB" and min(image.size) <= tool.MAX_SIDE, name
+        assert all(tool.deal_tiles(image.width, image.height, np.random.default_rng(0)).values()), name
