@@ -231,3 +231,16 @@ def test_bench_search_json_is_what_the_generator_reads(results, tmp_path, monkey
         {**written, "backbones": {"proxy": written["backbones"]["demo"]}}))
     text = "\n".join(results.search_lines({"search": results.search_figures(tmp_path)}))
     assert "| synth-colour" in text and "of 24" in text  # 8 adapters x 3 epochs in the grid
+
+
+def test_a_linear_probe_tied_on_val_counts_the_mean_of_the_tied_not_the_first_listed(results):
+    """Block 2's CLS and block 5's mean pool share the best val accuracy: neither the pool listed first nor the
+    shallower layer decides the figure, and the text names both."""
+    result = {"results": {"linear/cls": {"2": {"val": 0.7, "test": 0.6}, "5": {"val": 0.5, "test": 0.9}},
+                          "linear/mean": {"2": {"val": 0.6, "test": 0.5}, "5": {"val": 0.7, "test": 0.8}}}}
+    assert results.best_linear_probe(result) == pytest.approx(0.7)
+    cells = [{"pool": p, "layer": int(layer), "test": s["test"]} for p, layer, s in results.best_linear_cells(result)]
+    assert cells == [{"pool": "cls", "layer": 2, "test": 0.6}, {"pool": "mean", "layer": 5, "test": 0.8}]
+    text = " ".join(results.tie_lines({"random": cells}))
+    assert "block 2 (cls pool, test 0.600) and block 5 (mean pool, test 0.800)" in text
+    assert results.tie_lines({}) == []
