@@ -16,7 +16,8 @@ on frozen random features). With the pretrained proxy of ``docs/results.md`` pre
     OMP_NUM_THREADS=1 python tools/bench_search.py
     OMP_NUM_THREADS=1 python tools/bench_search.py --tasks digits --repeats 3 --skip-proxy
     OMP_NUM_THREADS=1 python tools/bench_search.py --skip-demo      # the proxy backbone alone
-    OMP_NUM_THREADS=1 python tools/bench_search.py --repeats 2 --json runs/bench-search.json   # docs/results.md's
+    OMP_NUM_THREADS=1 python tools/bench_search.py --skip-proxy --json runs/bench-search-demo.json   # docs/results.md's
+    OMP_NUM_THREADS=1 python tools/bench_search.py --skip-demo --json runs/bench-search-proxy.json   # two runs
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ def main() -> None:
         atomic_write_json(Path(args.json), {"settings": settings, "threads": torch.get_num_threads(),
                                             "backbones": figures})
         print(f"wrote {args.json}")
+
 
 if __name__ == "__main__":
     main()

@@ -720,7 +720,7 @@ def main() -> None:
         "",
         "```",
         *(c.replace("{steps}", "" if pretraining["calibrated"] else
-                    f" --steps {pretraining['planned_steps']} --minutes 20  # the frozen recipe")
+                    f" --steps {pretraining['planned_steps']} --minutes 40  # the frozen recipe (40: a cap only)")
           .replace("{repeats}", str(figures["search"]["settings"]["repeats"])) for c in COMMANDS),
         "```",
         "",
