@@ -6,7 +6,9 @@ the LayerNorm; from an int8 store, a gather of about 1.07 bytes a value, then th
 the int8 values, a multiply by their group's scale, a scatter of the float16 outliers) and the same LayerNorm.
 This prints each step's time for one batch, the two paths interleaved (best and median of ``--repeats``), so that
 the int8 epoch's ratio to float16 can be read off: the bytes an int8 store saves are worth the gather's
-difference, the dequantisation costs the difference of the middle steps.
+difference, the dequantisation costs the difference of the middle steps. "int8 x scale, one mixed op" times the
+one fusion stock torch offers (``torch.mul`` of the int8 values by their float scales, without the outliers)
+against "two kernels", the conversion and the in-place multiply the dequantisation runs.
 
     OMP_NUM_THREADS=1 python tools/profile_int8.py --dim 384 --tokens 197 --batch 64
 """
@@ -47,6 +49,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256, help="rows of the memmapped layer gathered from")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    if args.batch > args.rows:
+        parser.error(f"--batch {args.batch} exceeds --rows {args.rows}: a batch is gathered from those rows")
 
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(args.rows, args.tokens, args.dim, generator=generator)
@@ -61,11 +65,16 @@ def main() -> None:
         batch16 = torch.from_numpy(halves[rows])
         batch8 = QuantizedTokens(torch.from_numpy(bytes8[rows]), packed.layout)
         converted = batch8.dequantize()
+        layout = packed.layout
+        values = batch8.raw[..., : layout.dim].contiguous().view(-1, layout.group)
+        scales = batch8.raw[..., layout.dim :].contiguous().view(torch.float16)[..., : layout.groups].reshape(-1, 1)
         steps = {
             "gather float16": lambda: torch.from_numpy(halves[rows]),
             "gather int8": lambda: torch.from_numpy(bytes8[rows]),
             "float16 -> float32": lambda: batch16.float(),
             "int8 dequantise": lambda: batch8.dequantize(),
+            "int8 x scale, two kernels": lambda: values.float().mul_(scales.float()),
+            "int8 x scale, one mixed op": lambda: torch.mul(values, scales.float()),
             "LayerNorm": lambda: F.layer_norm(converted, converted.shape[-1:], eps=LN_EPS),
             "standardise float16 (all)": lambda: standardise(torch.from_numpy(halves[rows])),
             "standardise int8 (all)": lambda: standardise(QuantizedTokens(torch.from_numpy(bytes8[rows]),
