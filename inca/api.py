@@ -85,10 +85,9 @@ def train_suite(
     specs = [_spec(t) for t in tasks]
     config = config or InCATrainConfig(**settings)
     spec = _layer_text(layers)
-    report = probe_report
-    if best_count(spec) is not None and report is not None:  # every task, probed on as many blocks, before any loads
-        report = check_probe_report(report, specs, backbone.num_blocks)  # read once (unless read already), passed on
-    layers_for = layers_from_report(spec, backbone.num_blocks, report, rank_by or RANK_BY)
+    if best_count(spec) is not None and probe_report is not None:  # every task, probed as deep, before any loads
+        probe_report = check_probe_report(probe_report, specs, backbone.num_blocks)  # read once, passed on
+    layers_for = layers_from_report(spec, backbone.num_blocks, probe_report, rank_by or RANK_BY)
     return run_train_suite(backbone, specs, layers_for, spec, config, out, load_task=load_task or _loader(tasks),
                            overwrite=overwrite, log=log)
 

@@ -7,6 +7,7 @@ so every method saves only what it trained and refuses to load onto something it
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -328,9 +329,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     :func:`read_adapter` does): enough to choose the loader of the method it names. Inside
     :func:`configs_read_once`, a config read already is not read again."""
     directory = Path(directory)
-    read = _READ.get()
-    if read is not None and directory.resolve() in read:
-        return read[directory.resolve()]
+    read, key = _READ.get(), directory.resolve()
+    if read is not None and key in read:
+        return copy.deepcopy(read[key])  # a caller's edit must not reach the next reader
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise InCAError(f"{directory} is not a saved adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (files)")
@@ -340,7 +341,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InCAError(f"{config_path} is not an adapter config (a JSON object); save the adapter again")
     if read is not None:
-        read[directory.resolve()] = config
+        read[key] = copy.deepcopy(config)
     return config
 
 
