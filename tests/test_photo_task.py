@@ -44,3 +44,25 @@ def test_design_images_load_and_each_gives_every_split_a_tile(tool):
         image = tool.shrink(image)
         assert image.mode == "RGB" and min(image.size) <= tool.MAX_SIDE, name
         assert all(tool.deal_tiles(image.width, image.height, np.random.default_rng(0)).values()), name
+
+
+def _exit_code(tool, argv):
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(argv)
+    return exit_.value.code
+
+
+def test_bad_input_exits_2_and_writes_nothing(tool, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "crops"
+    out.mkdir()
+    assert _exit_code(tool, ["--source", "design", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and not any(out.iterdir())
+    fresh = tmp_path / "fresh"
+    assert _exit_code(tool, ["--source", "design", "--out", str(fresh), "--val", "0"]) == 2
+
+    def missing():
+        raise tool.MissingImages("scikit-image is not installed")
+
+    monkeypatch.setitem(tool.SOURCES, "skimage", missing)
+    assert _exit_code(tool, ["--source", "skimage", "--out", str(fresh)]) == 2
+    assert "not installed" in capsys.readouterr().err and not fresh.exists()

@@ -4,11 +4,12 @@ design set, by the same code.
 Why this data: the proxy backbone (tools/pretrain_proxy.py) is made for small real images, yet its formulas
 are drawn, not photographed. Two sources, kept apart by their role (docs/proxy-recipe.md):
 
-* ``--source design``: the images recipe candidates are compared on. The real images that matplotlib and
-  scikit-learn bundle (``mpl-data/sample_data``, ``sklearn/datasets/images``): Grace Hopper's portrait, a
-  product photograph of a blue gift pack, an MRI slice of a head (``s1045.ima.gz``), the elevation raster of
-  the Jacksboro fault (``jacksboro_fault_dem.npz``, as grey levels), and the photographs of a Chinese temple
-  and a flower. Drawings, a logo and rasters smaller than three tiles (``topobathy.npz``) are left out.
+* ``--source design``: the images recipe candidates are compared on, from matplotlib and scikit-learn
+  (``mpl-data/sample_data``, ``sklearn/datasets/images``): Grace Hopper's portrait, the photographs of a
+  Chinese temple and a flower, an MRI slice of a head (``s1045.ima.gz``), the elevation raster of the
+  Jacksboro fault (``jacksboro_fault_dem.npz``, as grey levels), and one rendered illustration, a blue gift
+  pack (``Minduka_Present_Blue_Pack.png``), kept because every recorded design-set figure was measured with
+  it. The other drawings, a logo and rasters smaller than three tiles (``topobathy.npz``) are left out.
 * ``--source skimage``: the images the frozen recipe is judged on, once, and never designed on: the
   photographs and scans that scikit-image's wheel bundles (``skimage/data``: a portrait, a cat, a coffee
   cup, coins, the Moon, a rocket launch, a retina, a stained tissue slide, Hubble's deep field, printed text,
@@ -55,7 +56,11 @@ SIZE = 32  # the proxy's input size
 SPLIT_SHARES = {"train": 0.7, "val": 0.1, "test": 0.2}  # of each image's tiles
 
 
-def parse_args() -> argparse.Namespace:
+class MissingImages(Exception):
+    """A package that holds a set's images is not installed, or lacks some of them."""
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, choices=sorted(SOURCES),
                         help="design: matplotlib's and scikit-learn's images (to compare recipes on); skimage: "
@@ -65,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train", type=int, default=60, help="crops per image in train")
     parser.add_argument("--val", type=int, default=15, help="crops per image in val")
     parser.add_argument("--test", type=int, default=30, help="crops per image in test")
-    return parser.parse_args()
+    return parser
 
 
 def _package_dir(module: str, extra: str) -> Path:
@@ -75,7 +80,7 @@ def _package_dir(module: str, extra: str) -> Path:
     try:
         return Path(importlib.import_module(module).__file__).parent
     except ImportError as exc:
-        raise SystemExit(f"{module} is not installed; pip install -e '.{extra}'") from exc
+        raise MissingImages(f"{module} is not installed; pip install -e '.{extra}'") from exc
 
 
 def _grey(values: np.ndarray) -> Image.Image:
@@ -89,7 +94,7 @@ def skimage_images() -> dict[str, Image.Image]:
     folder = _package_dir("skimage", "[results]") / "data"
     missing = [name for name in SKIMAGE if not (folder / name).is_file()]
     if missing:
-        raise SystemExit(f"{folder} lacks {', '.join(missing)}; pip install -e '.[results]' (scikit-image>=0.26)")
+        raise MissingImages(f"{folder} lacks {', '.join(missing)}; pip install -e '.[results]' (scikit-image>=0.26)")
     return {Path(name).stem: Image.open(folder / name).convert("RGB") for name in SKIMAGE}
 
 
@@ -159,14 +164,21 @@ def write_task(out: Path, images: dict[str, Image.Image], counts: dict[str, int]
                 crop.save(folder / f"{n:04d}.png")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """Bad input (OUT exists, a count below 1, a set's package missing) exits with code 2 and one line."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
-        raise SystemExit(f"{out} exists; remove it or give another --out")
-    images = SOURCES[args.source]()
-    out.parent.mkdir(parents=True, exist_ok=True)
+        parser.error(f"{out} exists; remove it or give another --out")
     counts = {"train": args.train, "val": args.val, "test": args.test}
+    if min(counts.values()) < 1:
+        parser.error(f"every split needs at least one crop per image, got {counts}")
+    try:
+        images = SOURCES[args.source]()
+    except MissingImages as exc:
+        parser.error(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_task(staging, images, counts, args.seed)
