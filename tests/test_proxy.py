@@ -39,6 +39,14 @@ def test_views_are_seeded_crops_of_the_same_size(proxy):
     assert views[0].shape == images.shape and torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])
 
 
+@pytest.mark.parametrize("share", ["-0.1", "1.5"])
+def test_grey_share_outside_0_1_exits_2(proxy, monkeypatch, share):
+    monkeypatch.setattr(sys, "argv", ["pretrain_proxy.py", "--out", "unused", "--grey-share", share])
+    with pytest.raises(SystemExit) as exit_:
+        proxy.parse_args()
+    assert exit_.value.code == 2
+
+
 @pytest.mark.slow
 def test_a_short_run_writes_weights_inca_loads(tmp_path):
     out = tmp_path / "proxy"
