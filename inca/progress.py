@@ -65,8 +65,14 @@ def command_units(total: int) -> Iterator[None]:
 def unit_done() -> None:
     """One unit of the running command is finished (run or skipped)."""
     if _units is not None:
-        _units.done += 1
-        _units.stages = 0
+        units_reached(_units.done + 1)
+
+
+def units_reached(done: int) -> None:
+    """The running command's next unit follows ``done`` finished ones: under work sharing a rank's next unit is
+    its claim's place in the whole command, not a count of the units that rank ran itself."""
+    if _units is not None:
+        _units.done, _units.stages = done, 0
 
 
 class _LogProgress:

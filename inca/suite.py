@@ -22,7 +22,7 @@ from typing import Any
 from .distributed import SOLO, World, acting_as, launched
 from .errors import InCAError
 from .io import atomic_write_json, digest, directory_lock, read_json, read_json_file, remove_stale_temps
-from .progress import unit_done
+from .progress import unit_done, units_reached
 from .tasks import Task, canonical_task_spec
 
 __all__ = ["REPLACING_DIR", "UNITS_DIR", "Report", "Unit", "finished_on_same_data", "open_report", "run_suite",
@@ -150,12 +150,11 @@ def run_suite(
             return suite.report
         suite.report = world.broadcast(suite.report)
         pending = suite.pending(units)
-        for _ in range(len(units) - len(pending)):  # finished in an earlier run: done, as run_in_order counts them
-            unit_done()
+        units_reached(len(units) - len(pending))  # finished in an earlier run: done, as run_in_order counts them
         if len(pending) < world.size:
             suite.run_data_parallel(pending)
         else:
-            suite.share(pending)
+            suite.share(pending, finished_before=len(units) - len(pending))
         world.barrier()
         if world.is_main:
             suite.complete_replacement(out / report_file)
@@ -267,20 +266,21 @@ class _SuiteRun:
         if self.world.is_main:
             self.save()
 
-    def share(self, pending: list[Unit]) -> None:
+    def share(self, pending: list[Unit], finished_before: int = 0) -> None:
         """Work sharing: each rank claims units alone and leaves their results in files; rank 0 rewrites the
-        reports with every result that has arrived after each unit it finishes, and merges them at the end."""
+        reports with every result that has arrived after each unit it finishes, and merges them at the end.
+        A rank's progress lines place each claimed unit in the whole command (after ``finished_before``)."""
         order = [unit.key for unit in pending]
         with acting_as(SOLO):
             for index in self.world.claimed(len(pending)):
                 unit = pending[index]
+                units_reached(finished_before + index)
                 logger.info("%s: claimed (%d of %d)", unit.name, index + 1, len(pending))
                 result = self.run_unit(unit, data_parallel=False)
                 atomic_write_json(self.unit_file(unit.key),
                                   {"config": self.report["config"], "key": unit.key, "result": result})
                 if self.world.is_main:  # the reports grow as units finish, not only at the end
                     self.write_interim(order)
-                unit_done()  # this rank's progress lines count the units it ran
         self.world.barrier()
         if self.world.is_main:
             self.merge(order)

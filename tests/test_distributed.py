@@ -232,10 +232,11 @@ def test_lora_ga_starts_the_same_on_every_rank_from_the_global_gradient(tmp_path
 
 @pytest.mark.slow
 def test_progress_lines_count_the_units_each_rank_runs(tmp_path):
-    """Under torchrun a rank's progress lines are paced by tenths of the whole command, as in one process: each
-    unit it finishes counts, so its later units log too (a line names the unit it is in)."""
+    """Under torchrun a rank's progress lines are paced by tenths of the whole command, as in one process: a line
+    names the claimed unit's place in the whole command, so the later units log too, under their own numbers (each
+    rank runs about two of the four: counting only its own would never name unit 3 or 4)."""
     tasks = "synth-colour,digits,synth-orientation,synth-shapes"  # one rank at least runs two of them
     run = inca("train", *TINY_ARGS, "--tasks", tasks, "--layers", "-1", "--epochs", "1", "--cache", "never",
                "--out", "shared", cwd=tmp_path, ranks=2)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "unit 2 of 4)" in run.stderr
+    assert "unit 3 of 4)" in run.stderr or "unit 4 of 4)" in run.stderr, run.stderr[-3000:]
