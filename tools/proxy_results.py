@@ -86,10 +86,10 @@ README_END = "<!-- results:end -->"
 METHOD_NAMES = {"inca": "InCA", "full": "full fine-tuning", "linear": "linear head on the last block"}
 LAYER_PROBES = ("inca", "linear/cls", "linear/mean", "knn/cls", "knn/mean")
 RECIPE_HISTORY = (
-    "How the recipe was arrived at, on which images it was tried, and which data played no part in shaping it: "
+    "How the recipe was arrived at, on which images its candidates were compared, and why: "
     "[proxy-recipe.md](proxy-recipe.md). The recipe is frozen (the command below repeats it), and [the proxy on data "
-    "it was not designed on](#the-proxy-on-data-it-was-not-designed-on) judges it on photographs that played no "
-    "part in shaping it.")
+    "it was not designed on](#the-proxy-on-data-it-was-not-designed-on) judges it on photographs that no candidate "
+    "was compared on (an earlier recipe's loss there is why the recipe was revisited).")
 
 
 def parse_args() -> argparse.Namespace:
@@ -361,9 +361,9 @@ def independent_lines(figures: dict[str, Any]) -> list[str]:
              "crops come from disjoint tiles of each image, so no crop shares a pixel with another split's. The "
              "data is independent of the proxy: photographs, where the pretraining saw only formulas, installed "
              "offline by `pip install scikit-image`. An earlier recipe lost to random weights here, which is why "
-             "the recipe was revisited; the candidates were compared on other photographs only (matplotlib's and "
-             "scikit-learn's bundled images: [proxy-recipe.md](proxy-recipe.md)), and the frozen pick was run on "
-             "this data once, for the figures below.", "",
+             "the recipe was revisited; the candidates were compared on other images only (matplotlib's and "
+             "scikit-learn's bundled ones, and the five tasks above: [proxy-recipe.md](proxy-recipe.md)), never on "
+             "this data, and the frozen pick was run on it once, for the figures below.", "",
              f"Random weights (timm's init, seed 0) against the proxy, the same settings for both: the linear probe "
              f"(`inca-probe --probes linear`, layer and pool chosen on val) and `inca-compare` ({ind['epochs']} "
              f"epochs, each method at its defaults, InCA's layer chosen on val) at seeds "
