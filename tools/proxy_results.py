@@ -441,12 +441,13 @@ def readme_block(figures: dict[str, Any]) -> str:
     linear = {t["task"]: t["linear_probe"]["proxy"] - t["linear_probe"]["random"] for t in tasks}
     sentences.append(f"The proxy's best linear probe beats random weights' on {sum(g > 0 for g in linear.values())} "
                      f"of {len(linear)} demo tasks (" + ", ".join(f"{t} {_points(g)}" for t, g in linear.items())
-                     + " points), the tasks its recipe was shaped on.")
+                     + " points), tasks its recipe was checked on.")
     ind = figures["independent"]
     scores = "; ".join(f"{name} {np.mean(w['proxy']):.3f} vs {np.mean(w['random']):.3f}"
                        for name, w in ind["rows"].items())
-    sentences.append(f"On crops of scikit-image's photographs, which played no part in it, test accuracy of the "
-                     f"proxy vs random weights is {scores} (trained methods: mean of {len(ind['seeds'])} seeds). "
+    sentences.append(f"On crops of scikit-image's photographs, on which no candidate recipe was compared, test "
+                     f"accuracy of the proxy vs random weights is {scores} (trained methods: mean of "
+                     f"{len(ind['seeds'])} seeds). "
                      + independent_verdict(ind))
     return textwrap.fill(" ".join(sentences), width=110, break_long_words=False, break_on_hyphens=False)
 
@@ -741,7 +742,7 @@ def main() -> None:
         "These are a 6-block ViT-Ti at 32 pixels, pretrained for minutes on synthetic formulas, on five small "
         "tasks of 1,000-1,300 training images and one small set of photographs, on CPU. They show that the "
         "methods run as their authors configure them under one protocol, how the three claims come out at this "
-        "scale, and whether the proxy's features beat random ones on data its recipe was not shaped on. They do "
+        "scale, and whether the proxy's features beat random ones on data its recipe was not chosen on. They do "
         "not reproduce the papers: the InCA paper's claims are about ViT-L/16 and larger, pretrained on "
         "ImageNet-21k or more, on its 11-dataset suite; LoRA-GA's are about T5 and Llama on GLUE and instruction "
         "data; one seed on small tasks leaves differences of a few points within noise.",
