@@ -721,6 +721,20 @@ def test_torchvision_images_from_files_are_read_upright_by_their_exif(tmp_path, 
     assert task.identity["upright"]
 
 
+def test_a_torchvision_dataset_held_as_arrays_keeps_its_identity(tmp_path, monkeypatch):
+    """CIFAR-style datasets keep their images in one array (``data``), which no EXIF reaches: reading files upright
+    does not change their identity, so their stores stay valid."""
+    import torchvision.datasets
+
+    class Arrays(_ToyDataset):
+        def __init__(self, root, train=True, download=False):
+            super().__init__(root, train, download)
+            self.data = np.zeros((len(self.targets), 8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(torchvision.datasets, "ToyArrays", Arrays, raising=False)
+    assert "upright" not in load_task("tv:ToyArrays", data_root=str(tmp_path)).identity
+
+
 def _small_folder(root, shade: int = 0) -> None:
     for c, name in enumerate(["dark", "bright"]):
         for i in range(6):

@@ -109,11 +109,17 @@ def load_torchvision_task(
             _logger.warning("%s: %d of %d rows of the %s split have no label (-1) and are left out", spec,
                             len(labels) - len(labelled), len(labels), split)
         available[split] = Split(TorchvisionSource(dataset, f"{spec}[{split}]"), labelled, labels[labelled])
-    # "upright": images are read turned by their EXIF orientation, so no store built before they were is reused.
     identity = {"dataset": cls.__name__, "root": os.path.realpath(data_root),
-                "sizes": {split: len(d) for split, d in datasets.items()}, "files": tree_digest(data_root),
-                "upright": True}
+                "sizes": {split: len(d) for split, d in datasets.items()}, "files": tree_digest(data_root)}
+    if not all(_holds_arrays(d) for d in datasets.values()):  # read from files, turned by their EXIF orientation
+        identity["upright"] = True  # so that no store built before they were is reused
     return Task(spec, classes, make_splits(available, seed=seed), identity)
+
+
+def _holds_arrays(dataset: Any) -> bool:
+    """Whether a torchvision dataset keeps its images as one array (CIFAR, MNIST, SVHN, STL10: ``data``), which no
+    EXIF orientation reaches, rather than reading them from files."""
+    return hasattr(getattr(dataset, "data", None), "shape")
 
 
 def _construct(spec: str, cls: type, root: str, download: bool, **kwargs: Any) -> Any:
