@@ -202,6 +202,10 @@ def test_trained_lora_and_lora_ga_load_by_the_readme_recipe_in_a_fresh_interpret
     x = images(6)
     torch.save(x, tmp_path / "images.pt")
     recipe = readme_recipe()
+    # LoRA's export computes what inca does; LoRA-GA's folds its base-weight shift into the base weights, which
+    # rounds differently from subtracting it at run time: a few float32 ulps per block, up to about 1.5e-5 on these
+    # logits (magnitude ~3). A wrong load differs by orders of magnitude more.
+    tolerance = {"lora": 1e-5, "lora-ga": 5e-5}
     for name, hparams in (("lora", {}), ("lora-ga", {"init_batches": 1})):
         model, _ = train_e2e(name, tiny_backbone, task, hparams, settings)
         method, directory = get_method(name), tmp_path / name
@@ -215,8 +219,8 @@ def test_trained_lora_and_lora_ga_load_by_the_readme_recipe_in_a_fresh_interpret
         assert "Unexpected keyword" not in run.stderr  # nothing PEFT does not know in adapter_config.json
         with torch.no_grad():
             ours = model.eval()(x)
-            torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(load_peft_export(directory)(x), ours, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours, atol=tolerance[name], rtol=1e-5)
+            torch.testing.assert_close(load_peft_export(directory)(x), ours, atol=tolerance[name], rtol=1e-5)
             # what the README used to say, timm's own random weights and head: another model entirely
             naive = timm.create_model("vit_tiny_patch16_224", num_classes=task.num_classes, **TINY_KWARGS)
             assert not torch.allclose(peft.PeftModel.from_pretrained(naive, directory).eval()(x), ours, atol=1e-2)
