@@ -116,6 +116,14 @@ class TaskSource:
             return spec[len(self.prefix):]
         return None
 
+    def canonical_form(self, spec: str, argument: str) -> tuple[str, str]:
+        """``(spec, argument)`` in their one spelling (:func:`canonical_task_spec`); as given without ``canonical``.
+        Only a prefix source respells its spec."""
+        if self.canonical is None:
+            return spec.strip(), argument
+        argument = self.canonical(argument)
+        return (f"{self.prefix}{argument}" if self.prefix else spec.strip()), argument
+
     def own_settings(self) -> tuple[str, ...]:
         """The names of the settings this source adds to the shared ones."""
         return tuple(key for key in self.config.fields() if key not in SHARED_SETTINGS)
@@ -202,7 +210,7 @@ def canonical_task_spec(spec: str) -> str:
     (or a symlink to it) are both ``folder:/home/me/data/faces``. Nothing is checked (a missing folder keeps its
     resolved path), so a spec recorded in a report can be compared with today's."""
     source, argument = find_task_source(spec)
-    return f"{source.prefix}{source.canonical(argument)}" if source.canonical and source.prefix else spec.strip()
+    return source.canonical_form(spec, argument)[0]
 
 
 def check_task_spec(spec: str, settings: TaskLoadConfig | None = None) -> str:
@@ -250,10 +258,8 @@ def load_task(
     settings = source.settings(settings)
     if source.check is not None and source.check_on_load:
         source.check(spec.strip(), argument, settings)
-    if source.canonical is not None:
-        argument = source.canonical(argument)
-    canonical = f"{source.prefix}{argument}" if source.canonical and source.prefix else spec.strip()
-    task = source.load(canonical, argument, settings)  # canonical_task_spec(spec), the source asked once
+    canonical, argument = source.canonical_form(spec, argument)  # the source asked once
+    task = source.load(canonical, argument, settings)
     task.typed_spec = spec.strip()
     return task
 
