@@ -150,11 +150,12 @@ def run_suite(
             return suite.report
         suite.report = world.broadcast(suite.report)
         pending = suite.pending(units)
-        units_reached(len(units) - len(pending))  # finished in an earlier run: done, as run_in_order counts them
+        finished_before = len(units) - len(pending)
+        units_reached(finished_before)  # finished in an earlier run: done, as run_in_order counts them
         if len(pending) < world.size:
             suite.run_data_parallel(pending)
         else:
-            suite.share(pending, finished_before=len(units) - len(pending))
+            suite.share(pending, finished_before)
         world.barrier()
         if world.is_main:
             suite.complete_replacement(out / report_file)
