@@ -358,8 +358,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    counts = {"fractals": args.fractals, "contours": args.contours, "strokes": args.strokes, "textures": args.textures,
-              "leaves": args.leaves}
+    counts = {family: getattr(args, family) for family in FAMILIES}  # each family's --<family> class count
     images, labels = make_dataset(counts, args.per_class, args.seed)
     num_classes = int(labels.max()) + 1
     print(f"generated {len(images)} images of {num_classes} formula classes {counts} in "
