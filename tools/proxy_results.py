@@ -609,8 +609,8 @@ def search_lines(figures: dict[str, Any]) -> list[str]:
                  f"{100 * (t['halving']['test_acc'] - t['grid']['test_acc']):+.1f}", t["selected"]] for t in tasks]
         wall = {s: sum(t[s]["wall"] for t in tasks) for s in ("grid", "halving")}
         test = {s: float(np.mean([t[s]["test_acc"] for t in tasks])) for s in ("grid", "halving")}
-        lines += [f"### {BACKBONE_NAMES[name]}, halving rate {run['settings']['halving_rate']}, "
-                  f"{_plural(run['settings']['repeats'], 'run')} of each search", "",
+        lines += [f"### {BACKBONE_NAMES[name]}, halving rate {settings['halving_rate']}, "
+                  f"{_plural(settings['repeats'], 'run')} of each search", "",
                   markdown_table(["task", "adapters", "grid s", "halving s", "halving / grid",
                                   "halving's adapter-epochs", "grid test", "halving test", "points", "selected"],
                                  rows).rstrip(), "",
